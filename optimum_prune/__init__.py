@@ -1,0 +1,27 @@
+"""optimum-prune: structured pruning for Hugging Face causal language models, with ordinary checkpoints as output."""
+
+from . import architectures, importance, modeling
+from .auto import AutoPruner
+from .configuration import PrunerConfig
+from .evaluation import count_parameters, perplexity
+from .importance import Importance, register_importance
+from .plan import PruningPlan
+from .pruner import Pruner
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoPruner",
+    "Importance",
+    "Pruner",
+    "PrunerConfig",
+    "PruningPlan",
+    "__version__",
+    "architectures",
+    "count_parameters",
+    "importance",
+    "modeling",
+    "perplexity",
+    "register_importance",
+]

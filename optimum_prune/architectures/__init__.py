@@ -1,0 +1,36 @@
+"""Architecture specs, one file per family; importing this package registers them."""
+
+from . import llama
+from .base import (
+    ARCHITECTURE_REGISTRY,
+    ATTENTION_HEADS,
+    HIDDEN_CHANNELS,
+    LAYERS,
+    MLP_CHANNELS,
+    STRUCTURES,
+    ArchitectureSpec,
+    Member,
+    NormSpec,
+    StructureSpec,
+    Width,
+    get_architecture,
+    register_architecture,
+)
+
+
+__all__ = [
+    "ARCHITECTURE_REGISTRY",
+    "ATTENTION_HEADS",
+    "HIDDEN_CHANNELS",
+    "LAYERS",
+    "MLP_CHANNELS",
+    "STRUCTURES",
+    "ArchitectureSpec",
+    "Member",
+    "NormSpec",
+    "StructureSpec",
+    "Width",
+    "get_architecture",
+    "llama",
+    "register_architecture",
+]

@@ -1,0 +1,140 @@
+"""Declarative architecture specs: where each prunable structure lives in a decoder, and nothing else.
+
+A spec holds no logic. Generic code in `groups.py` and `surgery.py` reads it to build the coupled groups, slice the
+tensors and write the new widths into the config, the way Transformers' `base_model_tp_plan` lists colwise/rowwise
+modules instead of coding them per model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+ATTENTION_HEADS = "attention_heads"
+MLP_CHANNELS = "mlp_channels"
+HIDDEN_CHANNELS = "hidden_channels"
+LAYERS = "layers"
+STRUCTURES = (ATTENTION_HEADS, MLP_CHANNELS, HIDDEN_CHANNELS, LAYERS)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor that a structure's units own a slice of.
+
+    Args:
+        name (`str`):
+            Parameter name, relative to the decoder layer for per-layer structures (`"self_attn.q_proj.weight"`) and
+            to the model otherwise (`"model.embed_tokens.weight"`).
+        dim (`int`):
+            The dimension that is sliced: 0 for a Linear's output rows, 1 for its input columns.
+        chunks (`int`, *optional*, defaults to `1`):
+            Fused layouts: the dimension holds `chunks` equal parts (GLM's `gate_up_proj` holds gate then up) and a
+            unit owns one block in each part.
+        consumer (`bool`, *optional*, defaults to `False`):
+            Whether this member *reads* the unit (o_proj columns, down_proj columns). Zeroing the consumer side removes
+            a unit's contribution exactly; tests and bias compensation use it.
+    """
+
+    name: str
+    dim: int
+    chunks: int = 1
+    consumer: bool = False
+
+
+@dataclass(frozen=True)
+class Width:
+    """A config field derived from a tensor's shape: `field = param.shape[dim] // (config.divisor * factor)`."""
+
+    field: str
+    param: str
+    dim: int
+    divisor: str | None = None
+    factor: int = 1
+
+
+@dataclass(frozen=True)
+class StructureSpec:
+    """The coupled tensors of one structure kind inside one decoder layer (or the whole model, for hidden channels).
+
+    Each unit (a KV group with its query heads, an MLP channel, a hidden channel) owns an equal contiguous block of
+    every member's sliced dimension, so the block size follows from the member's size and the unit count. Members
+    that a configuration lacks (biases when `attention_bias=False`) are skipped.
+    """
+
+    members: tuple[Member, ...]
+    units: Width
+    widths: tuple[Width, ...] = ()
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """How hidden-channel pruning keeps the normalisation statistics of the remaining channels unchanged.
+
+    RMSNorm computed over H' kept channels differs from RMSNorm over all H channels with the removed ones zeroed by a
+    factor sqrt(H / H') and an epsilon scaled by H / H'. Scaling the norm weights and `eps_field` makes the pruned
+    model equal to the zeroed original exactly.
+    """
+
+    kind: str  # "rms" or "layer"
+    eps_field: str | None = None
+    eps_attr: str | None = None
+    modules: tuple[str, ...] = ()  # model-level norms, e.g. "model.norm"
+    layer_modules: tuple[str, ...] = ()  # per-layer norms, relative to the layer
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Everything optimum-prune needs to know about one family, as data.
+
+    Args:
+        model_types (`tuple[str, ...]`): the Transformers `model_type` keys this spec serves.
+        layers (`str`): dotted path of the decoder layer `ModuleList`.
+        structures (`dict[str, StructureSpec]`): per-layer structures (`attention_heads`, `mlp_channels`).
+        hidden (`StructureSpec`): model-wide hidden channels; members named from the model root, per-layer members in
+            `hidden_layer_members`.
+        hidden_layer_members (`tuple[Member, ...]`): members of every decoder layer that carry the hidden dimension.
+        norm (`NormSpec`): the norm modules and how they are compensated under hidden-channel pruning.
+        num_layers_field (`str`): config field with the layer count.
+        layer_index_attrs (`tuple[str, ...]`): per-layer module attributes that store the layer index (KV cache).
+        pruned_model_type (`str`): registered model type for shapes the stock config cannot express.
+    """
+
+    model_types: tuple[str, ...]
+    layers: str
+    structures: dict[str, StructureSpec]
+    hidden: StructureSpec
+    hidden_layer_members: tuple[Member, ...]
+    norm: NormSpec
+    num_layers_field: str = "num_hidden_layers"
+    layer_index_attrs: tuple[str, ...] = ()
+    pruned_model_type: str | None = None
+    lora_target_modules: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def supported_structures(self) -> tuple[str, ...]:
+        return (*self.structures, HIDDEN_CHANNELS, LAYERS)
+
+
+ARCHITECTURE_REGISTRY: dict[str, ArchitectureSpec] = {}
+
+
+def register_architecture(model_type: str, spec: ArchitectureSpec, exist_ok: bool = False) -> None:
+    """Register `spec` for `model_type` (lowercase, as in `config.json`). Duplicates raise unless `exist_ok`."""
+    if not isinstance(spec, ArchitectureSpec):
+        raise TypeError(f"`spec` must be an ArchitectureSpec, got {type(spec).__name__}.")
+    key = model_type.lower()
+    if key in ARCHITECTURE_REGISTRY and not exist_ok:
+        raise ValueError(f"Architecture {key!r} is already registered.")
+    ARCHITECTURE_REGISTRY[key] = spec
+
+
+def get_architecture(model_type: str) -> ArchitectureSpec:
+    """The spec for `model_type`; the error lists the supported types."""
+    spec = ARCHITECTURE_REGISTRY.get(model_type)
+    if spec is None:
+        raise ValueError(
+            f"optimum-prune has no architecture spec for model_type {model_type!r}. "
+            f"Supported: {sorted(ARCHITECTURE_REGISTRY)}. Register one with `AutoPruner.register(model_type, spec)`."
+        )
+    return spec

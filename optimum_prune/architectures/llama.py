@@ -1,0 +1,92 @@
+"""LLaMA and the GQA models with the same layout (Mistral, Qwen2).
+
+Attention units are KV groups: a key/value head with the query heads that read it, so `num_attention_heads` stays a
+multiple of `num_key_value_heads` (for multi-head models a group is one head). Qwen2's q/k/v biases and LLaMA's
+optional `attention_bias`/`mlp_bias` are optional members.
+"""
+
+from .base import (
+    ATTENTION_HEADS,
+    MLP_CHANNELS,
+    ArchitectureSpec,
+    Member,
+    NormSpec,
+    StructureSpec,
+    Width,
+    register_architecture,
+)
+
+
+_ATTENTION = StructureSpec(
+    members=(
+        Member("self_attn.q_proj.weight", 0),
+        Member("self_attn.q_proj.bias", 0),
+        Member("self_attn.k_proj.weight", 0),
+        Member("self_attn.k_proj.bias", 0),
+        Member("self_attn.v_proj.weight", 0),
+        Member("self_attn.v_proj.bias", 0),
+        Member("self_attn.o_proj.weight", 1, consumer=True),
+    ),
+    units=Width("num_key_value_heads", "self_attn.k_proj.weight", 0, divisor="head_dim"),
+    widths=(
+        Width("num_attention_heads", "self_attn.q_proj.weight", 0, divisor="head_dim"),
+        Width("num_key_value_heads", "self_attn.k_proj.weight", 0, divisor="head_dim"),
+    ),
+)
+
+_MLP = StructureSpec(
+    members=(
+        Member("mlp.gate_proj.weight", 0),
+        Member("mlp.gate_proj.bias", 0),
+        Member("mlp.up_proj.weight", 0),
+        Member("mlp.up_proj.bias", 0),
+        Member("mlp.down_proj.weight", 1, consumer=True),
+    ),
+    units=Width("intermediate_size", "mlp.down_proj.weight", 1),
+    widths=(Width("intermediate_size", "mlp.down_proj.weight", 1),),
+)
+
+_HIDDEN = StructureSpec(
+    members=(
+        Member("model.embed_tokens.weight", 1),
+        Member("model.norm.weight", 0),
+        Member("lm_head.weight", 1),
+    ),
+    units=Width("hidden_size", "model.embed_tokens.weight", 1),
+    widths=(Width("hidden_size", "model.embed_tokens.weight", 1),),
+)
+
+_HIDDEN_LAYER_MEMBERS = (
+    Member("input_layernorm.weight", 0),
+    Member("self_attn.q_proj.weight", 1),
+    Member("self_attn.k_proj.weight", 1),
+    Member("self_attn.v_proj.weight", 1),
+    Member("self_attn.o_proj.weight", 0),
+    Member("self_attn.o_proj.bias", 0),
+    Member("post_attention_layernorm.weight", 0),
+    Member("mlp.gate_proj.weight", 1),
+    Member("mlp.up_proj.weight", 1),
+    Member("mlp.down_proj.weight", 0),
+    Member("mlp.down_proj.bias", 0),
+)
+
+LLAMA_SPEC = ArchitectureSpec(
+    model_types=("llama", "mistral", "qwen2"),
+    layers="model.layers",
+    structures={ATTENTION_HEADS: _ATTENTION, MLP_CHANNELS: _MLP},
+    hidden=_HIDDEN,
+    hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
+    norm=NormSpec(
+        kind="rms",
+        eps_field="rms_norm_eps",
+        eps_attr="variance_epsilon",
+        modules=("model.norm",),
+        layer_modules=("input_layernorm", "post_attention_layernorm"),
+    ),
+    layer_index_attrs=("self_attn.layer_idx",),
+    pruned_model_type="pruned_llama",
+    lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
+
+for _model_type in LLAMA_SPEC.model_types:
+    register_architecture(_model_type, LLAMA_SPEC)

@@ -1,0 +1,74 @@
+"""AutoPruner: the entry point, keyed by `model_type` like Transformers' auto classes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .architectures.base import ARCHITECTURE_REGISTRY, ArchitectureSpec, get_architecture, register_architecture
+from .configuration import PrunerConfig
+from .pruner import Pruner
+
+
+logger = logging.getLogger(__name__)
+
+
+class AutoPruner:
+    """Builds a [`Pruner`] for any registered architecture.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from optimum_prune import AutoPruner, PrunerConfig
+    >>> config = PrunerConfig(pruning_ratio=0.2, importance="taylor")
+    >>> pruner = AutoPruner.from_pretrained("path/to/llama", pruner_config=config, dtype=torch.float32)
+    >>> model = pruner.prune(calibration_data="calibration.txt")
+    ```
+    """
+
+    def __init__(self):
+        raise OSError("AutoPruner is built with `AutoPruner.from_pretrained(...)` or `AutoPruner.from_model(...)`.")
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, pruner_config: PrunerConfig | None = None, **kwargs
+    ) -> Pruner:
+        """Load a causal LM (kwargs go to `AutoModelForCausalLM.from_pretrained`: dtype, device_map, revision,
+        token, trust_remote_code) and its tokenizer, and return a [`Pruner`] for it."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "trust_remote_code", "cache_dir") if k in kwargs}
+        model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        get_architecture(model_config.model_type)  # fail before loading weights
+        model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError) as err:
+            logger.warning(
+                "No tokenizer loaded from %s (%s); pass token ids as calibration data.",
+                pretrained_model_name_or_path,
+                err,
+            )
+            tokenizer = None
+        return cls.from_model(
+            model, pruner_config, tokenizer=tokenizer, name_or_path=str(pretrained_model_name_or_path)
+        )
+
+    @classmethod
+    def from_model(cls, model, pruner_config: PrunerConfig | None = None, tokenizer=None, name_or_path=None) -> Pruner:
+        """A [`Pruner`] for a model already in memory."""
+        pruner_config = pruner_config if pruner_config is not None else PrunerConfig()
+        if not isinstance(pruner_config, PrunerConfig):
+            raise TypeError(f"`pruner_config` must be a PrunerConfig, got {type(pruner_config).__name__}.")
+        spec = get_architecture(model.config.model_type)
+        return Pruner(model, spec, pruner_config, tokenizer=tokenizer, name_or_path=name_or_path)
+
+    @staticmethod
+    def register(model_type: str, spec: ArchitectureSpec, exist_ok: bool = False) -> None:
+        """Register the spec of a new family under its `model_type`."""
+        register_architecture(model_type, spec, exist_ok=exist_ok)
+
+    @staticmethod
+    def supported_model_types() -> list[str]:
+        return sorted(ARCHITECTURE_REGISTRY)

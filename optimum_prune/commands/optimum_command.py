@@ -1,0 +1,16 @@
+"""`optimum-cli prune`: the same arguments and code as `optimum-prune prune`."""
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+from .prune import add_prune_args, run_prune
+
+
+class PruneCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="prune", help="Structured pruning of causal LMs (optimum-prune).")
+
+    @staticmethod
+    def parse_args(parser):
+        return add_prune_args(parser)
+
+    def run(self):
+        raise SystemExit(run_prune(self.args))

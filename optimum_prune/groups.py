@@ -1,0 +1,143 @@
+"""Groups: the prunable units of one structure in one layer, as the tensor slices each unit owns.
+
+Torch-Pruning builds these by tracing a dependency graph; here they are read from the declarative spec, so building
+them is instant and exact for every supported family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architectures.base import HIDDEN_CHANNELS, LAYERS, ArchitectureSpec, Member, StructureSpec, Width
+
+
+@dataclass
+class Slice:
+    """One member of a group set, resolved to a full parameter name on a concrete model."""
+
+    name: str
+    dim: int
+    chunks: int = 1
+    consumer: bool = False
+
+    def unit_indices(self, size: int, num_units: int) -> torch.Tensor:
+        """Indices along `dim` owned by each unit: a LongTensor [num_units, chunks * block]."""
+        if size % (self.chunks * num_units):
+            raise ValueError(
+                f"{self.name}: dimension {self.dim} of size {size} does not split into {self.chunks} x {num_units} "
+                "equal blocks"
+            )
+        block = size // (self.chunks * num_units)
+        part = size // self.chunks
+        units = torch.arange(num_units).unsqueeze(1) * block + torch.arange(block).unsqueeze(0)  # [N, block]
+        return torch.cat([units + c * part for c in range(self.chunks)], dim=1)  # [N, chunks*block]
+
+
+@dataclass
+class GroupSet:
+    """All units of one structure in one layer (`layer=None` for model-wide hidden channels)."""
+
+    structure: str
+    layer: int | None
+    num_units: int
+    slices: list[Slice]
+
+    @property
+    def key(self) -> str:
+        return self.structure if self.layer is None else f"{self.structure}.{self.layer}"
+
+    def unit_cost(self, params: dict[str, torch.Tensor]) -> int:
+        """Parameters removed with one unit (each unit owns an equal share of every member)."""
+        return sum(params[s.name].numel() // self.num_units for s in self.slices)
+
+    def reduce(self, name: str, values: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """Reduce a tensor shaped like parameter `name` to one value per unit, over everything the unit owns.
+
+        `reduction="sum"` gives Σ over the unit's elements; `"sum_abs_after"` is handled by callers. Returns [N].
+        """
+        s = self._slice(name)
+        per_index = values.transpose(0, s.dim).reshape(values.shape[s.dim], -1).sum(dim=1)  # [size]
+        return per_index[s.unit_indices(per_index.numel(), self.num_units)].sum(dim=1)  # [N]
+
+    def per_unit(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """The elements of `values` (shaped like parameter `name`) that each unit owns: [N, elements per unit]."""
+        s = self._slice(name)
+        moved = values.transpose(0, s.dim)  # sliced dim first
+        idx = s.unit_indices(moved.shape[0], self.num_units)  # [N, k]
+        return moved[idx].reshape(self.num_units, -1)
+
+    def _slice(self, name: str) -> Slice:
+        for s in self.slices:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def get_submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def decoder_layers(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
+    layers = get_submodule_or_none(model, spec.layers)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no module {spec.layers!r}; is the spec for another family?")
+    return layers
+
+
+def config_divisor(config, width: Width) -> int:
+    divisor = getattr(config, width.divisor) if width.divisor else 1
+    return divisor * width.factor
+
+
+def width_of(params: dict[str, torch.Tensor], config, width: Width, prefix: str = "") -> int:
+    return params[prefix + width.param].shape[width.dim] // config_divisor(config, width)
+
+
+def _resolve(spec_members: tuple[Member, ...], prefix: str, params: dict[str, torch.Tensor]) -> list[Slice]:
+    return [Slice(prefix + m.name, m.dim, m.chunks, m.consumer) for m in spec_members if prefix + m.name in params]
+
+
+def unique_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Named parameters with tied tensors listed once (under their first name)."""
+    return dict(model.named_parameters())
+
+
+def layer_prefix(spec: ArchitectureSpec, index: int) -> str:
+    return f"{spec.layers}.{index}."
+
+
+def build_group_sets(model: nn.Module, spec: ArchitectureSpec, structures) -> dict[str, GroupSet]:
+    """Group sets for the requested width structures, keyed `"<structure>.<layer>"` or `"hidden_channels"`."""
+    params = unique_parameters(model)
+    config = model.config
+    groups: dict[str, GroupSet] = {}
+    num_layers = len(decoder_layers(model, spec))
+    for structure in structures:
+        if structure == LAYERS:
+            continue
+        if structure == HIDDEN_CHANNELS:
+            groups[structure] = hidden_group_set(model, spec)
+            continue
+        structure_spec: StructureSpec = spec.structures[structure]
+        for i in range(num_layers):
+            prefix = layer_prefix(spec, i)
+            num_units = width_of(params, config, structure_spec.units, prefix)
+            gs = GroupSet(structure, i, num_units, _resolve(structure_spec.members, prefix, params))
+            groups[gs.key] = gs
+    return groups
+
+
+def hidden_group_set(model: nn.Module, spec: ArchitectureSpec) -> GroupSet:
+    """Hidden channels: one group set across the whole model (embeddings, every norm and projection side, head)."""
+    params = unique_parameters(model)
+    slices = _resolve(spec.hidden.members, "", params)
+    for i in range(len(decoder_layers(model, spec))):
+        slices += _resolve(spec.hidden_layer_members, layer_prefix(spec, i), params)
+    num_units = width_of(params, model.config, spec.hidden.units)
+    return GroupSet(HIDDEN_CHANNELS, None, num_units, slices)

@@ -1,0 +1,92 @@
+"""The one importance interface: `score(group_set, stats) -> Tensor[num_units]`, higher means keep."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..groups import GroupSet
+
+
+WEIGHTS = "weights"
+ACTIVATIONS = "activations"
+GRADIENTS = "gradients"
+FISHER = "fisher"
+FORWARD_LOSS = "forward_loss"
+NEEDS = (WEIGHTS, ACTIVATIONS, GRADIENTS, FISHER, FORWARD_LOSS)
+
+GROUP_REDUCTIONS = ("sum", "mean", "max", "prod", "first", "last")
+
+
+class Importance(ABC):
+    """Base class of every criterion.
+
+    A criterion declares what it `needs` (weights, activations, gradients, Fisher diagonal, forward-only loss
+    evaluations) and the pruner collects exactly that; it never assumes the caller ran `backward()`. Variants are
+    constructor arguments.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset({WEIGHTS})
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.needs - {WEIGHTS})
+
+    @abstractmethod
+    def score(self, group_set: GroupSet, stats) -> torch.Tensor:
+        """One score per unit of `group_set` ([num_units], float32); higher means more important."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def aggregate(per_member: list[torch.Tensor], how: str) -> torch.Tensor:
+    """Combine per-member unit scores ([N] each) into group scores, as LLM-Pruner's group reduction does."""
+    stacked = torch.stack(per_member)  # [members, N]
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.max(0).values
+    if how == "prod":
+        return stacked.prod(0)
+    if how == "first":
+        return stacked[0]
+    if how == "last":
+        return stacked[-1]
+    raise ValueError(f"`group_reduction` must be one of {GROUP_REDUCTIONS}, got {how!r}.")
+
+
+IMPORTANCE_REGISTRY: dict[str, type[Importance]] = {}
+
+
+def register_importance(name: str):
+    """Class decorator: `@register_importance("taylor")`. Keys are lowercase; duplicates raise."""
+
+    def wrap(cls: type[Importance]) -> type[Importance]:
+        key = name.lower()
+        if key in IMPORTANCE_REGISTRY:
+            raise ValueError(f"Importance {key!r} is already registered.")
+        if not issubclass(cls, Importance):
+            raise TypeError(f"{cls.__name__} must subclass Importance.")
+        cls.name = key
+        IMPORTANCE_REGISTRY[key] = cls
+        return cls
+
+    return wrap
+
+
+def get_importance(name: str, **kwargs) -> Importance:
+    """Instantiate the criterion registered as `name` with its variant arguments."""
+    cls = IMPORTANCE_REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"Unknown importance {name!r}. Available: {sorted(IMPORTANCE_REGISTRY)}.")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"Invalid arguments for importance {name!r}: {err}") from None

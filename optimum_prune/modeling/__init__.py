@@ -1,0 +1,24 @@
+"""Registered model types for pruned shapes the stock configs cannot express.
+
+Each family's config and model live in one self-contained file (torch and transformers only) that `save_pretrained`
+copies beside the weights through `register_for_auto_class`, so a checkpoint loads with `trust_remote_code=True`
+without optimum-prune, and with plain `AutoModelForCausalLM.from_pretrained` once `optimum_prune` is imported.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+
+
+PRUNED_MODEL_CLASSES = {
+    PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
+}
+
+for _config_class, _model_class in PRUNED_MODEL_CLASSES.values():
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
+    _config_class.register_for_auto_class()
+    _model_class.register_for_auto_class("AutoModelForCausalLM")
+
+
+__all__ = ["PRUNED_MODEL_CLASSES", "PrunedLlamaConfig", "PrunedLlamaForCausalLM"]

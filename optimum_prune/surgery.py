@@ -1,0 +1,190 @@
+"""Surgery: slice tensors and write the new widths into the config, in the same function.
+
+It takes a `PruningPlan` and knows nothing of criteria. Every change to a weight is an index selection along one
+dimension, so the pruned model computes exactly what the original computes with the removed units zeroed (hidden
+channels: with norm statistics compensated, see `NormSpec`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from .architectures.base import HIDDEN_CHANNELS, LAYERS, ArchitectureSpec, get_architecture
+from .groups import GroupSet, build_group_sets, config_divisor, decoder_layers, layer_prefix, width_of
+from .plan import PruningPlan
+
+
+logger = logging.getLogger(__name__)
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_path, _, attr = name.rpartition(".")
+    return model.get_submodule(module_path), attr
+
+
+def _sync_module_sizes(module: nn.Module) -> None:
+    """Keep the size attributes of standard modules in line with their weights."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+
+
+def slice_parameter(model: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
+    """Replace parameter `name` by its `index_select` along `dim`, keeping dtype, device and `requires_grad`."""
+    module, attr = _owner(model, name)
+    old = getattr(module, attr)
+    new = old.detach().index_select(dim, index.to(old.device)).clone()
+    setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    _sync_module_sizes(module)
+
+
+def prune_group_set(model: nn.Module, group_set: GroupSet, kept: list[int]) -> None:
+    """Keep only the units `kept` of one group set."""
+    params = dict(model.named_parameters())
+    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
+    for s in group_set.slices:
+        size = params[s.name].shape[s.dim]
+        index = s.unit_indices(size, group_set.num_units)[kept_t].flatten()  # [kept * chunks * block]
+        if s.chunks > 1:  # fused layouts: keep every part's blocks in part order
+            index = index.sort().values
+        slice_parameter(model, s.name, s.dim, index)
+
+
+def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: int) -> None:
+    """RMSNorm over the kept channels equals RMSNorm over all channels with the removed ones zeroed once the weights
+    are scaled by sqrt(old/new) and epsilon by old/new (see `NormSpec`)."""
+    if spec.norm.kind != "rms" or old == new:
+        return
+    names = list(spec.norm.modules)
+    for i in range(len(decoder_layers(model, spec))):
+        names += [layer_prefix(spec, i) + m for m in spec.norm.layer_modules]
+    scale = math.sqrt(old / new)
+    for name in names:
+        norm = model.get_submodule(name)
+        with torch.no_grad():
+            norm.weight.mul_(scale)
+        if spec.norm.eps_attr:
+            setattr(norm, spec.norm.eps_attr, getattr(norm, spec.norm.eps_attr) * old / new)
+    if spec.norm.eps_field:
+        setattr(model.config, spec.norm.eps_field, getattr(model.config, spec.norm.eps_field) * old / new)
+
+
+def remove_layers(model: nn.Module, spec: ArchitectureSpec, removed: list[int]) -> None:
+    """Drop decoder layers and renumber what stores a layer index (the KV cache slots)."""
+    if not removed:
+        return
+    layers = decoder_layers(model, spec)
+    kept = [layer for i, layer in enumerate(layers) if i not in set(removed)]
+    parent, attr = _owner(model, spec.layers)
+    setattr(parent, attr, nn.ModuleList(kept))
+    for new_index, layer in enumerate(kept):
+        for path in spec.layer_index_attrs:
+            owner_path, _, name = path.rpartition(".")
+            owner = layer.get_submodule(owner_path) if owner_path else layer
+            setattr(owner, name, new_index)
+    config = model.config
+    setattr(config, spec.num_layers_field, len(kept))
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == len(layers):
+        config.layer_types = [t for i, t in enumerate(layer_types) if i not in set(removed)]
+
+
+def layer_widths(model: nn.Module, spec: ArchitectureSpec) -> list[dict[str, int]]:
+    """The config widths each decoder layer actually has, read from its tensors."""
+    params = dict(model.named_parameters())
+    widths = []
+    for i in range(len(decoder_layers(model, spec))):
+        prefix = layer_prefix(spec, i)
+        layer = {}
+        for structure in spec.structures.values():
+            for w in structure.widths:
+                layer[w.field] = width_of(params, model.config, w, prefix)
+        widths.append(layer)
+    return widths
+
+
+def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
+    """Write the widths read from the tensors into `model.config`, switching to the registered pruned type when
+    the stock config class cannot express them."""
+    from .modeling import PRUNED_MODEL_CLASSES
+
+    config = model.config
+    params = dict(model.named_parameters())
+    for w in spec.hidden.widths:
+        setattr(config, w.field, params[w.param].shape[w.dim] // config_divisor(config, w))
+    per_layer = layer_widths(model, spec)
+    if any(layer != per_layer[0] for layer in per_layer):
+        raise NotImplementedError(
+            "Per-layer widths differ; non-uniform checkpoints are not supported yet. Use uniform allocation."
+        )
+    for field_name, value in (per_layer[0] if per_layer else {}).items():
+        setattr(config, field_name, value)
+    if not _stock_config_expresses(model):
+        pruned_type = spec.pruned_model_type
+        if pruned_type not in PRUNED_MODEL_CLASSES:
+            raise ValueError(f"The pruned shape needs a registered model type, and {pruned_type!r} is not one.")
+        config_class, model_class = PRUNED_MODEL_CLASSES[pruned_type]
+        data = config.to_dict()
+        data.pop("model_type", None)
+        data.pop("auto_map", None)
+        base_model_type = config.model_type
+        model.config = config_class(**data)
+        model.config.base_model_type = getattr(config, "base_model_type", base_model_type)
+        model.__class__ = model_class
+        logger.info(
+            "The pruned shape needs the registered model type %r (stock %r cannot express it).",
+            pruned_type,
+            base_model_type,
+        )
+
+
+def _stock_config_expresses(model: nn.Module) -> bool:
+    """Whether the model's own config class, built on the meta device, reproduces every parameter shape."""
+    config = model.config
+    try:
+        stock = type(config)(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
+        with torch.device("meta"):
+            reference = type(model)(stock)
+    except Exception:  # noqa: BLE001 - any refusal (strict validation, shape errors) means "not expressible"
+        return False
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return expected == actual
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec | None = None) -> nn.Module:
+    """Prune `model` in place as `plan` says: widths first (original layer indices), then hidden channels, then
+    removed layers; then write the config. Returns the model."""
+    spec = spec or get_architecture(getattr(model.config, "base_model_type", None) or model.config.model_type)
+    num_layers = len(decoder_layers(model, spec))
+    if num_layers != plan.num_layers:
+        raise ValueError(f"The plan is for {plan.num_layers} decoder layers; this model has {num_layers}.")
+    structures = {key.split(".")[0] for key in plan.kept}
+    groups = build_group_sets(model, spec, sorted(structures - {LAYERS}))
+    for key, expected in plan.unit_counts.items():
+        if key in groups and groups[key].num_units != expected:
+            raise ValueError(
+                f"The plan expects {expected} units in {key!r}; this model has {groups[key].num_units}. "
+                "A plan applies only to a model of the same shape as the one it was made for."
+            )
+    for key, kept in plan.kept.items():
+        if key != HIDDEN_CHANNELS:
+            prune_group_set(model, groups[key], kept)
+    if HIDDEN_CHANNELS in plan.kept:
+        hidden = build_group_sets(model, spec, [HIDDEN_CHANNELS])[HIDDEN_CHANNELS]
+        prune_group_set(model, hidden, plan.kept[HIDDEN_CHANNELS])
+        _compensate_norms(model, spec, hidden.num_units, len(plan.kept[HIDDEN_CHANNELS]))
+    remove_layers(model, spec, plan.removed_layers)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for module in model.modules():
+        _sync_module_sizes(module)
+    write_config(model, spec)
+    return model

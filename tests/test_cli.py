@@ -1,0 +1,105 @@
+"""The CLI through subprocess, `optimum-cli prune` registration included."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from testing_utils import tiny_llama
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+
+WORDS = [f"w{i}" for i in range(96)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    tiny_llama().save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    text = " ".join(WORDS[(i * 7) % 96] for i in range(3000))
+    (path.parent / "calib.txt").write_text(text)
+    return path
+
+
+def _run(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def _cli(name):
+    exe = Path(sys.executable).parent / name
+    return [str(exe)] if exe.exists() else [shutil.which(name) or name]
+
+
+@pytest.mark.parametrize("entry", [["optimum-prune", "prune"], ["optimum-cli", "prune"]])
+def test_prune_command(model_dir, tmp_path, entry):
+    out = tmp_path / "out"
+    args = [
+        *_cli(entry[0]),
+        entry[1],
+        "--model",
+        str(model_dir),
+        "--pruning-ratio",
+        "0.3",
+        "--importance",
+        "taylor",
+        "--calibration",
+        str(model_dir.parent / "calib.txt"),
+        "--eval",
+        str(model_dir.parent / "calib.txt"),
+        "--num-calibration-samples",
+        "4",
+        "--calibration-seq-len",
+        "32",
+        "--eval-seq-len",
+        "64",
+        "--eval-windows",
+        "4",
+        "--output",
+        str(out),
+    ]
+    result = _run(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| parameters" in result.stdout and "| perplexity" in result.stdout
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    assert plan["kept"]
+    assert (out / "tokenizer.json").exists()
+    assert json.loads((out / "pruner_config.json").read_text())["importance"] == "taylor"
+
+
+def test_bad_arguments_exit_cleanly(model_dir, tmp_path):
+    result = _run(
+        [
+            *_cli("optimum-prune"),
+            "prune",
+            "--model",
+            str(model_dir),
+            "--pruning-ratio",
+            "1.5",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 2
+    assert "must be in [0, 1)" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_api_matches_cli_defaults():
+    from optimum_prune import PrunerConfig
+    from optimum_prune.commands.cli import build_parser
+
+    args = build_parser().parse_args(["prune", "--model", "m", "--output", "o"])
+    config = PrunerConfig()
+    assert args.pruning_ratio == config.pruning_ratio and args.importance == config.importance
+    assert args.structures == config.structures and args.num_calibration_samples == config.num_calibration_samples
+    assert torch.float32 is getattr(torch, args.dtype)
