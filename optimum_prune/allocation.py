@@ -161,10 +161,163 @@ def layer_allocation(layer_costs: list[int], total: int, pruning_ratio: float) -
     return best
 
 
+ALLOCATION_MODES = ("uniform", "ratios", "global")
+
+
+def _round_kept(value: float, num_units: int, floor: int, step: int) -> int:
+    """Nearest multiple of `step` (monotone in `value`), never below `floor` nor above `num_units`."""
+    return max(floor, min(num_units, int(round(value / step)) * step))
+
+
+class _StructureWidths:
+    """Kept units of one structure's group sets as a monotone function of one pruning level `f`.
+
+    - `"uniform"`: every group set keeps `(1 - f)` of its units (f in [0, 1]).
+    - `"ratios"`: the group set of layer `l` keeps `1 - min(1, f * ratio[l])` (f scales the given ratios).
+    - `"global"`: the `f` fraction of removable units with the lowest normalised scores across all layers is removed
+      (f in [0, 1]); a layer's units below its floor are never removable.
+    """
+
+    def __init__(
+        self, structure, keys, group_sets, floors, step, mode, ratios=None, scores=None, normalization="mean"
+    ):
+        self.structure = structure
+        self.keys = keys
+        self.units = {k: group_sets[k].num_units for k in keys}
+        self.floors = {k: min(self.units[k], floors.get(k, 0)) for k in keys}
+        self.step = step
+        self.mode = mode
+        self.ratios = {k: ratios.get(group_sets[k].layer, 0.0) for k in keys} if mode == "ratios" else None
+        if mode == "global":
+            # The removal order: each layer's lowest-scoring units above its floor, ranked together.
+            entries = []
+            for position, key in enumerate(keys):
+                score = scores[key].float()
+                if normalization == "mean" and len(keys) > 1:
+                    score = score / score.abs().mean().clamp_min(1e-12)
+                removable = self.units[key] - self.floors[key]
+                lowest = sorted(range(score.numel()), key=lambda i: (float(score[i]), i))[:removable]
+                entries += [(float(score[i]), position, i) for i in lowest]
+            entries.sort()
+            self.order = torch.tensor([position for _, position, _ in entries], dtype=torch.long)
+
+    def kept(self, f: float) -> dict[str, int]:
+        if self.mode == "global":
+            n = int(round(f * self.order.numel()))
+            removed = torch.bincount(self.order[:n], minlength=len(self.keys)).tolist()
+            return {
+                k: _round_kept(self.units[k] - removed[p], self.units[k], self.floors[k], self.step)
+                for p, k in enumerate(self.keys)
+            }
+        return {
+            k: _round_kept(
+                self.units[k] * (1 - min(1.0, f * (self.ratios[k] if self.ratios else 1.0))),
+                self.units[k],
+                self.floors[k],
+                self.step,
+            )
+            for k in self.keys
+        }
+
+
+def allocate_widths(
+    params: dict[str, torch.Tensor],
+    group_sets: dict[str, GroupSet],
+    structures: list[str],
+    pruning_ratio: float,
+    *,
+    mode: str = "uniform",
+    scores: dict[str, torch.Tensor] | None = None,
+    layer_ratios: dict[int, float] | None = None,
+    normalization: str = "mean",
+    floors: dict[str, int] | None = None,
+    round_to: int = 1,
+    removed_params: frozenset[str] = frozenset(),
+    constraints: str = "",
+) -> dict[str, int]:
+    """Kept units per prunable group set so that the model loses `pruning_ratio` of its total parameters (±1 point).
+
+    `group_sets` are the prunable ones only (layer ranges applied by the caller); parameters of other layers count
+    at full size and `removed_params` (removed layers) count as removed. Every structure moves with one shared
+    pruning level (see `_StructureWidths`); the coarse ones (heads) are then fixed and the finest one (MLP channels)
+    absorbs the rounding. `constraints` describes the caller's restrictions for the error messages.
+    """
+    if mode not in ALLOCATION_MODES:
+        raise ValueError(f"Allocation `mode` must be one of {ALLOCATION_MODES}, got {mode!r}.")
+    floors = floors or {}
+    model = ParameterModel(params, group_sets)
+    target = model.total * (1 - pruning_ratio)
+    order = [s for s in ALLOCATION_ORDER if s in structures and any(gs.structure == s for gs in group_sets.values())]
+    if not order:
+        raise ValueError(f"No layer may be pruned for {structures}{constraints}; allow some layers.")
+    ratios = dict(layer_ratios or {})
+    per_structure = []
+    for s in order:
+        keys = [k for k, gs in group_sets.items() if gs.structure == s]
+        step = round_to if s in CHANNEL_STRUCTURES else 1
+        structure_mode = "uniform" if s == HIDDEN_CHANNELS else mode  # hidden channels are shared by every layer
+        per_structure.append(
+            _StructureWidths(s, keys, group_sets, floors, step, structure_mode, ratios, scores, normalization)
+        )
+    f_max = 1.0
+    if mode == "ratios":
+        positive = [r for r in ratios.values() if r > 0]
+        f_max = 1 / min(positive)
+
+    def kept_at(f: float, widths=per_structure) -> dict[str, int]:
+        return {k: v for w in widths for k, v in w.kept(f).items()}
+
+    def achieved(kept: dict[str, int]) -> float:
+        return 1 - model.count(kept, removed_params) / model.total
+
+    most = achieved(kept_at(f_max))
+    if most < pruning_ratio - TOLERANCE:
+        raise ValueError(
+            f"`pruning_ratio={pruning_ratio}` is out of reach: pruning {order}{constraints} as far as the floors allow "
+            f"removes only {most:.1%} of the parameters. Allow more layers, lower `min_heads`/`min_channels`, add "
+            "structures or lower the ratio."
+        )
+    if mode == "ratios" and abs(achieved(kept_at(1.0)) - pruning_ratio) <= TOLERANCE:
+        return kept_at(1.0)  # the ratios as given meet the target: use them exactly
+
+    def bisect(widths, fixed: dict[str, int]) -> list[dict[str, int]]:
+        """The two candidates around the target for the pruning level of `widths` (others `fixed`)."""
+        lo, hi = 0.0, f_max
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if model.count({**fixed, **kept_at(mid, widths)}, removed_params) > target:
+                lo = mid
+            else:
+                hi = mid
+        return [{**fixed, **kept_at(lo, widths)}, {**fixed, **kept_at(hi, widths)}]
+
+    candidates = []
+    for joint in bisect(per_structure, {}):
+        coarse = {k: v for k, v in joint.items() if group_sets[k].structure != order[-1]}
+        candidates += bisect(per_structure[-1:], coarse) if len(order) > 1 else [joint]
+    kept = min(candidates, key=lambda c: abs(achieved(c) - pruning_ratio))
+    reached = achieved(kept)
+    if abs(reached - pruning_ratio) > TOLERANCE:
+        raise ValueError(
+            f"Pruning {order}{constraints} with round_to={round_to} reaches {reached:.1%} of the parameters, not "
+            f"{pruning_ratio:.1%} ±1 point: the units are too coarse. Add 'mlp_channels', lower `round_to` or allow "
+            "more layers."
+        )
+    return kept
+
+
 def select_top(scores: torch.Tensor, k: int) -> list[int]:
     """Indices of the `k` highest scores, ties broken towards lower indices, sorted."""
     order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
     return sorted(order[:k])
 
 
-__all__ = ["LAYERS", "ParameterModel", "layer_allocation", "select_top", "uniform_allocation"]
+__all__ = [
+    "ALLOCATION_MODES",
+    "LAYERS",
+    "ParameterModel",
+    "allocate_widths",
+    "layer_allocation",
+    "select_top",
+    "uniform_allocation",
+]

@@ -9,12 +9,58 @@ from dataclasses import asdict, dataclass, field, fields
 
 from transformers.utils import PushToHubMixin
 
-from .architectures.base import LAYERS, STRUCTURES
+from .architectures.base import ATTENTION_HEADS, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, STRUCTURES
 
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "pruner_config.json"
+GLOBAL_NORMALIZATIONS = ("mean", "none")
+WIDTH_STRUCTURES = tuple(s for s in STRUCTURES if s != LAYERS)
+
+
+def _layer_list(name: str, value) -> list[int] | None:
+    """Layer indices from a list, a `range`, or a `(start, end)` tuple (end exclusive): sorted and unique."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"`{name}` as a tuple must be a `(start, end)` pair of integers, got {value!r}.")
+        value = range(*value)
+    if not isinstance(value, (list, range)):
+        raise TypeError(
+            f"`{name}` must be a list of layer indices, a `range` or a `(start, end)` tuple, got {value!r}."
+        )
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in value):
+        raise ValueError(f"`{name}` must hold non-negative layer indices, got {list(value)}.")
+    if len(value) == 0:
+        raise ValueError(f"`{name}` is empty; leave it unset to prune every layer, or remove the structure.")
+    return sorted(set(value))
+
+
+def _layer_ratios(value) -> list[float] | dict[int, float] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        try:
+            ratios = {int(k): v for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"`layer_ratios` keys must be layer indices, got {sorted(value)}.") from None
+        values, keys = list(ratios.values()), list(ratios)
+    elif isinstance(value, (list, tuple)):
+        ratios, values, keys = list(value), list(value), list(range(len(value)))
+    else:
+        raise TypeError(f"`layer_ratios` must be a list or a {{layer: ratio}} dict, got {type(value).__name__}.")
+    if not values or any(k < 0 for k in keys):
+        raise ValueError(f"`layer_ratios` must name at least one non-negative layer index, got {value!r}.")
+    for r in values:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise ValueError(f"`layer_ratios` values must be numbers in [0, 1), got {r!r}.")
+    if not any(values):
+        raise ValueError("`layer_ratios` are all 0: at least one layer must be pruned.")
+    if isinstance(ratios, dict):
+        return {k: float(ratios[k]) for k in sorted(ratios)}
+    return [float(r) for r in ratios]
 
 
 @dataclass
@@ -39,6 +85,37 @@ class PrunerConfig(PushToHubMixin):
             Keep channel widths (MLP and hidden) multiples of this, e.g. 8 for tensor-core friendly shapes.
         seed (`int`, *optional*, defaults to `0`):
             Seeds calibration sampling and the `random` criterion.
+        attention_layers (`list[int]`, `range` or `tuple[int, int]`, *optional*):
+            Decoder layers (original indices) that may lose attention heads; the others keep every head. A
+            `(start, end)` tuple means `range(start, end)` (end exclusive); a list names the layers. Defaults to all
+            layers. Stored as the list of indices. LLM-Pruner's recipe spares the first and last layers, e.g.
+            `(4, 30)` of 32: the pruned layers then prune harder so that `pruning_ratio` is still met.
+        mlp_layers (`list[int]`, `range` or `tuple[int, int]`, *optional*):
+            The same for MLP channels.
+        layer_ratios (`list[float]` or `dict[int, float]`, *optional*):
+            Relative pruning ratio of each layer (a list with one value per layer, or `{layer: ratio}` for some layers;
+            unlisted layers are not pruned). When the ratios as given meet `pruning_ratio` (±1 point) they are used
+            exactly; otherwise they are scaled by one common factor until they do, keeping their proportions.
+        global_ranking (`bool`, *optional*, defaults to `False`):
+            Rank the units of each structure across all prunable layers against one threshold, so widths vary by
+            layer (FLAP-style), never below `min_heads` / `min_channels`, channel widths rounded to `round_to`.
+        global_normalization (`str`, *optional*, defaults to `"mean"`):
+            How scores are made comparable across layers before global ranking: `"mean"` divides each layer's scores
+            by their mean (criteria whose scale varies by layer, e.g. magnitude), `"none"` uses the raw scores
+            (criteria in comparable units, e.g. Taylor's estimated loss change).
+        uniform (`bool`, *optional*, defaults to `False`):
+            Require the same widths in every layer (a stock config that tools reading only stock configs load);
+            incompatible with `attention_layers`, `mlp_layers`, `layer_ratios` and `global_ranking`.
+        min_heads (`int`, *optional*, defaults to `1`):
+            Fewest query heads a pruned layer keeps (rounded up to whole KV groups).
+        min_channels (`int`, *optional*, defaults to `1`):
+            Fewest MLP channels a pruned layer keeps (rounded up to `round_to`).
+        layer_importance (`str`, *optional*):
+            Registered criterion that scores whole layers when `structures` contains `"layers"` (e.g.
+            `"block_influence"`); defaults to `importance`.
+        num_layers_to_remove (`int`, *optional*):
+            With `"layers"` and width structures together: how many whole layers to remove before width pruning
+            meets the rest of `pruning_ratio`. Defaults to the number closest to half of the target.
 
     Example:
 
@@ -61,6 +138,27 @@ class PrunerConfig(PushToHubMixin):
     calibration_seq_len: int = field(default=128, metadata={"help": "Tokens per calibration window."})
     round_to: int = field(default=1, metadata={"help": "Keep channel widths multiples of this."})
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and random scores."})
+    attention_layers: list[int] | None = field(
+        default=None, metadata={"help": "Layers that may lose attention heads: indices, a range or (start, end)."}
+    )
+    mlp_layers: list[int] | None = field(
+        default=None, metadata={"help": "Layers that may lose MLP channels: indices, a range or (start, end)."}
+    )
+    layer_ratios: list[float] | dict[int, float] | None = field(
+        default=None, metadata={"help": "Relative per-layer pruning ratios (list or {layer: ratio})."}
+    )
+    global_ranking: bool = field(default=False, metadata={"help": "One threshold over all layers per structure."})
+    global_normalization: str = field(
+        default="mean",
+        metadata={"help": f"Per-layer score normalisation for global ranking: {GLOBAL_NORMALIZATIONS}."},
+    )
+    uniform: bool = field(default=False, metadata={"help": "Force identical widths in every layer."})
+    min_heads: int = field(default=1, metadata={"help": "Fewest query heads a pruned layer keeps."})
+    min_channels: int = field(default=1, metadata={"help": "Fewest MLP channels a pruned layer keeps."})
+    layer_importance: str | None = field(default=None, metadata={"help": "Criterion for whole layers."})
+    num_layers_to_remove: int | None = field(
+        default=None, metadata={"help": "Whole layers to remove when combined with width structures."}
+    )
 
     def __post_init__(self):
         from .importance import IMPORTANCE_REGISTRY
@@ -82,19 +180,88 @@ class PrunerConfig(PushToHubMixin):
             raise ValueError(f"`structures` must be a non-empty subset of {list(STRUCTURES)}, got {self.structures}.")
         if len(set(self.structures)) != len(self.structures):
             raise ValueError(f"`structures` has duplicates: {self.structures}.")
-        if LAYERS in self.structures and len(self.structures) > 1:
-            raise ValueError(
-                "`structures=['layers']` (depth pruning) cannot be combined with width structures yet; "
-                f"got {self.structures}."
-            )
-        for name in ("num_calibration_samples", "calibration_seq_len", "round_to"):
+        for name in ("num_calibration_samples", "calibration_seq_len", "round_to", "min_heads", "min_channels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
+        self._validate_allocation(IMPORTANCE_REGISTRY)
         # Fail now, not after calibration, on bad criterion arguments.
         self.build_importance()
+
+    def _validate_allocation(self, registry) -> None:
+        self.attention_layers = _layer_list("attention_layers", self.attention_layers)
+        self.mlp_layers = _layer_list("mlp_layers", self.mlp_layers)
+        self.layer_ratios = _layer_ratios(self.layer_ratios)
+        for name in ("global_ranking", "uniform"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.global_normalization not in GLOBAL_NORMALIZATIONS:
+            raise ValueError(
+                f"`global_normalization` must be one of {list(GLOBAL_NORMALIZATIONS)}, got {self.global_normalization!r}."
+            )
+        for name, structure in (("attention_layers", ATTENTION_HEADS), ("mlp_layers", MLP_CHANNELS)):
+            if getattr(self, name) is not None and structure not in self.structures:
+                raise ValueError(
+                    f"`{name}` selects layers for {structure!r}, which is not in `structures` {self.structures}."
+                )
+        if self.global_ranking and self.layer_ratios is not None:
+            raise ValueError("Choose one of `global_ranking=True` (widths from scores) and `layer_ratios` (given).")
+        if self.uniform:
+            conflicting = [
+                n for n in ("attention_layers", "mlp_layers", "layer_ratios") if getattr(self, n) is not None
+            ]
+            conflicting += ["global_ranking"] if self.global_ranking else []
+            if conflicting:
+                raise ValueError(
+                    f"`uniform=True` gives every layer the same widths, so it cannot be combined with {conflicting}."
+                )
+        if self.layer_ratios is not None and HIDDEN_CHANNELS in self.structures:
+            raise ValueError("`layer_ratios` cannot apply to 'hidden_channels', which every layer shares.")
+        width = [s for s in self.structures if s in WIDTH_STRUCTURES]
+        if not width:
+            options = [n for n in ("attention_layers", "mlp_layers", "layer_ratios") if getattr(self, n) is not None]
+            options += [n for n in ("global_ranking", "uniform") if getattr(self, n)]
+            if options:
+                raise ValueError(
+                    f"{options} allocate widths, but `structures` {self.structures} has no width structure."
+                )
+        if LAYERS not in self.structures:
+            for name in ("layer_importance", "num_layers_to_remove"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"`{name}` applies to `structures` containing 'layers', got {self.structures}.")
+        if self.layer_importance is not None and self.layer_importance not in registry:
+            raise ValueError(
+                f"Unknown `layer_importance` {self.layer_importance!r}; choose one of {sorted(registry)}."
+            )
+        if self.num_layers_to_remove is not None:
+            n = self.num_layers_to_remove
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"`num_layers_to_remove` must be a non-negative integer, got {n!r}.")
+            if not width:
+                raise ValueError(
+                    "`num_layers_to_remove` needs width structures too; with `structures=['layers']` alone the number "
+                    "of layers follows from `pruning_ratio`."
+                )
+
+    @property
+    def non_uniform(self) -> bool:
+        """Whether widths may differ between layers."""
+        return (
+            self.attention_layers is not None
+            or self.mlp_layers is not None
+            or self.layer_ratios is not None
+            or self.global_ranking
+        )
+
+    def layer_scorer(self):
+        """The criterion for whole layers (`layer_importance`, else `importance`)."""
+        if self.layer_importance is None or self.layer_importance == self.importance:
+            return self.build_importance()
+        from .importance import get_importance
+
+        return get_importance(self.layer_importance)
 
     def build_importance(self):
         from .importance import get_importance
@@ -105,7 +272,10 @@ class PrunerConfig(PushToHubMixin):
         return get_importance(self.importance, **kwargs)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if isinstance(self.layer_ratios, dict):  # as JSON writes it, so that to_dict() == json.loads(to_json_string())
+            data["layer_ratios"] = {str(k): v for k, v in self.layer_ratios.items()}
+        return data
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

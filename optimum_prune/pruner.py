@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import ParameterModel, layer_allocation, select_top, uniform_allocation
-from .architectures.base import LAYERS, ArchitectureSpec
+from .allocation import (
+    TOLERANCE,
+    ParameterModel,
+    allocate_widths,
+    layer_allocation,
+    select_top,
+    uniform_allocation,
+)
+from .architectures.base import ATTENTION_HEADS, LAYERS, MLP_CHANNELS, ArchitectureSpec
 from .calibration import collect_statistics, prepare_calibration
 from .configuration import PrunerConfig
 from .evaluation import count_parameters
-from .groups import GroupSet, Slice, build_group_sets, decoder_layers, layer_prefix
+from .groups import GroupSet, Slice, build_group_sets, decoder_layers, layer_prefix, width_of
 from .hub import atomic_directory, build_model_card
 from .plan import PruningPlan
 from .surgery import apply_plan
@@ -61,7 +69,7 @@ class Pruner:
             raise RuntimeError("This pruner has already pruned its model; build a new one to prune again.")
         importance = self.config.build_importance()
         batches = None
-        if importance.needs_data:
+        if importance.needs_data or self._layer_scorer_needs_data():
             if calibration_data is None:
                 raise ValueError(
                     f"The {importance.name!r} criterion needs calibration data (`calibration_data=`); "
@@ -86,14 +94,36 @@ class Pruner:
         )
         return self.model
 
+    def _layer_scorer_needs_data(self) -> bool:
+        return LAYERS in self.config.structures and self.config.layer_scorer().needs_data
+
     def make_plan(self, importance, batches) -> PruningPlan:
-        """Score every group set and allocate widths; the model is left untouched."""
-        structures = self.config.structures
+        """Score every group set and allocate widths (and whole layers); the model is left untouched."""
+        config = self.config
         num_layers = len(decoder_layers(self.model, self.spec))
-        if LAYERS in structures:
-            group_sets = self._layer_group_sets()
+        width_structures = [s for s in config.structures if s != LAYERS]
+        params = dict(self.model.named_parameters())
+        removed: list[int] = []
+        if LAYERS in config.structures:
+            removed = self._choose_layers(batches, params, num_layers, bool(width_structures))
+            if not width_structures:
+                return PruningPlan(self.model.config.model_type, num_layers, removed_layers=removed)
+        all_group_sets = build_group_sets(self.model, self.spec, width_structures)
+        group_sets = self._prunable(all_group_sets, num_layers, set(removed))
+        scores = self._score(importance, group_sets, batches)
+        if config.non_uniform or removed or config.min_heads > 1 or config.min_channels > 1:
+            kept_counts = self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
         else:
-            group_sets = build_group_sets(self.model, self.spec, structures)
+            kept_counts = uniform_allocation(
+                params, group_sets, width_structures, config.pruning_ratio, config.round_to
+            )
+        kept = {key: select_top(scores[key], k) for key, k in kept_counts.items() if k < group_sets[key].num_units}
+        counts = {key: gs.num_units for key, gs in all_group_sets.items()}
+        return PruningPlan(
+            self.model.config.model_type, num_layers, unit_counts=counts, kept=kept, removed_layers=removed
+        )
+
+    def _score(self, importance, group_sets: dict[str, GroupSet], batches) -> dict[str, torch.Tensor]:
         names = {s.name for gs in group_sets.values() for s in gs.slices}
         stats = collect_statistics(self.model, batches, importance.needs, param_names=names)
         scores = {
@@ -102,19 +132,92 @@ class Pruner:
         }
         del stats
         gc.collect()
-        params = dict(self.model.named_parameters())
-        if LAYERS in structures:
-            costs = [gs.unit_cost(params) for gs in group_sets.values()]
-            n = layer_allocation(costs, ParameterModel(params, {}).total, self.config.pruning_ratio)
-            layer_scores = torch.stack([scores[f"{LAYERS}.{i}"][0] for i in range(num_layers)])
-            removed = sorted(set(range(num_layers)) - set(select_top(layer_scores, num_layers - n)))
-            return PruningPlan(self.model.config.model_type, num_layers, removed_layers=removed)
-        kept_counts = uniform_allocation(
-            params, group_sets, structures, self.config.pruning_ratio, self.config.round_to
+        return scores
+
+    def _choose_layers(self, batches, params, num_layers: int, with_width: bool) -> list[int]:
+        """Whole layers to remove, lowest `layer_importance` first. Alone they meet the target; with width
+        structures `num_layers_to_remove` of them (default: closest to half the target) go first."""
+        layer_sets = self._layer_group_sets()
+        scorer = self.config.layer_scorer()
+        if scorer.needs_data and batches is None:
+            raise ValueError(f"The layer criterion {scorer.name!r} needs calibration data (`calibration_data=`).")
+        scores = self._score(scorer, layer_sets, batches)
+        costs = [gs.unit_cost(params) for gs in layer_sets.values()]
+        total = ParameterModel(params, {}).total
+        n = self.config.num_layers_to_remove
+        if not with_width:
+            n = layer_allocation(costs, total, self.config.pruning_ratio)
+        elif n is None:
+            n = int(round(self.config.pruning_ratio * total / 2 / (sum(costs) / num_layers)))
+        if n >= num_layers or sum(sorted(costs)[:n]) / total > self.config.pruning_ratio + TOLERANCE:
+            raise ValueError(
+                f"Removing {n} of {num_layers} layers removes more than `pruning_ratio={self.config.pruning_ratio}` "
+                "of the parameters (or every layer); lower `num_layers_to_remove`."
+            )
+        layer_scores = torch.stack([scores[f"{LAYERS}.{i}"][0] for i in range(num_layers)])
+        removed = sorted(set(range(num_layers)) - set(select_top(layer_scores, num_layers - n)))
+        logger.info("Removing decoder layers %s (scored by %s).", removed, scorer.name)
+        return removed
+
+    def _prunable(self, group_sets: dict[str, GroupSet], num_layers: int, removed: set[int]) -> dict[str, GroupSet]:
+        """The group sets that may lose units: in `attention_layers` / `mlp_layers`, not in removed layers."""
+        allowed = {}
+        for structure, name in ((ATTENTION_HEADS, "attention_layers"), (MLP_CHANNELS, "mlp_layers")):
+            layers = getattr(self.config, name)
+            if layers is not None and layers[-1] >= num_layers:
+                raise ValueError(f"`{name}` names layer {layers[-1]}, but the model has {num_layers} layers.")
+            allowed[structure] = set(range(num_layers) if layers is None else layers)
+        return {
+            key: gs
+            for key, gs in group_sets.items()
+            if gs.layer is None
+            or (gs.layer not in removed and gs.layer in allowed.get(gs.structure, range(num_layers)))
+        }
+
+    def _allocate_non_uniform(self, params, group_sets, scores, removed, structures) -> dict[str, int]:
+        config = self.config
+        num_layers = len(decoder_layers(self.model, self.spec))
+        floors = {}
+        for key, gs in group_sets.items():
+            if gs.structure == ATTENTION_HEADS:
+                attention = self.spec.structures[ATTENTION_HEADS]
+                prefix = layer_prefix(self.spec, gs.layer)
+                heads = max(width_of(params, self.model.config, w, prefix) for w in attention.widths)
+                if config.min_heads > heads:
+                    raise ValueError(f"`min_heads={config.min_heads}` exceeds the model's {heads} heads per layer.")
+                floors[key] = math.ceil(config.min_heads / (heads // gs.num_units))
+            else:
+                floors[key] = min(gs.num_units, math.ceil(config.min_channels / config.round_to) * config.round_to)
+        ratios = config.layer_ratios
+        if isinstance(ratios, list):
+            if len(ratios) != num_layers:
+                raise ValueError(f"`layer_ratios` has {len(ratios)} values; the model has {num_layers} layers.")
+            ratios = dict(enumerate(ratios))
+        if ratios is not None and max(ratios) >= num_layers:
+            raise ValueError(f"`layer_ratios` names layer {max(ratios)}, but the model has {num_layers} layers.")
+        mode = "global" if config.global_ranking else "ratios" if ratios is not None else "uniform"
+        described = [
+            f"{name}={getattr(config, name)}"
+            for name in ("attention_layers", "mlp_layers", "layer_ratios")
+            if getattr(config, name) is not None
+        ]
+        described += [f"removed layers {removed}"] if removed else []
+        described += [f"min_heads={config.min_heads}", f"min_channels={config.min_channels}"]
+        prefixes = tuple(layer_prefix(self.spec, i) for i in removed)
+        return allocate_widths(
+            params,
+            group_sets,
+            structures,
+            config.pruning_ratio,
+            mode=mode,
+            scores=scores,
+            layer_ratios=ratios,
+            normalization=config.global_normalization,
+            floors=floors,
+            round_to=config.round_to,
+            removed_params=frozenset(n for n in params if prefixes and n.startswith(prefixes)),
+            constraints=f" with {', '.join(described)}",
         )
-        kept = {key: select_top(scores[key], k) for key, k in kept_counts.items() if k < group_sets[key].num_units}
-        counts = {key: gs.num_units for key, gs in group_sets.items()}
-        return PruningPlan(self.model.config.model_type, num_layers, unit_counts=counts, kept=kept)
 
     def _layer_group_sets(self) -> dict[str, GroupSet]:
         """Each decoder layer as one unit that owns all of its parameters (for layer-level criteria)."""

@@ -110,23 +110,36 @@ def layer_widths(model: nn.Module, spec: ArchitectureSpec) -> list[dict[str, int
     return widths
 
 
+def _per_layer_overrides(per_layer: list[dict[str, int]]) -> tuple[dict[str, int], dict[int, dict[str, int]]]:
+    """Global widths (each field's most common value, ties to the larger) and the sparse per-layer differences, in
+    the format of Transformers' `per_layer_config` (layer index -> stock field names)."""
+    if not per_layer:
+        return {}, {}
+    global_widths = {}
+    for name in per_layer[0]:
+        values = [layer[name] for layer in per_layer]
+        global_widths[name] = max(set(values), key=lambda v: (values.count(v), v))
+    overrides = {}
+    for i, layer in enumerate(per_layer):
+        diff = {k: v for k, v in layer.items() if v != global_widths[k]}
+        if diff:
+            overrides[i] = diff
+    return global_widths, overrides
+
+
 def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
     """Write the widths read from the tensors into `model.config`, switching to the registered pruned type when
-    the stock config class cannot express them."""
+    the stock config class cannot express them (per-layer widths always need it: they go to `per_layer_config`)."""
     from .modeling import PRUNED_MODEL_CLASSES
 
     config = model.config
     params = dict(model.named_parameters())
     for w in spec.hidden.widths:
         setattr(config, w.field, params[w.param].shape[w.dim] // config_divisor(config, w))
-    per_layer = layer_widths(model, spec)
-    if any(layer != per_layer[0] for layer in per_layer):
-        raise NotImplementedError(
-            "Per-layer widths differ; non-uniform checkpoints are not supported yet. Use uniform allocation."
-        )
-    for field_name, value in (per_layer[0] if per_layer else {}).items():
+    global_widths, overrides = _per_layer_overrides(layer_widths(model, spec))
+    for field_name, value in global_widths.items():
         setattr(config, field_name, value)
-    if not _stock_config_expresses(model):
+    if overrides or not _stock_config_expresses(model):
         pruned_type = spec.pruned_model_type
         if pruned_type not in PRUNED_MODEL_CLASSES:
             raise ValueError(f"The pruned shape needs a registered model type, and {pruned_type!r} is not one.")
@@ -134,14 +147,25 @@ def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
         data = config.to_dict()
         data.pop("model_type", None)
         data.pop("auto_map", None)
+        data.pop("per_layer_config", None)
         base_model_type = config.model_type
-        model.config = config_class(**data)
+        model.config = config_class(
+            **data,
+            per_layer_config={str(i): v for i, v in overrides.items()} or None,
+            attn_implementation=config._attn_implementation,  # not serialised, so carried over explicitly
+        )
         model.config.base_model_type = getattr(config, "base_model_type", base_model_type)
+        # Submodules that kept a reference to the old config (attention reads its implementation from it) follow.
+        for module in model.modules():
+            if getattr(module, "config", None) is config:
+                module.config = model.config
         model.__class__ = model_class
         logger.info(
-            "The pruned shape needs the registered model type %r (stock %r cannot express it).",
+            "The pruned shape needs the registered model type %r (%s).",
             pruned_type,
-            base_model_type,
+            f"per-layer widths in {len(overrides)} layers"
+            if overrides
+            else f"stock {base_model_type!r} cannot express it",
         )
 
 
