@@ -179,9 +179,20 @@ class _StructureWidths:
     """
 
     def __init__(
-        self, structure, keys, group_sets, floors, step, mode, ratios=None, scores=None, normalization="mean"
+        self,
+        structure,
+        keys,
+        group_sets,
+        floors,
+        step,
+        mode,
+        ratios=None,
+        scores=None,
+        normalization="mean",
+        allowed=None,
     ):
         self.structure = structure
+        self.allowed = sorted(allowed) if allowed else None
         self.keys = keys
         self.units = {k: group_sets[k].num_units for k in keys}
         self.floors = {k: min(self.units[k], floors.get(k, 0)) for k in keys}
@@ -202,6 +213,15 @@ class _StructureWidths:
             self.order = torch.tensor([position for _, position, _ in entries], dtype=torch.long)
 
     def kept(self, f: float) -> dict[str, int]:
+        kept = self._kept(f)
+        if self.allowed:  # snap to the nearest allowed count (ties to the larger): still monotone in f
+            kept = {
+                k: min((a for a in self.allowed if a >= self.floors[k]), key=lambda a: (abs(a - v), -a))
+                for k, v in kept.items()
+            }
+        return kept
+
+    def _kept(self, f: float) -> dict[str, int]:
         if self.mode == "global":
             n = int(round(f * self.order.numel()))
             removed = torch.bincount(self.order[:n], minlength=len(self.keys)).tolist()
@@ -233,6 +253,7 @@ def allocate_widths(
     floors: dict[str, int] | None = None,
     round_to: int = 1,
     removed_params: frozenset[str] = frozenset(),
+    allowed: dict[str, list[int]] | None = None,
     constraints: str = "",
 ) -> dict[str, int]:
     """Kept units per prunable group set so that the model loses `pruning_ratio` of its total parameters (±1 point).
@@ -240,7 +261,8 @@ def allocate_widths(
     `group_sets` are the prunable ones only (layer ranges applied by the caller); parameters of other layers count
     at full size and `removed_params` (removed layers) count as removed. Every structure moves with one shared
     pruning level (see `_StructureWidths`); the coarse ones (heads) are then fixed and the finest one (MLP channels)
-    absorbs the rounding. `constraints` describes the caller's restrictions for the error messages.
+    absorbs the rounding. `allowed` restricts a structure's kept counts (e.g. head counts a stock config accepts);
+    `constraints` describes the caller's restrictions for the error messages.
     """
     if mode not in ALLOCATION_MODES:
         raise ValueError(f"Allocation `mode` must be one of {ALLOCATION_MODES}, got {mode!r}.")
@@ -257,7 +279,18 @@ def allocate_widths(
         step = round_to if s in CHANNEL_STRUCTURES else 1
         structure_mode = "uniform" if s == HIDDEN_CHANNELS else mode  # hidden channels are shared by every layer
         per_structure.append(
-            _StructureWidths(s, keys, group_sets, floors, step, structure_mode, ratios, scores, normalization)
+            _StructureWidths(
+                s,
+                keys,
+                group_sets,
+                floors,
+                step,
+                structure_mode,
+                ratios,
+                scores,
+                normalization,
+                (allowed or {}).get(s),
+            )
         )
     f_max = 1.0
     if mode == "ratios":

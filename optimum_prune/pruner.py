@@ -111,7 +111,7 @@ class Pruner:
         all_group_sets = build_group_sets(self.model, self.spec, width_structures)
         group_sets = self._prunable(all_group_sets, num_layers, set(removed))
         scores = self._score(importance, group_sets, batches)
-        if config.non_uniform or removed or config.min_heads > 1 or config.min_channels > 1:
+        if config.non_uniform or config.uniform or removed or config.min_heads > 1 or config.min_channels > 1:
             kept_counts = self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
         else:
             kept_counts = uniform_allocation(
@@ -204,6 +204,15 @@ class Pruner:
         described += [f"removed layers {removed}"] if removed else []
         described += [f"min_heads={config.min_heads}", f"min_channels={config.min_channels}"]
         prefixes = tuple(layer_prefix(self.spec, i) for i in removed)
+        allowed = None
+        if config.uniform and ATTENTION_HEADS in structures:
+            allowed = {ATTENTION_HEADS: self._stock_unit_counts(group_sets)}
+            head_floor = max(floors[k] for k, gs in group_sets.items() if gs.structure == ATTENTION_HEADS)
+            if max(allowed[ATTENTION_HEADS], default=0) < head_floor:
+                raise ValueError(
+                    f"`uniform=True`: no head count of at least `min_heads={config.min_heads}` gives a shape that "
+                    f"the stock {type(self.model.config).__name__} accepts; lower `min_heads` or set `uniform=False`."
+                )
         return allocate_widths(
             params,
             group_sets,
@@ -216,6 +225,7 @@ class Pruner:
             floors=floors,
             round_to=config.round_to,
             removed_params=frozenset(n for n in params if prefixes and n.startswith(prefixes)),
+            allowed=allowed,
             constraints=f" with {', '.join(described)}",
         )
 
@@ -227,6 +237,23 @@ class Pruner:
             slices = [Slice(prefix + name, 0) for name, _ in layer.named_parameters()]
             group_sets[f"{LAYERS}.{i}"] = GroupSet(LAYERS, i, 1, slices)
         return group_sets
+
+    def _stock_unit_counts(self, group_sets: dict[str, GroupSet]) -> list[int]:
+        """Attention unit counts whose widths the model's stock config class accepts (`uniform=True` keeps a stock
+        config: LLaMA's, for one, rejects head counts that do not divide `hidden_size`)."""
+        config = self.model.config
+        attention = self.spec.structures[ATTENTION_HEADS]
+        units = next(gs.num_units for gs in group_sets.values() if gs.structure == ATTENTION_HEADS)
+        data = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+        allowed = []
+        for k in range(1, units + 1):
+            widths = {w.field: getattr(config, w.field) * k // units for w in attention.widths}
+            try:
+                type(config)(**{**data, **widths})
+            except Exception:  # noqa: BLE001 - any refusal (strict validation) means "not a stock shape"
+                continue
+            allowed.append(k)
+        return allowed
 
     def model_card(self, repo_or_path: str = "path/to/pruned-model", results=None, license=None):
         self._check_pruned()

@@ -191,8 +191,17 @@ def test_ratios_that_meet_the_target_are_used_exactly():
 
 
 def test_uniform_true_keeps_a_stock_config():
-    pruner = _prune(tiny_llama(), importance="magnitude", pruning_ratio=0.2, uniform=True)
-    assert pruner.model.config.model_type == "llama"
+    """Hidden size 64 with 8 heads of 8: 6 heads (3 of 4 KV groups) do not divide 64, which the stock LlamaConfig
+    rejects. Uniform allocation alone picks 6 heads (registered type); `uniform=True` picks a stock head count."""
+    options = dict(importance="magnitude", pruning_ratio=0.2, min_channels=8)
+    free = _prune(tiny_llama(hidden_size=64), **options)
+    assert free.model.config.model_type == "pruned_llama" and free.model.config.num_attention_heads == 6
+    model = tiny_llama(hidden_size=64)
+    before = count_parameters(model)
+    forced = _prune(model, uniform=True, **options)
+    assert forced.model.config.model_type == "llama" and 64 % forced.model.config.num_attention_heads == 0
+    assert len(set(_layer_widths(forced.model))) == 1
+    assert abs(1 - count_parameters(forced.model) / before - 0.2) <= 0.01
 
 
 @pytest.mark.parametrize(
