@@ -71,8 +71,9 @@ class Pruner:
         batches = None
         if importance.needs_data or self._layer_scorer_needs_data():
             if calibration_data is None:
+                name = importance.name if importance.needs_data else self.config.layer_scorer().name
                 raise ValueError(
-                    f"The {importance.name!r} criterion needs calibration data (`calibration_data=`); "
+                    f"The {name!r} criterion needs calibration data (`calibration_data=`); "
                     "'magnitude' and 'random' need none."
                 )
             batches = prepare_calibration(

@@ -224,6 +224,21 @@ def test_impossible_constraints_say_why(kwargs, message):
         pruner.prune()
 
 
+def test_layer_importance_scores_layers():
+    """Layers scored by their own criterion (`layer_importance`), widths by `importance`."""
+    config = dict(importance="magnitude", pruning_ratio=0.4, structures=["layers", "mlp_channels"])
+    with pytest.raises(ValueError, match="'taylor' criterion needs calibration data"):
+        AutoPruner.from_model(
+            tiny_llama(num_hidden_layers=6), PrunerConfig(layer_importance="taylor", **config)
+        ).prune()
+    model = tiny_llama(num_hidden_layers=6)
+    with torch.no_grad():  # layer 2 becomes the smallest by magnitude
+        for p in model.model.layers[2].parameters():
+            p.mul_(0.1)
+    pruner = _prune(model, **{**config, "importance": "random", "layer_importance": "magnitude"})
+    assert pruner.plan.removed_layers == [2] and pruner.plan.kept
+
+
 # ------------------------------------------------------------------------------------------------------ checkpoints
 
 
