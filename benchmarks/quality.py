@@ -93,14 +93,28 @@ def run_single(model_name: str, method: str, ratio: float) -> dict:
 
 
 def run_peer(model_name: str, peer: str, ratio: float, timeout: int) -> dict:
+    """Torch-Pruning on the same model and parameter target, in its own process under a timeout; failures are rows."""
     row = {"model": model_name, "method": peer, "ratio": ratio}
     sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
     try:
         import torch_pruning_peer
     except ImportError as err:
         return {**row, "status": "unavailable", "reason": str(err)}
-    result = torch_pruning_peer.run(str(MODELS / model_name), ratio, timeout=timeout, eval_path=str(EVAL))
-    return {**row, **result}
+    result = torch_pruning_peer.prune_with_torch_pruning(str(MODELS / model_name), ratio, timeout_s=timeout)
+    row.update(
+        status=result["status"],
+        reason=result.get("reason", ""),
+        seconds=round(result["seconds"], 2) if result.get("seconds") is not None else None,
+        peak_rss_mib=result.get("peak_rss_mib"),
+        removed=result.get("removed_fraction"),
+    )
+    if result["status"] == "ok":
+        from optimum_prune import perplexity
+
+        model, tokenizer = torch_pruning_peer.load_pruned_model(result["output_dir"])
+        row["perplexity"] = perplexity(model, EVAL, tokenizer)
+        row["save_format"] = result.get("save_format")
+    return row
 
 
 def _subprocess_row(args: list[str]) -> dict:
@@ -123,12 +137,19 @@ def format_rows(rows: list[dict]) -> str:
         ok = r.get("status") == "ok" and r.get("perplexity") is not None
         ppl = f"{r['perplexity']:.2f}" if ok else "-"
         ratio = f"x{r['perplexity'] / base[r['model']]:.2f}" if ok and r["model"] in base else r.get("status", "?")
-        table.append([
-            r["model"], r["method"], f"{r['ratio']:.0%}",
-            f"{r['removed']:.1%}" if r.get("removed") is not None else "-",
-            ppl, ratio, r.get("seconds", "-"), r.get("peak_rss_mib", "-"),
-            "" if ok else r.get("reason", "")[:90],
-        ])
+        table.append(
+            [
+                r["model"],
+                r["method"],
+                f"{r['ratio']:.0%}",
+                f"{r['removed']:.1%}" if r.get("removed") is not None else "-",
+                ppl,
+                ratio,
+                r.get("seconds", "-"),
+                r.get("peak_rss_mib", "-"),
+                "" if ok else r.get("reason", "")[:90],
+            ]
+        )
     headers = ["model", "method", "target", "removed", "ppl", "vs unpruned", "prune s", "peak RSS MiB", "note"]
     return format_table(headers, table)
 
@@ -150,8 +171,14 @@ def main(argv=None):
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models:
-        rows.append({"model": model, "method": "unpruned", "ratio": 0.0,
-                     **_subprocess_row(["--single", model, "unpruned", "0"])})
+        rows.append(
+            {
+                "model": model,
+                "method": "unpruned",
+                "ratio": 0.0,
+                **_subprocess_row(["--single", model, "unpruned", "0"]),
+            }
+        )
         for ratio in args.ratios:
             for method in args.methods:
                 row = _subprocess_row(["--single", model, method, str(ratio)])
