@@ -175,5 +175,10 @@ def recover_model(
         "last_logged_loss": losses[-1] if losses else None,
         "train_runtime": output.metrics.get("train_runtime"),
         "world_size": args.world_size,
+        "distributed_backend": (
+            torch.distributed.get_backend()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else None
+        ),
     }
     return merged, info
