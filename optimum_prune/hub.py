@@ -291,7 +291,7 @@ def build_model_card(
                 task_type="text-generation",
                 task_name="Language modelling",
                 dataset_type="text",
-                dataset_name=str(evaluation.get("eval_data") or "held-out text"),
+                dataset_name=Path(str(evaluation.get("eval_data") or "held-out text")).name,
                 metric_type="perplexity",
                 metric_name="perplexity",
                 metric_value=round(float(final_ppl), 4),

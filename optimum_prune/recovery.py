@@ -85,9 +85,17 @@ def lora_target_modules(model: nn.Module, spec) -> list[str]:
     return targets
 
 
+def _require_peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("LoRA recovery needs peft: `pip install 'optimum-prune[peft]'`.") from err
+    return peft
+
+
 def default_lora_config(model: nn.Module, spec):
     """`LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05)` on every attention and MLP projection of the spec."""
-    from peft import LoraConfig
+    LoraConfig = _require_peft().LoraConfig
 
     return LoraConfig(
         r=DEFAULT_LORA_R,
@@ -129,7 +137,7 @@ def recover_model(
     parameter names. `info` holds the LoRA and training settings and the Trainer's figures (`train_loss`, the first
     and last logged losses, runtime).
     """
-    from peft import get_peft_model
+    get_peft_model = _require_peft().get_peft_model
     from transformers import Trainer, default_data_collator
 
     dataset = prepare_train_blocks(train_data, tokenizer, block_size)

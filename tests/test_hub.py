@@ -285,3 +285,27 @@ def test_pruner_config_push_to_hub(hub_server, tmp_path):
     assert json.loads(files["pruner_config.json"])["pruning_ratio"] == 0.25
     assert result["loaded"] == PrunerConfig(0.25, "magnitude", structures=["mlp_channels"]).to_dict()
     assert hub_server.token_leaks(HUB_TOKEN) == []
+
+
+def test_prune_command_card_carries_measured_perplexity(tmp_path, capsys):
+    from optimum_prune.commands.cli import main
+
+    base = _base_dir(tmp_path)
+    (tmp_path / "eval.txt").write_text(" ".join(f"w{(i * 7) % 96}" for i in range(2000)))
+    args = ["prune", "--model", str(base), "--importance", "magnitude", "--pruning-ratio", "0.3", "--output"]
+    args += [
+        str(tmp_path / "out"),
+        "--eval",
+        str(tmp_path / "eval.txt"),
+        "--eval-seq-len",
+        "32",
+        "--eval-windows",
+        "4",
+    ]
+    assert main(args) == 0
+    assert "| perplexity" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "pruning_results.json").read_text())["evaluation"]
+    meta = _check_card_metadata((tmp_path / "out" / "README.md").read_text())
+    _, evals = model_index_to_eval_results(meta["model-index"])
+    assert evals[0].metric_value == pytest.approx(results["perplexity_pruned"], abs=1e-4)
+    assert evals[0].dataset_name == "eval.txt" and results["perplexity_base"] > 0

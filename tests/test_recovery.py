@@ -192,13 +192,17 @@ def test_recover_command(pruned_dir, tmp_path):
     _check_recovered(out, pruned_dir)
 
 
-def test_recover_command_refuses_unpruned_checkpoint(tmp_path):
+def test_recover_command_refuses_unpruned_checkpoint(tmp_path, capsys):
+    from optimum_prune.commands.cli import main
+
     tiny_llama().save_pretrained(tmp_path / "plain")
     (tmp_path / "t.txt").write_text("w1 w2")
-    cmd = [_cli("optimum-prune"), "recover", "--model", str(tmp_path / "plain"), "--train", str(tmp_path / "t.txt")]
-    result = subprocess.run([*cmd, "--output", str(tmp_path / "o")], capture_output=True, text=True, env=_env())
-    assert result.returncode == 2 and "not a pruned checkpoint" in result.stderr
+    args = ["recover", "--model", str(tmp_path / "plain"), "--train", str(tmp_path / "t.txt")]
+    assert main([*args, "--output", str(tmp_path / "o")]) == 2
+    assert "not a pruned checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    assert main([*args, "--output", str(tmp_path / "o"), "--max-steps", "0"]) == 2
+    assert "`--max-steps` must be a positive integer" in capsys.readouterr().err
 
 
 def test_optimum_cli_recover_is_registered():
