@@ -315,11 +315,13 @@ def build_model_card(
         f"--calibration-seq-len {pruner_config.calibration_seq_len} --round-to {pruner_config.round_to} "
         f"--seed {pruner_config.seed} --output OUT"
     )
+    eval_flags = ""
     if evaluation.get("eval_data") and os.path.isfile(str(evaluation["eval_data"])):
-        command += (
+        eval_flags = (
             f" --eval {evaluation['eval_data']} --eval-seq-len {evaluation.get('eval_seq_len')} "
             f"--eval-windows {evaluation.get('eval_windows')}"
         )
+        command += eval_flags
     if recovery:
         command += (
             f"\noptimum-prune recover --model OUT --train {recovery.get('train_data') or 'TRAIN.txt'} "
@@ -327,7 +329,7 @@ def build_model_card(
             f"--batch-size {recovery.get('per_device_train_batch_size', recovery['batch_size'])} "
             f"--gradient-accumulation-steps {recovery.get('gradient_accumulation_steps', 1)} "
             f"--block-size {recovery['block_size']} --learning-rate {recovery['learning_rate']} "
-            f"--lora-r {recovery['r']} --lora-alpha {recovery['lora_alpha']} --output OUT-recovered"
+            f"--lora-r {recovery['r']} --lora-alpha {recovery['lora_alpha']}{eval_flags} --output OUT-recovered"
         )
 
     rows = [
