@@ -1,6 +1,6 @@
 """Architecture specs, one file per family; importing this package registers them."""
 
-from . import llama
+from . import glm, llama
 from .base import (
     ARCHITECTURE_REGISTRY,
     ATTENTION_HEADS,
@@ -31,6 +31,7 @@ __all__ = [
     "StructureSpec",
     "Width",
     "get_architecture",
+    "glm",
     "llama",
     "register_architecture",
 ]

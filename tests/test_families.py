@@ -1,0 +1,221 @@
+"""Every family x every structure: exact against a reference built without pruning code, reload in a fresh process
+(with the package, and with `trust_remote_code=True` without it), `generate`, and every registered criterion.
+
+The references only zero weights (or skip layers, or patch norms) of an untouched copy of the original model; they
+never call optimum-prune. Each family row says how a removed unit is zeroed in *its* layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_glm
+
+from optimum_prune import AutoPruner, PrunerConfig
+from optimum_prune.importance import IMPORTANCE_REGISTRY
+
+
+ATOL = 1e-5
+WIDTH_STRUCTURES = ("attention_heads", "mlp_channels", "hidden_channels")
+STRUCTURES = (*WIDTH_STRUCTURES, "layers")
+
+
+def _removed(kept, total):
+    return sorted(set(range(total)) - set(kept))
+
+
+@dataclass
+class Family:
+    """How to build a tiny model of one family and how to zero a removed unit in the untouched original.
+
+    `zero_attention(model, layer, units)` / `zero_mlp(model, layer, channels)` zero the consumer side of removed
+    units; `hidden_reference(model, channels)` turns the original into the computation with those hidden channels
+    removed (zeroed residual writes, and for LayerNorm families norms whose statistics skip them) and returns hook
+    handles to keep alive.
+    """
+
+    build: Callable
+    layers: str
+    zero_attention: Callable
+    zero_mlp: Callable
+    hidden_reference: Callable
+    ratios: dict
+    stock_type: str
+    pruned_type: str | None = None
+
+
+# GLM ---------------------------------------------------------------------------------------------------------------
+
+
+def _glm_zero_attention(model, layer, units, n_rep=2, head_dim=8):
+    o_proj = model.model.layers[layer].self_attn.o_proj
+    for u in units:  # a unit is a KV group: the n_rep query heads that read it
+        o_proj.weight[:, u * n_rep * head_dim : (u + 1) * n_rep * head_dim] = 0
+
+
+def _glm_zero_mlp(model, layer, channels):
+    model.model.layers[layer].mlp.down_proj.weight[:, channels] = 0
+
+
+def _glm_hidden_reference(model, channels):
+    """RMSNorm is scale-free on the kept channels once the removed ones are zero everywhere in the residual stream."""
+    model.model.embed_tokens.weight[:, channels] = 0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[channels] = 0
+        layer.mlp.down_proj.weight[channels] = 0
+    return []
+
+
+_GLM_RATIOS = {"attention_heads": 0.1, "mlp_channels": 0.2, "hidden_channels": 0.2}
+
+FAMILIES = {
+    "glm": Family(
+        build=tiny_glm,
+        layers="model.layers",
+        zero_attention=_glm_zero_attention,
+        zero_mlp=_glm_zero_mlp,
+        hidden_reference=_glm_hidden_reference,
+        ratios=_GLM_RATIOS,
+        stock_type="glm",
+    ),
+    "glm4": Family(
+        build=lambda **kw: tiny_glm(glm4=True, **kw),
+        layers="model.layers",
+        zero_attention=_glm_zero_attention,
+        zero_mlp=_glm_zero_mlp,
+        hidden_reference=_glm_hidden_reference,
+        ratios=_GLM_RATIOS,
+        stock_type="glm4",
+    ),
+}
+
+
+# The matrix --------------------------------------------------------------------------------------------------------
+
+
+def _skip_layers(model, path, layers):
+    """Decoder layers that pass their input through unchanged (forward hooks): the reference for layer removal."""
+
+    def hook(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return [model.get_submodule(path)[i].register_forward_hook(hook, with_kwargs=True) for i in layers]
+
+
+@dataclass
+class Case:
+    family: Family
+    pruned: torch.nn.Module
+    reference: torch.nn.Module
+    plan: object
+    pruner: object
+    handles: list
+
+
+_CASES: dict = {}
+
+
+def _case(family_name: str, structure: str) -> Case:
+    """Prune a fresh tiny model of `family_name` along one structure (random scores) and build its reference."""
+    key = (family_name, structure)
+    if key in _CASES:
+        return _CASES[key]
+    family = FAMILIES[family_name]
+    model = family.build()
+    reference = copy.deepcopy(model)
+    ratio = family.ratios.get(structure)
+    if structure == "layers":  # exactly one decoder layer's share of the parameters
+        per_layer = sum(p.numel() for p in model.get_submodule(family.layers)[0].parameters())
+        ratio = round(per_layer / sum(p.numel() for p in model.parameters()), 3)
+    config = PrunerConfig(importance="random", pruning_ratio=ratio, structures=[structure])
+    pruner = AutoPruner.from_model(model, config)
+    pruned = pruner.prune()
+    plan = pruner.plan
+    handles = []
+    with torch.no_grad():
+        if structure == "layers":
+            assert plan.removed_layers, "no layer was removed"
+            handles = _skip_layers(reference, family.layers, plan.removed_layers)
+        elif structure == "hidden_channels":
+            removed = _removed(plan.kept["hidden_channels"], plan.unit_counts["hidden_channels"])
+            assert removed, "no hidden channel was removed"
+            handles = family.hidden_reference(reference, removed)
+        else:
+            assert plan.kept, f"no {structure} unit was removed"
+            zero = family.zero_attention if structure == "attention_heads" else family.zero_mlp
+            for group_key, kept in plan.kept.items():
+                zero(reference, int(group_key.split(".")[1]), _removed(kept, plan.unit_counts[group_key]))
+    _CASES[key] = Case(family, pruned, reference, plan, pruner, handles)
+    return _CASES[key]
+
+
+MATRIX = [(f, s) for f in FAMILIES for s in STRUCTURES]
+
+
+@pytest.mark.parametrize("family_name,structure", MATRIX, ids=[f"{f}-{s}" for f, s in MATRIX])
+def test_pruned_equals_reference(family_name, structure):
+    case = _case(family_name, structure)
+    ids = input_ids()
+    assert sum(p.numel() for p in case.pruned.parameters()) < sum(p.numel() for p in case.reference.parameters())
+    torch.testing.assert_close(logits(case.pruned, ids), logits(case.reference, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+def test_reload_in_fresh_process(tmp_path, family_name):
+    """Every structure's checkpoint reloads with identical logits: with the package imported, and without it through
+    `trust_remote_code=True` (stock types need no remote code; registered types load from the copied modeling file)."""
+    family = FAMILIES[family_name]
+    ids = input_ids()
+    paths, expected = [], []
+    for structure in STRUCTURES:
+        case = _case(family_name, structure)
+        out = tmp_path / structure
+        case.pruner.save_pretrained(out)
+        config = json.loads((out / "config.json").read_text())
+        assert config["model_type"] in {family.stock_type, family.pruned_type}
+        if config["model_type"] != family.stock_type:
+            assert "auto_map" in config and (out / f"modeling_{family.pruned_type}.py").exists()
+        paths.append(out)
+        expected.append(logits(case.pruned, ids))
+    for import_package in (True, False):
+        loaded = fresh_process_logits(paths, ids, trust_remote_code=not import_package, import_package=import_package)
+        for path, want, (got, _) in zip(paths, expected, loaded):
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"{path.name}: reload differs")
+
+
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+def test_generate_after_every_width_structure(family_name):
+    model = FAMILIES[family_name].build()
+    config = PrunerConfig(importance="magnitude", pruning_ratio=0.4, structures=list(WIDTH_STRUCTURES))
+    pruned = AutoPruner.from_model(model, config).prune()
+    ids = input_ids(batch=2, length=5)
+    out = pruned.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False
+    )
+    assert out.shape == (2, 9)
+
+
+CRITERIA = [(f, c) for f in FAMILIES for c in sorted(IMPORTANCE_REGISTRY)]
+
+
+@pytest.mark.parametrize("family_name,criterion", CRITERIA, ids=[f"{f}-{c}" for f, c in CRITERIA])
+def test_every_criterion_runs(family_name, criterion):
+    model = FAMILIES[family_name].build()
+    before = sum(p.numel() for p in model.parameters())
+    config = PrunerConfig(
+        importance=criterion,
+        pruning_ratio=0.25,
+        structures=["attention_heads", "mlp_channels"],
+        num_calibration_samples=4,
+        calibration_seq_len=16,
+    )
+    calibration = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(5))
+    pruned = AutoPruner.from_model(model, config).prune(calibration_data=calibration)
+    assert sum(p.numel() for p in pruned.parameters()) < before
+    assert torch.isfinite(logits(pruned, input_ids())).all()
