@@ -8,7 +8,16 @@ import sys
 import textwrap
 
 import torch
-from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Glm4Config,
+    Glm4ForCausalLM,
+    GlmConfig,
+    GlmForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 import optimum_prune
 
@@ -92,6 +101,26 @@ def skip_layers(model, layers: list[int]):
 
         handles.append(model.model.layers[i].register_forward_hook(hook, with_kwargs=True))
     return handles
+
+
+def tiny_opt(seed: int = 0, **overrides) -> OPTForCausalLM:
+    """A 3-layer OPT (6 heads of 8, hidden 48, FFN 80, learned positions, biases, tied lm_head), float32, eval.
+    Pass `do_layer_norm_before=False` for the post-LN variant, `word_embed_proj_dim=32` for project_in/out."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        ffn_dim=80,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        max_position_embeddings=64,
+        dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return _randomize(OPTForCausalLM(OPTConfig(**kwargs)).eval())
 
 
 def fresh_process_logits(paths, ids: torch.Tensor, *, trust_remote_code: bool, import_package: bool):
