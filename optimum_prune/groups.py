@@ -112,12 +112,19 @@ def layer_prefix(spec: ArchitectureSpec, index: int) -> str:
     return f"{spec.layers}.{index}."
 
 
+def derive_field(config, rule: tuple) -> int:
+    """Evaluate a `spec.derived_fields` rule `(numerator, denominator[, multiplier])`: `numerator * multiplier //
+    denominator`, where numerator and denominator are config field names or integers."""
+    numerator, denominator, *multiplier = (getattr(config, x) if isinstance(x, str) else x for x in rule)
+    return numerator * (multiplier[0] if multiplier else 1) // denominator
+
+
 def materialize_derived_fields(config, spec: ArchitectureSpec) -> None:
     """Write the fields the config leaves implicit (`spec.derived_fields`) while the model still has its original
     shape, so that later width changes cannot change them (a head keeps its `head_dim` when `hidden_size` shrinks)."""
-    for name, (numerator, denominator) in spec.derived_fields.items():
+    for name, rule in spec.derived_fields.items():
         if getattr(config, name, None) is None:
-            setattr(config, name, getattr(config, numerator) // getattr(config, denominator))
+            setattr(config, name, derive_field(config, rule))
 
 
 def check_structure_requirements(config, spec: ArchitectureSpec, structures) -> None:

@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from .architectures.base import HIDDEN_CHANNELS, LAYERS, ArchitectureSpec, get_architecture
-from .groups import GroupSet, build_group_sets, config_divisor, decoder_layers, layer_prefix, width_of
+from .groups import (
+    GroupSet,
+    build_group_sets,
+    config_divisor,
+    decoder_layers,
+    derive_field,
+    layer_prefix,
+    width_of,
+)
 from .plan import PruningPlan
 
 
@@ -152,11 +160,10 @@ def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
     for field_name, value in (per_layer[0] if per_layer else {}).items():
         setattr(config, field_name, value)
     if _stock_config_expresses(model):
-        for name, (numerator, denominator) in spec.derived_fields.items():
+        for name, rule in spec.derived_fields.items():
             # The stock class derives it the same way: leave config.json as the stock class writes it.
-            if name in config.__dict__ and getattr(config, name) == getattr(config, numerator) // getattr(
-                config, denominator
-            ):
+            declared = hasattr(type(config), name)  # a registered type's own field stays
+            if not declared and name in config.__dict__ and getattr(config, name) == derive_field(config, rule):
                 delattr(config, name)
     else:
         pruned_type = spec.pruned_model_type
@@ -169,7 +176,18 @@ def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
         base_model_type = config.model_type
         model.config = config_class(**data)
         model.config.base_model_type = getattr(config, "base_model_type", base_model_type)
+        # The attention implementation chosen when the model was built is runtime state that `to_dict` drops; BLOOM's
+        # eager-only attention needs its explicit causal mask.
+        model.config._attn_implementation = getattr(config, "_attn_implementation", None)
+        for module in model.modules():  # submodules that keep a config reference (decoders, attention) follow
+            if getattr(module, "config", None) is config:
+                module.config = model.config
         model.__class__ = model_class
+        # A registered type may need its own submodule classes (BLOOM's per-layer ALiBi heads): it converts the
+        # stock modules in place, so the model in memory computes what a reloaded checkpoint computes.
+        adopt = getattr(model, "adopt_pruned_modules", None)
+        if adopt is not None:
+            adopt()
         logger.info(
             "The pruned shape needs the registered model type %r (stock %r cannot express it).",
             pruned_type,
@@ -229,8 +247,7 @@ def sync_module_attrs(model: nn.Module, spec: ArchitectureSpec) -> None:
     layers = decoder_layers(model, spec)
     for path, field_name in spec.module_attrs:
         if field_name in spec.derived_fields and getattr(model.config, field_name, None) is None:
-            numerator, denominator = spec.derived_fields[field_name]  # dropped again from a stock config
-            value = getattr(model.config, numerator) // getattr(model.config, denominator)
+            value = derive_field(model.config, spec.derived_fields[field_name])  # dropped again from a stock config
         else:
             value = getattr(model.config, field_name)
         owners = [model] if path.startswith("/") else list(layers)

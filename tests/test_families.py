@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_glm, tiny_opt
+from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_bloom, tiny_glm, tiny_opt
 from torch import nn
 
 from optimum_prune import AutoPruner, PrunerConfig
@@ -127,6 +127,28 @@ def _opt_hidden_reference(model, channels):
 
 _OPT_RATIOS = {"attention_heads": 0.08, "mlp_channels": 0.2, "hidden_channels": 0.2}
 
+# BLOOM -------------------------------------------------------------------------------------------------------------
+
+
+def _bloom_zero_attention(model, layer, heads, head_dim=8):
+    dense = model.transformer.h[layer].self_attention.dense
+    for h in heads:
+        dense.weight[:, h * head_dim : (h + 1) * head_dim] = 0
+
+
+def _bloom_zero_mlp(model, layer, channels):
+    model.transformer.h[layer].mlp.dense_4h_to_h.weight[:, channels] = 0
+
+
+def _bloom_hidden_reference(model, channels):
+    model.transformer.word_embeddings.weight[:, channels] = 0  # also the tied lm_head
+    for layer in model.transformer.h:
+        for linear in (layer.self_attention.dense, layer.mlp.dense_4h_to_h):
+            linear.weight[channels] = 0
+            linear.bias[channels] = 0
+    return _layer_norm_reference(model, channels)
+
+
 _GLM_RATIOS = {"attention_heads": 0.1, "mlp_channels": 0.2, "hidden_channels": 0.2}
 
 FAMILIES = {
@@ -147,6 +169,26 @@ FAMILIES = {
         hidden_reference=_glm_hidden_reference,
         ratios=_GLM_RATIOS,
         stock_type="glm4",
+    ),
+    "bloom": Family(
+        build=tiny_bloom,
+        layers="transformer.h",
+        zero_attention=_bloom_zero_attention,
+        zero_mlp=_bloom_zero_mlp,
+        hidden_reference=_bloom_hidden_reference,
+        ratios={"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2},
+        stock_type="bloom",
+        pruned_type="pruned_bloom",
+    ),
+    "bloom-post-ln-residual": Family(
+        build=lambda **kw: tiny_bloom(apply_residual_connection_post_layernorm=True, **kw),
+        layers="transformer.h",
+        zero_attention=_bloom_zero_attention,
+        zero_mlp=_bloom_zero_mlp,
+        hidden_reference=_bloom_hidden_reference,
+        ratios={"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2},
+        stock_type="bloom",
+        pruned_type="pruned_bloom",
     ),
     "opt": Family(
         build=tiny_opt,
@@ -262,6 +304,21 @@ def test_pruned_equals_reference(family_name, structure):
     torch.testing.assert_close(logits(case.pruned, ids), logits(case.reference, ids), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("family_name,structure", MATRIX, ids=[f"{f}-{s}" for f, s in MATRIX])
+def test_pruned_equals_reference_with_padding(family_name, structure):
+    """Left padding changes positions (OPT's learned positions, BLOOM's ALiBi distances come from the mask's
+    cumulative sum): every kept head must still see its original slope."""
+    case = _case(family_name, structure)
+    ids = input_ids()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in the first row
+    with torch.no_grad():
+        got = case.pruned(input_ids=ids, attention_mask=mask).logits
+        want = case.reference(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=0)
+
+
 # Variants share their family's modeling code: their reloads (two interpreters each) run with the slow tests.
 RELOAD = [pytest.param(f, marks=pytest.mark.slow) if "-" in f else f for f in FAMILIES]
 
@@ -323,3 +380,28 @@ def test_every_criterion_runs(family_name, criterion):
     pruned = AutoPruner.from_model(model, config).prune(calibration_data=calibration)
     assert sum(p.numel() for p in pruned.parameters()) < before
     assert torch.isfinite(logits(pruned, input_ids())).all()
+
+
+def test_bloom_keeps_original_alibi_slopes():
+    """The pruned config records each layer's kept original heads; recomputing slopes from the pruned head count
+    (what LLM-Pruner's BLOOM code does) would not match the zeroed original."""
+    case = _case("bloom", "attention_heads")
+    config = case.pruned.config
+    assert config.model_type == "pruned_bloom" and config.alibi_num_heads == 6
+    assert config.alibi_head_indices == [case.plan.kept[f"attention_heads.{i}"] for i in range(3)]
+    ids = input_ids()
+    recomputed = copy.deepcopy(case.pruned)
+    recomputed.transformer.num_heads = config.n_head
+    for block in recomputed.transformer.h:
+        block.alibi_num_heads, block.alibi_heads = config.n_head, list(range(config.n_head))
+    assert (logits(recomputed, ids) - logits(case.reference, ids)).abs().max() > 1e-3
+
+
+def test_stock_shapes_keep_a_clean_stock_config():
+    """Layer removal keeps BLOOM and OPT stock, with no derived fields written; FFN pruning keeps OPT stock."""
+    for family_name, structure in (("bloom", "layers"), ("opt", "layers"), ("opt", "mlp_channels")):
+        config = _case(family_name, structure).pruned.config.to_dict()
+        assert config["model_type"] == family_name
+        assert "head_dim" not in config and "intermediate_size" not in config and "alibi_head_indices" not in config
+    assert _case("opt", "mlp_channels").pruned.config.ffn_dim < 80
+    assert _case("bloom", "layers").pruned.config.n_layer == 2

@@ -9,6 +9,8 @@ import textwrap
 
 import torch
 from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
     Glm4Config,
     Glm4ForCausalLM,
     GlmConfig,
@@ -121,6 +123,17 @@ def tiny_opt(seed: int = 0, **overrides) -> OPTForCausalLM:
     )
     kwargs.update(overrides)
     return _randomize(OPTForCausalLM(OPTConfig(**kwargs)).eval())
+
+
+def tiny_bloom(seed: int = 0, **overrides) -> BloomForCausalLM:
+    """A 3-layer BLOOM (6 heads of 8, so ALiBi uses its non-power-of-two slopes; hidden 48, MLP 4 x 48, tied
+    lm_head), float32, eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=48, n_layer=3, n_head=6, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    kwargs.update(overrides)
+    return _randomize(BloomForCausalLM(BloomConfig(**kwargs)).eval())
 
 
 def fresh_process_logits(paths, ids: torch.Tensor, *, trust_remote_code: bool, import_package: bool):

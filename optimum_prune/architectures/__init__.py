@@ -1,6 +1,6 @@
 """Architecture specs, one file per family; importing this package registers them."""
 
-from . import glm, llama, opt
+from . import bloom, glm, llama, opt
 from .base import (
     ARCHITECTURE_REGISTRY,
     ATTENTION_HEADS,
@@ -32,6 +32,7 @@ __all__ = [
     "NormSpec",
     "StructureSpec",
     "Width",
+    "bloom",
     "get_architecture",
     "glm",
     "llama",

@@ -119,9 +119,10 @@ class ArchitectureSpec:
         num_layers_field (`str`): config field with the layer count.
         layer_index_attrs (`tuple[str, ...]`): per-layer module attributes that store the layer index (KV cache).
         pruned_model_type (`str`): registered model type for shapes the stock config cannot express.
-        derived_fields (`dict[str, tuple[str, str]]`): config fields that some configs leave implicit, as
-            `field: (numerator, denominator)` meaning `field = config.numerator // config.denominator` (OPT and BLOOM
-            derive `head_dim` from `hidden_size // num_attention_heads`). They are written into the config before
+        derived_fields (`dict[str, tuple]`): config fields that some configs leave implicit, as `field: (numerator,
+            denominator[, multiplier])` meaning `field = numerator * multiplier // denominator` (field names or
+            integers): OPT and BLOOM derive `head_dim` as `hidden_size // num_attention_heads`, BLOOM's MLP is
+            `hidden_size * 4 // 1` wide. They are written into the config before
             any width changes, so head pruning and hidden-channel pruning keep the original value, and dropped again
             when the stock config can express the result and derives the same value.
         structure_requirements (`dict[str, tuple[tuple[str, str], ...]]`): config fields that must be equal for a
@@ -145,7 +146,7 @@ class ArchitectureSpec:
     layer_index_attrs: tuple[str, ...] = ()
     pruned_model_type: str | None = None
     lora_target_modules: tuple[str, ...] = ()
-    derived_fields: dict[str, tuple[str, str]] = field(default_factory=dict)
+    derived_fields: dict[str, tuple] = field(default_factory=dict)
     structure_requirements: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     module_attrs: tuple[tuple[str, str], ...] = ()
     config_writers: tuple[ConfigWriter, ...] = ()

@@ -7,11 +7,13 @@ without optimum-prune, and with plain `AutoModelForCausalLM.from_pretrained` onc
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .modeling_pruned_bloom import PrunedBloomConfig, PrunedBloomForCausalLM
 from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 from .modeling_pruned_opt import PrunedOPTConfig, PrunedOPTForCausalLM
 
 
 PRUNED_MODEL_CLASSES = {
+    PrunedBloomConfig.model_type: (PrunedBloomConfig, PrunedBloomForCausalLM),
     PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     PrunedOPTConfig.model_type: (PrunedOPTConfig, PrunedOPTForCausalLM),
 }
@@ -25,6 +27,8 @@ for _config_class, _model_class in PRUNED_MODEL_CLASSES.values():
 
 __all__ = [
     "PRUNED_MODEL_CLASSES",
+    "PrunedBloomConfig",
+    "PrunedBloomForCausalLM",
     "PrunedLlamaConfig",
     "PrunedLlamaForCausalLM",
     "PrunedOPTConfig",
