@@ -19,6 +19,7 @@ from .groups import GroupSet, Slice, build_group_sets, decoder_layers, layer_pre
 from .hub import atomic_directory, build_model_card
 from .plan import PruningPlan
 from .surgery import apply_plan
+from .utils.compat import make_checkpoint_portable
 
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class Pruner:
             self.model.save_pretrained(tmp, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
+            make_checkpoint_portable(tmp)  # loads under Transformers 4.57 too
             self.config.save_pretrained(tmp)
             self.plan.save_pretrained(tmp)
             self.model_card(repo_or_path=str(save_directory), results=results).save(os.path.join(tmp, "README.md"))
