@@ -16,6 +16,7 @@ from torch import nn
 from .architectures.base import HIDDEN_CHANNELS, LAYERS, ArchitectureSpec, get_architecture
 from .groups import GroupSet, build_group_sets, config_divisor, decoder_layers, layer_prefix, width_of
 from .plan import PruningPlan
+from .utils.compat import fails_transformers_5_validation
 
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,9 @@ def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
         )
     for field_name, value in (per_layer[0] if per_layer else {}).items():
         setattr(config, field_name, value)
-    if not _stock_config_expresses(model):
+    # Under 4.x also leave the stock type when 5.x would refuse to load it, if the family has a pruned type.
+    refused_by_v5 = fails_transformers_5_validation(config) and spec.pruned_model_type in PRUNED_MODEL_CLASSES
+    if refused_by_v5 or not _stock_config_expresses(model):
         pruned_type = spec.pruned_model_type
         if pruned_type not in PRUNED_MODEL_CLASSES:
             raise ValueError(f"The pruned shape needs a registered model type, and {pruned_type!r} is not one.")

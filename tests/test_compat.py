@@ -169,9 +169,9 @@ def test_prunes_exactly_under_transformers_4_57(importance, structures, ratio, m
     assert out.shape == (1, 8)
 
 
-# ---------------------------------------------------------------- 2. checkpoints written under 5.x load under 4.57
+# ---------------------------------------------------------------- 2. checkpoints cross the major versions
 
-WRITE_WITH_5X = """
+WRITE = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_compat import PROMPT, _pruned, _rope_kwargs
@@ -192,38 +192,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, {tests!r})
 from testing_utils import input_ids
 model = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code={trust}).eval()
-assert model.config.rope_theta == {theta!r}, model.config.rope_theta
+rope = getattr(model.config, "rope_parameters", None) or {{"rope_theta": model.config.rope_theta}}  # 5.x or 4.x
+assert rope["rope_theta"] == {theta!r}, rope
 with torch.no_grad():
     torch.save(model(input_ids=input_ids()).logits, {path!r} + ".loaded.pt")
-print(type(model).__name__, AutoTokenizer.from_pretrained({path!r})({prompt!r})["input_ids"])
+tokenizer = AutoTokenizer.from_pretrained({path!r}, trust_remote_code={trust})
+print(type(model).__name__, tokenizer({prompt!r})["input_ids"])
 """
 
-
-@pytest.fixture(scope="module")
-def v5_checkpoints(tmp_path_factory):
-    """A stock-config and a registered-type (`pruned_llama`) checkpoint written by the package under 5.x."""
-    out = tmp_path_factory.mktemp("v5")
-    code = WRITE_WITH_5X.format(tests=str(REPO / "tests"), out=str(out))
-    result = _run([str(MAIN_PYTHON), "-c", code], cwd=out, env={"PYTHONPATH": str(REPO)})
-    lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines()[-2:])
-    assert lines["stock"].startswith("llama ") and lines["registered"].startswith("pruned_llama ")
-    assert json.loads((out / "stock" / "config.json").read_text())["transformers_version"].startswith("5.")
-    return out, {name: json.loads(line.split(" ", 1)[1]) for name, line in lines.items()}
-
-
-def _load_under_4_57(path: Path, *, package: bool, trust: bool):
-    package_line = "import optimum_prune" if package else "sys.modules['optimum_prune'] = None  # not installed"
-    code = LOAD.format(
-        package=package_line, tests=str(REPO / "tests"), path=str(path), trust=trust, theta=ROPE_THETA, prompt=PROMPT
-    )
-    env = {"HF_MODULES_CACHE": str(path.parent / f"modules-{package}-{trust}")}
-    result = _run([sys.executable, "-c", code], cwd=path.parent, env=env)
-    cls, token_ids = result.stdout.strip().splitlines()[-1].split(" ", 1)
-    return torch.load(f"{path}.loaded.pt"), cls, json.loads(token_ids)
-
-
-@NEEDS_MAIN_PYTHON
-@pytest.mark.parametrize(
+CROSS_LOADS = pytest.mark.parametrize(
     ("name", "package", "trust", "expected_class"),
     [
         ("stock", False, False, "LlamaForCausalLM"),
@@ -232,11 +209,63 @@ def _load_under_4_57(path: Path, *, package: bool, trust: bool):
     ],
     ids=["stock-without-package", "registered-with-package", "registered-remote-code-without-package"],
 )
+
+
+def _write_checkpoints(python: Path, out: Path, major: str):
+    """A stock-config and a registered-type (`pruned_llama`: hidden 48 -> 41) checkpoint written by the package."""
+    result = _run(
+        [str(python), "-c", WRITE.format(tests=str(REPO / "tests"), out=str(out))],
+        cwd=out,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines()[-2:])
+    assert lines["stock"].startswith("llama ") and lines["registered"].startswith("pruned_llama ")
+    assert json.loads((out / "stock" / "config.json").read_text())["transformers_version"].startswith(major)
+    return out, {name: json.loads(line.split(" ", 1)[1]) for name, line in lines.items()}
+
+
+def _load(python: Path, path: Path, *, package: bool, trust: bool):
+    package_line = "import optimum_prune" if package else "sys.modules['optimum_prune'] = None  # not installed"
+    code = LOAD.format(
+        package=package_line, tests=str(REPO / "tests"), path=str(path), trust=trust, theta=ROPE_THETA, prompt=PROMPT
+    )
+    env = {"HF_MODULES_CACHE": str(path.parent / f"modules-{package}-{trust}"), "PYTHONPATH": str(REPO)}
+    result = _run([str(python), "-c", code], cwd=path.parent, env=env)
+    cls, token_ids = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    return torch.load(f"{path}.loaded.pt"), cls, json.loads(token_ids)
+
+
+@pytest.fixture(scope="module")
+def v5_checkpoints(tmp_path_factory):
+    return _write_checkpoints(MAIN_PYTHON, tmp_path_factory.mktemp("v5"), "5.")
+
+
+@pytest.fixture(scope="module")
+def v4_checkpoints(tmp_path_factory):
+    return _write_checkpoints(Path(sys.executable), tmp_path_factory.mktemp("v4"), "4.57")
+
+
+@NEEDS_MAIN_PYTHON
+@CROSS_LOADS
 @pytest.mark.compat
 @NEEDS_COMPAT_ENV
 def test_5x_checkpoint_loads_under_4_57_identically(v5_checkpoints, name, package, trust, expected_class):
     out, token_ids = v5_checkpoints
-    loaded, cls, tokens = _load_under_4_57(out / name, package=package, trust=trust)
+    loaded, cls, tokens = _load(Path(sys.executable), out / name, package=package, trust=trust)
+    assert cls == expected_class
+    torch.testing.assert_close(loaded, torch.load(out / f"{name}.logits.pt"), atol=0, rtol=0)
+    assert tokens == token_ids[name]
+
+
+@NEEDS_MAIN_PYTHON
+@CROSS_LOADS
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_4_57_checkpoint_loads_under_5x_identically(v4_checkpoints, name, package, trust, expected_class):
+    """4.57 accepts `hidden_size % num_attention_heads != 0` in `LlamaConfig`, 5.x does not: surgery must still
+    switch to `pruned_llama` under 4.57 (`fails_transformers_5_validation`) for the checkpoint to load under 5.x."""
+    out, token_ids = v4_checkpoints
+    loaded, cls, tokens = _load(MAIN_PYTHON, out / name, package=package, trust=trust)
     assert cls == expected_class
     torch.testing.assert_close(loaded, torch.load(out / f"{name}.logits.pt"), atol=0, rtol=0)
     assert tokens == token_ids[name]

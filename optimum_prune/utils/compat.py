@@ -11,6 +11,10 @@ both. What differs is what 5.x *writes*, which 4.57 reads differently:
   "Tokenizer class TokenizersBackend does not exist"). Both majors load the same `tokenizer.json` as
   `PreTrainedTokenizerFast` (5.x maps that name back to `TokenizersBackend`).
 
+The other way round, 4.57 accepts LLaMA configs that 5.x's strict validators refuse (`hidden_size` not a multiple of
+`num_attention_heads`, after hidden-channel or head pruning); [`fails_transformers_5_validation`] lets surgery switch
+to the registered pruned type under 4.x exactly as it does under 5.x.
+
 [`make_checkpoint_portable`] adds the 4.57 spelling next to the 5.x one in a saved directory, so checkpoints written
 under 5.x load under 4.57 with identical logits and tokenizers; 5.x ignores the added fields.
 """
@@ -90,3 +94,21 @@ def make_checkpoint_portable(save_directory: str | os.PathLike) -> None:
     tokenizer_path = os.path.join(save_directory, "tokenizer_config.json")
     if _update_json(tokenizer_path, _portable_tokenizer_class):
         logger.debug("Wrote a tokenizer_class that Transformers 4.x knows in %s.", tokenizer_path)
+
+
+def fails_transformers_5_validation(config) -> bool:
+    """Under Transformers 4.x, whether 5.x would refuse to load `config` because `hidden_size` is not a multiple of
+    `num_attention_heads` (`LlamaConfig.validate_architecture` in 5.x; 4.57 only needs `head_dim`). Always `False`
+    under 5.x, where building the config already ran the validators.
+
+    Args:
+        config ([`PretrainedConfig`]):
+            The pruned model's config.
+    """
+    if IS_TRANSFORMERS_V5:
+        return False
+    hidden_size = getattr(config, "hidden_size", None)
+    num_heads = getattr(config, "num_attention_heads", None)
+    return (
+        isinstance(hidden_size, int) and isinstance(num_heads, int) and num_heads > 0 and hidden_size % num_heads != 0
+    )
