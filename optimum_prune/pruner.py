@@ -28,6 +28,7 @@ from .hub import (
 )
 from .plan import PruningPlan
 from .surgery import apply_plan
+from .utils.compat import make_checkpoint_portable
 
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ class Pruner:
             self.model.save_pretrained(tmp, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
+            make_checkpoint_portable(tmp)  # loads under Transformers 4.57 too
             self.config.save_pretrained(tmp)
             self.plan.save_pretrained(tmp)
             write_results(tmp, self.summary())

@@ -24,6 +24,7 @@ from .groups import (
     width_of,
 )
 from .plan import PruningPlan
+from .utils.compat import fails_transformers_5_validation
 
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,9 @@ def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
         )
     for field_name, value in (per_layer[0] if per_layer else {}).items():
         setattr(config, field_name, value)
-    if _stock_config_expresses(model):
+    # Under 4.x also leave the stock type when 5.x would refuse to load it, if the family has a pruned type.
+    refused_by_v5 = fails_transformers_5_validation(config) and spec.pruned_model_type in PRUNED_MODEL_CLASSES
+    if not refused_by_v5 and _stock_config_expresses(model):
         for name, rule in spec.derived_fields.items():
             # The stock class derives it the same way: leave config.json as the stock class writes it.
             declared = hasattr(type(config), name)  # a registered type's own field stays
