@@ -1,7 +1,9 @@
 """Calibration: user data -> token batches, and the statistics criteria declare in `needs`.
 
-Only what the chosen criterion needs is collected: nothing for weight-only criteria, gradients (and the Fisher
-diagonal) only for Taylor, so the memory of a run stays near the model's own size unless backpropagation is required.
+Only what the chosen criterion needs is collected: nothing for weight-only criteria; per-channel activation statistics
+from one no-grad forward pass with hooks (wanda_sp, flap, bip, block_influence); forward-only SPSA loss differences
+(mini_llm); gradients (and the Fisher diagonal) only for Taylor. So the memory of a run stays near the model's own
+size unless backpropagation is required.
 """
 
 from __future__ import annotations
@@ -106,13 +108,23 @@ class ActivationStatistics:
         self.sum_abs = torch.zeros_like(self.sum)
         self.sum_sq = torch.zeros_like(self.sum)
 
+    @staticmethod
     @torch.no_grad()
+    def batch_sums(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, Σx, Σ|x|, Σx²) of one batch ([C] each): float32 within a batch, float64 across batches."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, C]
+        return x.shape[0], x.sum(0), torch.linalg.vector_norm(x, 1, dim=0), torch.linalg.vector_norm(x, 2, dim=0) ** 2
+
+    def add(self, sums: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        count, total, total_abs, total_sq = sums
+        self.count += count
+        self.sum += total
+        self.sum_abs += total_abs
+        self.sum_sq += total_sq
+
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()  # [tokens, C]
-        self.count += x.shape[0]
-        self.sum += x.sum(0)
-        self.sum_abs += x.abs().sum(0)
-        self.sum_sq += (x * x).sum(0)
+        """Add every token of `x` ([..., C])."""
+        self.add(self.batch_sums(x))
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -360,6 +372,9 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
     model = stats.model
     wanted = {id(stats._params[n]) for n in stats.param_names}
     handles = []
+    # Projections that read the same tensor (q/k/v, gate/up) share one reduction: the last input is held, by
+    # reference, until the next hook call.
+    last: dict = {"input": None, "sums": None}
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear) and id(module.weight) in wanted:
             weight_name = f"{module_name}.weight" if module_name else "weight"
@@ -367,7 +382,9 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
             stats.activations[weight_name] = record
 
             def linear_hook(mod, args, record=record):
-                record.update(args[0])
+                if args[0] is not last["input"]:
+                    last["input"], last["sums"] = args[0], ActivationStatistics.batch_sums(args[0])
+                record.add(last["sums"])
 
             handles.append(module.register_forward_pre_hook(linear_hook))
     try:
@@ -395,6 +412,7 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
     for i in range(len(layers)):
         stats.layer_influences[i] = influence_sums[i] / max(token_counts[i], 1)
 

@@ -71,6 +71,11 @@ def test_activation_statistics_match_manual_computation():
         torch.testing.assert_close(record.norm, x.norm(dim=0).float())
         torch.testing.assert_close(record.variance, x.var(0, unbiased=False).float(), rtol=1e-4, atol=1e-7)
         assert record.sum.shape == (module.in_features,)  # per-channel vectors only
+    # q, k and v read the same tensor: one shared reduction, the same statistics.
+    for projection in ("k_proj", "v_proj"):
+        shared = stats.activation(f"model.layers.0.self_attn.{projection}.weight")
+        assert torch.equal(shared.sum_sq, stats.activation("model.layers.0.self_attn.q_proj.weight").sum_sq)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
 
 
 def test_block_influence_statistic_matches_manual_cosine():
@@ -248,6 +253,7 @@ def test_spsa_estimate_correlates_with_the_true_gradient_and_restores_weights_bi
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
         assert p.grad is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     params = dict(model.named_parameters())
     model.zero_grad()
     loss = sum(model(input_ids=b[None], labels=b[None]).loss for b in batches) / len(batches)
@@ -368,3 +374,22 @@ def test_criteria_prune_end_to_end(importance):
     assert abs(1 - count_parameters(pruned) / before - 0.2) <= 0.01
     with torch.no_grad():
         assert torch.isfinite(pruned(input_ids=_calibration(n=2)).logits).all()
+
+
+def test_spsa_puts_every_weight_back_when_a_forward_fails():
+    model = _small_model()
+    names = _mlp_param_names()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def fail(module, args, output):
+        raise RuntimeError("boom")
+
+    # Registered before the SPSA hooks, this fails after down_proj ran with its perturbed weight and before the SPSA
+    # hook that swaps the original back: the cleanup must restore it.
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        spsa_projected_gradients(model, _calibration(n=2), names, num_perturbations=1)
+    handle.remove()
+    for n, p in model.named_parameters():
+        assert isinstance(p, torch.nn.Parameter) and torch.equal(p, before[n]), n
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
