@@ -93,8 +93,13 @@ class PrunerConfig(PushToHubMixin):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
-        # Fail now, not after calibration, on bad criterion arguments.
-        self.build_importance()
+        # Fail now, not after calibration, on bad criterion arguments or structures it cannot score.
+        importance = self.build_importance()
+        if importance.structures is not None and not set(self.structures) <= set(importance.structures):
+            raise ValueError(
+                f"`importance={self.importance!r}` scores only {list(importance.structures)}, got `structures="
+                f"{self.structures}`."
+            )
 
     def build_importance(self):
         from .importance import get_importance

@@ -18,6 +18,8 @@ from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_b
 from torch import nn
 
 from optimum_prune import AutoPruner, PrunerConfig
+from optimum_prune.architectures import get_architecture
+from optimum_prune.groups import decoder_layers
 from optimum_prune.importance import IMPORTANCE_REGISTRY
 
 
@@ -369,10 +371,15 @@ CRITERIA = [(f, c) for f in FAMILIES for c in sorted(IMPORTANCE_REGISTRY)]
 def test_every_criterion_runs(family_name, criterion):
     model = FAMILIES[family_name].build()
     before = sum(p.numel() for p in model.parameters())
+    structures, ratio = ["attention_heads", "mlp_channels"], 0.25
+    if IMPORTANCE_REGISTRY[criterion].structures == ("layers",):  # layer-only criteria remove one layer
+        first_layer = decoder_layers(model, get_architecture(model.config.model_type))[0]
+        layer = sum(p.numel() for p in first_layer.parameters())
+        structures, ratio = ["layers"], round(layer / before, 3)
     config = PrunerConfig(
         importance=criterion,
-        pruning_ratio=0.25,
-        structures=["attention_heads", "mlp_channels"],
+        pruning_ratio=ratio,
+        structures=structures,
         num_calibration_samples=4,
         calibration_seq_len=16,
     )

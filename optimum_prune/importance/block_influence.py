@@ -24,6 +24,7 @@ class BlockInfluenceImportance(Importance):
     """
 
     needs = frozenset({ACTIVATIONS})
+    structures = (LAYERS,)
 
     def score(self, group_set: GroupSet, stats) -> torch.Tensor:
         if group_set.structure != LAYERS:
