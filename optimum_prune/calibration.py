@@ -1,7 +1,9 @@
 """Calibration: user data -> token batches, and the statistics criteria declare in `needs`.
 
-Only what the chosen criterion needs is collected: nothing for weight-only criteria, gradients (and the Fisher
-diagonal) only for Taylor, so the memory of a run stays near the model's own size unless backpropagation is required.
+Only what the chosen criterion needs is collected: nothing for weight-only criteria; per-channel activation statistics
+from one no-grad forward pass with hooks (wanda_sp, flap, bip, block_influence); forward-only SPSA loss differences
+(mini_llm); gradients (and the Fisher diagonal) only for Taylor. So the memory of a run stays near the model's own
+size unless backpropagation is required.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .importance.base import FISHER, GRADIENTS
+from .importance.base import ACTIVATIONS, FISHER, FORWARD_LOSS, GRADIENTS, WEIGHTS
 
 
 logger = logging.getLogger(__name__)
@@ -93,15 +95,102 @@ def prepare_calibration(data, tokenizer, num_samples: int, seq_len: int, seed: i
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
-class Statistics:
-    """What the pruner collected for a criterion: weights always, gradients / Fisher diagonal on demand."""
+class ActivationStatistics:
+    """Per-input-channel running sums of one Linear's input over every calibration token.
 
-    def __init__(self, model: nn.Module):
+    Only vectors of the layer's input width are kept ([in_features] each, float64 so that the variance computed as
+    E[x²] - E[x]² does not cancel), never the activations themselves.
+    """
+
+    def __init__(self, channels: int, device):
+        self.count = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.sum_abs = torch.zeros_like(self.sum)
+        self.sum_sq = torch.zeros_like(self.sum)
+
+    @staticmethod
+    @torch.no_grad()
+    def batch_sums(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, Σx, Σ|x|, Σx²) of one batch ([C] each): float32 within a batch, float64 across batches."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, C]
+        return x.shape[0], x.sum(0), torch.linalg.vector_norm(x, 1, dim=0), torch.linalg.vector_norm(x, 2, dim=0) ** 2
+
+    def add(self, sums: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        count, total, total_abs, total_sq = sums
+        self.count += count
+        self.sum += total
+        self.sum_abs += total_abs
+        self.sum_sq += total_sq
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add every token of `x` ([..., C])."""
+        self.add(self.batch_sums(x))
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """Mean |x_j| over tokens ([C]): LLM-BIP's and MINI-LLM's activation magnitude."""
+        return (self.sum_abs / max(self.count, 1)).float().cpu()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean x_j over tokens ([C]): FLAP's baseline (what bias compensation folds in)."""
+        return (self.sum / max(self.count, 1)).float().cpu()
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        """E[x_j²] over tokens ([C])."""
+        return (self.sum_sq / max(self.count, 1)).float().cpu()
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """‖X_j‖₂ over all calibration tokens ([C]): Wanda's input-channel norm."""
+        return self.sum_sq.sqrt().float().cpu()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance of x_j over tokens ([C]): FLAP's fluctuation."""
+        n = max(self.count, 1)
+        mean = self.sum / n
+        return (self.sum_sq / n - mean * mean).clamp_min(0).float().cpu()
+
+
+SPSA_DISTRIBUTIONS = ("gaussian", "rademacher")
+SPSA_ESTIMATORS = ("multiply", "divide")
+
+
+class Statistics:
+    """What the pruner collected for a criterion: weights always, the rest on demand.
+
+    - gradients / Fisher diagonal (`gradients`, `fisher` needs): per parameter, from backpropagation.
+    - activations (`activations` need): per-input-channel statistics of every Linear whose weight is scored
+      ([`ActivationStatistics`], keyed by the weight's name), and per decoder layer the mean 1 - cos(input, output)
+      of its hidden states (ShortGPT's block influence).
+    - forward-only gradient estimates (`forward_loss` need): SPSA, computed on first use by
+      [`~Statistics.spsa_gradient`] from the kept calibration batches, one perturbation tensor at a time.
+    """
+
+    def __init__(self, model: nn.Module, batches: torch.Tensor | None = None, param_names=None, batch_size: int = 4):
         self.model = model
         self._params = dict(model.named_parameters())
         self.gradients: dict[str, torch.Tensor] = {}
         self.fishers: dict[str, torch.Tensor] = {}
+        self.activations: dict[str, ActivationStatistics] = {}
+        self.layer_influences: dict[int, float] = {}
         self.num_samples = 0
+        self.batches = batches
+        self.batch_size = batch_size
+        self.param_names = sorted(param_names) if param_names is not None else sorted(self._params)
+        self._spsa: dict[tuple, list[float]] = {}
+        self._spec = None
+
+    @property
+    def spec(self):
+        """The architecture spec of the model (looked up by `model_type`), for criteria that couple structures."""
+        if self._spec is None:
+            from .architectures import get_architecture
+
+            self._spec = get_architecture(self.model.config.model_type)
+        return self._spec
 
     def parameter(self, name: str) -> torch.Tensor:
         return self._params[name]
@@ -116,9 +205,216 @@ class Statistics:
             raise KeyError(f"No Fisher diagonal was collected for {name!r}; the criterion must declare 'fisher'.")
         return self.fishers[name]
 
+    def activation(self, name: str) -> ActivationStatistics:
+        """Input statistics of the Linear whose weight is `name` (e.g. `"model.layers.0.mlp.down_proj.weight"`)."""
+        if name not in self.activations:
+            raise KeyError(
+                f"No activation statistics were collected for {name!r}; the criterion must declare 'activations' "
+                "and the parameter must be the weight of an nn.Linear."
+            )
+        return self.activations[name]
+
+    def layer_influence(self, layer: int) -> float:
+        """Mean over calibration tokens of 1 - cos(h_in, h_out) for decoder layer `layer` (ShortGPT, Eq. 1)."""
+        if layer not in self.layer_influences:
+            raise KeyError(f"No block influence was collected for layer {layer}; declare 'activations'.")
+        return self.layer_influences[layer]
+
+    def spsa_gradient(
+        self,
+        name: str,
+        num_perturbations: int = 8,
+        eps: float = 1e-3,
+        distribution: str = "gaussian",
+        estimator: str = "multiply",
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Forward-only (SPSA) estimate of d loss / d `name`, shaped like the parameter (float32).
+
+        The scalar projected gradients d_k = (L(W + εz_k) - L(W - εz_k)) / 2ε are computed once per setting (2 ·
+        `num_perturbations` passes over the calibration batches, see [`spsa_projected_gradients`]); z_k for this one
+        parameter is then regenerated from its seed, so only one tensor's perturbation exists at a time.
+        `estimator="multiply"` gives MeZO's Ĝ = mean_k d_k · z_k (default: lower variance); `"divide"` gives
+        classical SPSA's Ĝ = mean_k d_k / z_k (identical for Rademacher z).
+        """
+        if estimator not in SPSA_ESTIMATORS:
+            raise ValueError(f"`estimator` must be one of {SPSA_ESTIMATORS}, got {estimator!r}.")
+        if name not in self.param_names:
+            raise KeyError(f"{name!r} was not perturbed; SPSA covers the scored parameters only.")
+        key = (num_perturbations, float(eps), distribution, seed)
+        if key not in self._spsa:
+            if self.batches is None:
+                raise ValueError("Forward-only gradient estimates need calibration data.")
+            self._spsa[key] = spsa_projected_gradients(
+                self.model, self.batches, self.param_names, num_perturbations, eps, distribution, seed, self.batch_size
+            )
+        param = self._params[name]
+        index = self.param_names.index(name)
+        estimate = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        for k, projected in enumerate(self._spsa[key]):
+            z = spsa_perturbation(param, index, k, distribution, seed)
+            estimate += projected * (z if estimator == "multiply" else z.reciprocal())
+        return estimate / len(self._spsa[key])
+
+
+def spsa_perturbation(param: torch.Tensor, index: int, k: int, distribution: str, seed: int) -> torch.Tensor:
+    """z_k for the parameter at position `index` of the sorted perturbed names: regenerated from a seed, never stored.
+
+    Returns a float32 tensor shaped like `param`.
+    """
+    generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + k * 65_537 + index)
+    if distribution == "gaussian":
+        return torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
+    if distribution == "rademacher":
+        bits = torch.randint(0, 2, param.shape, generator=generator, device=param.device)
+        return bits.to(torch.float32).mul_(2).sub_(1)
+    raise ValueError(f"`distribution` must be one of {SPSA_DISTRIBUTIONS}, got {distribution!r}.")
+
+
+def _calibration_loss(model: nn.Module, batches: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss over all calibration batches, reduced in float64: the SPSA difference L+ - L- is ~ε times
+    smaller than L, so float32 rounding of the loss (Transformers' loss upcasts to float32 only) would swamp it."""
+    device = _device_of(model)
+    total, tokens = 0.0, 0
+    for start in range(0, len(batches), batch_size):
+        input_ids = batches[start : start + batch_size].to(device)
+        logits = model(input_ids=input_ids, use_cache=False).logits  # [B, T, V]
+        targets = input_ids[:, 1:].reshape(-1)
+        nll = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).double(), targets, reduction="sum"
+        )
+        total += nll.item()
+        tokens += targets.numel()
+    return total / tokens
+
+
+@torch.no_grad()
+def spsa_projected_gradients(
+    model: nn.Module,
+    batches: torch.Tensor,
+    param_names: list[str],
+    num_perturbations: int = 8,
+    eps: float = 1e-3,
+    distribution: str = "gaussian",
+    seed: int = 0,
+    batch_size: int = 4,
+) -> list[float]:
+    """d_k = (L(W + εz_k) - L(W - εz_k)) / 2ε for k < `num_perturbations` (MINI-LLM Eq. 7, MeZO's SPSA).
+
+    The weights are never written. A forward pre-hook on each module that owns a perturbed parameter swaps in
+    `W ± εz` (z regenerated from the parameter's seed) for the duration of that module's call, and a forward hook puts
+    the original Parameter object back. So at most one module's perturbed tensors exist at a time, nothing is kept
+    between calls, no `.grad` buffer is created, and the model is bit-identical afterwards by construction (MeZO's
+    in-place `W += εz; W -= 2εz; W += εz` is not: floating-point addition does not round-trip).
+    """
+    if num_perturbations < 1:
+        raise ValueError(f"`num_perturbations` must be >= 1, got {num_perturbations}.")
+    if not eps > 0:
+        raise ValueError(f"`eps` must be > 0, got {eps}.")
+    if distribution not in SPSA_DISTRIBUTIONS:
+        raise ValueError(f"`distribution` must be one of {SPSA_DISTRIBUTIONS}, got {distribution!r}.")
+    params = dict(model.named_parameters())
+    index_of = {id(params[n]): i for i, n in enumerate(param_names)}
+    owners: dict[nn.Module, list[tuple[str, int]]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) in index_of:  # tied tensors: every owner perturbs with the same z
+                owners.setdefault(module, []).append((attr, index_of[id(p)]))
+    state = {"k": 0, "sign": 1.0}
+    saved: dict[tuple[int, str], torch.Tensor] = {}
+
+    def swap_in(module, args):
+        for attr, index in owners[module]:
+            original = module._parameters[attr]
+            saved[(id(module), attr)] = original
+            z = spsa_perturbation(original, index, state["k"], distribution, seed)
+            # In place on the fresh z, never on the weight: W ± εz in at least float32, then the weight's dtype.
+            z = z.to(torch.promote_types(original.dtype, torch.float32))
+            module._parameters[attr] = z.mul_(state["sign"] * eps).add_(original.detach()).to(original.dtype)
+
+    def swap_out(module, args, output):
+        for attr, _ in owners[module]:
+            module._parameters[attr] = saved.pop((id(module), attr))
+
+    handles = []
+    for module in owners:
+        handles.append(module.register_forward_pre_hook(swap_in))
+        handles.append(module.register_forward_hook(swap_out))
+    was_training = model.training
+    model.eval()
+    projected = []
+    try:
+        for k in tqdm(range(num_perturbations), desc="SPSA", leave=False):
+            state["k"] = k
+            state["sign"] = 1.0
+            loss_plus = _calibration_loss(model, batches, batch_size)
+            state["sign"] = -1.0
+            loss_minus = _calibration_loss(model, batches, batch_size)
+            projected.append((loss_plus - loss_minus) / (2 * eps))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for (module_id, attr), original in saved.items():  # a forward that raised: put every original back
+            for module in owners:
+                if id(module) == module_id:
+                    module._parameters[attr] = original
+        model.train(was_training)
+    return projected
+
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: int) -> None:
+    """One forward pass over the calibration batches with hooks: Linear input statistics and block influence."""
+    model = stats.model
+    wanted = {id(stats._params[n]) for n in stats.param_names}
+    handles = []
+    # Projections that read the same tensor (q/k/v, gate/up) share one reduction: the last input is held, by
+    # reference, until the next hook call.
+    last: dict = {"input": None, "sums": None}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module.weight) in wanted:
+            weight_name = f"{module_name}.weight" if module_name else "weight"
+            record = ActivationStatistics(module.in_features, module.weight.device)
+            stats.activations[weight_name] = record
+
+            def linear_hook(mod, args, record=record):
+                if args[0] is not last["input"]:
+                    last["input"], last["sums"] = args[0], ActivationStatistics.batch_sums(args[0])
+                record.add(last["sums"])
+
+            handles.append(module.register_forward_pre_hook(linear_hook))
+    try:
+        from .groups import decoder_layers
+
+        layers = decoder_layers(model, stats.spec)
+    except ValueError:
+        layers = []  # no registered spec for this model: no block influence
+    influence_sums = [0.0] * len(layers)
+    token_counts = [0] * len(layers)
+    for i, layer in enumerate(layers):
+
+        def layer_hook(mod, args, kwargs, output, i=i):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            cos = nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)  # [B, T]
+            influence_sums[i] += (1 - cos).double().sum().item()
+            token_counts[i] += cos.numel()
+
+        handles.append(layer.register_forward_hook(layer_hook, with_kwargs=True))
+    device = _device_of(model)
+    try:
+        for start in tqdm(range(0, len(batches), batch_size), desc="Activations", leave=False):
+            model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        last.clear()
+    for i in range(len(layers)):
+        stats.layer_influences[i] = influence_sums[i] / max(token_counts[i], 1)
 
 
 def collect_statistics(
@@ -126,15 +422,26 @@ def collect_statistics(
 ) -> Statistics:
     """Run the calibration batches and collect what `needs` asks for.
 
-    Gradients are the mean over samples of the LM-loss gradient (LLM-Pruner's single batched backward). The Fisher
-    diagonal is the mean of per-sample squared gradients, so it needs one backward per sample.
+    - `activations`: one gradient-free forward pass with hooks (per-channel vectors only, see [`Statistics`]).
+    - `forward_loss`: nothing now; the SPSA loss evaluations run on first use with the criterion's settings.
+    - `gradients`: the mean over samples of the LM-loss gradient (LLM-Pruner's single batched backward).
+    - `fisher`: the mean of per-sample squared gradients, so one backward per sample.
     """
-    stats = Statistics(model)
-    if not ({GRADIENTS, FISHER} & set(needs)):
+    needs = set(needs)
+    stats = Statistics(model, batches, param_names, batch_size)
+    stats.num_samples = 0 if batches is None else len(batches)
+    if needs & {ACTIVATIONS, FORWARD_LOSS, GRADIENTS, FISHER} and batches is None:
+        raise ValueError(f"This criterion needs calibration data (it uses {sorted(needs - {WEIGHTS})}).")
+    if ACTIVATIONS in needs:
+        was_training = model.training
+        model.eval()
+        try:
+            _collect_activations(stats, batches, batch_size)
+        finally:
+            model.train(was_training)
+    if not ({GRADIENTS, FISHER} & needs):
         return stats
-    if batches is None:
-        raise ValueError("This criterion needs calibration data (it uses gradients of the LM loss).")
-    names = set(param_names) if param_names is not None else set(stats._params)
+    names = set(stats.param_names)
     params = {n: p for n, p in stats._params.items() if n in names}
     requires_grad = {n: p.requires_grad for n, p in stats._params.items()}
     for n, p in stats._params.items():

@@ -187,8 +187,20 @@ class PrunerConfig(PushToHubMixin):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
         self._validate_allocation(IMPORTANCE_REGISTRY)
-        # Fail now, not after calibration, on bad criterion arguments.
-        self.build_importance()
+        # Fail now, not after calibration, on bad criterion arguments or structures it cannot score.
+        importance = self.build_importance()
+        scored = [s for s in self.structures if not (s == LAYERS and self.layer_importance is not None)]
+        if importance.structures is not None and not set(scored) <= set(importance.structures):
+            raise ValueError(
+                f"`importance={self.importance!r}` scores only {list(importance.structures)}, got `structures="
+                f"{self.structures}`."
+                + (" Name a criterion for whole layers with `layer_importance`." if LAYERS in scored else "")
+            )
+        layer_structures = self.layer_scorer().structures if LAYERS in self.structures else None
+        if layer_structures is not None and LAYERS not in layer_structures:
+            raise ValueError(
+                f"`layer_importance={self.layer_importance!r}` scores only {list(layer_structures)}, not 'layers'."
+            )
 
     def _validate_allocation(self, registry) -> None:
         self.attention_layers = _layer_list("attention_layers", self.attention_layers)

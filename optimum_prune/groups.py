@@ -112,10 +112,39 @@ def layer_prefix(spec: ArchitectureSpec, index: int) -> str:
     return f"{spec.layers}.{index}."
 
 
+def derive_field(config, rule: tuple) -> int:
+    """Evaluate a `spec.derived_fields` rule `(numerator, denominator[, multiplier])`: `numerator * multiplier //
+    denominator`, where numerator and denominator are config field names or integers."""
+    numerator, denominator, *multiplier = (getattr(config, x) if isinstance(x, str) else x for x in rule)
+    return numerator * (multiplier[0] if multiplier else 1) // denominator
+
+
+def materialize_derived_fields(config, spec: ArchitectureSpec) -> None:
+    """Write the fields the config leaves implicit (`spec.derived_fields`) while the model still has its original
+    shape, so that later width changes cannot change them (a head keeps its `head_dim` when `hidden_size` shrinks)."""
+    for name, rule in spec.derived_fields.items():
+        if getattr(config, name, None) is None:
+            setattr(config, name, derive_field(config, rule))
+
+
+def check_structure_requirements(config, spec: ArchitectureSpec, structures) -> None:
+    """Refuse a structure whose spec requirements this config does not meet, naming the fields."""
+    for structure in structures:
+        for a, b in spec.structure_requirements.get(structure, ()):
+            if getattr(config, a) != getattr(config, b):
+                raise ValueError(
+                    f"{config.model_type}: `{structure}` pruning is supported only when `{a}` equals `{b}` (got "
+                    f"{getattr(config, a)} and {getattr(config, b)}). Prune the other structures "
+                    f"({', '.join(s for s in spec.supported_structures if s != structure)}) instead."
+                )
+
+
 def build_group_sets(model: nn.Module, spec: ArchitectureSpec, structures) -> dict[str, GroupSet]:
     """Group sets for the requested width structures, keyed `"<structure>.<layer>"` or `"hidden_channels"`."""
     params = unique_parameters(model)
     config = model.config
+    check_structure_requirements(config, spec, structures)
+    materialize_derived_fields(config, spec)
     groups: dict[str, GroupSet] = {}
     num_layers = len(decoder_layers(model, spec))
     for structure in structures:

@@ -24,9 +24,19 @@ from .calibration import collect_statistics, prepare_calibration
 from .configuration import PrunerConfig
 from .evaluation import count_parameters
 from .groups import GroupSet, Slice, build_group_sets, decoder_layers, layer_prefix, width_of
-from .hub import atomic_directory, build_model_card
+from .hub import (
+    CHART_NAME,
+    atomic_directory,
+    build_model_card,
+    count_macs_per_token,
+    plan_is_uniform,
+    plot_layer_widths,
+    read_results,
+    write_results,
+)
 from .plan import PruningPlan
 from .surgery import apply_plan
+from .utils.compat import fails_transformers_5_validation, make_checkpoint_portable
 
 
 logger = logging.getLogger(__name__)
@@ -58,6 +68,10 @@ class Pruner:
         self.plan: PruningPlan | None = None
         self.params_before = count_parameters(model)
         self.params_after: int | None = None
+        self.macs_before = count_macs_per_token(model)
+        self.calibration_source: str | None = None  # described in the model card and its reproducing command
+        self.evaluation: dict = {}  # perplexities measured by `evaluate` / `recover` (see `hub.build_model_card`)
+        self.recovery: dict | None = None  # LoRA settings and training figures once `recover` ran
 
     @property
     def is_pruned(self) -> bool:
@@ -83,6 +97,7 @@ class Pruner:
                 self.config.calibration_seq_len,
                 seed=self.config.seed,
             )
+        self.calibration_source = _describe_data(calibration_data)
         self.plan = self.make_plan(importance, batches)
         apply_plan(self.model, self.plan, self.spec)
         self.params_after = count_parameters(self.model)
@@ -101,6 +116,8 @@ class Pruner:
     def make_plan(self, importance, batches) -> PruningPlan:
         """Score every group set and allocate widths (and whole layers); the model is left untouched."""
         config = self.config
+        if config.non_uniform:
+            self._check_per_layer_support()
         num_layers = len(decoder_layers(self.model, self.spec))
         width_structures = [s for s in config.structures if s != LAYERS]
         params = dict(self.model.named_parameters())
@@ -239,6 +256,19 @@ class Pruner:
             group_sets[f"{LAYERS}.{i}"] = GroupSet(LAYERS, i, 1, slices)
         return group_sets
 
+    def _check_per_layer_support(self) -> None:
+        """Fail before calibration when the family's registered type cannot store per-layer widths."""
+        from .modeling import PRUNED_MODEL_CLASSES
+
+        entry = PRUNED_MODEL_CLASSES.get(self.spec.pruned_model_type)
+        if entry is None or not hasattr(entry[0], "per_layer_overrides"):
+            supported = sorted(t for t, (c, _) in PRUNED_MODEL_CLASSES.items() if hasattr(c, "per_layer_overrides"))
+            raise ValueError(
+                f"Per-layer widths (`attention_layers`, `mlp_layers`, `layer_ratios`, `global_ranking`) need a "
+                f"registered type with `per_layer_config`; {self.model.config.model_type!r} has none (supported: "
+                f"{supported}). Use uniform allocation for this family."
+            )
+
     def _stock_unit_counts(self, group_sets: dict[str, GroupSet]) -> list[int]:
         """Attention unit counts whose widths the model's stock config class accepts (`uniform=True` keeps a stock
         config: LLaMA's, for one, rejects head counts that do not divide `hidden_size`)."""
@@ -250,13 +280,37 @@ class Pruner:
         for k in range(1, units + 1):
             widths = {w.field: getattr(config, w.field) * k // units for w in attention.widths}
             try:
-                type(config)(**{**data, **widths})
+                candidate = type(config)(**{**data, **widths})
             except Exception:  # noqa: BLE001 - any refusal (strict validation) means "not a stock shape"
+                continue
+            if fails_transformers_5_validation(candidate):  # under 4.x: a shape that 5.x would refuse
                 continue
             allowed.append(k)
         return allowed
 
-    def model_card(self, repo_or_path: str = "path/to/pruned-model", results=None, license=None):
+    @property
+    def stage(self) -> str:
+        """`"base"` before pruning, `"pruned"` after, `"recovered"` after [`Pruner.recover`]."""
+        return "recovered" if self.recovery is not None else "pruned" if self.is_pruned else "base"
+
+    def evaluate(self, eval_data, seq_len: int = 256, max_windows: int | None = 64) -> float:
+        """Perplexity of the model now (see [`optimum_prune.perplexity`]), recorded for the current stage.
+
+        Call it before `prune()` to record the base perplexity; the model card and [`Pruner.recover`] report every
+        stage measured on the same text. Measuring on other text (or settings) starts a new record.
+        """
+        from .evaluation import perplexity
+
+        setup = {"eval_data": _describe_data(eval_data), "eval_seq_len": seq_len, "eval_windows": max_windows}
+        if any(self.evaluation.get(k) != v for k, v in setup.items()):
+            self.evaluation = dict(setup)
+        value = perplexity(self.model, eval_data, self.tokenizer, seq_len=seq_len, max_windows=max_windows)
+        self.evaluation[f"perplexity_{self.stage}"] = value
+        logger.info("Perplexity (%s): %.3f on %s.", self.stage, value, setup["eval_data"])
+        return value
+
+    def model_card(self, repo_or_path: str = "path/to/pruned-model", results=None, license=None, chart=None):
+        """The [`huggingface_hub.ModelCard`] saved as README.md (see `hub.build_model_card`)."""
         self._check_pruned()
         return build_model_card(
             base_model=self.name_or_path,
@@ -265,26 +319,228 @@ class Pruner:
             model_config=self.model.config,
             params_before=self.params_before,
             params_after=self.params_after,
+            macs_before=self.macs_before,
+            macs_after=count_macs_per_token(self.model),
+            evaluation=self.evaluation,
+            recovery=self.recovery,
             results=results,
             repo_or_path=repo_or_path,
+            calibration=self.calibration_source,
             license=license,
+            chart=chart,
         )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, results: list[dict] | None = None, **kwargs) -> None:
-        """Write weights (safetensors), config, tokenizer, `pruner_config.json`, `pruning_plan.json` and a model card.
+    def summary(self) -> dict:
+        """What `pruning_results.json` holds: the base, the sizes, the measured perplexities and the recovery."""
+        self._check_pruned()
+        return {
+            "base_model": self.name_or_path,
+            "calibration_data": self.calibration_source,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_per_token_before": self.macs_before,
+            "macs_per_token_after": count_macs_per_token(self.model),
+            "evaluation": self.evaluation,
+            "recovery": self.recovery,
+        }
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        results: list[dict] | None = None,
+        repo_or_path: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Write weights (safetensors), config, tokenizer, `pruner_config.json`, `pruning_plan.json`,
+        `pruning_results.json`, a model card and, for non-uniform plans, the per-layer width chart it shows.
 
         Atomic: everything is written to a temporary sibling directory that replaces `save_directory` only when all
-        files are written, so a failure leaves no partial directory behind.
+        files are written, so a failure leaves no partial directory behind. `repo_or_path` is the name the card's
+        loading code uses (defaults to `save_directory`; `push_to_hub` passes the repo id).
         """
         self._check_pruned()
         with atomic_directory(save_directory) as tmp:
             self.model.save_pretrained(tmp, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
+            make_checkpoint_portable(tmp)  # loads under Transformers 4.57 too
             self.config.save_pretrained(tmp)
             self.plan.save_pretrained(tmp)
-            self.model_card(repo_or_path=str(save_directory), results=results).save(os.path.join(tmp, "README.md"))
+            write_results(tmp, self.summary())
+            chart = None
+            if not plan_is_uniform(self.plan) and plot_layer_widths(self.plan, os.path.join(tmp, CHART_NAME)):
+                chart = CHART_NAME
+            card = self.model_card(repo_or_path=repo_or_path or str(save_directory), results=results, chart=chart)
+            card.save(os.path.join(tmp, "README.md"))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Upload the pruned checkpoint (everything `save_pretrained` writes) to the Hub in one commit.
+
+        Args:
+            repo_id (`str`): `"user/name"`; created if missing.
+            private (`bool`, *optional*): visibility of a newly created repo.
+            token (`str`, *optional*): defaults to the cached login / `HF_TOKEN`. Only sent in the Authorization
+                header; never written to the card, the files or the logs.
+            revision (`str`, *optional*): branch to commit to; created from `main` when it does not exist.
+            commit_message (`str`, *optional*)
+            create_pr (`bool`, *optional*, defaults to `False`): open a pull request instead of committing.
+
+        Returns:
+            `huggingface_hub.CommitInfo` (its `pr_url` is set when `create_pr=True`).
+
+        Example:
+
+        ```python
+        >>> pruner.push_to_hub("me/tiny-llama-pruned-40", private=True)
+        ```
+        """
+        import tempfile
+
+        from .hub import push_folder_to_hub
+
+        self._check_pruned()
+        with tempfile.TemporaryDirectory(prefix="optimum-prune-push-") as tmp:
+            folder = os.path.join(tmp, "model")
+            self.save_pretrained(folder, repo_or_path=repo_id)
+            message = commit_message or (
+                f"Upload {self.model.config.model_type} pruned {self.config.pruning_ratio:.0%} "
+                f"({self.config.importance}) with optimum-prune"
+            )
+            return push_folder_to_hub(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                commit_message=message,
+                create_pr=create_pr,
+            )
+
+    def recover(
+        self,
+        train_data,
+        lora_config=None,
+        training_args=None,
+        eval_data=None,
+        *,
+        block_size: int = 256,
+        eval_seq_len: int = 256,
+        eval_windows: int | None = 64,
+    ) -> dict:
+        """LoRA recovery of the pruned model with the Transformers `Trainer`, merged back into plain weights.
+
+        Args:
+            train_data: the same inputs as calibration data (a .txt/.jsonl path, a list of strings, a
+                `datasets.Dataset`, token ids), concatenated and cut into blocks of `block_size` tokens.
+            lora_config (`peft.LoraConfig`, *optional*): defaults to r=8, alpha=16 on the architecture's
+                `lora_target_modules` (every attention and MLP projection).
+            training_args (`transformers.TrainingArguments` or `dict`, *optional*): a dict overrides the defaults
+                (60 steps, batch 8, lr 1e-3; `recovery.DEFAULT_TRAINING_ARGS`), an instance is used as is. Mixed
+                precision, gradient checkpointing and `accelerate launch` (DDP, FSDP, DeepSpeed) are configured here.
+            eval_data (*optional*): text for perplexity after pruning and after recovery (and before pruning, when
+                [`Pruner.evaluate`] measured it on the same text).
+
+        Returns:
+            `dict` with `perplexity_base` (if known), `perplexity_pruned`, `perplexity_recovered` (with `eval_data`)
+            and the training figures (`train_loss`, `first_logged_loss`, `last_logged_loss`, `train_runtime`).
+
+        Example:
+
+        ```python
+        >>> pruner.prune(calibration_data="calibration.txt")
+        >>> pruner.recover("train.txt", eval_data="eval.txt", training_args={"max_steps": 60, "bf16": True})
+        ```
+        """
+        from .recovery import recover_model
+
+        self._check_pruned()
+        if self.recovery is not None:
+            raise RuntimeError("This model was already recovered; build a new pruner to recover again.")
+        if eval_data is not None and (
+            self.evaluation.get("perplexity_pruned") is None
+            or self.evaluation.get("eval_data") != _describe_data(eval_data)
+        ):
+            self.evaluate(eval_data, eval_seq_len, eval_windows)
+        self.model, info = recover_model(
+            self.model,
+            train_data,
+            self.spec,
+            tokenizer=self.tokenizer,
+            lora_config=lora_config,
+            training_args=training_args,
+            block_size=block_size,
+        )
+        info["train_data"] = _describe_data(train_data)
+        self.recovery = info
+        if eval_data is not None:
+            self.evaluate(eval_data, eval_seq_len, eval_windows)
+        report = {k: v for k, v in self.evaluation.items() if k.startswith("perplexity_")}
+        report.update({k: info[k] for k in ("train_loss", "first_logged_loss", "last_logged_loss", "train_runtime")})
+        logger.info(
+            "Recovery done: %s.",
+            ", ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, float)),
+        )
+        return report
+
+    @classmethod
+    def from_pruned(cls, path: str | os.PathLike, **kwargs) -> Pruner:
+        """Reload a saved pruned checkpoint as a pruned [`Pruner`] (to recover, re-save or push it).
+
+        kwargs go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, ...). The base's parameter and MAC
+        counts and the measured perplexities come back from `pruning_results.json`.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from . import modeling  # noqa: F401 - registers the pruned model types
+        from .architectures.base import get_architecture
+        from .plan import PLAN_NAME
+
+        if not os.path.isfile(os.path.join(path, PLAN_NAME)):
+            raise ValueError(f"{path} is not a pruned checkpoint (no {PLAN_NAME}); prune it with `AutoPruner` first.")
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tokenizer = None
+        spec = get_architecture(getattr(model.config, "base_model_type", None) or model.config.model_type)
+        saved = read_results(path)
+        pruner = cls(
+            model, spec, PrunerConfig.from_pretrained(path), tokenizer, name_or_path=saved.get("base_model") or None
+        )
+        pruner.plan = PruningPlan.from_pretrained(path)
+        pruner.params_after = count_parameters(model)
+        pruner.params_before = saved.get("params_before", pruner.params_after)
+        pruner.macs_before = saved.get("macs_per_token_before", pruner.macs_before)
+        pruner.calibration_source = saved.get("calibration_data")
+        pruner.evaluation = saved.get("evaluation") or {}
+        pruner.recovery = saved.get("recovery")
+        return pruner
 
     def _check_pruned(self):
         if not self.is_pruned:
             raise RuntimeError("Call `prune()` first.")
+
+
+def _describe_data(data) -> str | None:
+    """A short, human-readable name for user data (a file path as given, else its kind and size) for cards."""
+    if data is None:
+        return None
+    if isinstance(data, (str, os.PathLike)) and os.path.isfile(data):
+        return os.fspath(data)
+    if isinstance(data, str):
+        return f"a string of {len(data)} characters"
+    if isinstance(data, torch.Tensor):
+        return f"token ids {list(data.shape)}"
+    if hasattr(data, "column_names"):
+        return f"a datasets.Dataset of {len(data)} rows"
+    if isinstance(data, (list, tuple)):
+        return f"a list of {len(data)} texts"
+    return type(data).__name__

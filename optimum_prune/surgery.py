@@ -14,8 +14,17 @@ import torch
 from torch import nn
 
 from .architectures.base import HIDDEN_CHANNELS, LAYERS, ArchitectureSpec, get_architecture
-from .groups import GroupSet, build_group_sets, config_divisor, decoder_layers, layer_prefix, width_of
+from .groups import (
+    GroupSet,
+    build_group_sets,
+    config_divisor,
+    decoder_layers,
+    derive_field,
+    layer_prefix,
+    width_of,
+)
 from .plan import PruningPlan
+from .utils.compat import fails_transformers_5_validation
 
 
 logger = logging.getLogger(__name__)
@@ -74,6 +83,31 @@ def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: i
             setattr(norm, spec.norm.eps_attr, getattr(norm, spec.norm.eps_attr) * old / new)
     if spec.norm.eps_field:
         setattr(model.config, spec.norm.eps_field, getattr(model.config, spec.norm.eps_field) * old / new)
+
+
+def write_unit_records(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan) -> None:
+    """Keep the spec's `config_writers` fields (original indices of the kept units, per layer) in line with `plan`.
+
+    Runs before `write_config`, while `units_field` still holds the unpruned count. A field is written only when its
+    structure is pruned or the config already has it, so untouched models keep a stock config.
+    """
+    config = model.config
+    num_layers = plan.num_layers
+    for writer in spec.config_writers:
+        prefix = writer.structure + "."
+        keys = [k for k in plan.kept if k.startswith(prefix)]
+        records = getattr(config, writer.field, None)
+        if records is None and not keys:
+            continue
+        if getattr(config, writer.count_field, None) is None:
+            setattr(config, writer.count_field, getattr(config, writer.units_field))
+        if records is None:
+            records = [list(range(getattr(config, writer.units_field))) for _ in range(num_layers)]
+        records = [list(r) for r in records]
+        for key in keys:
+            i = int(key[len(prefix) :])
+            records[i] = [records[i][j] for j in plan.kept[key]]
+        setattr(config, writer.field, [r for i, r in enumerate(records) if i not in set(plan.removed_layers)])
 
 
 def remove_layers(model: nn.Module, spec: ArchitectureSpec, removed: list[int]) -> None:
@@ -139,11 +173,21 @@ def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
     global_widths, overrides = _per_layer_overrides(layer_widths(model, spec))
     for field_name, value in global_widths.items():
         setattr(config, field_name, value)
-    if overrides or not _stock_config_expresses(model):
+    # Per-layer widths always need the registered type (`per_layer_config`). Under 4.x also leave the stock type when 5.x would refuse to load it, if the family has a pruned type.
+    refused_by_v5 = fails_transformers_5_validation(config) and spec.pruned_model_type in PRUNED_MODEL_CLASSES
+    if not overrides and not refused_by_v5 and _stock_config_expresses(model):
+        for name, rule in spec.derived_fields.items():
+            # The stock class derives it the same way: leave config.json as the stock class writes it.
+            declared = hasattr(type(config), name)  # a registered type's own field stays
+            if not declared and name in config.__dict__ and getattr(config, name) == derive_field(config, rule):
+                delattr(config, name)
+    else:
         pruned_type = spec.pruned_model_type
         if pruned_type not in PRUNED_MODEL_CLASSES:
             raise ValueError(f"The pruned shape needs a registered model type, and {pruned_type!r} is not one.")
         config_class, model_class = PRUNED_MODEL_CLASSES[pruned_type]
+        if overrides and not hasattr(config_class, "per_layer_overrides"):
+            raise ValueError(f"Per-layer widths need `per_layer_config`, which {pruned_type!r} does not support.")
         data = config.to_dict()
         data.pop("model_type", None)
         data.pop("auto_map", None)
@@ -155,11 +199,18 @@ def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
             attn_implementation=config._attn_implementation,  # not serialised, so carried over explicitly
         )
         model.config.base_model_type = getattr(config, "base_model_type", base_model_type)
-        # Submodules that kept a reference to the old config (attention reads its implementation from it) follow.
-        for module in model.modules():
+        # The attention implementation chosen when the model was built is runtime state that `to_dict` drops; BLOOM's
+        # eager-only attention needs its explicit causal mask.
+        model.config._attn_implementation = getattr(config, "_attn_implementation", None)
+        for module in model.modules():  # submodules that keep a config reference (decoders, attention) follow
             if getattr(module, "config", None) is config:
                 module.config = model.config
         model.__class__ = model_class
+        # A registered type may need its own submodule classes (BLOOM's per-layer ALiBi heads): it converts the
+        # stock modules in place, so the model in memory computes what a reloaded checkpoint computes.
+        adopt = getattr(model, "adopt_pruned_modules", None)
+        if adopt is not None:
+            adopt()
         logger.info(
             "The pruned shape needs the registered model type %r (%s).",
             pruned_type,
@@ -205,10 +256,27 @@ def apply_plan(model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec | Non
         hidden = build_group_sets(model, spec, [HIDDEN_CHANNELS])[HIDDEN_CHANNELS]
         prune_group_set(model, hidden, plan.kept[HIDDEN_CHANNELS])
         _compensate_norms(model, spec, hidden.num_units, len(plan.kept[HIDDEN_CHANNELS]))
+    write_unit_records(model, spec, plan)
     remove_layers(model, spec, plan.removed_layers)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     for module in model.modules():
         _sync_module_sizes(module)
     write_config(model, spec)
+    sync_module_attrs(model, spec)
     return model
+
+
+def sync_module_attrs(model: nn.Module, spec: ArchitectureSpec) -> None:
+    """Copy the pruned config's widths into module attributes that forward passes read (`spec.module_attrs`)."""
+    layers = decoder_layers(model, spec)
+    for path, field_name in spec.module_attrs:
+        if field_name in spec.derived_fields and getattr(model.config, field_name, None) is None:
+            value = derive_field(model.config, spec.derived_fields[field_name])  # dropped again from a stock config
+        else:
+            value = getattr(model.config, field_name)
+        owners = [model] if path.startswith("/") else list(layers)
+        owner_path, _, attr = path.lstrip("/").rpartition(".")
+        for owner in owners:
+            module = owner.get_submodule(owner_path) if owner_path else owner
+            setattr(module, attr, value)

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from testing_utils import input_ids, logits, skip_layers, tiny_llama
+from testing_utils import input_ids, logits, skip_layers, tiny_llama, tiny_opt
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import optimum_prune
@@ -221,6 +221,13 @@ def test_uniform_true_keeps_a_stock_config():
 def test_impossible_constraints_say_why(kwargs, message):
     pruner = AutoPruner.from_model(tiny_llama(), PrunerConfig(importance="magnitude", **kwargs))
     with pytest.raises(ValueError, match=message):
+        pruner.prune()
+
+
+def test_families_without_per_layer_configs_refuse_non_uniform_plans():
+    model = tiny_opt()
+    pruner = AutoPruner.from_model(model, PrunerConfig(importance="magnitude", pruning_ratio=0.2, global_ranking=True))
+    with pytest.raises(ValueError, match="need a registered type with `per_layer_config`.*'pruned_llama'"):
         pruner.prune()
 
 

@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    Glm4Config,
+    Glm4ForCausalLM,
+    GlmConfig,
+    GlmForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
+
+import optimum_prune
 
 
 VOCAB = 97
@@ -27,8 +45,11 @@ def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False, **overrides
         rms_norm_eps=1e-6,
     )
     kwargs.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
-    # Random norms and biases so that nothing is trivially symmetric.
+    return _randomize(LlamaForCausalLM(LlamaConfig(**kwargs)).eval())
+
+
+def _randomize(model):
+    """Random norms and biases so that nothing is trivially symmetric."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -36,6 +57,30 @@ def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False, **overrides
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model
+
+
+def tiny_glm(seed: int = 0, glm4: bool = False, **overrides):
+    """A 3-layer GLM (or GLM-4): 6 query heads in 3 KV groups of head_dim 8 with q/k/v biases, partial rotary 0.5,
+    fused gate_up_proj (MLP 80), hidden 48, float32, eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=8,
+        max_position_embeddings=128,
+        attention_bias=True,
+        rms_norm_eps=1e-6,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    config_class, model_class = (Glm4Config, Glm4ForCausalLM) if glm4 else (GlmConfig, GlmForCausalLM)
+    return _randomize(model_class(config_class(**kwargs)).eval())
 
 
 def input_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
@@ -58,3 +103,68 @@ def skip_layers(model, layers: list[int]):
 
         handles.append(model.model.layers[i].register_forward_hook(hook, with_kwargs=True))
     return handles
+
+
+def tiny_opt(seed: int = 0, **overrides) -> OPTForCausalLM:
+    """A 3-layer OPT (6 heads of 8, hidden 48, FFN 80, learned positions, biases, tied lm_head), float32, eval.
+    Pass `do_layer_norm_before=False` for the post-LN variant, `word_embed_proj_dim=32` for project_in/out."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        ffn_dim=80,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        max_position_embeddings=64,
+        dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return _randomize(OPTForCausalLM(OPTConfig(**kwargs)).eval())
+
+
+def tiny_bloom(seed: int = 0, **overrides) -> BloomForCausalLM:
+    """A 3-layer BLOOM (6 heads of 8, so ALiBi uses its non-power-of-two slopes; hidden 48, MLP 4 x 48, tied
+    lm_head), float32, eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=48, n_layer=3, n_head=6, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    kwargs.update(overrides)
+    return _randomize(BloomForCausalLM(BloomConfig(**kwargs)).eval())
+
+
+def fresh_process_logits(paths, ids: torch.Tensor, *, trust_remote_code: bool, import_package: bool):
+    """Load each checkpoint in `paths` in one new interpreter and return [(logits, model class name)] in order.
+
+    With `import_package=False` the package is made unimportable, so a registered pruned type can only load through
+    the modeling file written beside the weights (`trust_remote_code=True`).
+    """
+    paths = [str(p) for p in paths]
+    out = os.path.join(os.path.dirname(paths[0]), f"fresh-logits-{int(import_package)}.pt")
+    code = textwrap.dedent(f"""
+        import sys, torch
+        {"import optimum_prune" if import_package else "sys.modules['optimum_prune'] = None  # the package is absent"}
+        from transformers import AutoModelForCausalLM
+        ids = torch.tensor({ids.tolist()})
+        results = []
+        for path in {paths!r}:
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code={trust_remote_code}).eval()
+            with torch.no_grad():
+                results.append((model(input_ids=ids).logits, type(model).__name__))
+        torch.save(results, {out!r})
+    """)
+    # The child imports the same optimum_prune as this process (a relative PYTHONPATH would not follow the cwd).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(optimum_prune.__file__)))
+    cwd = os.path.dirname(paths[0])
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": os.path.join(cwd, "modules"),
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out)

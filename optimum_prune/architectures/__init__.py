@@ -1,6 +1,6 @@
 """Architecture specs, one file per family; importing this package registers them."""
 
-from . import llama
+from . import bloom, glm, llama, opt
 from .base import (
     ARCHITECTURE_REGISTRY,
     ATTENTION_HEADS,
@@ -9,6 +9,7 @@ from .base import (
     MLP_CHANNELS,
     STRUCTURES,
     ArchitectureSpec,
+    ConfigWriter,
     Member,
     NormSpec,
     StructureSpec,
@@ -26,11 +27,15 @@ __all__ = [
     "MLP_CHANNELS",
     "STRUCTURES",
     "ArchitectureSpec",
+    "ConfigWriter",
     "Member",
     "NormSpec",
     "StructureSpec",
     "Width",
+    "bloom",
     "get_architecture",
+    "glm",
     "llama",
+    "opt",
     "register_architecture",
 ]

@@ -83,6 +83,28 @@ class NormSpec:
 
 
 @dataclass(frozen=True)
+class ConfigWriter:
+    """A config field that records which original units of a structure survive, across every pruning.
+
+    Surgery keeps `field` (a list of original unit indices, one per kept unit, identical in every layer) up to date:
+    absent, it starts as `range(units)`; after pruning it keeps the entries of the kept units. `count_field` records
+    the unit count of the unpruned model once. BLOOM uses it to give each kept head its original ALiBi slope, which
+    is computed from the original head count and the head's original index.
+
+    Args:
+        structure (`str`): the structure whose kept units are recorded (`"attention_heads"`).
+        field (`str`): config field with the original indices of the kept units.
+        count_field (`str`): config field with the original unit count.
+        units_field (`str`): config field with the current unit count (the starting `range`).
+    """
+
+    structure: str
+    field: str
+    count_field: str
+    units_field: str
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """Everything optimum-prune needs to know about one family, as data.
 
@@ -97,6 +119,21 @@ class ArchitectureSpec:
         num_layers_field (`str`): config field with the layer count.
         layer_index_attrs (`tuple[str, ...]`): per-layer module attributes that store the layer index (KV cache).
         pruned_model_type (`str`): registered model type for shapes the stock config cannot express.
+        derived_fields (`dict[str, tuple]`): config fields that some configs leave implicit, as `field: (numerator,
+            denominator[, multiplier])` meaning `field = numerator * multiplier // denominator` (field names or
+            integers): OPT and BLOOM derive `head_dim` as `hidden_size // num_attention_heads`, BLOOM's MLP is
+            `hidden_size * 4 // 1` wide. They are written into the config before
+            any width changes, so head pruning and hidden-channel pruning keep the original value, and dropped again
+            when the stock config can express the result and derives the same value.
+        structure_requirements (`dict[str, tuple[tuple[str, str], ...]]`): config fields that must be equal for a
+            structure to be prunable, e.g. OPT's `hidden_channels` needs `word_embed_proj_dim == hidden_size` (no
+            `project_in`/`project_out`). Checked before scoring, with an error that names the fields.
+        module_attrs (`tuple[tuple[str, str], ...]`): `(attribute path, config field)` pairs of plain attributes
+            that modules copy from the config at construction and read in `forward` (OPT's `self_attn.num_heads`).
+            Paths are relative to a decoder layer, or to the model when they start with `"/"`. Surgery sets them
+            from the pruned config so the model in memory computes what a reloaded one computes.
+        config_writers (`tuple[ConfigWriter, ...]`): family-specific config fields that surgery writes from the plan
+            (BLOOM's original ALiBi head indices).
     """
 
     model_types: tuple[str, ...]
@@ -109,6 +146,10 @@ class ArchitectureSpec:
     layer_index_attrs: tuple[str, ...] = ()
     pruned_model_type: str | None = None
     lora_target_modules: tuple[str, ...] = ()
+    derived_fields: dict[str, tuple] = field(default_factory=dict)
+    structure_requirements: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    module_attrs: tuple[tuple[str, str], ...] = ()
+    config_writers: tuple[ConfigWriter, ...] = ()
     extra: dict = field(default_factory=dict)
 
     @property

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .prune import add_prune_args, run_prune
+from .recover import add_recover_args, run_recover
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune = subparsers.add_parser("prune", help="Prune a model and save an ordinary checkpoint.")
     add_prune_args(prune)
     prune.set_defaults(func=run_prune)
+    recover = subparsers.add_parser("recover", help="LoRA recovery of a pruned checkpoint, merged into its weights.")
+    add_recover_args(recover)
+    recover.set_defaults(func=run_recover)
     return parser
 
 

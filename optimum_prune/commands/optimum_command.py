@@ -3,6 +3,7 @@
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 from .prune import add_prune_args, run_prune
+from .recover import add_recover_args, run_recover
 
 
 class PruneCommand(BaseOptimumCLICommand):
@@ -14,3 +15,14 @@ class PruneCommand(BaseOptimumCLICommand):
 
     def run(self):
         raise SystemExit(run_prune(self.args))
+
+
+class RecoverCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="recover", help="LoRA recovery of a pruned checkpoint (optimum-prune).")
+
+    @staticmethod
+    def parse_args(parser):
+        return add_recover_args(parser)
+
+    def run(self):
+        raise SystemExit(run_recover(self.args))

@@ -46,7 +46,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     from ..auto import AutoPruner
     from ..configuration import PrunerConfig
-    from ..evaluation import count_parameters, perplexity, summary_table
+    from ..evaluation import count_parameters, summary_table
 
     config = PrunerConfig(
         pruning_ratio=args.pruning_ratio,
@@ -66,22 +66,13 @@ def run_prune(args: argparse.Namespace) -> int:
         pruner.model.to(args.device)
     before = {"parameters": count_parameters(pruner.model)}
     if args.eval:
-        before["perplexity"] = perplexity(
-            pruner.model, args.eval, pruner.tokenizer, args.eval_seq_len, args.eval_windows
-        )
+        # Recorded on the pruner, so the card's results table and `model-index` carry the measured values.
+        before["perplexity"] = pruner.evaluate(args.eval, args.eval_seq_len, args.eval_windows)
     model = pruner.prune(calibration_data=args.calibration)
     after = {"parameters": count_parameters(model)}
-    results = None
     if args.eval:
-        after["perplexity"] = perplexity(model, args.eval, pruner.tokenizer, args.eval_seq_len, args.eval_windows)
-        results = [
-            {
-                "name": f"perplexity ({args.eval_windows} x {args.eval_seq_len} tokens)",
-                "before": f"{before['perplexity']:.2f}",
-                "after": f"{after['perplexity']:.2f}",
-            }
-        ]
-    pruner.save_pretrained(args.output, results=results)
+        after["perplexity"] = pruner.evaluate(args.eval, args.eval_seq_len, args.eval_windows)
+    pruner.save_pretrained(args.output)
     print(summary_table(before, after))
     print(f"Saved to {args.output} ({model.config.model_type}).")
     return 0

@@ -1,6 +1,6 @@
 """Importance criteria, one file each; importing this package registers them."""
 
-from . import magnitude, random_, taylor
+from . import bip, block_influence, flap, magnitude, mini_llm, random_, taylor, wanda_sp
 from .base import (
     ACTIVATIONS,
     FISHER,
@@ -15,9 +15,14 @@ from .base import (
     get_importance,
     register_importance,
 )
+from .bip import BIPImportance
+from .block_influence import BlockInfluenceImportance
+from .flap import FlapImportance, standardize_scores
 from .magnitude import MagnitudeImportance
+from .mini_llm import MiniLLMImportance
 from .random_ import RandomImportance
 from .taylor import TaylorImportance
+from .wanda_sp import WandaSPImportance
 
 
 __all__ = [
@@ -29,14 +34,25 @@ __all__ = [
     "IMPORTANCE_REGISTRY",
     "NEEDS",
     "WEIGHTS",
+    "BIPImportance",
+    "BlockInfluenceImportance",
+    "FlapImportance",
     "Importance",
     "MagnitudeImportance",
+    "MiniLLMImportance",
     "RandomImportance",
     "TaylorImportance",
+    "WandaSPImportance",
     "aggregate",
+    "bip",
+    "block_influence",
+    "flap",
     "get_importance",
     "magnitude",
+    "mini_llm",
     "random_",
     "register_importance",
+    "standardize_scores",
     "taylor",
+    "wanda_sp",
 ]

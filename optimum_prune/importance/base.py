@@ -30,6 +30,8 @@ class Importance(ABC):
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset({WEIGHTS})
+    # Structures the criterion can score; None means all of them. Checked by `PrunerConfig`.
+    structures: ClassVar[tuple[str, ...] | None] = None
 
     @property
     def needs_data(self) -> bool:

@@ -7,11 +7,15 @@ without optimum-prune, and with plain `AutoModelForCausalLM.from_pretrained` onc
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .modeling_pruned_bloom import PrunedBloomConfig, PrunedBloomForCausalLM
 from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+from .modeling_pruned_opt import PrunedOPTConfig, PrunedOPTForCausalLM
 
 
 PRUNED_MODEL_CLASSES = {
+    PrunedBloomConfig.model_type: (PrunedBloomConfig, PrunedBloomForCausalLM),
     PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
+    PrunedOPTConfig.model_type: (PrunedOPTConfig, PrunedOPTForCausalLM),
 }
 
 for _config_class, _model_class in PRUNED_MODEL_CLASSES.values():
@@ -21,4 +25,12 @@ for _config_class, _model_class in PRUNED_MODEL_CLASSES.values():
     _model_class.register_for_auto_class("AutoModelForCausalLM")
 
 
-__all__ = ["PRUNED_MODEL_CLASSES", "PrunedLlamaConfig", "PrunedLlamaForCausalLM"]
+__all__ = [
+    "PRUNED_MODEL_CLASSES",
+    "PrunedBloomConfig",
+    "PrunedBloomForCausalLM",
+    "PrunedLlamaConfig",
+    "PrunedLlamaForCausalLM",
+    "PrunedOPTConfig",
+    "PrunedOPTForCausalLM",
+]

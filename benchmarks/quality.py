@@ -1,0 +1,201 @@
+"""Quality benchmark: perplexity after pruning, as a ratio to the unpruned model, side by side with a peer tool.
+
+Every run (model x method x ratio) executes in its own subprocess so that its peak RSS and wall time are its own.
+Prints a Markdown table and writes JSON lines to `benchmarks/results/quality.jsonl`.
+
+    python benchmarks/quality.py                                   # tiny-llama, 20% and 50%, core criteria + peer
+    python benchmarks/quality.py --models tiny-opt tiny-bloom --methods taylor magnitude --ratios 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+MODELS = SHARED / "models"
+CALIBRATION = SHARED / "data" / "corpus" / "calibration.txt"
+EVAL = SHARED / "data" / "corpus" / "eval.txt"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Method name -> PrunerConfig keyword arguments. Defaults: 32 calibration windows of 128 tokens.
+METHODS: dict[str, dict] = {
+    "random": {"importance": "random"},
+    "magnitude": {"importance": "magnitude"},
+    "magnitude-l1": {"importance": "magnitude", "importance_kwargs": {"p": 1}},
+    "taylor": {"importance": "taylor"},
+    "taylor-vector": {"importance": "taylor", "importance_kwargs": {"granularity": "vector"}},
+    "taylor-mix": {"importance": "taylor", "importance_kwargs": {"order": "mix"}},
+    "wanda_sp": {"importance": "wanda_sp"},
+    "flap": {"importance": "flap"},
+    "bip": {"importance": "bip"},
+    "mini_llm": {"importance": "mini_llm"},
+    "taylor-layers1-5": {"importance": "taylor", "attention_layers": [1, 2, 3, 4], "mlp_layers": [1, 2, 3, 4]},
+    "magnitude-layers1-5": {"importance": "magnitude", "attention_layers": [1, 2, 3, 4], "mlp_layers": [1, 2, 3, 4]},
+    "taylor-global": {"importance": "taylor", "global_ranking": True},
+    "magnitude-global": {"importance": "magnitude", "global_ranking": True},
+    "block_influence-layers": {"importance": "block_influence", "structures": ["layers"]},
+}
+PEERS = ("torch-pruning",)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_single(model_name: str, method: str, ratio: float) -> dict:
+    """One pruning run in this process (called in a subprocess by `main`)."""
+    import torch
+
+    from optimum_prune import AutoPruner, PrunerConfig, count_parameters, perplexity
+
+    row = {"model": model_name, "method": method, "ratio": ratio}
+    path = MODELS / model_name
+    if method == "unpruned":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        row.update(parameters=count_parameters(model), perplexity=perplexity(model, EVAL, tokenizer), status="ok")
+        return row
+    try:
+        config = PrunerConfig(pruning_ratio=ratio, **METHODS[method])
+    except (TypeError, ValueError) as err:
+        return {**row, "status": "unsupported", "reason": str(err).splitlines()[0][:160]}
+    pruner = AutoPruner.from_pretrained(path, pruner_config=config, dtype=torch.float32)
+    rss_loaded = peak_rss_mib()
+    start = time.perf_counter()
+    try:
+        model = pruner.prune(calibration_data=str(CALIBRATION))
+    except ValueError as err:
+        return {**row, "status": "failed", "reason": str(err).splitlines()[0][:160]}
+    seconds = time.perf_counter() - start
+    row.update(
+        status="ok",
+        seconds=round(seconds, 2),
+        peak_rss_mib=round(peak_rss_mib(), 1),
+        rss_loaded_mib=round(rss_loaded, 1),
+        parameters=count_parameters(model),
+        removed=round(1 - count_parameters(model) / pruner.params_before, 4),
+        model_type=model.config.model_type,
+        perplexity=perplexity(model, EVAL, pruner.tokenizer),
+    )
+    return row
+
+
+def run_peer(model_name: str, peer: str, ratio: float, timeout: int) -> dict:
+    """Torch-Pruning on the same model and parameter target, in its own process under a timeout; failures are rows."""
+    row = {"model": model_name, "method": peer, "ratio": ratio}
+    sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+    try:
+        import torch_pruning_peer
+    except ImportError as err:
+        return {**row, "status": "unavailable", "reason": str(err)}
+    result = torch_pruning_peer.prune_with_torch_pruning(str(MODELS / model_name), ratio, timeout_s=timeout)
+    row.update(
+        status=result["status"],
+        reason=result.get("reason", ""),
+        seconds=round(result["seconds"], 2) if result.get("seconds") is not None else None,
+        peak_rss_mib=result.get("peak_rss_mib"),
+        removed=result.get("removed_fraction"),
+    )
+    if result["status"] == "ok":
+        from optimum_prune import perplexity
+
+        model, tokenizer = torch_pruning_peer.load_pruned_model(result["output_dir"])
+        row["perplexity"] = perplexity(model, EVAL, tokenizer)
+        row["save_format"] = result.get("save_format")
+    return row
+
+
+def _subprocess_row(args: list[str]) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        return {"status": "crashed", "reason": (result.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+def format_rows(rows: list[dict]) -> str:
+    from optimum_prune.evaluation import format_table
+
+    base = {r["model"]: r["perplexity"] for r in rows if r["method"] == "unpruned" and r.get("status") == "ok"}
+    table = []
+    for r in rows:
+        if r["method"] == "unpruned":
+            continue
+        ok = r.get("status") == "ok" and r.get("perplexity") is not None
+        ppl = f"{r['perplexity']:.2f}" if ok else "-"
+        ratio = f"x{r['perplexity'] / base[r['model']]:.2f}" if ok and r["model"] in base else r.get("status", "?")
+        table.append(
+            [
+                r["model"],
+                r["method"],
+                f"{r['ratio']:.0%}",
+                f"{r['removed']:.1%}" if r.get("removed") is not None else "-",
+                ppl,
+                ratio,
+                r.get("seconds", "-"),
+                r.get("peak_rss_mib", "-"),
+                "" if ok else r.get("reason", "")[:90],
+            ]
+        )
+    headers = ["model", "method", "target", "removed", "ppl", "vs unpruned", "prune s", "peak RSS MiB", "note"]
+    return format_table(headers, table)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny-llama"])
+    parser.add_argument("--methods", nargs="+", default=["random", "magnitude", "taylor"])
+    parser.add_argument("--peers", nargs="*", default=list(PEERS))
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
+    parser.add_argument("--peer-timeout", type=int, default=300)
+    parser.add_argument("--single", nargs=3, metavar=("MODEL", "METHOD", "RATIO"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.single:
+        model, method, ratio = args.single
+        print(json.dumps(run_single(model, method, float(ratio))))
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model in args.models:
+        rows.append(
+            {
+                "model": model,
+                "method": "unpruned",
+                "ratio": 0.0,
+                **_subprocess_row(["--single", model, "unpruned", "0"]),
+            }
+        )
+        for ratio in args.ratios:
+            for method in args.methods:
+                row = _subprocess_row(["--single", model, method, str(ratio)])
+                rows.append({"model": model, "method": method, "ratio": ratio, **row})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+            for peer in args.peers:
+                rows.append(run_peer(model, peer, ratio, args.peer_timeout))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    with open(RESULTS / "quality.jsonl", "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    for model in args.models:
+        base = next((r for r in rows if r["model"] == model and r["method"] == "unpruned"), {})
+        if base.get("status") == "ok":
+            print(f"{model}: unpruned perplexity {base['perplexity']:.2f}, {base['parameters']:,} parameters")
+    print(format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()

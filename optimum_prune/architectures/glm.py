@@ -1,0 +1,117 @@
+"""GLM and GLM-4 in Transformers (`glm`, `glm4`): LLaMA's layout with a fused MLP input and partial rotary.
+
+- Attention units are KV groups (GQA) as for LLaMA; q/k/v carry biases (`attention_bias=True` by default), o_proj
+  none. Rotary covers only the first `partial_rotary_factor` of every head, so a head is never cut inside: units are
+  whole heads and `head_dim` is written explicitly (the config default is 128, not `hidden_size // heads`).
+- `mlp.gate_up_proj` holds the gate rows, then the up rows (`gate, up = chunk(2)`): one member with `chunks=2`, so a
+  channel keeps its gate row and its up row together.
+- `GlmConfig` does not check `num_attention_heads * head_dim` against `hidden_size`, so uniform head pruning keeps the
+  stock model type and no registered pruned type is needed.
+- GLM-4 adds `post_self_attn_layernorm` and `post_mlp_layernorm` on the residual branch outputs. They are RMSNorms over
+  the hidden dimension, so hidden-channel pruning slices and compensates them like the other norms.
+"""
+
+from .base import (
+    ATTENTION_HEADS,
+    MLP_CHANNELS,
+    ArchitectureSpec,
+    Member,
+    NormSpec,
+    StructureSpec,
+    Width,
+    register_architecture,
+)
+
+
+_ATTENTION = StructureSpec(
+    members=(
+        Member("self_attn.q_proj.weight", 0),
+        Member("self_attn.q_proj.bias", 0),
+        Member("self_attn.k_proj.weight", 0),
+        Member("self_attn.k_proj.bias", 0),
+        Member("self_attn.v_proj.weight", 0),
+        Member("self_attn.v_proj.bias", 0),
+        Member("self_attn.o_proj.weight", 1, consumer=True),
+    ),
+    units=Width("num_key_value_heads", "self_attn.k_proj.weight", 0, divisor="head_dim"),
+    widths=(
+        Width("num_attention_heads", "self_attn.q_proj.weight", 0, divisor="head_dim"),
+        Width("num_key_value_heads", "self_attn.k_proj.weight", 0, divisor="head_dim"),
+    ),
+)
+
+_MLP = StructureSpec(
+    members=(
+        Member("mlp.gate_up_proj.weight", 0, chunks=2),
+        Member("mlp.down_proj.weight", 1, consumer=True),
+    ),
+    units=Width("intermediate_size", "mlp.down_proj.weight", 1),
+    widths=(Width("intermediate_size", "mlp.down_proj.weight", 1),),
+)
+
+_HIDDEN = StructureSpec(
+    members=(
+        Member("model.embed_tokens.weight", 1),
+        Member("model.norm.weight", 0),
+        Member("lm_head.weight", 1),
+    ),
+    units=Width("hidden_size", "model.embed_tokens.weight", 1),
+    widths=(Width("hidden_size", "model.embed_tokens.weight", 1),),
+)
+
+_HIDDEN_LAYER_MEMBERS = (
+    Member("input_layernorm.weight", 0),
+    Member("self_attn.q_proj.weight", 1),
+    Member("self_attn.k_proj.weight", 1),
+    Member("self_attn.v_proj.weight", 1),
+    Member("self_attn.o_proj.weight", 0),
+    Member("post_self_attn_layernorm.weight", 0),  # GLM-4 only
+    Member("post_attention_layernorm.weight", 0),
+    Member("mlp.gate_up_proj.weight", 1),
+    Member("mlp.down_proj.weight", 0),
+    Member("post_mlp_layernorm.weight", 0),  # GLM-4 only
+)
+
+_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+
+GLM_SPEC = ArchitectureSpec(
+    model_types=("glm",),
+    layers="model.layers",
+    structures={ATTENTION_HEADS: _ATTENTION, MLP_CHANNELS: _MLP},
+    hidden=_HIDDEN,
+    hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
+    norm=NormSpec(
+        kind="rms",
+        eps_field="rms_norm_eps",
+        eps_attr="variance_epsilon",
+        modules=("model.norm",),
+        layer_modules=("input_layernorm", "post_attention_layernorm"),
+    ),
+    layer_index_attrs=("self_attn.layer_idx",),
+    lora_target_modules=_LORA_TARGETS,
+)
+
+GLM4_SPEC = ArchitectureSpec(
+    model_types=("glm4",),
+    layers="model.layers",
+    structures={ATTENTION_HEADS: _ATTENTION, MLP_CHANNELS: _MLP},
+    hidden=_HIDDEN,
+    hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
+    norm=NormSpec(
+        kind="rms",
+        eps_field="rms_norm_eps",
+        eps_attr="variance_epsilon",
+        modules=("model.norm",),
+        layer_modules=(
+            "input_layernorm",
+            "post_self_attn_layernorm",
+            "post_attention_layernorm",
+            "post_mlp_layernorm",
+        ),
+    ),
+    layer_index_attrs=("self_attn.layer_idx",),
+    lora_target_modules=_LORA_TARGETS,
+)
+
+register_architecture("glm", GLM_SPEC)
+register_architecture("glm4", GLM4_SPEC)

@@ -1,0 +1,391 @@
+"""Transformers 4.57 and Optimum: pruning under 4.57, 5.x checkpoints under 4.57, ONNX export and ONNX Runtime.
+
+optimum-onnx 0.1.0 requires `transformers<4.58`, so the tests marked `compat` run in a second environment
+(`make test-compat` builds `.venv-compat`: transformers 4.57.6, optimum-onnx[onnxruntime] 0.1.0) and skip elsewhere.
+The cross-version tests write checkpoints with the default 5.x interpreter (`OPTIMUM_PRUNE_MAIN_PYTHON`, defaulting to
+`.venv/bin/python`) in a subprocess. The unmarked tests check, in any environment, what the package writes so that
+4.57 can read it.
+"""
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from testing_utils import VOCAB, input_ids, logits, skip_layers, tiny_llama
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from optimum_prune import AutoPruner, PrunerConfig
+from optimum_prune.utils import IS_TRANSFORMERS_V5, TRANSFORMERS_VERSION, legacy_rope_fields
+
+
+REPO = Path(__file__).resolve().parent.parent
+MAIN_PYTHON = Path(os.environ.get("OPTIMUM_PRUNE_MAIN_PYTHON", REPO / ".venv" / "bin" / "python"))
+IN_COMPAT_ENV = not IS_TRANSFORMERS_V5 and importlib.util.find_spec("optimum.onnxruntime") is not None
+NEEDS_COMPAT_ENV = pytest.mark.skipif(
+    not IN_COMPAT_ENV, reason="needs Transformers 4.57 with optimum-onnx[onnxruntime]: run `make test-compat`"
+)
+NEEDS_MAIN_PYTHON = pytest.mark.skipif(
+    not MAIN_PYTHON.exists(), reason=f"no Transformers 5.x interpreter at {MAIN_PYTHON} (OPTIMUM_PRUNE_MAIN_PYTHON)"
+)
+ROPE_THETA = 50000.0  # not the default 10000, so a base frequency lost between versions changes the logits
+WORDS = [f"w{i}" for i in range(VOCAB - 1)]
+PROMPT = "w1 w5 w9 w2"
+
+
+def _rope_kwargs() -> dict:
+    if IS_TRANSFORMERS_V5:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}}
+    return {"rope_theta": ROPE_THETA}
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny models' vocabulary (no downloads)."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+
+
+def _pruned(structures, ratio, importance="magnitude", calibration=None, **model_kwargs):
+    pruner = AutoPruner.from_model(
+        tiny_llama(**model_kwargs),
+        PrunerConfig(pruning_ratio=ratio, importance=importance, structures=list(structures)),
+        tokenizer=_tokenizer(),
+    )
+    pruner.prune(calibration_data=calibration)
+    return pruner
+
+
+def _run(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **kwargs.pop("env", {})}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, **kwargs)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result
+
+
+# ---------------------------------------------------------------- what the package writes (any environment)
+
+
+def test_legacy_rope_fields():
+    default = {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+    assert legacy_rope_fields(default) == {"rope_theta": 5e5, "rope_scaling": None}
+    llama3 = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0}}
+    assert legacy_rope_fields(llama3) == {
+        "rope_theta": 5e5,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0},
+    }
+    assert legacy_rope_fields({**default, "rope_theta": 5e5}) == {}  # written by 4.x: nothing to add
+    per_layer_type = {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}}
+    assert legacy_rope_fields(per_layer_type) == {}
+    assert legacy_rope_fields({"hidden_size": 8}) == {}
+
+
+def test_saved_checkpoint_carries_the_4x_spelling(tmp_path):
+    """`save_pretrained` writes `rope_theta` and a tokenizer class both majors know, and still reloads identically
+    in the environment that wrote it."""
+    pruner = _pruned(["mlp_channels"], 0.2, **_rope_kwargs())
+    pruner.save_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_theta"] == ROPE_THETA
+    tokenizer_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = input_ids()
+    torch.testing.assert_close(logits(reloaded, ids), logits(pruner.model, ids), atol=0, rtol=0)
+    if IS_TRANSFORMERS_V5:
+        assert reloaded.config.rope_parameters == {"rope_type": "default", "rope_theta": ROPE_THETA}
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")(PROMPT)["input_ids"] == _tokenizer()(PROMPT)["input_ids"]
+
+
+# ---------------------------------------------------------------- 1. pruning under Transformers 4.57
+
+
+def _zeroed_reference(model, plan):
+    """The original with every removed unit zeroed (widths) or skipped (layers): needs no pruning code."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for key, kept in plan.kept.items():
+            structure, _, layer_index = key.partition(".")
+            removed = sorted(set(range(plan.unit_counts[key])) - set(kept))
+            if structure == "hidden_channels":
+                reference.model.embed_tokens.weight[:, removed] = 0
+                for layer in reference.model.layers:
+                    for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                        linear.weight[removed] = 0
+                        if linear.bias is not None:
+                            linear.bias[removed] = 0
+                continue
+            layer = reference.model.layers[int(layer_index)]
+            consumer = layer.self_attn.o_proj if structure == "attention_heads" else layer.mlp.down_proj
+            block = consumer.in_features // plan.unit_counts[key]  # a KV group's query heads, or one channel
+            for unit in removed:
+                consumer.weight[:, unit * block : (unit + 1) * block] = 0
+    skip_layers(reference, plan.removed_layers)
+    return reference
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+@pytest.mark.parametrize(
+    ("structures", "ratio", "model_kwargs"),
+    [
+        (["attention_heads", "mlp_channels"], 0.3, {}),
+        (["hidden_channels"], 0.2, {"bias": True}),
+        (["layers"], 0.31, {"num_hidden_layers": 6}),  # 2 of 6 layers
+    ],
+    ids=["heads+mlp", "hidden", "layers"],
+)
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_prunes_exactly_under_transformers_4_57(importance, structures, ratio, model_kwargs):
+    assert TRANSFORMERS_VERSION.major == 4 and TRANSFORMERS_VERSION.minor == 57
+    model = tiny_llama(**model_kwargs)
+    reference = copy.deepcopy(model)
+    calibration = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    pruner = AutoPruner.from_model(
+        model,
+        PrunerConfig(
+            pruning_ratio=ratio,
+            importance=importance,
+            structures=structures,
+            num_calibration_samples=4,
+            calibration_seq_len=16,
+        ),
+    )
+    pruned = pruner.prune(calibration_data=calibration if importance == "taylor" else None)
+    assert pruner.plan.kept or pruner.plan.removed_layers, "nothing was pruned"
+    assert pruner.params_after < pruner.params_before
+    ids = input_ids()
+    torch.testing.assert_close(
+        logits(pruned, ids), logits(_zeroed_reference(reference, pruner.plan), ids), atol=1e-5, rtol=0
+    )
+    out = pruned.generate(ids[:1, :5], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+# ---------------------------------------------------------------- 2. checkpoints cross the major versions
+
+WRITE = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_compat import PROMPT, _pruned, _rope_kwargs
+from testing_utils import input_ids
+out = {out!r}
+for name, structures in (("stock", ["mlp_channels"]), ("registered", ["hidden_channels", "mlp_channels"])):
+    pruner = _pruned(structures, 0.2, **_rope_kwargs())
+    pruner.save_pretrained(f"{{out}}/{{name}}")
+    with torch.no_grad():
+        torch.save(pruner.model(input_ids=input_ids()).logits, f"{{out}}/{{name}}.logits.pt")
+    print(name, pruner.model.config.model_type, pruner.tokenizer(PROMPT)["input_ids"])
+"""
+
+LOAD = """
+import sys, torch
+{package}
+from transformers import AutoModelForCausalLM, AutoTokenizer
+sys.path.insert(0, {tests!r})
+from testing_utils import input_ids
+model = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code={trust}).eval()
+rope = getattr(model.config, "rope_parameters", None) or {{"rope_theta": model.config.rope_theta}}  # 5.x or 4.x
+assert rope["rope_theta"] == {theta!r}, rope
+with torch.no_grad():
+    torch.save(model(input_ids=input_ids()).logits, {path!r} + ".loaded.pt")
+tokenizer = AutoTokenizer.from_pretrained({path!r}, trust_remote_code={trust})
+print(type(model).__name__, tokenizer({prompt!r})["input_ids"])
+"""
+
+CROSS_LOADS = pytest.mark.parametrize(
+    ("name", "package", "trust", "expected_class"),
+    [
+        ("stock", False, False, "LlamaForCausalLM"),
+        ("registered", True, False, "PrunedLlamaForCausalLM"),
+        ("registered", False, True, "PrunedLlamaForCausalLM"),
+    ],
+    ids=["stock-without-package", "registered-with-package", "registered-remote-code-without-package"],
+)
+
+
+def _write_checkpoints(python: Path, out: Path, major: str):
+    """A stock-config and a registered-type (`pruned_llama`: hidden 48 -> 41) checkpoint written by the package."""
+    result = _run(
+        [str(python), "-c", WRITE.format(tests=str(REPO / "tests"), out=str(out))],
+        cwd=out,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines()[-2:])
+    assert lines["stock"].startswith("llama ") and lines["registered"].startswith("pruned_llama ")
+    assert json.loads((out / "stock" / "config.json").read_text())["transformers_version"].startswith(major)
+    return out, {name: json.loads(line.split(" ", 1)[1]) for name, line in lines.items()}
+
+
+def _load(python: Path, path: Path, *, package: bool, trust: bool):
+    package_line = "import optimum_prune" if package else "sys.modules['optimum_prune'] = None  # not installed"
+    code = LOAD.format(
+        package=package_line, tests=str(REPO / "tests"), path=str(path), trust=trust, theta=ROPE_THETA, prompt=PROMPT
+    )
+    env = {"HF_MODULES_CACHE": str(path.parent / f"modules-{package}-{trust}"), "PYTHONPATH": str(REPO)}
+    result = _run([str(python), "-c", code], cwd=path.parent, env=env)
+    cls, token_ids = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    return torch.load(f"{path}.loaded.pt"), cls, json.loads(token_ids)
+
+
+@pytest.fixture(scope="module")
+def v5_checkpoints(tmp_path_factory):
+    return _write_checkpoints(MAIN_PYTHON, tmp_path_factory.mktemp("v5"), "5.")
+
+
+@pytest.fixture(scope="module")
+def v4_checkpoints(tmp_path_factory):
+    return _write_checkpoints(Path(sys.executable), tmp_path_factory.mktemp("v4"), "4.57")
+
+
+@NEEDS_MAIN_PYTHON
+@CROSS_LOADS
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_5x_checkpoint_loads_under_4_57_identically(v5_checkpoints, name, package, trust, expected_class):
+    out, token_ids = v5_checkpoints
+    loaded, cls, tokens = _load(Path(sys.executable), out / name, package=package, trust=trust)
+    assert cls == expected_class
+    torch.testing.assert_close(loaded, torch.load(out / f"{name}.logits.pt"), atol=0, rtol=0)
+    assert tokens == token_ids[name]
+
+
+@NEEDS_MAIN_PYTHON
+@CROSS_LOADS
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_4_57_checkpoint_loads_under_5x_identically(v4_checkpoints, name, package, trust, expected_class):
+    """4.57 accepts `hidden_size % num_attention_heads != 0` in `LlamaConfig`, 5.x does not: surgery must still
+    switch to `pruned_llama` under 4.57 (`fails_transformers_5_validation`) for the checkpoint to load under 5.x."""
+    out, token_ids = v4_checkpoints
+    loaded, cls, tokens = _load(MAIN_PYTHON, out / name, package=package, trust=trust)
+    assert cls == expected_class
+    torch.testing.assert_close(loaded, torch.load(out / f"{name}.logits.pt"), atol=0, rtol=0)
+    assert tokens == token_ids[name]
+
+
+# ---------------------------------------------------------------- 3. ONNX export and ONNX Runtime
+
+
+def _export_onnx(model_dir: Path, output: Path, *extra: str) -> Path:
+    cli = Path(sys.executable).parent / "optimum-cli"
+    _run(
+        [
+            str(cli),
+            "export",
+            "onnx",
+            "--model",
+            str(model_dir),
+            "--task",
+            "text-generation-with-past",
+            *extra,
+            str(output),
+        ],
+        cwd=model_dir.parent,
+    )
+    assert (output / "model.onnx").exists()
+    return output
+
+
+def _check_ort_matches_pytorch(onnx_dir: Path, pytorch_model, align: bool = False):
+    """`ORTModelForCausalLM` logits within 1e-4 of PyTorch's, and the same greedy continuation (KV cache in use)."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from optimum_prune.utils.onnx import align_ort_cache_shapes
+
+    ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir)
+    if align:
+        align_ort_cache_shapes(ort_model)
+    ids = input_ids()
+    mask = torch.ones_like(ids)
+    expected = logits(pytorch_model, ids)
+    torch.testing.assert_close(ort_model(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-4, rtol=0)
+    prompt = ids[:1, :6]
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(ort_model.generate(prompt, **kwargs), pytorch_model.generate(prompt, **kwargs))
+
+
+def _check_pipeline_matches_pytorch(generator, pytorch_model):
+    """The Optimum ORT pipeline generates what the Transformers pipeline over the PyTorch model generates."""
+    from transformers import pipeline
+
+    assert type(generator.model).__name__ == "ORTModelForCausalLM"
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    text = generator(PROMPT, **kwargs)[0]["generated_text"]
+    reference = pipeline("text-generation", model=pytorch_model, tokenizer=generator.tokenizer)
+    assert text == reference(PROMPT, **kwargs)[0]["generated_text"]
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+
+
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_stock_config_output_exports_to_onnx_and_runs_in_ort(tmp_path):
+    """MLP-only pruning keeps the stock `llama` type: `optimum-cli export onnx` and ORT need nothing from us.
+
+    `hidden_size = heads * head_dim` here because optimum-onnx 0.1.0 sizes the ORT cache as
+    `hidden_size // num_attention_heads`; other shapes need `align_ort_cache_shapes` (tested below).
+    """
+    from optimum.pipelines import pipeline
+
+    pruner = _pruned(["mlp_channels"], 0.2, hidden_size=64)
+    model_dir = tmp_path / "pruned"
+    pruner.save_pretrained(model_dir)
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "llama"
+    onnx_dir = _export_onnx(model_dir, tmp_path / "onnx")
+    assert (onnx_dir / "tokenizer.json").exists()
+    _check_ort_matches_pytorch(onnx_dir, pruner.model)
+
+    generator = pipeline("text-generation", model=str(model_dir), accelerator="ort")
+    _check_pipeline_matches_pytorch(generator, pruner.model)
+
+
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_register_onnx_configs_adds_pruned_types():
+    from optimum.exporters.tasks import TasksManager
+
+    from optimum_prune.utils.onnx import register_onnx_configs
+
+    assert register_onnx_configs() == ["pruned_llama"]
+    assert register_onnx_configs() == ["pruned_llama"]  # idempotent
+    tasks = TasksManager._SUPPORTED_MODEL_TYPE["pruned_llama"]["onnx"]
+    assert tasks.keys() == TasksManager._SUPPORTED_MODEL_TYPE["llama"]["onnx"].keys()
+    assert (
+        tasks["text-generation-with-past"].func
+        is TasksManager._SUPPORTED_MODEL_TYPE["llama"]["onnx"]["text-generation-with-past"].func
+    )
+
+
+@NEEDS_MAIN_PYTHON
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_registered_type_exports_to_onnx_and_runs_in_ort(v5_checkpoints, tmp_path):
+    """A `pruned_llama` checkpoint (hidden channels 48 -> 41, not a multiple of 8 heads) written under 5.x.
+
+    `optimum-cli` registers the ONNX config through `optimum.commands.register.register_prune`. The export needs
+    `--trust-remote-code`: optimum-onnx infers the library from the model class's module, and only the remote-code
+    class (`transformers_modules.*`) passes that check.
+    """
+    from optimum.pipelines import pipeline
+
+    from optimum_prune.utils.onnx import align_ort_cache_shapes, register_onnx_configs
+
+    out, _ = v5_checkpoints
+    model_dir = out / "registered"
+    onnx_dir = _export_onnx(model_dir, tmp_path / "onnx", "--trust-remote-code")
+    pytorch_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert type(pytorch_model).__name__ == "PrunedLlamaForCausalLM"
+    torch.testing.assert_close(logits(pytorch_model, input_ids()), torch.load(out / "registered.logits.pt"))
+    _check_ort_matches_pytorch(onnx_dir, pytorch_model, align=True)
+
+    register_onnx_configs()
+    generator = pipeline("text-generation", model=str(model_dir), accelerator="ort", trust_remote_code=True)
+    align_ort_cache_shapes(generator.model)
+    _check_pipeline_matches_pytorch(generator, pytorch_model)

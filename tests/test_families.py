@@ -1,0 +1,414 @@
+"""Every family x every structure: exact against a reference built without pruning code, reload in a fresh process
+(with the package, and with `trust_remote_code=True` without it), `generate`, and every registered criterion.
+
+The references only zero weights (or skip layers, or patch norms) of an untouched copy of the original model; they
+never call optimum-prune. Each family row says how a removed unit is zeroed in *its* layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_bloom, tiny_glm, tiny_opt
+from torch import nn
+
+from optimum_prune import AutoPruner, PrunerConfig
+from optimum_prune.architectures import get_architecture
+from optimum_prune.groups import decoder_layers
+from optimum_prune.importance import IMPORTANCE_REGISTRY
+
+
+ATOL = 1e-5
+WIDTH_STRUCTURES = ("attention_heads", "mlp_channels", "hidden_channels")
+STRUCTURES = (*WIDTH_STRUCTURES, "layers")
+
+
+def _removed(kept, total):
+    return sorted(set(range(total)) - set(kept))
+
+
+@dataclass
+class Family:
+    """How to build a tiny model of one family and how to zero a removed unit in the untouched original.
+
+    `zero_attention(model, layer, units)` / `zero_mlp(model, layer, channels)` zero the consumer side of removed
+    units; `hidden_reference(model, channels)` turns the original into the computation with those hidden channels
+    removed (zeroed residual writes, and for LayerNorm families norms whose statistics skip them) and returns hook
+    handles to keep alive.
+    """
+
+    build: Callable
+    layers: str
+    zero_attention: Callable
+    zero_mlp: Callable
+    hidden_reference: Callable
+    ratios: dict
+    stock_type: str
+    pruned_type: str | None = None
+    unsupported: tuple = ()  # structures refused with a ValueError that names the reason
+
+
+# GLM ---------------------------------------------------------------------------------------------------------------
+
+
+def _glm_zero_attention(model, layer, units, n_rep=2, head_dim=8):
+    o_proj = model.model.layers[layer].self_attn.o_proj
+    for u in units:  # a unit is a KV group: the n_rep query heads that read it
+        o_proj.weight[:, u * n_rep * head_dim : (u + 1) * n_rep * head_dim] = 0
+
+
+def _glm_zero_mlp(model, layer, channels):
+    model.model.layers[layer].mlp.down_proj.weight[:, channels] = 0
+
+
+def _glm_hidden_reference(model, channels):
+    """RMSNorm is scale-free on the kept channels once the removed ones are zero everywhere in the residual stream."""
+    model.model.embed_tokens.weight[:, channels] = 0
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[channels] = 0
+        layer.mlp.down_proj.weight[channels] = 0
+    return []
+
+
+def _masked_layer_norm(kept):
+    """A forward hook making a LayerNorm compute mean and variance over the `kept` channels only and output zero on
+    the others: what a LayerNorm over the kept channels computes, embedded back in the full width."""
+
+    def hook(module, args, output):
+        x = args[0][..., kept]
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        y = (x - mean) / torch.sqrt(var + module.eps)
+        if module.weight is not None:
+            y = y * module.weight[kept]
+        if module.bias is not None:
+            y = y + module.bias[kept]
+        out = torch.zeros_like(output)
+        out[..., kept] = y
+        return out
+
+    return hook
+
+
+def _layer_norm_reference(model, channels):
+    kept = sorted(set(range(model.config.hidden_size)) - set(channels))
+    return [m.register_forward_hook(_masked_layer_norm(kept)) for m in model.modules() if isinstance(m, nn.LayerNorm)]
+
+
+# OPT ---------------------------------------------------------------------------------------------------------------
+
+
+def _opt_zero_attention(model, layer, heads, head_dim=8):
+    out_proj = model.model.decoder.layers[layer].self_attn.out_proj
+    for h in heads:
+        out_proj.weight[:, h * head_dim : (h + 1) * head_dim] = 0
+
+
+def _opt_zero_mlp(model, layer, channels):
+    # fc2 columns, not fc1 rows: relu(0 * x + bias) would leak fc1's bias.
+    model.model.decoder.layers[layer].fc2.weight[:, channels] = 0
+
+
+def _opt_hidden_reference(model, channels):
+    decoder = model.model.decoder
+    decoder.embed_tokens.weight[:, channels] = 0  # also the tied lm_head
+    decoder.embed_positions.weight[:, channels] = 0
+    if not model.config.tie_word_embeddings:
+        model.lm_head.weight[:, channels] = 0
+    for layer in decoder.layers:
+        for linear in (layer.self_attn.out_proj, layer.fc2):
+            linear.weight[channels] = 0
+            linear.bias[channels] = 0
+    return _layer_norm_reference(model, channels)
+
+
+_OPT_RATIOS = {"attention_heads": 0.08, "mlp_channels": 0.2, "hidden_channels": 0.2}
+
+# BLOOM -------------------------------------------------------------------------------------------------------------
+
+
+def _bloom_zero_attention(model, layer, heads, head_dim=8):
+    dense = model.transformer.h[layer].self_attention.dense
+    for h in heads:
+        dense.weight[:, h * head_dim : (h + 1) * head_dim] = 0
+
+
+def _bloom_zero_mlp(model, layer, channels):
+    model.transformer.h[layer].mlp.dense_4h_to_h.weight[:, channels] = 0
+
+
+def _bloom_hidden_reference(model, channels):
+    model.transformer.word_embeddings.weight[:, channels] = 0  # also the tied lm_head
+    for layer in model.transformer.h:
+        for linear in (layer.self_attention.dense, layer.mlp.dense_4h_to_h):
+            linear.weight[channels] = 0
+            linear.bias[channels] = 0
+    return _layer_norm_reference(model, channels)
+
+
+_GLM_RATIOS = {"attention_heads": 0.1, "mlp_channels": 0.2, "hidden_channels": 0.2}
+
+FAMILIES = {
+    "glm": Family(
+        build=tiny_glm,
+        layers="model.layers",
+        zero_attention=_glm_zero_attention,
+        zero_mlp=_glm_zero_mlp,
+        hidden_reference=_glm_hidden_reference,
+        ratios=_GLM_RATIOS,
+        stock_type="glm",
+    ),
+    "glm4": Family(
+        build=lambda **kw: tiny_glm(glm4=True, **kw),
+        layers="model.layers",
+        zero_attention=_glm_zero_attention,
+        zero_mlp=_glm_zero_mlp,
+        hidden_reference=_glm_hidden_reference,
+        ratios=_GLM_RATIOS,
+        stock_type="glm4",
+    ),
+    "bloom": Family(
+        build=tiny_bloom,
+        layers="transformer.h",
+        zero_attention=_bloom_zero_attention,
+        zero_mlp=_bloom_zero_mlp,
+        hidden_reference=_bloom_hidden_reference,
+        ratios={"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2},
+        stock_type="bloom",
+        pruned_type="pruned_bloom",
+    ),
+    "bloom-post-ln-residual": Family(
+        build=lambda **kw: tiny_bloom(apply_residual_connection_post_layernorm=True, **kw),
+        layers="transformer.h",
+        zero_attention=_bloom_zero_attention,
+        zero_mlp=_bloom_zero_mlp,
+        hidden_reference=_bloom_hidden_reference,
+        ratios={"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2},
+        stock_type="bloom",
+        pruned_type="pruned_bloom",
+    ),
+    "opt": Family(
+        build=tiny_opt,
+        layers="model.decoder.layers",
+        zero_attention=_opt_zero_attention,
+        zero_mlp=_opt_zero_mlp,
+        hidden_reference=_opt_hidden_reference,
+        ratios=_OPT_RATIOS,
+        stock_type="opt",
+        pruned_type="pruned_opt",
+    ),
+    "opt-post-ln": Family(
+        build=lambda **kw: tiny_opt(do_layer_norm_before=False, tie_word_embeddings=False, **kw),
+        layers="model.decoder.layers",
+        zero_attention=_opt_zero_attention,
+        zero_mlp=_opt_zero_mlp,
+        hidden_reference=_opt_hidden_reference,
+        ratios=_OPT_RATIOS,
+        stock_type="opt",
+        pruned_type="pruned_opt",
+    ),
+    "opt-projected": Family(
+        build=lambda **kw: tiny_opt(word_embed_proj_dim=32, **kw),
+        layers="model.decoder.layers",
+        zero_attention=_opt_zero_attention,
+        zero_mlp=_opt_zero_mlp,
+        hidden_reference=_opt_hidden_reference,
+        ratios=_OPT_RATIOS,
+        stock_type="opt",
+        pruned_type="pruned_opt",
+        unsupported=("hidden_channels",),
+    ),
+}
+
+
+# The matrix --------------------------------------------------------------------------------------------------------
+
+
+def _skip_layers(model, path, layers):
+    """Decoder layers that pass their input through unchanged (forward hooks): the reference for layer removal."""
+
+    def hook(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return [model.get_submodule(path)[i].register_forward_hook(hook, with_kwargs=True) for i in layers]
+
+
+@dataclass
+class Case:
+    family: Family
+    pruned: torch.nn.Module
+    reference: torch.nn.Module
+    plan: object
+    pruner: object
+    handles: list
+
+
+_CASES: dict = {}
+
+
+def _case(family_name: str, structure: str) -> Case:
+    """Prune a fresh tiny model of `family_name` along one structure (random scores) and build its reference."""
+    key = (family_name, structure)
+    if key in _CASES:
+        return _CASES[key]
+    family = FAMILIES[family_name]
+    model = family.build()
+    reference = copy.deepcopy(model)
+    ratio = family.ratios.get(structure)
+    if structure == "layers":  # exactly one decoder layer's share of the parameters
+        per_layer = sum(p.numel() for p in model.get_submodule(family.layers)[0].parameters())
+        ratio = round(per_layer / sum(p.numel() for p in model.parameters()), 3)
+    config = PrunerConfig(importance="random", pruning_ratio=ratio, structures=[structure])
+    pruner = AutoPruner.from_model(model, config)
+    pruned = pruner.prune()
+    plan = pruner.plan
+    handles = []
+    with torch.no_grad():
+        if structure == "layers":
+            assert plan.removed_layers, "no layer was removed"
+            handles = _skip_layers(reference, family.layers, plan.removed_layers)
+        elif structure == "hidden_channels":
+            removed = _removed(plan.kept["hidden_channels"], plan.unit_counts["hidden_channels"])
+            assert removed, "no hidden channel was removed"
+            handles = family.hidden_reference(reference, removed)
+        else:
+            assert plan.kept, f"no {structure} unit was removed"
+            zero = family.zero_attention if structure == "attention_heads" else family.zero_mlp
+            for group_key, kept in plan.kept.items():
+                zero(reference, int(group_key.split(".")[1]), _removed(kept, plan.unit_counts[group_key]))
+    _CASES[key] = Case(family, pruned, reference, plan, pruner, handles)
+    return _CASES[key]
+
+
+MATRIX = [(f, s) for f in FAMILIES for s in STRUCTURES if s not in FAMILIES[f].unsupported]
+REFUSED = [(f, s) for f in FAMILIES for s in FAMILIES[f].unsupported]
+
+
+@pytest.mark.parametrize("family_name,structure", REFUSED, ids=[f"{f}-{s}" for f, s in REFUSED])
+def test_unsupported_structure_is_refused_clearly(family_name, structure):
+    model = FAMILIES[family_name].build()
+    config = PrunerConfig(importance="magnitude", pruning_ratio=0.2, structures=[structure])
+    with pytest.raises(ValueError, match=f"`{structure}` pruning is supported only when"):
+        AutoPruner.from_model(model, config).prune()
+
+
+@pytest.mark.parametrize("family_name,structure", MATRIX, ids=[f"{f}-{s}" for f, s in MATRIX])
+def test_pruned_equals_reference(family_name, structure):
+    case = _case(family_name, structure)
+    ids = input_ids()
+    assert sum(p.numel() for p in case.pruned.parameters()) < sum(p.numel() for p in case.reference.parameters())
+    torch.testing.assert_close(logits(case.pruned, ids), logits(case.reference, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family_name,structure", MATRIX, ids=[f"{f}-{s}" for f, s in MATRIX])
+def test_pruned_equals_reference_with_padding(family_name, structure):
+    """Left padding changes positions (OPT's learned positions, BLOOM's ALiBi distances come from the mask's
+    cumulative sum): every kept head must still see its original slope."""
+    case = _case(family_name, structure)
+    ids = input_ids()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in the first row
+    with torch.no_grad():
+        got = case.pruned(input_ids=ids, attention_mask=mask).logits
+        want = case.reference(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=0)
+
+
+# Variants share their family's modeling code: their reloads (two interpreters each) run with the slow tests.
+RELOAD = [pytest.param(f, marks=pytest.mark.slow) if "-" in f else f for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family_name", RELOAD)
+def test_reload_in_fresh_process(tmp_path, family_name):
+    """Every structure's checkpoint reloads with identical logits: with the package imported, and without it through
+    `trust_remote_code=True` (stock types need no remote code; registered types load from the copied modeling file)."""
+    family = FAMILIES[family_name]
+    ids = input_ids()
+    paths, expected = [], []
+    for structure in STRUCTURES:
+        if structure in family.unsupported:
+            continue
+        case = _case(family_name, structure)
+        out = tmp_path / structure
+        case.pruner.save_pretrained(out)
+        config = json.loads((out / "config.json").read_text())
+        assert config["model_type"] in {family.stock_type, family.pruned_type}
+        if config["model_type"] != family.stock_type:
+            assert "auto_map" in config and (out / f"modeling_{family.pruned_type}.py").exists()
+        paths.append(out)
+        expected.append(logits(case.pruned, ids))
+    for import_package in (True, False):
+        loaded = fresh_process_logits(paths, ids, trust_remote_code=not import_package, import_package=import_package)
+        for path, want, (got, _) in zip(paths, expected, loaded):
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"{path.name}: reload differs")
+
+
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+def test_generate_after_every_width_structure(family_name):
+    family = FAMILIES[family_name]
+    model = family.build()
+    structures = [s for s in WIDTH_STRUCTURES if s not in family.unsupported]
+    config = PrunerConfig(importance="magnitude", pruning_ratio=0.4, structures=structures)
+    pruned = AutoPruner.from_model(model, config).prune()
+    ids = input_ids(batch=2, length=5)
+    out = pruned.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False
+    )
+    assert out.shape == (2, 9)
+
+
+CRITERIA = [(f, c) for f in FAMILIES for c in sorted(IMPORTANCE_REGISTRY)]
+
+
+@pytest.mark.parametrize("family_name,criterion", CRITERIA, ids=[f"{f}-{c}" for f, c in CRITERIA])
+def test_every_criterion_runs(family_name, criterion):
+    model = FAMILIES[family_name].build()
+    before = sum(p.numel() for p in model.parameters())
+    structures, ratio = ["attention_heads", "mlp_channels"], 0.25
+    if IMPORTANCE_REGISTRY[criterion].structures == ("layers",):  # layer-only criteria remove one layer
+        first_layer = decoder_layers(model, get_architecture(model.config.model_type))[0]
+        layer = sum(p.numel() for p in first_layer.parameters())
+        structures, ratio = ["layers"], round(layer / before, 3)
+    config = PrunerConfig(
+        importance=criterion,
+        pruning_ratio=ratio,
+        structures=structures,
+        num_calibration_samples=4,
+        calibration_seq_len=16,
+    )
+    calibration = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(5))
+    pruned = AutoPruner.from_model(model, config).prune(calibration_data=calibration)
+    assert sum(p.numel() for p in pruned.parameters()) < before
+    assert torch.isfinite(logits(pruned, input_ids())).all()
+
+
+def test_bloom_keeps_original_alibi_slopes():
+    """The pruned config records each layer's kept original heads; recomputing slopes from the pruned head count
+    (what LLM-Pruner's BLOOM code does) would not match the zeroed original."""
+    case = _case("bloom", "attention_heads")
+    config = case.pruned.config
+    assert config.model_type == "pruned_bloom" and config.alibi_num_heads == 6
+    assert config.alibi_head_indices == [case.plan.kept[f"attention_heads.{i}"] for i in range(3)]
+    ids = input_ids()
+    recomputed = copy.deepcopy(case.pruned)
+    recomputed.transformer.num_heads = config.n_head
+    for block in recomputed.transformer.h:
+        block.alibi_num_heads, block.alibi_heads = config.n_head, list(range(config.n_head))
+    assert (logits(recomputed, ids) - logits(case.reference, ids)).abs().max() > 1e-3
+
+
+def test_stock_shapes_keep_a_clean_stock_config():
+    """Layer removal keeps BLOOM and OPT stock, with no derived fields written; FFN pruning keeps OPT stock."""
+    for family_name, structure in (("bloom", "layers"), ("opt", "layers"), ("opt", "mlp_channels")):
+        config = _case(family_name, structure).pruned.config.to_dict()
+        assert config["model_type"] == family_name
+        assert "head_dim" not in config and "intermediate_size" not in config and "alibi_head_indices" not in config
+    assert _case("opt", "mlp_channels").pruned.config.ffn_dim < 80
+    assert _case("bloom", "layers").pruned.config.n_layer == 2
