@@ -38,6 +38,16 @@ MODES: dict[str, dict] = {
     },
     "layers": {"structures": ["layers"]},
     "layers+width": {"structures": ["layers", "attention_heads", "mlp_channels"]},
+    "layers_bi+width": {
+        "structures": ["layers", "attention_heads", "mlp_channels"],
+        "layer_importance": "block_influence",
+    },
+    "layers_bi+width_global_raw": {
+        "structures": ["layers", "attention_heads", "mlp_channels"],
+        "layer_importance": "block_influence",
+        "global_ranking": True,
+        "global_normalization": "none",
+    },
 }
 
 
