@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 
 def _run(args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd)
 
 
@@ -103,3 +103,40 @@ def test_python_api_matches_cli_defaults():
     assert args.pruning_ratio == config.pruning_ratio and args.importance == config.importance
     assert args.structures == config.structures and args.num_calibration_samples == config.num_calibration_samples
     assert torch.float32 is getattr(torch, args.dtype)
+
+
+def test_allocation_flags_and_config_file(tmp_path):
+    from optimum_prune import PrunerConfig
+    from optimum_prune.commands.cli import build_parser
+    from optimum_prune.commands.prune import DEFAULTS, build_pruner_config
+
+    args = build_parser().parse_args(
+        [
+            "prune",
+            "--model",
+            "m",
+            "--output",
+            "o",
+            "--attention-layers",
+            "1:5",
+            "--mlp-layers",
+            "1,2,3",
+            "--global-ranking",
+            "--min-heads",
+            "2",
+            "--importance",
+            "magnitude",
+        ]
+    )
+    config = build_pruner_config(args)
+    assert config.attention_layers == [1, 2, 3, 4] and config.mlp_layers == [1, 2, 3]
+    assert config.global_ranking and config.min_heads == 2 and config.uniform is False
+    # A config file is the starting point; explicit options override it, parser defaults do not.
+    PrunerConfig(pruning_ratio=0.4, importance="magnitude", round_to=8).save_pretrained(tmp_path)
+    args = build_parser().parse_args(
+        ["prune", "--model", "m", "--output", "o", "--config", str(tmp_path), "--seed", "3"]
+    )
+    config = build_pruner_config(args)
+    assert (config.pruning_ratio, config.importance, config.round_to, config.seed) == (0.4, "magnitude", 8, 3)
+    fields = PrunerConfig().to_dict()
+    assert all(fields[k] == v for k, v in DEFAULTS.items())

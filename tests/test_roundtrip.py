@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +35,8 @@ def _fresh_process_logits(path, ids, *, trust_remote_code, import_package):
             torch.save(model(input_ids=ids).logits, {str(path / "logits.pt")!r})
         print(type(model).__name__)
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(path.parent / "modules")}
+    root = str(Path(__file__).resolve().parents[1])  # this checkout, whatever the working directory
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(path.parent / "modules"), "PYTHONPATH": root}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=path.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(path / "logits.pt"), result.stdout.strip()

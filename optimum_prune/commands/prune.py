@@ -15,29 +15,111 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", required=True, help="Local directory or Hub id of a causal LM.")
     parser.add_argument("--output", required=True, help="Directory to write the pruned checkpoint to.")
-    parser.add_argument("--pruning-ratio", type=float, default=0.2, help="Fraction of total parameters to remove.")
-    parser.add_argument("--importance", default="taylor", help="Importance criterion (e.g. taylor, magnitude).")
+    parser.add_argument(
+        "--pruning-ratio",
+        type=float,
+        default=DEFAULTS["pruning_ratio"],
+        help="Fraction of total parameters to remove.",
+    )
+    parser.add_argument(
+        "--importance", default=DEFAULTS["importance"], help="Importance criterion (e.g. taylor, magnitude)."
+    )
     parser.add_argument(
         "--importance-kwargs", type=json.loads, default={}, help="Criterion variant as JSON, e.g. '{\"p\": 1}'."
     )
     parser.add_argument(
         "--structures",
         nargs="+",
-        default=["attention_heads", "mlp_channels"],
+        default=DEFAULTS["structures"],
         choices=STRUCTURES,
         help="Structures to prune.",
     )
     parser.add_argument("--calibration", default=None, help="Calibration data: a .txt or .jsonl file.")
-    parser.add_argument("--num-calibration-samples", type=int, default=32)
-    parser.add_argument("--calibration-seq-len", type=int, default=128)
-    parser.add_argument("--round-to", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-calibration-samples", type=int, default=DEFAULTS["num_calibration_samples"])
+    parser.add_argument("--calibration-seq-len", type=int, default=DEFAULTS["calibration_seq_len"])
+    parser.add_argument("--round-to", type=int, default=DEFAULTS["round_to"])
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--eval", default=None, help="Text file for perplexity before and after.")
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--device", default=None, help="Device to prune on (cpu, cuda, cuda:1). Default: cpu.")
     parser.add_argument("--trust-remote-code", action="store_true")
+    allocation = parser.add_argument_group("allocation (see PrunerConfig)")
+    allocation.add_argument(
+        "--attention-layers", type=_layers, default=None, help="e.g. 4:29 (end exclusive) or 1,2,3."
+    )
+    allocation.add_argument("--mlp-layers", type=_layers, default=None, help="e.g. 4:29 (end exclusive) or 1,2,3.")
+    allocation.add_argument("--layer-ratios", type=json.loads, default=None, help='JSON list or {"layer": ratio}.')
+    allocation.add_argument("--global-ranking", action="store_true", default=None, help="One threshold per structure.")
+    allocation.add_argument("--global-normalization", choices=["mean", "none"], default=None)
+    allocation.add_argument("--uniform", action="store_true", default=None, help="Same widths in every layer.")
+    allocation.add_argument("--min-heads", type=int, default=None)
+    allocation.add_argument("--min-channels", type=int, default=None)
+    allocation.add_argument("--layer-importance", default=None, help="Criterion for whole layers.")
+    allocation.add_argument("--num-layers-to-remove", type=int, default=None)
+    parser.add_argument(
+        "--config", default=None, help="A pruner_config.json to start from (e.g. from a published checkpoint)."
+    )
+
+
+DEFAULTS = {
+    "pruning_ratio": 0.2,
+    "importance": "taylor",
+    "importance_kwargs": {},
+    "structures": ["attention_heads", "mlp_channels"],
+    "num_calibration_samples": 32,
+    "calibration_seq_len": 128,
+    "round_to": 1,
+    "seed": 0,
+}
+
+ALLOCATION_ARGS = (
+    "attention_layers",
+    "mlp_layers",
+    "layer_ratios",
+    "global_ranking",
+    "global_normalization",
+    "uniform",
+    "min_heads",
+    "min_channels",
+    "layer_importance",
+    "num_layers_to_remove",
+)
+
+
+def _layers(text: str) -> list[int]:
+    """`4:29` (end exclusive) or `1,2,3`."""
+    try:
+        if ":" in text:
+            start, end = (int(v) for v in text.split(":"))
+            return list(range(start, end))
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected START:END or a comma-separated list of layers, got {text!r}"
+        ) from None
+
+
+def build_pruner_config(args: argparse.Namespace):
+    """PrunerConfig from the command line; options left out keep the `--config` file's or PrunerConfig's defaults."""
+    from ..configuration import PrunerConfig
+
+    base = PrunerConfig.from_pretrained(args.config).to_dict() if args.config else {}
+    explicit = {
+        "pruning_ratio": args.pruning_ratio,
+        "importance": args.importance,
+        "importance_kwargs": args.importance_kwargs,
+        "structures": args.structures,
+        "num_calibration_samples": args.num_calibration_samples,
+        "calibration_seq_len": args.calibration_seq_len,
+        "round_to": args.round_to,
+        "seed": args.seed,
+    }
+    if args.config:  # a config file wins over the parser's defaults, not over options given explicitly
+        explicit = {k: v for k, v in explicit.items() if v != DEFAULTS.get(k)}
+    explicit.update({k: getattr(args, k) for k in ALLOCATION_ARGS if getattr(args, k, None) is not None})
+    return PrunerConfig.from_dict({**base, **explicit})
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -45,19 +127,9 @@ def run_prune(args: argparse.Namespace) -> int:
     import torch
 
     from ..auto import AutoPruner
-    from ..configuration import PrunerConfig
     from ..evaluation import count_parameters, summary_table
 
-    config = PrunerConfig(
-        pruning_ratio=args.pruning_ratio,
-        importance=args.importance,
-        importance_kwargs=args.importance_kwargs,
-        structures=args.structures,
-        num_calibration_samples=args.num_calibration_samples,
-        calibration_seq_len=args.calibration_seq_len,
-        round_to=args.round_to,
-        seed=args.seed,
-    )
+    config = build_pruner_config(args)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     pruner = AutoPruner.from_pretrained(
         args.model, pruner_config=config, dtype=dtype, trust_remote_code=args.trust_remote_code
