@@ -56,6 +56,8 @@ class AutoPruner:
         converter = CHECKPOINT_CONVERTERS.get(_checkpoint_model_type(pretrained_model_name_or_path, hub_kwargs))
         if converter is not None:
             model = converter(pretrained_model_name_or_path, **kwargs)
+            # Without an explicit choice, AutoTokenizer would read the checkpoint's `auto_map` and prompt to run it.
+            hub_kwargs.setdefault("trust_remote_code", False)
         else:
             model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
             get_architecture(model_config.model_type)  # fail before loading weights

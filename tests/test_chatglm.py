@@ -275,6 +275,8 @@ def test_autopruner_prunes_chatglm_to_stock_glm(tmp_path):
     want = logits(pruned, ids)
     torch.testing.assert_close(want, logits(reference.model, ids), atol=0, rtol=0)
     assert pruned.config.num_key_value_heads < 3 or pruned.config.intermediate_size < 80
+    generated = pruned.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, 7)
 
     out = tmp_path / "pruned"
     pruner.save_pretrained(out)
@@ -308,6 +310,24 @@ def test_every_structure_prunes_as_the_native_model(tmp_path, structure):
     torch.testing.assert_close(logits(pruner.prune(), ids), logits(reference.prune(), ids), atol=0, rtol=0)
     assert pruner.plan.to_dict() == reference.plan.to_dict()
     assert pruner.params_after < pruner.params_before
+
+
+def test_standard_tokenizer_beside_chatglm_weights_loads_without_remote_code(tmp_path, monkeypatch):
+    """A tokenizer with a stock class loads; the config's `auto_map` is neither run nor prompted for."""
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    config, sd = glm_to_chatglm(tiny_glm())
+    path = write_chatglm(tmp_path / "chatglm", config, sd)
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(path)
+    pruner = AutoPruner.from_pretrained(path, PrunerConfig(importance="magnitude"))
+    assert pruner.tokenizer is not None and pruner.tokenizer("w5 w7")["input_ids"] == [5, 7]
+    assert not prompts, "asked whether to run the checkpoint's remote code"
+    assert not (path / "REMOTE_CODE_RAN").exists()
 
 
 def test_convert_chatglm_checkpoint_writes_stock_glm(tmp_path):
