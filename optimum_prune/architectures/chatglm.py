@@ -4,7 +4,8 @@ These checkpoints ship their own modeling code (`auto_map` to `modeling_chatglm.
 Transformers' `GlmForCausalLM`, so they are read without running that code and pruned as `glm` (see `glm.py`); the
 result is a stock `glm` checkpoint that loads with no remote code at all.
 
-How the remote layout maps onto `glm` (checked against THUDM's `modeling_chatglm.py` for ChatGLM2/3 and GLM-4):
+How the remote layout maps onto `glm` (read from a public copy of ChatGLM3-6B's `modeling_chatglm.py`; the `rope_ratio`
+handling of GLM-4 and ChatGLM2-32k from excerpts of theirs; no real checkpoint was run here):
 
 - `transformer.embedding.word_embeddings` -> `model.embed_tokens`; `transformer.encoder.layers.N.` -> `model.layers.N.`
   (`input_layernorm`, `post_attention_layernorm` unchanged; `self_attention.dense` -> `self_attn.o_proj`;
@@ -18,6 +19,9 @@ How the remote layout maps onto `glm` (checked against THUDM's `modeling_chatglm
   (`partial_rotary_factor=0.5`, `repeat_interleave`d cos/sin, `rotate_half` over even/odd channels), so no row
   permutation of q/k is needed. The tests check this against an independent re-implementation of ChatGLM's
   `apply_rotary_pos_emb` (and that a half-split rotary would be caught); they do not run THUDM's file itself.
+- Precision: the weights are copied bit for bit. In float32 the logits equal ChatGLM's up to float rounding; in
+  half precision ChatGLM rounds its cos/sin table to the weight dtype before rotating, Transformers rotates with a
+  float32 table cast to the activations' dtype, so bf16/fp16 logits can differ at rounding level.
 - `rope_ratio` means two things: ChatGLM3 and GLM-4 scale the base (`base = 10000 * rope_ratio`), ChatGLM2-32k divides
   the positions (`seq_idx / rope_ratio`, i.e. linear RoPE scaling). The checkpoint's `modeling_chatglm.py` is read as
   text (never imported) to tell which; `rope_ratio_mode` overrides it.
