@@ -9,6 +9,9 @@ and interleaved-pair `apply_rotary_pos_emb`, swiglu over `chunk(2)`) that shares
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from testing_utils import fresh_process_logits, input_ids, logits, tiny_glm
 
+import optimum_prune
 from optimum_prune import AutoPruner, PrunerConfig, convert_chatglm_checkpoint
 from optimum_prune.architectures.chatglm import (
     chatglm_to_glm_config,
@@ -327,6 +331,31 @@ def test_standard_tokenizer_beside_chatglm_weights_loads_without_remote_code(tmp
     pruner = AutoPruner.from_pretrained(path, PrunerConfig(importance="magnitude"))
     assert pruner.tokenizer is not None and pruner.tokenizer("w5 w7")["input_ids"] == [5, 7]
     assert not prompts, "asked whether to run the checkpoint's remote code"
+    assert not (path / "REMOTE_CODE_RAN").exists()
+
+
+def test_cli_prunes_a_chatglm_directory(tmp_path):
+    """`optimum-prune prune --model <chatglm dir>` goes through the same conversion."""
+    config, sd = glm_to_chatglm(tiny_glm())
+    path = write_chatglm(tmp_path / "chatglm", config, sd)
+    out = tmp_path / "out"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(optimum_prune.__file__)))
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    args = ["prune", "--model", str(path), "--importance", "magnitude", "--pruning-ratio", "0.2", "--output", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "optimum_prune.commands.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "glm" and "auto_map" not in saved
     assert not (path / "REMOTE_CODE_RAN").exists()
 
 
