@@ -1,6 +1,7 @@
 """optimum-prune: structured pruning for Hugging Face causal language models, with ordinary checkpoints as output."""
 
 from . import architectures, importance, modeling
+from .architectures.chatglm import convert_chatglm_checkpoint
 from .auto import AutoPruner
 from .configuration import PrunerConfig
 from .evaluation import count_parameters, perplexity
@@ -19,6 +20,7 @@ __all__ = [
     "PruningPlan",
     "__version__",
     "architectures",
+    "convert_chatglm_checkpoint",
     "count_parameters",
     "importance",
     "modeling",

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
-from .architectures.base import ARCHITECTURE_REGISTRY, ArchitectureSpec, get_architecture, register_architecture
+from .architectures.base import (
+    ARCHITECTURE_REGISTRY,
+    CHECKPOINT_CONVERTERS,
+    ArchitectureSpec,
+    get_architecture,
+    register_architecture,
+)
 from .configuration import PrunerConfig
 from .pruner import Pruner
 
@@ -35,13 +42,26 @@ class AutoPruner:
         cls, pretrained_model_name_or_path: str | os.PathLike, pruner_config: PrunerConfig | None = None, **kwargs
     ) -> Pruner:
         """Load a causal LM (kwargs go to `AutoModelForCausalLM.from_pretrained`: dtype, device_map, revision,
-        token, trust_remote_code) and its tokenizer, and return a [`Pruner`] for it."""
+        token, trust_remote_code) and its tokenizer, and return a [`Pruner`] for it.
+
+        A checkpoint whose `model_type` has a registered converter (ChatGLM2/3 and GLM-4's remote-code `chatglm`) is
+        converted to its native family instead, without running the checkpoint's modeling code; the kwargs then go
+        to the converter (for `chatglm`: `dtype`, `device_map`, `allow_pickle`, `rope_ratio_mode` and the Hub
+        arguments, see `optimum_prune.architectures.chatglm.load_chatglm_checkpoint`). The tokenizer is still loaded
+        with `AutoTokenizer` and the `trust_remote_code` you pass.
+        """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "trust_remote_code", "cache_dir") if k in kwargs}
-        model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        get_architecture(model_config.model_type)  # fail before loading weights
-        model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        converter = CHECKPOINT_CONVERTERS.get(_checkpoint_model_type(pretrained_model_name_or_path, hub_kwargs))
+        if converter is not None:
+            model = converter(pretrained_model_name_or_path, **kwargs)
+            # Without an explicit choice, AutoTokenizer would read the checkpoint's `auto_map` and prompt to run it.
+            hub_kwargs.setdefault("trust_remote_code", False)
+        else:
+            model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            get_architecture(model_config.model_type)  # fail before loading weights
+            model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
         try:
             tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         except (OSError, ValueError) as err:
@@ -61,7 +81,13 @@ class AutoPruner:
         pruner_config = pruner_config if pruner_config is not None else PrunerConfig()
         if not isinstance(pruner_config, PrunerConfig):
             raise TypeError(f"`pruner_config` must be a PrunerConfig, got {type(pruner_config).__name__}.")
-        spec = get_architecture(model.config.model_type)
+        model_type = model.config.model_type
+        if model_type in CHECKPOINT_CONVERTERS and model_type not in ARCHITECTURE_REGISTRY:
+            raise ValueError(
+                f"A {model_type!r} model is pruned after conversion to its native family: use "
+                "`AutoPruner.from_pretrained(path)` on its checkpoint, which converts it without running remote code."
+            )
+        spec = get_architecture(model_type)
         return Pruner(model, spec, pruner_config, tokenizer=tokenizer, name_or_path=name_or_path)
 
     @staticmethod
@@ -72,3 +98,26 @@ class AutoPruner:
     @staticmethod
     def supported_model_types() -> list[str]:
         return sorted(ARCHITECTURE_REGISTRY)
+
+
+def _checkpoint_model_type(path, hub_kwargs: dict) -> str | None:
+    """`model_type` read from config.json as plain JSON (a directory or Hub repo), so that no `auto_map` code runs;
+    None when there is no readable config.json (AutoConfig then raises its usual error)."""
+    from transformers.utils import cached_file
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if k != "trust_remote_code"}
+    try:
+        config_file = cached_file(
+            path,
+            "config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **kwargs,
+        )
+        if config_file is None:
+            return None
+        with open(config_file) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError) as err:
+        logger.debug("Could not read config.json of %s as JSON: %s", path, err)
+        return None

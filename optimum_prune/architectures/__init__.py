@@ -1,9 +1,10 @@
 """Architecture specs, one file per family; importing this package registers them."""
 
-from . import bloom, glm, llama, opt
+from . import bloom, chatglm, glm, llama, opt
 from .base import (
     ARCHITECTURE_REGISTRY,
     ATTENTION_HEADS,
+    CHECKPOINT_CONVERTERS,
     HIDDEN_CHANNELS,
     LAYERS,
     MLP_CHANNELS,
@@ -16,12 +17,14 @@ from .base import (
     Width,
     get_architecture,
     register_architecture,
+    register_checkpoint_converter,
 )
 
 
 __all__ = [
     "ARCHITECTURE_REGISTRY",
     "ATTENTION_HEADS",
+    "CHECKPOINT_CONVERTERS",
     "HIDDEN_CHANNELS",
     "LAYERS",
     "MLP_CHANNELS",
@@ -33,9 +36,11 @@ __all__ = [
     "StructureSpec",
     "Width",
     "bloom",
+    "chatglm",
     "get_architecture",
     "glm",
     "llama",
     "opt",
     "register_architecture",
+    "register_checkpoint_converter",
 ]

@@ -7,7 +7,9 @@ modules instead of coding them per model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 ATTENTION_HEADS = "attention_heads"
@@ -179,3 +181,23 @@ def get_architecture(model_type: str) -> ArchitectureSpec:
             f"Supported: {sorted(ARCHITECTURE_REGISTRY)}. Register one with `AutoPruner.register(model_type, spec)`."
         )
     return spec
+
+
+# Checkpoint converters: a `model_type` that Transformers cannot load without remote code (ChatGLM's `chatglm`) can
+# map exactly onto a registered native family. `AutoPruner.from_pretrained` looks the type up here before it touches
+# `AutoConfig`, so the remote code is never run; each converter reads config.json and the weights itself.
+CHECKPOINT_CONVERTERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_checkpoint_converter(model_type: str, converter: Callable[..., Any], exist_ok: bool = False) -> None:
+    """Register `converter(path, **kwargs) -> PreTrainedModel` for checkpoints whose config.json has `model_type`.
+
+    The converter returns a model of a registered architecture (the pruner then works on that model); it must not
+    execute code shipped with the checkpoint. Duplicates raise unless `exist_ok`.
+    """
+    if not callable(converter):
+        raise TypeError(f"`converter` must be callable, got {type(converter).__name__}.")
+    key = model_type.lower()
+    if key in CHECKPOINT_CONVERTERS and not exist_ok:
+        raise ValueError(f"A checkpoint converter for {key!r} is already registered.")
+    CHECKPOINT_CONVERTERS[key] = converter
