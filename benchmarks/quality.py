@@ -39,9 +39,13 @@ METHODS: dict[str, dict] = {
     "flap": {"importance": "flap"},
     "bip": {"importance": "bip"},
     "mini_llm": {"importance": "mini_llm"},
+    # LLM-Pruner's recipe: spare the first and last layers (tiny models have 6 layers).
     "taylor-layers1-5": {"importance": "taylor", "attention_layers": [1, 2, 3, 4], "mlp_layers": [1, 2, 3, 4]},
     "magnitude-layers1-5": {"importance": "magnitude", "attention_layers": [1, 2, 3, 4], "mlp_layers": [1, 2, 3, 4]},
-    "taylor-global": {"importance": "taylor", "global_ranking": True},
+    # Global ranking: raw scores where they are in comparable units (loss change, block-output change).
+    "taylor-global": {"importance": "taylor", "global_ranking": True, "global_normalization": "none"},
+    "bip-global": {"importance": "bip", "global_ranking": True, "global_normalization": "none"},
+    "wanda_sp-global": {"importance": "wanda_sp", "global_ranking": True},
     "magnitude-global": {"importance": "magnitude", "global_ranking": True},
     "block_influence-layers": {"importance": "block_influence", "structures": ["layers"]},
 }
