@@ -53,6 +53,15 @@ PEERS = ("torch-pruning",)
 
 
 def peak_rss_mib() -> float:
+    """This process's own peak RSS. VmHWM belongs to the address space, so it starts afresh at exec; `ru_maxrss`
+    would carry over the benchmark driver's peak from before the fork."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
