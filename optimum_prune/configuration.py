@@ -114,7 +114,9 @@ class PrunerConfig(PushToHubMixin):
         bias_compensation (`bool`, *optional*):
             FLAP's bias compensation: add the calibration mean contribution of removed input channels to the output
             bias of the Linear that read them (o_proj, down_proj; one is added where the family has none). Needs
-            calibration data. Defaults to `True` for `importance="flap"` and `False` otherwise.
+            calibration data. Unset: `True` for `importance="flap"` where the family can hold those biases (LLaMA's
+            registered type adds them, OPT and BLOOM have them; GLM cannot) and `False` otherwise; the pruner writes
+            the resolved value back.
         uniform (`bool`, *optional*, defaults to `False`):
             Require the same widths in every layer (a stock config that tools reading only stock configs load);
             incompatible with `attention_layers`, `mlp_layers`, `layer_ratios` and `global_ranking`.
@@ -238,9 +240,7 @@ class PrunerConfig(PushToHubMixin):
                 )
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"`allocation` must be one of {list(ALLOCATIONS)}, got {self.allocation!r}.")
-        if self.bias_compensation is None:
-            self.bias_compensation = self.importance == "flap"
-        if not isinstance(self.bias_compensation, bool):
+        if self.bias_compensation is not None and not isinstance(self.bias_compensation, bool):
             raise TypeError(f"`bias_compensation` must be True, False or None, got {self.bias_compensation!r}.")
         if self.bias_compensation and not set(self.structures) & {ATTENTION_HEADS, MLP_CHANNELS}:
             raise ValueError(

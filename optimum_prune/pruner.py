@@ -64,6 +64,7 @@ class Pruner:
         self.model = model
         self.spec = spec
         self.config = pruner_config
+        self._resolve_bias_compensation()
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path or getattr(model, "name_or_path", None) or None
         self.plan: PruningPlan | None = None
@@ -73,6 +74,33 @@ class Pruner:
         self.calibration_source: str | None = None  # described in the model card and its reproducing command
         self.evaluation: dict = {}  # perplexities measured by `evaluate` / `recover` (see `hub.build_model_card`)
         self.recovery: dict | None = None  # LoRA settings and training figures once `recover` ran
+
+    def _resolve_bias_compensation(self) -> None:
+        """`bias_compensation=None` becomes `True` for the `flap` criterion where every consumer (o_proj, down_proj)
+        has a bias or the registered type can add one (`spec.bias_fields`); an explicit `True` elsewhere fails here,
+        before calibration."""
+        config = self.config
+        structures = [s for s in config.structures if s in self.spec.structures]
+        layers = decoder_layers(self.model, self.spec)
+        missing = []
+        for structure in structures:
+            for member in self.spec.structures[structure].members:
+                if member.consumer and member.dim == 1:
+                    path = member.name.rpartition(".")[0]
+                    module = layers[0].get_submodule(path) if layers else None
+                    if (
+                        module is not None
+                        and getattr(module, "bias", None) is None
+                        and path not in self.spec.bias_fields
+                    ):
+                        missing.append(path)
+        if config.bias_compensation is None:
+            config.bias_compensation = config.importance == "flap" and bool(structures) and not missing
+        elif config.bias_compensation and missing:
+            raise ValueError(
+                f"`bias_compensation=True` needs an output bias on {missing}, which {self.model.config.model_type!r} "
+                "builds without one and its registered type cannot add; set `bias_compensation=False`."
+            )
 
     @property
     def is_pruned(self) -> bool:

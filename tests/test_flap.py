@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from testing_utils import fresh_process_logits, input_ids, logits, tiny_llama
+from testing_utils import fresh_process_logits, input_ids, logits, tiny_glm, tiny_llama
 
 from optimum_prune import AutoPruner, PrunerConfig, PruningPlan
 from optimum_prune.allocation import ParameterModel, allocate_widths, flap_removal_order
@@ -123,9 +123,16 @@ def test_flap_allocation_config_errors():
 
 
 def test_bias_compensation_defaults():
-    assert PrunerConfig(importance="flap").bias_compensation is True
-    assert PrunerConfig(importance="flap", bias_compensation=False).bias_compensation is False
-    assert PrunerConfig(importance="magnitude").bias_compensation is False
+    def resolved(model=None, **kwargs):
+        return AutoPruner.from_model(model or tiny_llama(), PrunerConfig(**kwargs)).config.bias_compensation
+
+    assert PrunerConfig(importance="flap").bias_compensation is None  # resolved by the pruner for the family
+    assert resolved(importance="flap") is True
+    assert resolved(importance="flap", bias_compensation=False) is False
+    assert resolved(importance="magnitude") is False
+    assert resolved(tiny_glm(), importance="flap") is False  # GLM cannot hold an o_proj / down_proj bias
+    with pytest.raises(ValueError, match="bias_compensation=False"):
+        resolved(tiny_glm(), importance="flap", bias_compensation=True)
     with pytest.raises(ValueError, match="calibration data"):
         AutoPruner.from_model(tiny_llama(), PrunerConfig(importance="magnitude", bias_compensation=True)).prune()
 
