@@ -161,7 +161,7 @@ def layer_allocation(layer_costs: list[int], total: int, pruning_ratio: float) -
     return best
 
 
-ALLOCATION_MODES = ("uniform", "ratios", "global")
+ALLOCATION_MODES = ("uniform", "ratios", "global", "flap")
 
 
 def _round_kept(value: float, num_units: int, floor: int, step: int) -> int:
@@ -176,6 +176,9 @@ class _StructureWidths:
     - `"ratios"`: the group set of layer `l` keeps `1 - min(1, f * ratio[l])` (f scales the given ratios).
     - `"global"`: the `f` fraction of removable units with the lowest normalised scores across all layers is removed
       (f in [0, 1]); a layer's units below its floor are never removable.
+    - `"flap"`: as `"global"`, but over one removal order shared by every structure (`joint_order`, see
+      `flap_removal_order`): the `f` fraction of all removable heads *and* channels with the lowest raw scores is
+      removed, which is FLAP's single threshold.
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class _StructureWidths:
         scores=None,
         normalization="mean",
         allowed=None,
+        joint_order=None,
     ):
         self.structure = structure
         self.allowed = sorted(allowed) if allowed else None
@@ -211,6 +215,10 @@ class _StructureWidths:
                 entries += [(float(score[i]), position, i) for i in lowest]
             entries.sort()
             self.order = torch.tensor([position for _, position, _ in entries], dtype=torch.long)
+        if mode == "flap":
+            # Positions of this structure's keys in the shared order; -1 marks another structure's unit.
+            position = {k: p for p, k in enumerate(keys)}
+            self.order = torch.tensor([position.get(k, -1) for k in joint_order], dtype=torch.long)
 
     def kept(self, f: float) -> dict[str, int]:
         kept = self._kept(f)
@@ -222,9 +230,10 @@ class _StructureWidths:
         return kept
 
     def _kept(self, f: float) -> dict[str, int]:
-        if self.mode == "global":
+        if self.mode in ("global", "flap"):
             n = int(round(f * self.order.numel()))
-            removed = torch.bincount(self.order[:n], minlength=len(self.keys)).tolist()
+            head = self.order[:n]
+            removed = torch.bincount(head[head >= 0], minlength=len(self.keys)).tolist()
             return {
                 k: _round_kept(self.units[k] - removed[p], self.units[k], self.floors[k], self.step)
                 for p, k in enumerate(self.keys)
@@ -238,6 +247,22 @@ class _StructureWidths:
             )
             for k in self.keys
         }
+
+
+def flap_removal_order(
+    group_sets: dict[str, GroupSet], scores: dict[str, torch.Tensor], floors: dict[str, int]
+) -> list[str]:
+    """FLAP's AL-AM order: every removable unit of every group set, lowest raw score first (ties: key order, then
+    unit index), as the key of the group set it belongs to. Each group set contributes its lowest-scoring units
+    above its floor, so walking the order lowers one threshold over all layers and structures together."""
+    entries = []
+    for position, (key, gs) in enumerate(group_sets.items()):
+        score = scores[key].float()
+        removable = gs.num_units - min(gs.num_units, floors.get(key, 0))
+        lowest = sorted(range(score.numel()), key=lambda i: (float(score[i]), i))[:removable]
+        entries += [(float(score[i]), position, i, key) for i in lowest]
+    entries.sort()
+    return [key for *_, key in entries]
 
 
 def allocate_widths(
@@ -263,6 +288,14 @@ def allocate_widths(
     pruning level (see `_StructureWidths`); the coarse ones (heads) are then fixed and the finest one (MLP channels)
     absorbs the rounding. `allowed` restricts a structure's kept counts (e.g. head counts a stock config accepts);
     `constraints` describes the caller's restrictions for the error messages.
+
+    `mode="flap"` is FLAP's adaptive allocation (AL-AM, `prune_flap` in github.com/CASIA-IVA-Lab/FLAP): one threshold
+    over the raw scores of heads and channels of every layer. FLAP places it where the kept units, each weighted by
+    its parameter cost (a head 512/3 channels at LLaMA-7B's shape), sum to `1 - pruning_ratio` of the *layers'*
+    units; here it is placed where the *total* parameter count meets `pruning_ratio`, which is the same rule with
+    exact costs and the embeddings counted. Deviations: per-layer floors (`floors`) bound what a layer may lose
+    (FLAP's pure threshold kept 19 of 48 heads at 40% in BENCHMARKS.md), and after the shared threshold fixes the
+    heads, the MLP channels alone are re-thresholded to absorb the head rounding (a finer step than one head).
     """
     if mode not in ALLOCATION_MODES:
         raise ValueError(f"Allocation `mode` must be one of {ALLOCATION_MODES}, got {mode!r}.")
@@ -273,6 +306,13 @@ def allocate_widths(
     if not order:
         raise ValueError(f"No layer may be pruned for {structures}{constraints}; allow some layers.")
     ratios = dict(layer_ratios or {})
+    joint_order = None
+    if mode == "flap":
+        if HIDDEN_CHANNELS in order:
+            raise ValueError(
+                "`mode='flap'` ranks per-layer heads and channels; it does not apply to 'hidden_channels'."
+            )
+        joint_order = flap_removal_order(group_sets, scores, floors)
     per_structure = []
     for s in order:
         keys = [k for k, gs in group_sets.items() if gs.structure == s]
@@ -290,6 +330,7 @@ def allocate_widths(
                 scores,
                 normalization,
                 (allowed or {}).get(s),
+                joint_order,
             )
         )
     f_max = 1.0
@@ -350,6 +391,7 @@ __all__ = [
     "LAYERS",
     "ParameterModel",
     "allocate_widths",
+    "flap_removal_order",
     "layer_allocation",
     "select_top",
     "uniform_allocation",

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "pruner_config.json"
 GLOBAL_NORMALIZATIONS = ("mean", "none")
+ALLOCATIONS = (None, "flap")
 WIDTH_STRUCTURES = tuple(s for s in STRUCTURES if s != LAYERS)
 
 
@@ -103,6 +104,19 @@ class PrunerConfig(PushToHubMixin):
             How scores are made comparable across layers before global ranking: `"mean"` divides each layer's scores
             by their mean (criteria whose scale varies by layer, e.g. magnitude), `"none"` uses the raw scores
             (criteria in comparable units, e.g. Taylor's estimated loss change).
+        allocation (`str`, *optional*):
+            `"flap"`: FLAP's adaptive structure search (AL-AM): the units of every prunable layer *and* structure
+            (attention heads and MLP channels together) are ranked against one threshold on their raw scores, so widths
+            vary by layer and by module type; the threshold is placed where the total parameter count meets
+            `pruning_ratio` (each unit weighs its parameter cost), and no layer goes below `min_heads` /
+            `min_channels`. Scores must be comparable across modules: the `flap` criterion standardises per module.
+            Not with `hidden_channels`, `layer_ratios`, `global_ranking` or `uniform`. Unset: the other options decide.
+        bias_compensation (`bool`, *optional*):
+            FLAP's bias compensation: add the calibration mean contribution of removed input channels to the output
+            bias of the Linear that read them (o_proj, down_proj; one is added where the family has none). Needs
+            calibration data. Unset: `True` for `importance="flap"` where the family can hold those biases (LLaMA's
+            registered type adds them, OPT and BLOOM have them; GLM cannot) and `False` otherwise; the pruner writes
+            the resolved value back.
         uniform (`bool`, *optional*, defaults to `False`):
             Require the same widths in every layer (a stock config that tools reading only stock configs load);
             incompatible with `attention_layers`, `mlp_layers`, `layer_ratios` and `global_ranking`.
@@ -151,6 +165,12 @@ class PrunerConfig(PushToHubMixin):
     global_normalization: str = field(
         default="mean",
         metadata={"help": f"Per-layer score normalisation for global ranking: {GLOBAL_NORMALIZATIONS}."},
+    )
+    allocation: str | None = field(
+        default=None, metadata={"help": "'flap': one threshold over every layer's heads and channels together."}
+    )
+    bias_compensation: bool | None = field(
+        default=None, metadata={"help": "Fold removed channels' mean contribution into biases (default: flap only)."}
     )
     uniform: bool = field(default=False, metadata={"help": "Force identical widths in every layer."})
     min_heads: int = field(default=1, metadata={"help": "Fewest query heads a pruned layer keeps."})
@@ -218,6 +238,28 @@ class PrunerConfig(PushToHubMixin):
                 raise ValueError(
                     f"`{name}` selects layers for {structure!r}, which is not in `structures` {self.structures}."
                 )
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"`allocation` must be one of {list(ALLOCATIONS)}, got {self.allocation!r}.")
+        if self.bias_compensation is not None and not isinstance(self.bias_compensation, bool):
+            raise TypeError(f"`bias_compensation` must be True, False or None, got {self.bias_compensation!r}.")
+        if self.bias_compensation and not set(self.structures) & {ATTENTION_HEADS, MLP_CHANNELS}:
+            raise ValueError(
+                "`bias_compensation` applies to 'attention_heads' and 'mlp_channels' (the Linears that read them); "
+                f"`structures` is {self.structures}."
+            )
+        if self.allocation == "flap":
+            conflicting = [n for n in ("layer_ratios",) if getattr(self, n) is not None]
+            conflicting += [n for n in ("global_ranking", "uniform") if getattr(self, n)]
+            conflicting += [HIDDEN_CHANNELS] if HIDDEN_CHANNELS in self.structures else []
+            if conflicting:
+                raise ValueError(
+                    f"`allocation='flap'` ranks heads and MLP channels of every layer against one threshold; it cannot "
+                    f"be combined with {conflicting}."
+                )
+            if not set(self.structures) & {ATTENTION_HEADS, MLP_CHANNELS}:
+                raise ValueError(
+                    f"`allocation='flap'` needs 'attention_heads' or 'mlp_channels', got {self.structures}."
+                )
         if self.global_ranking and self.layer_ratios is not None:
             raise ValueError("Choose one of `global_ranking=True` (widths from scores) and `layer_ratios` (given).")
         if self.uniform:
@@ -234,7 +276,7 @@ class PrunerConfig(PushToHubMixin):
         width = [s for s in self.structures if s in WIDTH_STRUCTURES]
         if not width:
             options = [n for n in ("attention_layers", "mlp_layers", "layer_ratios") if getattr(self, n) is not None]
-            options += [n for n in ("global_ranking", "uniform") if getattr(self, n)]
+            options += [n for n in ("global_ranking", "uniform", "allocation") if getattr(self, n)]
             if options:
                 raise ValueError(
                     f"{options} allocate widths, but `structures` {self.structures} has no width structure."
@@ -265,6 +307,7 @@ class PrunerConfig(PushToHubMixin):
             or self.mlp_layers is not None
             or self.layer_ratios is not None
             or self.global_ranking
+            or self.allocation is not None
         )
 
     def layer_scorer(self):

@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 
 PLAN_NAME = "pruning_plan.json"
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # the newest format this version reads
+# Plans without bias compensation are written as format 1, so older optimum-prune versions still read them; a plan
+# with `bias_means` is format 2: an older reader would otherwise drop the compensation silently.
+_BIAS_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -25,6 +28,11 @@ class PruningPlan:
             `"hidden_channels"`; checked against the target model.
         kept (`dict[str, list[int]]`): sorted kept unit indices per pruned group set.
         removed_layers (`list[int]`): original indices of removed decoder layers.
+        bias_means (`dict[str, dict[str, list[float]]]`): bias compensation (FLAP's `compress(..., bias=True)`): per
+            pruned group set, per consumer weight (full parameter name, e.g. `"model.layers.3.mlp.down_proj.weight"`),
+            the calibration mean of each *removed* input channel, in ascending channel order. Surgery adds
+            `W[:, removed] @ means` to that Linear's bias, so `apply` re-applies the compensation from the target
+            model's own weights (exactly the same result on the model the plan was made for). Empty: no compensation.
     """
 
     model_type: str
@@ -32,7 +40,8 @@ class PruningPlan:
     unit_counts: dict[str, int] = field(default_factory=dict)
     kept: dict[str, list[int]] = field(default_factory=dict)
     removed_layers: list[int] = field(default_factory=list)
-    format_version: int = PLAN_FORMAT_VERSION
+    bias_means: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    format_version: int = 1
 
     def __post_init__(self):
         self.kept = {k: sorted(int(i) for i in v) for k, v in self.kept.items()}
@@ -49,6 +58,12 @@ class PruningPlan:
             raise ValueError(f"`removed_layers` must be in [0, {self.num_layers}), got {self.removed_layers}.")
         if len(self.removed_layers) >= self.num_layers:
             raise ValueError("A plan cannot remove every decoder layer.")
+        self.bias_means = {k: {n: [float(x) for x in v] for n, v in m.items()} for k, m in self.bias_means.items()}
+        for key in self.bias_means:
+            if key not in self.kept:
+                raise ValueError(f"`bias_means` has entry {key!r}, which the plan does not prune.")
+        if self.bias_means:
+            self.format_version = max(self.format_version, _BIAS_FORMAT_VERSION)
 
     def to_dict(self) -> dict:
         return asdict(self)

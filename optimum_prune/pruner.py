@@ -34,6 +34,7 @@ from .hub import (
     read_results,
     write_results,
 )
+from .importance.base import ACTIVATIONS
 from .plan import PruningPlan
 from .surgery import apply_plan
 from .utils.compat import fails_transformers_5_validation, make_checkpoint_portable
@@ -63,6 +64,7 @@ class Pruner:
         self.model = model
         self.spec = spec
         self.config = pruner_config
+        self._resolve_bias_compensation()
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path or getattr(model, "name_or_path", None) or None
         self.plan: PruningPlan | None = None
@@ -72,6 +74,33 @@ class Pruner:
         self.calibration_source: str | None = None  # described in the model card and its reproducing command
         self.evaluation: dict = {}  # perplexities measured by `evaluate` / `recover` (see `hub.build_model_card`)
         self.recovery: dict | None = None  # LoRA settings and training figures once `recover` ran
+
+    def _resolve_bias_compensation(self) -> None:
+        """`bias_compensation=None` becomes `True` for the `flap` criterion where every consumer (o_proj, down_proj)
+        has a bias or the registered type can add one (`spec.bias_fields`); an explicit `True` elsewhere fails here,
+        before calibration."""
+        config = self.config
+        structures = [s for s in config.structures if s in self.spec.structures]
+        layers = decoder_layers(self.model, self.spec)
+        missing = []
+        for structure in structures:
+            for member in self.spec.structures[structure].members:
+                if member.consumer and member.dim == 1:
+                    path = member.name.rpartition(".")[0]
+                    module = layers[0].get_submodule(path) if layers else None
+                    if (
+                        module is not None
+                        and getattr(module, "bias", None) is None
+                        and path not in self.spec.bias_fields
+                    ):
+                        missing.append(path)
+        if config.bias_compensation is None:
+            config.bias_compensation = config.importance == "flap" and bool(structures) and not missing
+        elif config.bias_compensation and missing:
+            raise ValueError(
+                f"`bias_compensation=True` needs an output bias on {missing}, which {self.model.config.model_type!r} "
+                "builds without one and its registered type cannot add; set `bias_compensation=False`."
+            )
 
     @property
     def is_pruned(self) -> bool:
@@ -83,8 +112,13 @@ class Pruner:
             raise RuntimeError("This pruner has already pruned its model; build a new one to prune again.")
         importance = self.config.build_importance()
         batches = None
-        if importance.needs_data or self._layer_scorer_needs_data():
+        if importance.needs_data or self._layer_scorer_needs_data() or self.config.bias_compensation:
             if calibration_data is None:
+                if not (importance.needs_data or self._layer_scorer_needs_data()):
+                    raise ValueError(
+                        "`bias_compensation=True` needs calibration data (`calibration_data=`): it folds the mean "
+                        "activations of removed channels into biases. Pass data or set `bias_compensation=False`."
+                    )
                 name = importance.name if importance.needs_data else self.config.layer_scorer().name
                 raise ValueError(
                     f"The {name!r} criterion needs calibration data (`calibration_data=`); "
@@ -128,7 +162,8 @@ class Pruner:
                 return PruningPlan(self.model.config.model_type, num_layers, removed_layers=removed)
         all_group_sets = build_group_sets(self.model, self.spec, width_structures)
         group_sets = self._prunable(all_group_sets, num_layers, set(removed))
-        scores = self._score(importance, group_sets, batches)
+        means: dict[str, torch.Tensor] | None = {} if config.bias_compensation else None
+        scores = self._score(importance, group_sets, batches, means)
         if config.non_uniform or config.uniform or removed or config.min_heads > 1 or config.min_channels > 1:
             kept_counts = self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
         else:
@@ -137,17 +172,48 @@ class Pruner:
             )
         kept = {key: select_top(scores[key], k) for key, k in kept_counts.items() if k < group_sets[key].num_units}
         counts = {key: gs.num_units for key, gs in all_group_sets.items()}
+        bias_means = self._bias_means(group_sets, kept, means) if means is not None else {}
         return PruningPlan(
-            self.model.config.model_type, num_layers, unit_counts=counts, kept=kept, removed_layers=removed
+            self.model.config.model_type,
+            num_layers,
+            unit_counts=counts,
+            kept=kept,
+            removed_layers=removed,
+            bias_means=bias_means,
         )
 
-    def _score(self, importance, group_sets: dict[str, GroupSet], batches) -> dict[str, torch.Tensor]:
+    def _bias_means(self, group_sets, kept, means) -> dict[str, dict[str, list[float]]]:
+        """Calibration means of the removed input channels of every consumer (the plan's `bias_means`)."""
+        from .surgery import consumer_modules, removed_channels
+
+        params = dict(self.model.named_parameters())
+        out = {}
+        for key, units in kept.items():
+            gs = group_sets[key]
+            entry = {}
+            for s, _ in consumer_modules(self.spec, gs):
+                index = removed_channels(gs, s, gs.num_units, units, params[s.name].shape[1])
+                entry[s.name] = means[s.name][index].tolist()
+            if entry:
+                out[key] = entry
+        return out
+
+    def _score(self, importance, group_sets: dict[str, GroupSet], batches, means=None) -> dict[str, torch.Tensor]:
+        """Scores per group set. With a `means` dict, also the per-channel calibration mean of every consumer's input
+        ([in_features], float64; bias compensation), collected in the same pass."""
         names = {s.name for gs in group_sets.values() for s in gs.slices}
-        stats = collect_statistics(self.model, batches, importance.needs, param_names=names)
+        needs = set(importance.needs) | ({ACTIVATIONS} if means is not None else set())
+        stats = collect_statistics(self.model, batches, needs, param_names=names)
         scores = {
             key: importance.score(gs, stats).float()
             for key, gs in tqdm(group_sets.items(), desc=f"Scoring ({importance.name})", leave=False)
         }
+        if means is not None:
+            for gs in group_sets.values():
+                for s in gs.slices:
+                    if s.consumer and s.dim == 1:
+                        record = stats.activation(s.name)
+                        means[s.name] = record.sum.double().cpu() / max(record.count, 1)  # [in]
         del stats
         gc.collect()
         return scores
@@ -213,7 +279,10 @@ class Pruner:
             ratios = dict(enumerate(ratios))
         if ratios is not None and max(ratios) >= num_layers:
             raise ValueError(f"`layer_ratios` names layer {max(ratios)}, but the model has {num_layers} layers.")
-        mode = "global" if config.global_ranking else "ratios" if ratios is not None else "uniform"
+        if config.allocation == "flap":
+            mode = "flap"
+        else:
+            mode = "global" if config.global_ranking else "ratios" if ratios is not None else "uniform"
         described = [
             f"{name}={getattr(config, name)}"
             for name in ("attention_layers", "mlp_layers", "layer_ratios")

@@ -66,6 +66,81 @@ def prune_group_set(model: nn.Module, group_set: GroupSet, kept: list[int]) -> N
         slice_parameter(model, s.name, s.dim, index)
 
 
+def removed_channels(group_set: GroupSet, slice_, num_units: int, kept: list[int], size: int) -> torch.Tensor:
+    """Input channels of consumer `slice_` owned by the units *not* in `kept`, ascending: LongTensor [removed]."""
+    removed = sorted(set(range(num_units)) - set(kept))
+    if not removed:
+        return torch.zeros(0, dtype=torch.long)
+    return slice_.unit_indices(size, num_units)[torch.tensor(removed)].flatten().sort().values
+
+
+def consumer_modules(spec: ArchitectureSpec, group_set: GroupSet) -> list[tuple[object, str]]:
+    """`(slice, module path relative to the layer)` of each consumer member (the Linear that reads the units)."""
+    members = spec.structures[group_set.structure].members
+    found = []
+    for s in group_set.slices:
+        if not (s.consumer and s.dim == 1):
+            continue
+        member = next(m for m in members if m.consumer and s.name.endswith(m.name))
+        found.append((s, member.name.rpartition(".")[0]))
+    return found
+
+
+def compensate_biases(
+    model: nn.Module, spec: ArchitectureSpec, group_set: GroupSet, kept: list[int], means: dict[str, list[float]]
+) -> set[str]:
+    """FLAP's bias compensation (`compress(..., bias=True)`): before the removed input channels of each consumer are
+    sliced away, add their mean contribution to its output bias, b += W[:, removed] @ mean(x[removed]).
+
+    The pruned consumer then computes W[:, kept] x[kept] + b + W[:, removed] E[x[removed]]: exact whenever the removed
+    channels are constant over tokens, and right in expectation otherwise. A consumer without a bias gets one (zeros
+    first); returns the relative module paths that gained one, for which the config must say so (`bias_fields`).
+    """
+    params = dict(model.named_parameters())
+    added = set()
+    for s, module_path in consumer_modules(spec, group_set):
+        if s.name not in means:
+            continue
+        weight = params[s.name]  # [out, in]
+        index = removed_channels(group_set, s, group_set.num_units, kept, weight.shape[1])
+        mean = torch.tensor(means[s.name], dtype=torch.float64)
+        if mean.numel() != index.numel():
+            raise ValueError(
+                f"`bias_means` of {s.name!r} has {mean.numel()} values; the plan removes {index.numel()} channels."
+            )
+        delta = weight.detach().double().index_select(1, index.to(weight.device)).cpu() @ mean  # [out]
+        module, _ = _owner(model, s.name)
+        if module.bias is None:
+            if module_path not in spec.bias_fields:
+                raise ValueError(
+                    f"Bias compensation needs a bias on {module_path!r}, which this family builds without one and "
+                    "whose registered pruned type cannot add (no `bias_fields` entry); set `bias_compensation=False`."
+                )
+            module.bias = nn.Parameter(
+                torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                requires_grad=weight.requires_grad,
+            )
+            added.add(module_path)
+        with torch.no_grad():
+            module.bias.add_(delta.to(module.bias.device, module.bias.dtype))
+    return added
+
+
+def add_missing_biases(model: nn.Module, spec: ArchitectureSpec, module_paths: set[str]) -> None:
+    """Give every decoder layer's `module_paths` a (zero) bias and set the config fields that make the registered type
+    build them: the field is per model, so layers without compensation carry a zero bias."""
+    for path in sorted(module_paths):
+        for i in range(len(decoder_layers(model, spec))):
+            module = model.get_submodule(layer_prefix(spec, i) + path)
+            if module.bias is None:
+                weight = module.weight
+                module.bias = nn.Parameter(
+                    torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                    requires_grad=weight.requires_grad,
+                )
+        setattr(model.config, spec.bias_fields[path], True)
+
+
 def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: int) -> None:
     """RMSNorm over the kept channels equals RMSNorm over all channels with the removed ones zeroed once the weights
     are scaled by sqrt(old/new) and epsilon by old/new (see `NormSpec`)."""
@@ -249,9 +324,13 @@ def apply_plan(model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec | Non
                 f"The plan expects {expected} units in {key!r}; this model has {groups[key].num_units}. "
                 "A plan applies only to a model of the same shape as the one it was made for."
             )
+    added_biases: set[str] = set()
     for key, kept in plan.kept.items():
         if key != HIDDEN_CHANNELS:
+            if key in plan.bias_means:  # before slicing: the removed columns are still there
+                added_biases |= compensate_biases(model, spec, groups[key], kept, plan.bias_means[key])
             prune_group_set(model, groups[key], kept)
+    add_missing_biases(model, spec, added_biases)  # before hidden-channel pruning, which slices these biases too
     if HIDDEN_CHANNELS in plan.kept:
         hidden = build_group_sets(model, spec, [HIDDEN_CHANNELS])[HIDDEN_CHANNELS]
         prune_group_set(model, hidden, plan.kept[HIDDEN_CHANNELS])

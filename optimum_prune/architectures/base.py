@@ -136,6 +136,10 @@ class ArchitectureSpec:
             from the pruned config so the model in memory computes what a reloaded one computes.
         config_writers (`tuple[ConfigWriter, ...]`): family-specific config fields that surgery writes from the plan
             (BLOOM's original ALiBi head indices).
+        bias_fields (`dict[str, str]`): consumer modules (relative to a decoder layer, e.g. `"mlp.down_proj"`) that
+            the stock family builds without a bias, mapped to the boolean config field with which the registered
+            pruned type builds one (`"down_proj_bias"`). Bias compensation adds a bias there and sets the field;
+            consumers that already have a bias (OPT, BLOOM) need no entry.
     """
 
     model_types: tuple[str, ...]
@@ -152,6 +156,7 @@ class ArchitectureSpec:
     structure_requirements: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     module_attrs: tuple[tuple[str, str], ...] = ()
     config_writers: tuple[ConfigWriter, ...] = ()
+    bias_fields: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property

@@ -85,6 +85,7 @@ LLAMA_SPEC = ArchitectureSpec(
     ),
     layer_index_attrs=("self_attn.layer_idx",),
     pruned_model_type="pruned_llama",
+    bias_fields={"self_attn.o_proj": "o_proj_bias", "mlp.down_proj": "down_proj_bias"},
     lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
 

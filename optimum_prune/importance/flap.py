@@ -8,8 +8,10 @@ standardisation (`metrics[...] ** 2` for o_proj), the metric is standardised per
 (S - mean(S)) / std(S) (Eq. 6, `standarlization`), and a head scores the *mean* of its channels' standardised values.
 Standardised scores are comparable across layers and modules, which is what FLAP's adaptive global allocation ranks.
 
-Implemented here: the score only. FLAP's adaptive global allocation and its bias compensation (folding the mean
-contribution of removed channels into the output bias) belong to allocation and surgery, not to a criterion.
+Implemented here: the score only. FLAP's adaptive global allocation (AL-AM) is `PrunerConfig(allocation="flap")`
+(`allocation.allocate_widths(mode="flap")`), and its bias compensation (folding the mean contribution of removed
+channels into the output bias) is `PrunerConfig(bias_compensation=True)`, on by default with this criterion
+(`surgery.compensate_biases`, from the plan's `bias_means`).
 The fluctuation is the population variance over all calibration tokens; FLAP's online estimator differs by a constant
 factor per module, which standardisation removes.
 """

@@ -15,12 +15,17 @@ differ from the global value, e.g.
 The checkpoint is therefore forward compatible with that format, but this file does not rely on the mixin (absent
 before Transformers 5, and it makes reading a per-layer field from the global config raise): the config keeps the
 overrides itself, the global fields hold the most common width (so code that reads `config.num_attention_heads`
-keeps working), and each decoder layer is built from its own config copy. `config.per_layer_config[i]` returns that
+keeps working), and each decoder layer is built from its own config copy.
+
+Bias compensation (FLAP) gives the Linears that read the pruned units an output bias that stock LLaMA lacks:
+`o_proj_bias` / `down_proj_bias` (booleans, default false) build one in every layer's `self_attn.o_proj` /
+`mlp.down_proj` (`attention_bias` / `mlp_bias` would also add biases to q/k/v and gate/up). `config.per_layer_config[i]` returns that
 copy under both Transformers 4.57 and 5.x, which is what generation reads to size a static cache per layer.
 """
 
 import copy
 
+import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -62,6 +67,8 @@ class PrunedLlamaConfig(LlamaConfig):
     (explicit `head_dim`)."""
 
     model_type = "pruned_llama"
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
 
     @property
     def per_layer_config(self) -> list:
@@ -112,6 +119,13 @@ class PrunedLlamaConfig(LlamaConfig):
         return output
 
 
+def _add_bias(linear: nn.Linear) -> None:
+    """Give a bias-free Linear a (zero) bias; `nn.Linear.forward` reads `self.bias`."""
+    if linear.bias is None:
+        weight = linear.weight
+        linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+
+
 class PrunedLlamaModel(LlamaModel):
     """`LlamaModel` whose decoder layers are built from per-layer configs."""
 
@@ -131,6 +145,11 @@ class PrunedLlamaModel(LlamaModel):
         for module in self.layers.modules():
             if isinstance(getattr(module, "config", None), LlamaConfig):
                 module.config = config
+        for layer in self.layers:
+            if getattr(config, "o_proj_bias", False):
+                _add_bias(layer.self_attn.o_proj)
+            if getattr(config, "down_proj_bias", False):
+                _add_bias(layer.mlp.down_proj)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
