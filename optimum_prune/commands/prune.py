@@ -58,6 +58,13 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     allocation.add_argument("--min-channels", type=int, default=None)
     allocation.add_argument("--layer-importance", default=None, help="Criterion for whole layers.")
     allocation.add_argument("--num-layers-to-remove", type=int, default=None)
+    allocation.add_argument("--allocation", choices=["flap"], default=None, help="FLAP's adaptive allocation.")
+    allocation.add_argument(
+        "--bias-compensation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Fold removed channels' mean contribution into output biases (default: on for flap).",
+    )
     parser.add_argument(
         "--config", default=None, help="A pruner_config.json to start from (e.g. from a published checkpoint)."
     )
@@ -85,6 +92,8 @@ ALLOCATION_ARGS = (
     "min_channels",
     "layer_importance",
     "num_layers_to_remove",
+    "allocation",
+    "bias_compensation",
 )
 
 
