@@ -38,6 +38,11 @@ class AutoPruner:
         token, trust_remote_code) and its tokenizer, and return a [`Pruner`] for it."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        if pruner_config is not None and pruner_config.streaming:
+            raise ValueError(
+                "`PrunerConfig(streaming=True)` prunes from the checkpoint's shards without loading the model: call "
+                "`optimum_prune.streaming.prune_streaming(model_dir, pruner_config, calibration_data, output_dir)`."
+            )
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "trust_remote_code", "cache_dir") if k in kwargs}
         model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         get_architecture(model_config.model_type)  # fail before loading weights

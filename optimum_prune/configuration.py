@@ -39,6 +39,9 @@ class PrunerConfig(PushToHubMixin):
             Keep channel widths (MLP and hidden) multiples of this, e.g. 8 for tensor-core friendly shapes.
         seed (`int`, *optional*, defaults to `0`):
             Seeds calibration sampling and the `random` criterion.
+        streaming (`bool`, *optional*, defaults to `False`):
+            Prune layer by layer from the checkpoint's shards with [`optimum_prune.streaming.prune_streaming`] (for
+            models larger than memory): layer-local criteria and per-layer structures only, sequential statistics.
 
     Example:
 
@@ -61,6 +64,7 @@ class PrunerConfig(PushToHubMixin):
     calibration_seq_len: int = field(default=128, metadata={"help": "Tokens per calibration window."})
     round_to: int = field(default=1, metadata={"help": "Keep channel widths multiples of this."})
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and random scores."})
+    streaming: bool = field(default=False, metadata={"help": "Prune layer by layer from the checkpoint's shards."})
 
     def __post_init__(self):
         from .importance import IMPORTANCE_REGISTRY
@@ -93,6 +97,12 @@ class PrunerConfig(PushToHubMixin):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"`streaming` must be True or False, got {self.streaming!r}.")
+        if self.streaming:
+            from .streaming import check_streaming_config
+
+            check_streaming_config(self)
         # Fail now, not after calibration, on bad criterion arguments or structures it cannot score.
         importance = self.build_importance()
         if importance.structures is not None and not set(self.structures) <= set(importance.structures):

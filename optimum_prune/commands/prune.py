@@ -38,6 +38,17 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--device", default=None, help="Device to prune on (cpu, cuda, cuda:1). Default: cpu.")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Prune layer by layer from the safetensors shards (models larger than memory; layer-local criteria).",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="With --streaming: print planned widths, parameter counts and estimated peak memory; write nothing.",
+    )
+    parser.add_argument("--max-shard-size", default="1GB", help="With --streaming: output shard size.")
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -57,7 +68,12 @@ def run_prune(args: argparse.Namespace) -> int:
         calibration_seq_len=args.calibration_seq_len,
         round_to=args.round_to,
         seed=args.seed,
+        streaming=args.streaming,
     )
+    if args.streaming:
+        return _run_streaming(args, config)
+    if args.dry_run:
+        raise ValueError("`--dry-run` plans a streaming run from the config alone; add `--streaming`.")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     pruner = AutoPruner.from_pretrained(
         args.model, pruner_config=config, dtype=dtype, trust_remote_code=args.trust_remote_code
@@ -75,4 +91,28 @@ def run_prune(args: argparse.Namespace) -> int:
     pruner.save_pretrained(args.output)
     print(summary_table(before, after))
     print(f"Saved to {args.output} ({model.config.model_type}).")
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace, config) -> int:
+    """`--streaming`: prune from the shards layer by layer (or, with `--dry-run`, only print the plan)."""
+    from ..streaming import format_dry_run, prune_streaming
+
+    if args.eval or args.device or args.dtype not in ("float32", "auto"):
+        raise ValueError(
+            "`--streaming` keeps the checkpoint's dtype, runs on the CPU and does not evaluate; drop --eval, --device "
+            "and --dtype."
+        )
+    report = prune_streaming(
+        args.model,
+        config,
+        args.calibration,
+        args.output,
+        dry_run=args.dry_run,
+        max_shard_size=args.max_shard_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(format_dry_run(report))
+    if not args.dry_run:
+        print(f"Saved to {args.output}.")
     return 0
