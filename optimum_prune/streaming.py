@@ -5,9 +5,9 @@ from shapes alone. Only the modules before the first decoder layer (embeddings, 
 the calibration tokens into the first layer's inputs; then each decoder layer in turn is read from the checkpoint's
 safetensors shards (`safe_open`, one layer's tensors at a time), scored on its own input hidden states, pruned with the
 same group sets and surgery as the in-memory path, run *pruned* to produce the next layer's inputs (sequential
-statistics, as SparseGPT and FLAP compute them), written to an output shard and freed. The rest of the checkpoint
-(final norm, LM head) is copied through tensor by tensor. Peak memory is one layer, the calibration hidden states and
-one output shard, whatever the depth.
+statistics, as SparseGPT and FLAP compute them), written to its place in the output shards and freed (the shards are
+laid out in advance from the planned shapes, so nothing is buffered). The rest of the checkpoint (final norm, LM head)
+is copied through tensor by tensor. Peak memory is one layer and the calibration hidden states, whatever the depth.
 
 Only layer-local criteria can run this way: a criterion that needs the whole model's loss (`taylor`, `mini_llm`) or
 a model-wide structure (`hidden_channels`, `layers`) cannot, and is refused with an error that says what can.
@@ -145,6 +145,21 @@ class CheckpointReader:
                 return dtype
         return torch.float32
 
+    def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """dtype and shape of every tensor, from the shard headers (no tensor is read)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.files.items():
+            by_file.setdefault(file, []).append(name)
+        layout = {}
+        for file, names in by_file.items():
+            with safe_open(file, "pt") as f:
+                for name in names:
+                    view = f.get_slice(name)
+                    layout[name] = (SAFETENSORS_DTYPES.get(view.get_dtype()), tuple(view.get_shape()))
+        return layout
+
     def load(self, names) -> dict[str, torch.Tensor]:
         """Read `names` (grouped by shard, each shard opened once)."""
         from safetensors import safe_open
@@ -172,55 +187,89 @@ def parse_size(size: int | str) -> int:
     return int(text)
 
 
-class ShardWriter:
-    """Writes tensors to safetensors shards of at most `max_shard_size` bytes (a tensor larger than that gets a shard of
-    its own), then names them `model-0000k-of-0000N.safetensors` with an index, as `save_pretrained` does.
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()} | {
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
-    At most one shard's tensors are held in memory.
+
+class ShardWriter:
+    """Writes a checkpoint whose tensor names, shapes and dtypes are known in advance straight to safetensors shards.
+
+    The shards (of at most `max_shard_size` bytes; a larger tensor gets one of its own) and their headers are laid out
+    when the writer is built, so each tensor is written to its place in its file as soon as it exists and nothing is
+    buffered: writing the output costs no memory, however large the shards. Names follow `save_pretrained`
+    (`model.safetensors`, or `model-0000k-of-0000N.safetensors` with an index).
+
+    Args:
+        directory: where the shards go.
+        layout (`dict[str, tuple[torch.dtype, tuple[int, ...]]]`): every tensor the checkpoint will hold, in the order
+            they are laid out.
+        max_shard_size: bytes, or a string such as `"2GB"`.
     """
 
-    def __init__(self, directory: str | os.PathLike, max_shard_size: int | str = "1GB"):
+    def __init__(self, directory: str | os.PathLike, layout: dict, max_shard_size: int | str = "5GB"):
         self.directory = os.fspath(directory)
-        self.max_bytes = parse_size(max_shard_size)
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-        self.total_bytes = 0
+        max_bytes = parse_size(max_shard_size)
+        shards: list[dict[str, tuple]] = [{}]
+        sizes = [0]
+        for name, (dtype, shape) in layout.items():
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and sizes[-1] + size > max_bytes:
+                shards.append({})
+                sizes.append(0)
+            shards[-1][name] = (dtype, tuple(shape), sizes[-1], sizes[-1] + size)
+            sizes[-1] += size
+        self.total_bytes = sum(sizes)
+        if len(shards) == 1:
+            files = ["model.safetensors"]
+        else:
+            files = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+        self.places: dict[str, tuple[str, int, torch.dtype, tuple]] = {}  # name -> (file, file offset, dtype, shape)
+        for file, shard, size in zip(files, shards, sizes):
+            header = {"__metadata__": {"format": "pt"}}
+            for name, (dtype, shape, begin, end) in shard.items():
+                header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+            with open(os.path.join(self.directory, file), "wb") as f:
+                f.write(len(encoded).to_bytes(8, "little"))
+                f.write(encoded)
+                f.truncate(8 + len(encoded) + size)
+            for name, (dtype, shape, begin, _) in shard.items():
+                self.places[name] = (file, 8 + len(encoded) + begin, dtype, shape)
+        self.files = files
+        self.written: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        # A contiguous copy that owns its storage: slices of a larger tensor must not drag the whole one along.
-        self.pending[name] = tensor.detach().contiguous().clone()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        file = f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, os.path.join(self.directory, file), metadata={"format": "pt"})
-        self.shards.append((file, list(self.pending)))
-        self.pending = {}
-        self.pending_bytes = 0
+        """Write `tensor` to its place (it must have the dtype and shape of the layout)."""
+        if name not in self.places:
+            raise KeyError(f"{name!r} is not in the checkpoint layout.")
+        file, offset, dtype, shape = self.places[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)} (the layout was "
+                "computed from the planned shapes)."
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        with open(os.path.join(self.directory, file), "r+b") as f:
+            f.seek(offset)
+            f.write(memoryview(data))
+        self.written.add(name)
 
     def close(self) -> None:
-        """Flush, rename the shards to their final names and write the index (none for a single shard)."""
-        self.flush()
-        if len(self.shards) == 1:
-            os.replace(
-                os.path.join(self.directory, self.shards[0][0]), os.path.join(self.directory, "model.safetensors")
-            )
+        """Check that every tensor was written and write the index (none for a single shard)."""
+        missing = sorted(set(self.places) - self.written)
+        if missing:
+            raise RuntimeError(f"Tensors {missing[:4]} were never written.")
+        if len(self.files) == 1:
             return
-        weight_map = {}
-        for k, (file, names) in enumerate(self.shards, 1):
-            final = f"model-{k:05d}-of-{len(self.shards):05d}.safetensors"
-            os.replace(os.path.join(self.directory, file), os.path.join(self.directory, final))
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        weight_map = {name: place[0] for name, place in sorted(self.places.items())}
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         with open(os.path.join(self.directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             f.write(json.dumps(index, indent=2) + "\n")
 
@@ -275,9 +324,29 @@ def materialize(model: nn.Module, module_name: str, reader: CheckpointReader, re
 
 
 def release(module: nn.Module) -> None:
-    """Move a module's tensors back to the meta device, freeing their storage."""
+    """Move a module's tensors back to the meta device, freeing their storage, and hand the freed memory back to the
+    operating system (glibc keeps freed blocks below its mmap threshold, up to 32 MB, in its heap: without the trim,
+    the heap of a long run grows with fragmentation instead of staying at one layer)."""
     module.to("meta")
     gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def output_embedding_names(model: nn.Module) -> set[str]:
@@ -492,12 +561,12 @@ def _tensor_bytes(tensors) -> int:
 
 
 def estimate_peak_bytes(
-    model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig, max_shard_bytes: int, needs_data: bool
+    model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig, needs_data: bool
 ) -> dict[str, int]:
     """Rough peak memory of the tensors a streaming run holds (the Python/PyTorch runtime itself, ~0.3-0.5 GB, comes
     on top). The largest of: the input phase (modules before the first layer plus the hidden states), a layer step (the
-    unpruned layer, its largest tensor sliced, the hidden states in and out, one batch's activations, one pending
-    shard) and the copy of the remaining tensors (largest one plus a pending shard)."""
+    unpruned layer, its largest tensor sliced and scored in float32, the hidden states in and out, one batch's
+    activations) and the copy of the remaining tensors (the largest one). Output shards are written in place, never buffered."""
     layers = model.get_submodule(spec.layers)
     layer_prefix_ = spec.layers + "."
     head = output_embedding_names(model)
@@ -507,8 +576,6 @@ def estimate_peak_bytes(
     outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(layer_prefix_)]
     prefix_bytes = _tensor_bytes(p for n, p in outside if n not in head)
     largest_outside = max((p.numel() * p.element_size() for _, p in outside), default=0)
-    # A pending shard never holds more than the whole (unpruned) checkpoint.
-    max_shard_bytes = min(max_shard_bytes, _tensor_bytes(p for n, p in model.named_parameters()))
     config = model.config
     hidden_size = config.hidden_size
     tokens = pruner_config.num_calibration_samples * pruner_config.calibration_seq_len if needs_data else 0
@@ -521,10 +588,15 @@ def estimate_peak_bytes(
     )
     phases = {
         "inputs": prefix_bytes + hidden_states + workspace,
-        "layer": layer_bytes + largest_in_layer + 2 * hidden_states + workspace + max_shard_bytes,
-        "copy": largest_outside + max_shard_bytes,
+        # + the float32 copies a criterion makes of the largest weight (|W| in float32, then a reduction of it)
+        "layer": layer_bytes + largest_in_layer + 2 * largest_in_layer * 4 // element + 2 * hidden_states + workspace,
+        "copy": largest_outside,
     }
     return {**{f"phase_{k}": v for k, v in phases.items()}, "peak": max(phases.values()), "layer_bytes": layer_bytes}
+
+
+def _layer_index(name: str, layer_names: str) -> int:
+    return int(name[len(layer_names) :].split(".")[0]) if name.startswith(layer_names) else -1
 
 
 def _planned_widths(group_sets, kept_counts) -> dict[str, dict[str, int]]:
@@ -542,7 +614,7 @@ def prune_streaming(
     *,
     tokenizer=None,
     dry_run: bool = False,
-    max_shard_size: int | str = "1GB",
+    max_shard_size: int | str = "5GB",
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
@@ -556,7 +628,8 @@ def prune_streaming(
         output_dir: where the pruned checkpoint goes (written atomically); not needed for `dry_run`.
         tokenizer: defaults to the checkpoint's own (needed for text calibration data, copied to the output).
         dry_run (`bool`): plan widths, parameter counts and estimated peak memory only; reads no weights.
-        max_shard_size: output shard size (`"1GB"`, bytes); one pending shard is held in memory.
+        max_shard_size: output shard size (`"5GB"`, bytes, as `save_pretrained`); shards are written in place, so
+            their size costs no memory.
         progress: called as `progress(layer, num_layers)` after each layer (benchmarks, progress bars).
 
     Returns:
@@ -566,7 +639,8 @@ def prune_streaming(
     from transformers import AutoConfig, AutoTokenizer
 
     from . import modeling  # noqa: F401 - registers the pruned model types that the pruned config may need
-    from .hub import atomic_directory, count_macs_per_token, write_results
+    from .hub import atomic_directory, build_model_card, count_macs_per_token, write_results
+    from .pruner import _describe_data
     from .utils.compat import make_checkpoint_portable
 
     model_dir = os.fspath(model_dir)
@@ -590,14 +664,11 @@ def prune_streaming(
         )
     group_sets, kept_counts = _uniform_kept_counts(model, spec, pruner_config)
     shape_model = apply_plan(copy.deepcopy(model), _shape_plan(model, group_sets, kept_counts), spec)
-    max_shard_bytes = parse_size(max_shard_size)
     report = {
         "params_before": count_parameters(model),
         "params_after": count_parameters(shape_model),
         "planned_widths": _planned_widths(group_sets, kept_counts),
-        "estimated_peak_bytes": estimate_peak_bytes(
-            model, spec, pruner_config, max_shard_bytes, importance.needs_data
-        ),
+        "estimated_peak_bytes": estimate_peak_bytes(model, spec, pruner_config, importance.needs_data),
         "checkpoint_bytes": _tensor_bytes(model.state_dict().values())
         - _tensor_bytes(p for n, p in model.named_parameters() if n in tied),
     }
@@ -643,7 +714,11 @@ def prune_streaming(
 
     kept: dict[str, list[int]] = {}
     with atomic_directory(output_dir) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
+        # Output tensors: the checkpoint's own names (tied heads stay absent), with the planned shapes, in writing order.
+        pruned_shapes = {name: tuple(t.shape) for name, t in shape_model.state_dict().items()}
+        source = reader.layout()
+        order = sorted(source, key=lambda n: (not n.startswith(layer_names), _layer_index(n, layer_names), n))
+        writer = ShardWriter(tmp, {n: (source[n][0], pruned_shapes[n]) for n in order}, max_shard_size)
         for i in range(len(layers)):
             layer_name = f"{spec.layers}.{i}"
             materialize(model, layer_name, reader)
@@ -681,20 +756,30 @@ def prune_streaming(
         make_checkpoint_portable(tmp)
         pruner_config.save_pretrained(tmp)
         plan.save_pretrained(tmp)
-        write_results(
-            tmp,
-            {
-                "base_model": model_dir,
-                "calibration_data": None if calibration_data is None else type(calibration_data).__name__,
-                "params_before": report["params_before"],
-                "params_after": report["params_after"],
-                "macs_per_token_before": count_macs_per_token(model),
-                "macs_per_token_after": count_macs_per_token(shape_model),
-                "streaming": True,
-                "evaluation": {},
-                "recovery": None,
-            },
+        summary = {
+            "base_model": model_dir,
+            "calibration_data": _describe_data(calibration_data),
+            "params_before": report["params_before"],
+            "params_after": report["params_after"],
+            "macs_per_token_before": count_macs_per_token(model),
+            "macs_per_token_after": count_macs_per_token(shape_model),
+            "evaluation": {},
+            "recovery": None,
+        }
+        write_results(tmp, summary)
+        card = build_model_card(
+            base_model=model_dir,
+            pruner_config=pruner_config,
+            plan=plan,
+            model_config=pruned_config,
+            params_before=summary["params_before"],
+            params_after=summary["params_after"],
+            macs_before=summary["macs_per_token_before"],
+            macs_after=summary["macs_per_token_after"],
+            repo_or_path=os.fspath(output_dir),
+            calibration=summary["calibration_data"],
         )
+        card.save(os.path.join(tmp, "README.md"))
     report["plan"] = plan
     return report
 

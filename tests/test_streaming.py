@@ -107,6 +107,7 @@ def test_weight_criteria_match_in_memory_path(llama_dir, tmp_path, importance):
     assert report["params_after"] == sum(p.numel() for p in streamed.parameters())
     assert PruningPlan.from_pretrained(tmp_path / "out").kept == pruner.plan.kept
     assert json.loads((tmp_path / "out" / "pruner_config.json").read_text())["importance"] == importance
+    assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "pruning_results.json").is_file()
 
 
 @pytest.mark.parametrize("importance", ["wanda_sp", "flap", "bip"])
@@ -235,3 +236,33 @@ def test_cli_streaming_and_dry_run(llama_dir, tmp_path, capsys):
     assert main([*no_streaming, "--output", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "add `--streaming`" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_shard_writer_lays_out_shards_in_advance(tmp_path):
+    """Tensors are written to their place in any order; the shards load with safetensors as save_pretrained's do."""
+    from safetensors.torch import load_file
+
+    from optimum_prune.streaming import ShardWriter
+
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6).reshape(2, 3),
+        "d": torch.randn(40, 40),
+    }
+    writer = ShardWriter(tmp_path, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, max_shard_size=200)
+    for name in ["d", "b", "a"]:
+        writer.add(name, tensors[name])
+    with pytest.raises(ValueError, match="expected"):
+        writer.add("c", tensors["c"].float())
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.close()
+    writer.add("c", tensors["c"])
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["d"] != index["weight_map"]["a"]  # "d" (6.4 kB) has a shard of its own
+    loaded = {}
+    for file in set(index["weight_map"].values()):
+        loaded.update(load_file(tmp_path / file))
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())

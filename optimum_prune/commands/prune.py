@@ -48,7 +48,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="With --streaming: print planned widths, parameter counts and estimated peak memory; write nothing.",
     )
-    parser.add_argument("--max-shard-size", default="1GB", help="With --streaming: output shard size.")
+    parser.add_argument("--max-shard-size", default="5GB", help="With --streaming: output shard size.")
 
 
 def run_prune(args: argparse.Namespace) -> int:
