@@ -52,6 +52,11 @@ class AutoPruner:
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        if pruner_config is not None and pruner_config.streaming:
+            raise ValueError(
+                "`PrunerConfig(streaming=True)` prunes from the checkpoint's shards without loading the model: call "
+                "`optimum_prune.streaming.prune_streaming(model_dir, pruner_config, calibration_data, output_dir)`."
+            )
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "trust_remote_code", "cache_dir") if k in kwargs}
         converter = CHECKPOINT_CONVERTERS.get(_checkpoint_model_type(pretrained_model_name_or_path, hub_kwargs))
         if converter is not None:

@@ -130,6 +130,9 @@ class PrunerConfig(PushToHubMixin):
         num_layers_to_remove (`int`, *optional*):
             With `"layers"` and width structures together: how many whole layers to remove before width pruning
             meets the rest of `pruning_ratio`. Defaults to the number closest to half of the target.
+        streaming (`bool`, *optional*, defaults to `False`):
+            Prune layer by layer from the checkpoint's shards with [`optimum_prune.streaming.prune_streaming`] (for
+            models larger than memory): layer-local criteria and per-layer structures only, sequential statistics.
 
     Example:
 
@@ -179,6 +182,7 @@ class PrunerConfig(PushToHubMixin):
     num_layers_to_remove: int | None = field(
         default=None, metadata={"help": "Whole layers to remove when combined with width structures."}
     )
+    streaming: bool = field(default=False, metadata={"help": "Prune layer by layer from the checkpoint's shards."})
 
     def __post_init__(self):
         from .importance import IMPORTANCE_REGISTRY
@@ -207,6 +211,12 @@ class PrunerConfig(PushToHubMixin):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
         self._validate_allocation(IMPORTANCE_REGISTRY)
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"`streaming` must be True or False, got {self.streaming!r}.")
+        if self.streaming:
+            from .streaming import check_streaming_config
+
+            check_streaming_config(self)
         # Fail now, not after calibration, on bad criterion arguments or structures it cannot score.
         importance = self.build_importance()
         scored = [s for s in self.structures if not (s == LAYERS and self.layer_importance is not None)]

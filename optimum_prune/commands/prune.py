@@ -66,6 +66,17 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         help="Fold removed channels' mean contribution into output biases (default: on for flap).",
     )
     parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Prune layer by layer from the safetensors shards (models larger than memory; layer-local criteria).",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="With --streaming: print planned widths, parameter counts and estimated peak memory; write nothing.",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="With --streaming: output shard size.")
+    parser.add_argument(
         "--config", default=None, help="A pruner_config.json to start from (e.g. from a published checkpoint)."
     )
 
@@ -128,6 +139,8 @@ def build_pruner_config(args: argparse.Namespace):
     if args.config:  # a config file wins over the parser's defaults, not over options given explicitly
         explicit = {k: v for k, v in explicit.items() if v != DEFAULTS.get(k)}
     explicit.update({k: getattr(args, k) for k in ALLOCATION_ARGS if getattr(args, k, None) is not None})
+    if getattr(args, "streaming", False):
+        explicit["streaming"] = True
     return PrunerConfig.from_dict({**base, **explicit})
 
 
@@ -139,6 +152,10 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..evaluation import count_parameters, summary_table
 
     config = build_pruner_config(args)
+    if args.streaming:
+        return _run_streaming(args, config)
+    if args.dry_run:
+        raise ValueError("`--dry-run` plans a streaming run from the config alone; add `--streaming`.")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     pruner = AutoPruner.from_pretrained(
         args.model, pruner_config=config, dtype=dtype, trust_remote_code=args.trust_remote_code
@@ -156,4 +173,28 @@ def run_prune(args: argparse.Namespace) -> int:
     pruner.save_pretrained(args.output)
     print(summary_table(before, after))
     print(f"Saved to {args.output} ({model.config.model_type}).")
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace, config) -> int:
+    """`--streaming`: prune from the shards layer by layer (or, with `--dry-run`, only print the plan)."""
+    from ..streaming import format_dry_run, prune_streaming
+
+    if args.eval or args.device or args.dtype not in ("float32", "auto"):
+        raise ValueError(
+            "`--streaming` keeps the checkpoint's dtype, runs on the CPU and does not evaluate; drop --eval, --device "
+            "and --dtype."
+        )
+    report = prune_streaming(
+        args.model,
+        config,
+        args.calibration,
+        args.output,
+        dry_run=args.dry_run,
+        max_shard_size=args.max_shard_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(format_dry_run(report))
+    if not args.dry_run:
+        print(f"Saved to {args.output}.")
     return 0

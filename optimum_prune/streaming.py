@@ -1,0 +1,816 @@
+"""Streaming pruning: prune a checkpoint larger than memory, one decoder layer at a time.
+
+The model is built on the meta device from its config (no weights), so group sets and the uniform allocation come
+from shapes alone. Only the modules before the first decoder layer (embeddings, rotary tables) are materialised to turn
+the calibration tokens into the first layer's inputs; then each decoder layer in turn is read from the checkpoint's
+safetensors shards (`safe_open`, one layer's tensors at a time), scored on its own input hidden states, pruned with the
+same group sets and surgery as the in-memory path, run *pruned* to produce the next layer's inputs (sequential
+statistics, as SparseGPT and FLAP compute them), written to its place in the output shards and freed (the shards are
+laid out in advance from the planned shapes, so nothing is buffered). The rest of the checkpoint (final norm, LM head)
+is copied through tensor by tensor. Peak memory is one layer and the calibration hidden states, whatever the depth.
+
+Only layer-local criteria can run this way: a criterion that needs the whole model's loss (`taylor`, `mini_llm`) or
+a model-wide structure (`hidden_channels`, `layers`) cannot, and is refused with an error that says what can.
+
+Because statistics are sequential, data-driven criteria give plans that differ from the in-memory path after the first
+layer (the in-memory path scores every layer on the *unpruned* model's activations). [`sequential_plan`] runs the same
+per-layer loop on a model in memory, as the reference for the streaming path.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .allocation import select_top, uniform_allocation
+from .architectures.base import ATTENTION_HEADS, MLP_CHANNELS, ArchitectureSpec, get_architecture
+from .calibration import ActivationStatistics, Statistics, prepare_calibration
+from .configuration import PrunerConfig
+from .evaluation import count_parameters
+from .groups import GroupSet, build_group_sets, layer_prefix
+from .importance.base import ACTIVATIONS, WEIGHTS
+from .plan import PruningPlan
+from .surgery import apply_plan, prune_group_set
+
+
+logger = logging.getLogger(__name__)
+
+# Structures a single layer can be scored and pruned for on its own.
+STREAMING_STRUCTURES = (ATTENTION_HEADS, MLP_CHANNELS)
+# Families whose decoder layers the streaming path has been checked against the in-memory model on.
+STREAMING_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# What a layer-local criterion may need: its layer's weights and the activations of its layer's inputs.
+LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS})
+BATCH_SIZE = 4  # calibration windows per forward, as `collect_statistics`
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+def layer_local_criteria() -> list[str]:
+    """Registered criteria that need nothing beyond one layer's weights and inputs and score per-layer structures.
+
+    (A criterion whose needs depend on its variant, a property, is left out of the list; it is still checked.)"""
+    from .importance import IMPORTANCE_REGISTRY
+
+    return sorted(
+        name
+        for name, cls in IMPORTANCE_REGISTRY.items()
+        if isinstance(cls.needs, frozenset)
+        and cls.needs <= LAYER_LOCAL_NEEDS
+        and (cls.structures is None or set(cls.structures) & set(STREAMING_STRUCTURES))
+    )
+
+
+def check_streaming_config(pruner_config: PrunerConfig, model_type: str | None = None) -> None:
+    """Refuse what the layer-by-layer path cannot do, naming what it can."""
+    importance = pruner_config.build_importance()
+    if not importance.needs <= LAYER_LOCAL_NEEDS:
+        raise ValueError(
+            f"Streaming pruning scores one layer at a time, and the {importance.name!r} criterion needs "
+            f"{sorted(importance.needs - LAYER_LOCAL_NEEDS)} of the whole model. Use a layer-local criterion: "
+            f"{', '.join(layer_local_criteria())}."
+        )
+    other = [s for s in pruner_config.structures if s not in STREAMING_STRUCTURES]
+    if other:
+        raise ValueError(
+            f"Streaming pruning supports the per-layer structures {list(STREAMING_STRUCTURES)}, got {other} "
+            "(hidden channels and layer removal need every layer at once); prune them in memory."
+        )
+    if model_type is not None and model_type not in STREAMING_MODEL_TYPES:
+        raise ValueError(
+            f"Streaming pruning is supported for model types {list(STREAMING_MODEL_TYPES)}, got {model_type!r}; "
+            "prune it in memory (without `streaming`)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading and writing safetensors shards
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointReader:
+    """Tensor names -> shard files of a safetensors checkpoint; reads a few tensors at a time.
+
+    Each read opens its shard and closes it again, so no shard stays memory-mapped (mapped pages that were touched
+    count towards the process's resident memory for as long as the mapping lives).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.model_dir = os.fspath(model_dir)
+        index = os.path.join(self.model_dir, "model.safetensors.index.json")
+        single = os.path.join(self.model_dir, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            self.files = {name: os.path.join(self.model_dir, file) for name, file in weight_map.items()}
+        elif os.path.isfile(single):
+            from safetensors import safe_open
+
+            with safe_open(single, "pt") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        else:
+            raise ValueError(
+                f"{self.model_dir} has no safetensors checkpoint (model.safetensors or model.safetensors.index.json); "
+                "streaming pruning reads safetensors only. Re-save the model with `save_pretrained`."
+            )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's floating-point tensors (of the first one listed)."""
+        from safetensors import safe_open
+
+        for name, file in self.files.items():
+            with safe_open(file, "pt") as f:
+                dtype = SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+            if dtype is not None:
+                return dtype
+        return torch.float32
+
+    def layout(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """dtype and shape of every tensor, from the shard headers (no tensor is read)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.files.items():
+            by_file.setdefault(file, []).append(name)
+        layout = {}
+        for file, names in by_file.items():
+            with safe_open(file, "pt") as f:
+                for name in names:
+                    view = f.get_slice(name)
+                    layout[name] = (SAFETENSORS_DTYPES.get(view.get_dtype()), tuple(view.get_shape()))
+        return layout
+
+    def load(self, names) -> dict[str, torch.Tensor]:
+        """Read `names` (grouped by shard, each shard opened once)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(file, "pt") as f:
+                for name in file_names:
+                    tensors[name] = f.get_tensor(name)
+        return tensors
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of `size`: an int, or a string such as "500MB" / "2GB" / "1GiB"."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(text)
+
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()} | {
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class ShardWriter:
+    """Writes a checkpoint whose tensor names, shapes and dtypes are known in advance straight to safetensors shards.
+
+    The shards (of at most `max_shard_size` bytes; a larger tensor gets one of its own) and their headers are laid out
+    when the writer is built, so each tensor is written to its place in its file as soon as it exists and nothing is
+    buffered: writing the output costs no memory, however large the shards. Names follow `save_pretrained`
+    (`model.safetensors`, or `model-0000k-of-0000N.safetensors` with an index).
+
+    Args:
+        directory: where the shards go.
+        layout (`dict[str, tuple[torch.dtype, tuple[int, ...]]]`): every tensor the checkpoint will hold, in the order
+            they are laid out.
+        max_shard_size: bytes, or a string such as `"2GB"`.
+    """
+
+    def __init__(self, directory: str | os.PathLike, layout: dict, max_shard_size: int | str = "5GB"):
+        self.directory = os.fspath(directory)
+        max_bytes = parse_size(max_shard_size)
+        shards: list[dict[str, tuple]] = [{}]
+        sizes = [0]
+        for name, (dtype, shape) in layout.items():
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and sizes[-1] + size > max_bytes:
+                shards.append({})
+                sizes.append(0)
+            shards[-1][name] = (dtype, tuple(shape), sizes[-1], sizes[-1] + size)
+            sizes[-1] += size
+        self.total_bytes = sum(sizes)
+        if len(shards) == 1:
+            files = ["model.safetensors"]
+        else:
+            files = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+        self.places: dict[str, tuple[str, int, torch.dtype, tuple]] = {}  # name -> (file, file offset, dtype, shape)
+        for file, shard, size in zip(files, shards, sizes):
+            header = {"__metadata__": {"format": "pt"}}
+            for name, (dtype, shape, begin, end) in shard.items():
+                header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+            with open(os.path.join(self.directory, file), "wb") as f:
+                f.write(len(encoded).to_bytes(8, "little"))
+                f.write(encoded)
+                f.truncate(8 + len(encoded) + size)
+            for name, (dtype, shape, begin, _) in shard.items():
+                self.places[name] = (file, 8 + len(encoded) + begin, dtype, shape)
+        self.files = files
+        self.written: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write `tensor` to its place (it must have the dtype and shape of the layout)."""
+        if name not in self.places:
+            raise KeyError(f"{name!r} is not in the checkpoint layout.")
+        file, offset, dtype, shape = self.places[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)} (the layout was "
+                "computed from the planned shapes)."
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        with open(os.path.join(self.directory, file), "r+b") as f:
+            f.seek(offset)
+            f.write(memoryview(data))
+        self.written.add(name)
+
+    def close(self) -> None:
+        """Check that every tensor was written and write the index (none for a single shard)."""
+        missing = sorted(set(self.places) - self.written)
+        if missing:
+            raise RuntimeError(f"Tensors {missing[:4]} were never written.")
+        if len(self.files) == 1:
+            return
+        weight_map = {name: place[0] for name, place in sorted(self.places.items())}
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        with open(os.path.join(self.directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Meta skeleton and materialisation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of `config` on the meta device: every shape, no storage."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def materialize(model: nn.Module, module_name: str, reader: CheckpointReader, recurse: bool = True) -> None:
+    """Give `module_name` (and its children when `recurse`) real CPU tensors: persistent ones read from the checkpoint,
+    non-persistent buffers (rotary frequency tables, which checkpoints do not hold) recomputed by the model's own
+    `_init_weights`, as `from_pretrained` does."""
+    module = model.get_submodule(module_name) if module_name else model
+    prefix = f"{module_name}." if module_name else ""
+    modules = list(module.named_modules()) if recurse else [("", module)]
+    for _, sub in modules:
+        non_persistent = [
+            b for n, b in sub.named_buffers(recurse=False) if n in sub._non_persistent_buffers_set and b.is_meta
+        ]
+        if non_persistent:
+            sub.to_empty(device="cpu", recurse=False)
+            model._init_weights(sub)
+    local = {}
+    for sub_name, sub in modules:
+        sub_prefix = f"{sub_name}." if sub_name else ""
+        for n, _ in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False)):
+            if n in sub._non_persistent_buffers_set:
+                continue
+            local[sub_prefix + n] = prefix + sub_prefix + n
+    missing = [full for full in local.values() if full not in reader]
+    if missing:
+        raise ValueError(f"The checkpoint has no tensors {missing[:4]}; it does not match its config.json.")
+    tensors = reader.load(local.values())
+    for rel, full in local.items():
+        owner_name, _, attr = rel.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        value = tensors[full]
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[attr] = value
+
+
+def release(module: nn.Module) -> None:
+    """Move a module's tensors back to the meta device, freeing their storage, and hand the freed memory back to the
+    operating system (glibc keeps freed blocks below its mmap threshold, up to 32 MB, in its heap: without the trim,
+    the heap of a long run grows with fragmentation instead of staying at one layer)."""
+    module.to("meta")
+    gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def output_embedding_names(model: nn.Module) -> set[str]:
+    """Parameter names of the output embedding (LM head): not needed to compute any layer's inputs."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return set()
+    for name, module in model.named_modules():
+        if module is head:
+            return {f"{name}.{n}" for n, _ in module.named_parameters()}
+    return set()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layer inputs and the per-layer step
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for the first decoder layer: records what the model passes it (hidden states, the causal mask, the
+    rotary `position_embeddings`, position ids, ...) and stops the forward pass. So every family's own forward builds
+    the layer inputs, however it builds them."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def __getattr__(self, name):  # the model may read attributes of its layers (e.g. `attention_type`)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        rest = args[1:] if "hidden_states" not in kwargs and args else args
+        self.calls.append((hidden, rest, kwargs))
+        raise _Captured
+
+
+@dataclass
+class LayerInputs:
+    """The inputs of the current decoder layer, one entry per calibration batch."""
+
+    hidden: list[torch.Tensor]  # [B, T, H] each
+    args: list[tuple]
+    kwargs: list[dict]
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, spec: ArchitectureSpec, batches: torch.Tensor) -> LayerInputs:
+    """Run the model up to its first decoder layer on every batch of `BATCH_SIZE` windows and keep that layer's inputs."""
+    layers = model.get_submodule(spec.layers)
+    first = layers[0]
+    catcher = _Catcher(first)
+    layers[0] = catcher
+    try:
+        for start in range(0, len(batches), BATCH_SIZE):
+            try:
+                model.base_model(input_ids=batches[start : start + BATCH_SIZE], use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        layers[0] = first
+    if len(catcher.calls) != math.ceil(len(batches) / BATCH_SIZE):
+        raise RuntimeError("The model's forward did not reach its first decoder layer.")
+    return LayerInputs(*map(list, zip(*catcher.calls)))
+
+
+def _layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    """The layer's output hidden states for every batch."""
+    return [_layer_output(layer(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+
+
+@torch.no_grad()
+def layer_statistics(model: nn.Module, layer_index: int, spec, names: set[str], inputs: LayerInputs) -> Statistics:
+    """[`Statistics`] of one decoder layer: per-input-channel activation statistics of its scored Linears, from its
+    inputs, with the same per-batch reductions (shared by Linears that read the same tensor) as `collect_statistics`."""
+    stats = Statistics(model, None, param_names=names)
+    stats._spec = spec
+    prefix = layer_prefix(spec, layer_index)
+    layer = model.get_submodule(prefix[:-1])
+    last: dict = {"input": None, "sums": None}
+    handles = []
+    for module_name, module in layer.named_modules():
+        weight_name = f"{prefix}{module_name}.weight"
+        if isinstance(module, nn.Linear) and weight_name in names:
+            record = ActivationStatistics(module.in_features, module.weight.device)
+            stats.activations[weight_name] = record
+
+            def hook(mod, args, record=record):
+                if args[0] is not last["input"]:
+                    last["input"], last["sums"] = args[0], ActivationStatistics.batch_sums(args[0])
+                record.add(last["sums"])
+
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        last.clear()
+    stats.num_samples = sum(h.shape[0] for h in inputs.hidden)
+    return stats
+
+
+@torch.no_grad()
+def prune_layer(
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    layer_index: int,
+    importance,
+    group_sets: dict[str, GroupSet],
+    kept_counts: dict[str, int],
+    inputs: LayerInputs | None,
+) -> dict[str, list[int]]:
+    """Score and prune decoder layer `layer_index` of `model` (whose tensors must be real) in place.
+
+    Returns the plan entries of the layer (kept unit indices of each pruned group set).
+    """
+    keys = [key for key, gs in group_sets.items() if gs.layer == layer_index]
+    names = {s.name for key in keys for s in group_sets[key].slices}
+    if importance.needs_data:
+        stats = layer_statistics(model, layer_index, spec, names, inputs)
+    else:
+        stats = Statistics(model, None, param_names=names)
+        stats._spec = spec
+    kept = {}
+    for key in keys:
+        if kept_counts[key] < group_sets[key].num_units:
+            scores = importance.score(group_sets[key], stats).float()
+            kept[key] = select_top(scores, kept_counts[key])
+    del stats  # holds the unpruned tensors
+    for key, units in kept.items():
+        prune_group_set(model, group_sets[key], units)
+    return kept
+
+
+def _sync_layer_attrs(layer: nn.Module, spec: ArchitectureSpec, pruned_config) -> None:
+    """Module attributes a layer's forward reads from the config (`spec.module_attrs`), set to the pruned widths."""
+    for path, field_name in spec.module_attrs:
+        if path.startswith("/"):
+            continue
+        owner_path, _, attr = path.rpartition(".")
+        owner = layer.get_submodule(owner_path) if owner_path else layer
+        value = getattr(pruned_config, field_name, None)
+        if value is not None:
+            setattr(owner, attr, value)
+
+
+def _uniform_kept_counts(model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig):
+    """Group sets and uniform kept counts, from shapes only (works on a meta model)."""
+    group_sets = build_group_sets(model, spec, pruner_config.structures)
+    params = dict(model.named_parameters())
+    kept_counts = uniform_allocation(
+        params, group_sets, pruner_config.structures, pruner_config.pruning_ratio, pruner_config.round_to
+    )
+    return group_sets, kept_counts
+
+
+def _shape_plan(model, group_sets, kept_counts) -> PruningPlan:
+    """A plan with the planned widths (the first units of each group set): what the pruned shapes will be."""
+    counts = {key: gs.num_units for key, gs in group_sets.items()}
+    kept = {key: list(range(k)) for key, k in kept_counts.items() if k < group_sets[key].num_units}
+    num_layers = 1 + max(gs.layer for gs in group_sets.values())
+    return PruningPlan(model.config.model_type, num_layers, unit_counts=counts, kept=kept)
+
+
+def sequential_plan(model: nn.Module, pruner_config: PrunerConfig, batches: torch.Tensor | None) -> PruningPlan:
+    """The plan the streaming path makes, computed on a model in memory (the reference for streaming).
+
+    Runs the same per-layer loop as [`prune_streaming`] (statistics of each layer from the outputs of the already
+    pruned layers before it) on a deep copy of `model`; `model` is left untouched.
+    """
+    spec = get_architecture(model.config.model_type)
+    check_streaming_config(pruner_config)
+    importance = pruner_config.build_importance()
+    work = copy.deepcopy(model).eval()
+    group_sets, kept_counts = _uniform_kept_counts(work, spec, pruner_config)
+    shape_model = apply_plan(
+        build_skeleton(copy.deepcopy(work.config), work.dtype), _shape_plan(work, group_sets, kept_counts), spec
+    )
+    inputs = capture_layer_inputs(work, spec, batches) if importance.needs_data else None
+    layers = work.get_submodule(spec.layers)
+    kept = {}
+    for i in range(len(layers)):
+        kept.update(prune_layer(work, spec, i, importance, group_sets, kept_counts, inputs))
+        _sync_layer_attrs(layers[i], spec, shape_model.config)
+        if inputs is not None and i + 1 < len(layers):
+            inputs.hidden = run_layer(layers[i], inputs)
+    counts = {key: gs.num_units for key, gs in group_sets.items()}
+    return PruningPlan(model.config.model_type, len(layers), unit_counts=counts, kept=kept)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The streaming entry point
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def estimate_peak_bytes(
+    model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig, needs_data: bool
+) -> dict[str, int]:
+    """Rough peak memory of the tensors a streaming run holds (the Python/PyTorch runtime itself, ~0.3-0.5 GB, comes
+    on top). The largest of: the input phase (modules before the first layer plus the hidden states), a layer step (the
+    unpruned layer, its largest tensor sliced and scored in float32, the hidden states in and out, one batch's
+    activations) and the copy of the remaining tensors (the largest one). Output shards are written in place, never buffered."""
+    layers = model.get_submodule(spec.layers)
+    layer_prefix_ = spec.layers + "."
+    head = output_embedding_names(model)
+    element = next(model.parameters()).element_size()
+    layer_bytes = max(_tensor_bytes(list(layer.parameters())) for layer in layers)
+    largest_in_layer = max(p.numel() * p.element_size() for p in layers[0].parameters())
+    outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(layer_prefix_)]
+    prefix_bytes = _tensor_bytes(p for n, p in outside if n not in head)
+    largest_outside = max((p.numel() * p.element_size() for _, p in outside), default=0)
+    config = model.config
+    hidden_size = config.hidden_size
+    tokens = pruner_config.num_calibration_samples * pruner_config.calibration_seq_len if needs_data else 0
+    hidden_states = tokens * hidden_size * element
+    batch_tokens = min(BATCH_SIZE, pruner_config.num_calibration_samples) * pruner_config.calibration_seq_len
+    wide = max(getattr(config, "intermediate_size", 4 * hidden_size) * 3, 4 * hidden_size)
+    heads = getattr(config, "num_attention_heads", 1)
+    workspace = (
+        (batch_tokens * wide + batch_tokens * heads * pruner_config.calibration_seq_len) * 4 if needs_data else 0
+    )
+    phases = {
+        "inputs": prefix_bytes + hidden_states + workspace,
+        # + the float32 copies a criterion makes of the largest weight (|W| in float32, then a reduction of it)
+        "layer": layer_bytes + largest_in_layer + 2 * largest_in_layer * 4 // element + 2 * hidden_states + workspace,
+        "copy": largest_outside,
+    }
+    return {**{f"phase_{k}": v for k, v in phases.items()}, "peak": max(phases.values()), "layer_bytes": layer_bytes}
+
+
+def _layer_index(name: str, layer_names: str) -> int:
+    return int(name[len(layer_names) :].split(".")[0]) if name.startswith(layer_names) else -1
+
+
+def _planned_widths(group_sets, kept_counts) -> dict[str, dict[str, int]]:
+    widths: dict[str, dict[str, int]] = {}
+    for key, gs in group_sets.items():
+        widths.setdefault(gs.structure, {})[str(gs.layer)] = kept_counts[key]
+    return widths
+
+
+def prune_streaming(
+    model_dir: str | os.PathLike,
+    pruner_config: PrunerConfig,
+    calibration_data=None,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    tokenizer=None,
+    dry_run: bool = False,
+    max_shard_size: int | str = "5GB",
+    trust_remote_code: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Prune the safetensors checkpoint in `model_dir` layer by layer into `output_dir`, never loading it whole.
+
+    Args:
+        model_dir: a local checkpoint directory (config.json + safetensors shards).
+        pruner_config (`PrunerConfig`): a layer-local criterion (magnitude, random, wanda_sp, flap, bip) and the
+            structures `attention_heads` / `mlp_channels`; allocation is uniform.
+        calibration_data: as for [`Pruner.prune`] (needed by data-driven criteria).
+        output_dir: where the pruned checkpoint goes (written atomically); not needed for `dry_run`.
+        tokenizer: defaults to the checkpoint's own (needed for text calibration data, copied to the output).
+        dry_run (`bool`): plan widths, parameter counts and estimated peak memory only; reads no weights.
+        max_shard_size: output shard size (`"5GB"`, bytes, as `save_pretrained`); shards are written in place, so
+            their size costs no memory.
+        progress: called as `progress(layer, num_layers)` after each layer (benchmarks, progress bars).
+
+    Returns:
+        `dict` with `params_before`, `params_after`, `planned_widths`, `estimated_peak_bytes` and, unless `dry_run`,
+        `plan` (the [`PruningPlan`]).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from . import modeling  # noqa: F401 - registers the pruned model types that the pruned config may need
+    from .hub import atomic_directory, build_model_card, count_macs_per_token, write_results
+    from .pruner import _describe_data
+    from .utils.compat import make_checkpoint_portable
+
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"Streaming pruning reads a local checkpoint directory; {model_dir!r} is not one.")
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    check_streaming_config(pruner_config, config.model_type)
+    spec = get_architecture(config.model_type)
+    importance = pruner_config.build_importance()
+    reader = CheckpointReader(model_dir)
+    dtype = reader.dtype()
+    model = build_skeleton(config, dtype, trust_remote_code)
+    expected = set(model.state_dict())
+    tied = output_embedding_names(model) if getattr(model.config, "tie_word_embeddings", False) else set()
+    unknown = sorted(set(reader.keys()) - expected)
+    absent = sorted(expected - set(reader.keys()) - tied)
+    if unknown or absent:
+        raise ValueError(
+            f"The checkpoint's tensor names do not match {type(model).__name__}: unexpected {unknown[:4]}, missing "
+            f"{absent[:4]}. Streaming needs a checkpoint saved by Transformers for this architecture."
+        )
+    group_sets, kept_counts = _uniform_kept_counts(model, spec, pruner_config)
+    shape_model = apply_plan(copy.deepcopy(model), _shape_plan(model, group_sets, kept_counts), spec)
+    report = {
+        "params_before": count_parameters(model),
+        "params_after": count_parameters(shape_model),
+        "planned_widths": _planned_widths(group_sets, kept_counts),
+        "estimated_peak_bytes": estimate_peak_bytes(model, spec, pruner_config, importance.needs_data),
+        "checkpoint_bytes": _tensor_bytes(model.state_dict().values())
+        - _tensor_bytes(p for n, p in model.named_parameters() if n in tied),
+    }
+    if dry_run:
+        return report
+    if output_dir is None:
+        raise ValueError("`output_dir` is required unless `dry_run=True`.")
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+    batches = None
+    if importance.needs_data:
+        if calibration_data is None:
+            raise ValueError(f"The {importance.name!r} criterion needs calibration data (`calibration_data=`).")
+        batches = prepare_calibration(
+            calibration_data,
+            tokenizer,
+            pruner_config.num_calibration_samples,
+            pruner_config.calibration_seq_len,
+            seed=pruner_config.seed,
+        )
+
+    layers = model.get_submodule(spec.layers)
+    layer_names = spec.layers + "."
+    inputs = None
+    if batches is not None:
+        # Only what runs before the first layer is materialised (embeddings, rotary tables; not the LM head).
+        head = output_embedding_names(model)
+        prefix_modules = sorted(
+            {
+                name.rpartition(".")[0]
+                for name, _ in list(model.named_parameters()) + list(model.named_buffers())
+                if not name.startswith(layer_names) and name not in head
+            }
+        )
+        for name in prefix_modules:
+            materialize(model, name, reader, recurse=False)
+        inputs = capture_layer_inputs(model, spec, batches)
+        for name in prefix_modules:
+            release(model.get_submodule(name))
+
+    kept: dict[str, list[int]] = {}
+    with atomic_directory(output_dir) as tmp:
+        # Output tensors: the checkpoint's own names (tied heads stay absent), with the planned shapes, in writing order.
+        pruned_shapes = {name: tuple(t.shape) for name, t in shape_model.state_dict().items()}
+        source = reader.layout()
+        order = sorted(source, key=lambda n: (not n.startswith(layer_names), _layer_index(n, layer_names), n))
+        writer = ShardWriter(tmp, {n: (source[n][0], pruned_shapes[n]) for n in order}, max_shard_size)
+        for i in range(len(layers)):
+            layer_name = f"{spec.layers}.{i}"
+            materialize(model, layer_name, reader)
+            kept.update(prune_layer(model, spec, i, importance, group_sets, kept_counts, inputs))
+            _sync_layer_attrs(layers[i], spec, shape_model.config)
+            if inputs is not None and i + 1 < len(layers):
+                inputs.hidden = run_layer(layers[i], inputs)
+            for name, tensor in layers[i].state_dict().items():
+                writer.add(f"{layer_name}.{name}", tensor)
+            release(layers[i])
+            logger.info("Layer %d/%d pruned.", i + 1, len(layers))
+            if progress is not None:
+                progress(i + 1, len(layers))
+        del inputs
+        gc.collect()
+        for name in reader.keys():  # everything outside the decoder layers is unchanged: copied one at a time
+            if not name.startswith(layer_names):
+                writer.add(name, reader.load([name])[name])
+        writer.close()
+
+        counts = {key: gs.num_units for key, gs in group_sets.items()}
+        plan = PruningPlan(config.model_type, len(layers), unit_counts=counts, kept=kept)
+        pruned_config = shape_model.config
+        pruned_config.architectures = [type(shape_model).__name__]
+        if getattr(shape_model, "_auto_class", None) is not None:
+            from transformers.dynamic_module_utils import custom_object_save
+
+            custom_object_save(shape_model, tmp, config=pruned_config)
+        pruned_config.save_pretrained(tmp)
+        generation = os.path.join(model_dir, "generation_config.json")
+        if os.path.isfile(generation):
+            shutil.copy(generation, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        make_checkpoint_portable(tmp)
+        pruner_config.save_pretrained(tmp)
+        plan.save_pretrained(tmp)
+        summary = {
+            "base_model": model_dir,
+            "calibration_data": _describe_data(calibration_data),
+            "params_before": report["params_before"],
+            "params_after": report["params_after"],
+            "macs_per_token_before": count_macs_per_token(model),
+            "macs_per_token_after": count_macs_per_token(shape_model),
+            "evaluation": {},
+            "recovery": None,
+        }
+        write_results(tmp, summary)
+        card = build_model_card(
+            base_model=model_dir,
+            pruner_config=pruner_config,
+            plan=plan,
+            model_config=pruned_config,
+            params_before=summary["params_before"],
+            params_after=summary["params_after"],
+            macs_before=summary["macs_per_token_before"],
+            macs_after=summary["macs_per_token_after"],
+            repo_or_path=os.fspath(output_dir),
+            calibration=summary["calibration_data"],
+        )
+        card.save(os.path.join(tmp, "README.md"))
+    report["plan"] = plan
+    return report
+
+
+def format_dry_run(report: dict) -> str:
+    """A short human-readable summary of a dry run (or a run) report."""
+
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB"
+
+    lines = [
+        f"Parameters: {report['params_before']:,} -> {report['params_after']:,} "
+        f"({1 - report['params_after'] / report['params_before']:.1%} removed)",
+    ]
+    for structure, per_layer in report["planned_widths"].items():
+        values = sorted(set(per_layer.values()))
+        lines.append(f"{structure}: keep {', '.join(map(str, values))} units per layer ({len(per_layer)} layers)")
+    peak = report["estimated_peak_bytes"]
+    lines.append(
+        f"Checkpoint: {gib(report['checkpoint_bytes'])}; estimated peak tensor memory: {gib(peak['peak'])} "
+        f"(largest layer {gib(peak['layer_bytes'])}; plus the Python/PyTorch runtime)"
+    )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "STREAMING_MODEL_TYPES",
+    "STREAMING_STRUCTURES",
+    "check_streaming_config",
+    "format_dry_run",
+    "layer_local_criteria",
+    "prune_streaming",
+    "sequential_plan",
+]
