@@ -47,6 +47,9 @@ METHODS: dict[str, dict] = {
     "bip-global": {"importance": "bip", "global_ranking": True, "global_normalization": "none"},
     "wanda_sp-global": {"importance": "wanda_sp", "global_ranking": True},
     "magnitude-global": {"importance": "magnitude", "global_ranking": True},
+    # FLAP's adaptive structure (one threshold over heads and channels of every layer), with its bias compensation.
+    "flap-adaptive": {"importance": "flap", "allocation": "flap"},
+    "flap-adaptive-nobias": {"importance": "flap", "allocation": "flap", "bias_compensation": False},
     "block_influence-layers": {"importance": "block_influence", "structures": ["layers"]},
 }
 PEERS = ("torch-pruning",)
