@@ -133,6 +133,12 @@ class PrunerConfig(PushToHubMixin):
         streaming (`bool`, *optional*, defaults to `False`):
             Prune layer by layer from the checkpoint's shards with [`optimum_prune.streaming.prune_streaming`] (for
             models larger than memory): layer-local criteria and per-layer structures only, sequential statistics.
+        iterative_steps (`int`, *optional*, defaults to `1`):
+            Prune in this many steps (LLM-Pruner's `iterative_steps`): step k removes units until the model has lost
+            `pruning_ratio * k / iterative_steps` of the *original* parameters, re-collecting statistics and
+            re-scoring the already pruned model before each step. The saved plan still refers to the original model.
+            Only for 'attention_heads' and 'mlp_channels' without bias compensation and without `streaming`: whole
+            layers, the shared hidden width and compensated biases would need re-planning across steps.
 
     Example:
 
@@ -183,6 +189,7 @@ class PrunerConfig(PushToHubMixin):
         default=None, metadata={"help": "Whole layers to remove when combined with width structures."}
     )
     streaming: bool = field(default=False, metadata={"help": "Prune layer by layer from the checkpoint's shards."})
+    iterative_steps: int = field(default=1, metadata={"help": "Prune in this many re-scored steps."})
 
     def __post_init__(self):
         from .importance import IMPORTANCE_REGISTRY
@@ -211,6 +218,7 @@ class PrunerConfig(PushToHubMixin):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
         self._validate_allocation(IMPORTANCE_REGISTRY)
+        self._validate_iterative()
         if not isinstance(self.streaming, bool):
             raise ValueError(f"`streaming` must be True or False, got {self.streaming!r}.")
         if self.streaming:
@@ -230,6 +238,30 @@ class PrunerConfig(PushToHubMixin):
         if layer_structures is not None and LAYERS not in layer_structures:
             raise ValueError(
                 f"`layer_importance={self.layer_importance!r}` scores only {list(layer_structures)}, not 'layers'."
+            )
+
+    def _validate_iterative(self) -> None:
+        """Iterative pruning composes per-step kept indices into one plan on the original model; structures whose
+        pruning is not a pure selection of units (layers re-number, hidden channels rescale norms, bias compensation
+        folds weights that later steps change) or that prune without a loaded model (streaming) are refused."""
+        n = self.iterative_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`iterative_steps` must be a positive integer, got {n!r}.")
+        if n == 1:
+            return
+        refused = [s for s in self.structures if s not in (ATTENTION_HEADS, MLP_CHANNELS)]
+        if refused:
+            raise ValueError(
+                f"`iterative_steps={n}` prunes only 'attention_heads' and 'mlp_channels', got `structures="
+                f"{self.structures}`; set `iterative_steps=1` or remove {refused}."
+            )
+        if self.streaming:
+            raise ValueError(
+                f"`iterative_steps={n}` needs the whole model loaded; it cannot run with `streaming=True`."
+            )
+        if self.bias_compensation:
+            raise ValueError(
+                f"`iterative_steps={n}` cannot compose bias compensation across steps; set `bias_compensation=False`."
             )
 
     def _validate_allocation(self, registry) -> None:

@@ -132,8 +132,11 @@ class Pruner:
                 seed=self.config.seed,
             )
         self.calibration_source = _describe_data(calibration_data)
-        self.plan = self.make_plan(importance, batches)
-        apply_plan(self.model, self.plan, self.spec)
+        if self.config.iterative_steps > 1:
+            self.plan = self._prune_iteratively(importance, batches)
+        else:
+            self.plan = self.make_plan(importance, batches)
+            apply_plan(self.model, self.plan, self.spec)
         self.params_after = count_parameters(self.model)
         logger.info(
             "Pruned %s: %d -> %d parameters (%.2f%% removed).",
@@ -143,6 +146,53 @@ class Pruner:
             100 * (1 - self.params_after / self.params_before),
         )
         return self.model
+
+    def _prune_iteratively(self, importance, batches) -> PruningPlan:
+        """Prune in `iterative_steps` steps, re-scoring the current model before each; returns one plan whose
+        indices refer to the original model (each step's kept indices mapped through the previous steps').
+
+        Allocation meets a fraction of the *current* model's total, so the original-model target of step k,
+        `ratio * k / N`, becomes `1 - (1 - ratio * k / N) * P0 / P_current`.
+        """
+        config = self.config
+        if config.bias_compensation:
+            raise ValueError(
+                f"`iterative_steps={config.iterative_steps}` cannot compose bias compensation across steps "
+                f"(`importance={config.importance!r}` turns it on by default); set `bias_compensation=False`."
+            )
+        steps = config.iterative_steps
+        ratio = config.pruning_ratio
+        model_type = self.model.config.model_type  # before surgery may switch to the registered pruned type
+        num_layers = len(decoder_layers(self.model, self.spec))
+        counts = {key: gs.num_units for key, gs in build_group_sets(self.model, self.spec, config.structures).items()}
+        original = {key: list(range(n)) for key, n in counts.items()}
+        kept = dict(original)  # original indices of the units the current model still has, per group set
+        total_before = ParameterModel(dict(self.model.named_parameters()), {}).total
+        for k in range(1, steps + 1):
+            total = ParameterModel(dict(self.model.named_parameters()), {}).total
+            step_ratio = 1 - (1 - ratio * k / steps) * total_before / total
+            if step_ratio <= 0:
+                logger.info("Iterative step %d/%d: nothing left to remove.", k, steps)
+                continue
+            logger.info("Iterative step %d/%d: removing %.2f%% of the current model.", k, steps, 100 * step_ratio)
+            try:
+                config.pruning_ratio = step_ratio
+                plan = self.make_plan(importance, batches)
+            finally:
+                config.pruning_ratio = ratio
+            apply_plan(self.model, plan, self.spec)
+            for key, step_kept in plan.kept.items():
+                if plan.unit_counts[key] != len(kept[key]):
+                    raise RuntimeError(
+                        f"Step {k} saw {plan.unit_counts[key]} units in {key!r}, expected {len(kept[key])}."
+                    )
+                kept[key] = [kept[key][i] for i in step_kept]
+        return PruningPlan(
+            model_type,
+            num_layers,
+            unit_counts=counts,
+            kept={key: units for key, units in kept.items() if len(units) < counts[key]},
+        )
 
     def _layer_scorer_needs_data(self) -> bool:
         return LAYERS in self.config.structures and self.config.layer_scorer().needs_data
