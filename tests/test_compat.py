@@ -353,8 +353,9 @@ def test_register_onnx_configs_adds_pruned_types():
 
     from optimum_prune.utils.onnx import register_onnx_configs
 
-    assert register_onnx_configs() == ["pruned_llama"]
-    assert register_onnx_configs() == ["pruned_llama"]  # idempotent
+    registered = register_onnx_configs()
+    assert "pruned_llama" in registered
+    assert register_onnx_configs() == registered  # idempotent
     tasks = TasksManager._SUPPORTED_MODEL_TYPE["pruned_llama"]["onnx"]
     assert tasks.keys() == TasksManager._SUPPORTED_MODEL_TYPE["llama"]["onnx"].keys()
     assert (

@@ -21,8 +21,6 @@ from transformers import (
     OPTForCausalLM,
 )
 
-import optimum_prune
-
 
 VOCAB = 97
 
@@ -157,7 +155,7 @@ def fresh_process_logits(paths, ids: torch.Tensor, *, trust_remote_code: bool, i
         torch.save(results, {out!r})
     """)
     # The child imports the same optimum_prune as this process (a relative PYTHONPATH would not follow the cwd).
-    root = os.path.dirname(os.path.dirname(os.path.abspath(optimum_prune.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout; tests/ sits beside the package
     cwd = os.path.dirname(paths[0])
     env = {
         **os.environ,

@@ -58,6 +58,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     allocation.add_argument("--min-channels", type=int, default=None)
     allocation.add_argument("--layer-importance", default=None, help="Criterion for whole layers.")
     allocation.add_argument("--num-layers-to-remove", type=int, default=None)
+    allocation.add_argument(
+        "--iterative-steps", type=int, default=None, help="Prune in N steps, re-scoring between steps."
+    )
     allocation.add_argument("--allocation", choices=["flap"], default=None, help="FLAP's adaptive allocation.")
     allocation.add_argument(
         "--bias-compensation",
@@ -105,6 +108,7 @@ ALLOCATION_ARGS = (
     "num_layers_to_remove",
     "allocation",
     "bias_compensation",
+    "iterative_steps",
 )
 
 
