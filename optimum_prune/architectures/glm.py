@@ -21,24 +21,8 @@ from .base import (
     Width,
     register_architecture,
 )
+from .llama import LLAMA_ATTENTION
 
-
-_ATTENTION = StructureSpec(
-    members=(
-        Member("self_attn.q_proj.weight", 0),
-        Member("self_attn.q_proj.bias", 0),
-        Member("self_attn.k_proj.weight", 0),
-        Member("self_attn.k_proj.bias", 0),
-        Member("self_attn.v_proj.weight", 0),
-        Member("self_attn.v_proj.bias", 0),
-        Member("self_attn.o_proj.weight", 1, consumer=True),
-    ),
-    units=Width("num_key_value_heads", "self_attn.k_proj.weight", 0, divisor="head_dim"),
-    widths=(
-        Width("num_attention_heads", "self_attn.q_proj.weight", 0, divisor="head_dim"),
-        Width("num_key_value_heads", "self_attn.k_proj.weight", 0, divisor="head_dim"),
-    ),
-)
 
 _MLP = StructureSpec(
     members=(
@@ -77,7 +61,7 @@ _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_p
 GLM_SPEC = ArchitectureSpec(
     model_types=("glm",),
     layers="model.layers",
-    structures={ATTENTION_HEADS: _ATTENTION, MLP_CHANNELS: _MLP},
+    structures={ATTENTION_HEADS: LLAMA_ATTENTION, MLP_CHANNELS: _MLP},
     hidden=_HIDDEN,
     hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
     norm=NormSpec(
@@ -94,7 +78,7 @@ GLM_SPEC = ArchitectureSpec(
 GLM4_SPEC = ArchitectureSpec(
     model_types=("glm4",),
     layers="model.layers",
-    structures={ATTENTION_HEADS: _ATTENTION, MLP_CHANNELS: _MLP},
+    structures={ATTENTION_HEADS: LLAMA_ATTENTION, MLP_CHANNELS: _MLP},
     hidden=_HIDDEN,
     hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
     norm=NormSpec(

@@ -17,7 +17,8 @@ from .base import (
 )
 
 
-_ATTENTION = StructureSpec(
+# Shared with GLM, whose q/k/v/o layout is the same (GQA units, optional q/k/v biases).
+LLAMA_ATTENTION = StructureSpec(
     members=(
         Member("self_attn.q_proj.weight", 0),
         Member("self_attn.q_proj.bias", 0),
@@ -73,7 +74,7 @@ _HIDDEN_LAYER_MEMBERS = (
 LLAMA_SPEC = ArchitectureSpec(
     model_types=("llama", "mistral", "qwen2"),
     layers="model.layers",
-    structures={ATTENTION_HEADS: _ATTENTION, MLP_CHANNELS: _MLP},
+    structures={ATTENTION_HEADS: LLAMA_ATTENTION, MLP_CHANNELS: _MLP},
     hidden=_HIDDEN,
     hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
     norm=NormSpec(
