@@ -109,7 +109,7 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-def default_device() -> str:
+def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -129,13 +129,13 @@ def load_for_evaluation(
         dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model.to(device or default_device()).eval(), tokenizer
+    return model.to(device or _default_device()).eval(), tokenizer
 
 
 def _task_manager(task_manager_class, tasks: list[str], include_path):
     """An lm-eval `TaskManager` that knows every name in `tasks`, or a ValueError naming the unknown ones.
 
-    lm-eval indexes its ~15k built-in task configs in seconds; when `include_path` alone defines the requested tasks,
+    Indexing lm-eval's ~15k built-in task configs takes seconds; when `include_path` alone defines the requested tasks,
     that index is skipped.
     """
     paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
@@ -217,6 +217,7 @@ def evaluate_tasks(
         limit (`int` or `float`, *optional*):
             Examples per task (a fraction when below 1), for quick checks; unset: all.
         batch_size (`int` or `"auto"`, *optional*, defaults to `8`):
+            Requests per forward pass in lm-eval (`"auto"`: the largest that fits).
         device (`str`, *optional*):
             Where a loaded-from-path model runs; defaults to CUDA when available. A model object stays where it is.
         dtype (`str` or `torch.dtype`, *optional*, defaults to `"auto"`):
