@@ -57,4 +57,6 @@ def test_projection_reproduces_the_measured_run_and_grows_with_the_layer():
     assert deeper["wall_s"] - 2.0 == pytest.approx(2 * (12.0 - 2.0))  # time follows the depth
     wider = projection.project(measured, small, {**small, "hidden_size": 512, "intermediate_size": 1408},
                                runtime_gib=0.3, baseline_s=2.0)  # fmt: skip
-    assert wider["peak_rss_gib"] > own["peak_rss_gib"] and wider["layer_gib"] == pytest.approx(4 * own["layer_gib"], rel=1e-3)
+    assert wider["peak_rss_gib"] > own["peak_rss_gib"] and wider["layer_gib"] == pytest.approx(
+        4 * own["layer_gib"], rel=1e-3
+    )
