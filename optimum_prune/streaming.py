@@ -106,8 +106,8 @@ def check_streaming_config(pruner_config: PrunerConfig, model_type: str | None =
         )
     if model_type in CHECKPOINT_CONVERTERS:
         raise ValueError(
-            f"{model_type!r} checkpoints are converted to a native family when loaded (ChatGLM to `glm`), and streaming "
-            "reads a checkpoint's shards as they are. Convert it once first, e.g. "
+            f"{model_type!r} checkpoints are converted to a native family when loaded (ChatGLM to `glm`), and "
+            "streaming reads a checkpoint's shards as they are. Convert it once first, e.g. "
             "`optimum_prune.convert_chatglm_checkpoint(src, dst)` (this loads the model in memory), then stream the "
             "converted checkpoint; or prune it in memory with `AutoPruner.from_pretrained`, which converts it."
         )
@@ -409,8 +409,8 @@ class _Captured(Exception):
 
 class _Catcher(nn.Module):
     """Stands in for the first decoder layer: records what the model passes it (hidden states, the causal mask, the
-    rotary `position_embeddings` or BLOOM's `alibi`, position ids, ...) and stops the forward pass. So every family's own forward builds
-    the layer inputs, however it builds them."""
+    rotary `position_embeddings` or BLOOM's `alibi`, position ids, ...) and stops the forward pass. So every family's
+    own forward builds the layer inputs, however it builds them."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
