@@ -344,3 +344,18 @@ def test_uniform_allocation_keeps_whole_steps_and_one_per_group(ratio):
     kept = uniform_allocation(params, group_sets, ["query_heads", "mlp_channels"], ratio)
     heads = {kept[k] for k in kept if k.startswith("query_heads.")}
     assert len(heads) == 1 and next(iter(heads)) % 3 == 0 and next(iter(heads)) >= 3
+
+
+def test_uniform_true_keeps_a_stock_llama_config():
+    """`uniform=True` allows only head counts the stock `LlamaConfig` accepts: with 12 query heads in 3 KV groups and
+    hidden 48, 9 heads (3 per group) would need the registered type, so 3, 6 and 12 remain."""
+    model = tiny_llama(num_attention_heads=12, num_key_value_heads=3)
+    original = copy.deepcopy(model)
+    ratio = _ratio_removing(model, 2)  # 6 heads, a stock shape
+    config = PrunerConfig(importance="magnitude", pruning_ratio=ratio, structures=["query_heads"], uniform=True)
+    pruner = AutoPruner.from_model(model, config)
+    group_sets = build_group_sets(model, get_architecture("llama"), ["query_heads"])
+    assert pruner._stock_unit_counts(group_sets, "query_heads") == [3, 6, 12]
+    pruned = pruner.prune()
+    assert pruned.config.model_type == "llama" and pruned.config.num_attention_heads == 6
+    _check_pruned_shape(original, pruned, pruner.plan)
