@@ -20,6 +20,9 @@ LAYERS = "layers"
 STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, HIDDEN_CHANNELS, LAYERS)
 # Structures whose units are attention heads of some kind: they slice the same q/o tensors, so at most one of them is
 # pruned in a run, and options about heads (`attention_layers`, `min_heads`) apply to whichever is chosen.
+# `query_heads` is a structure of its own rather than an option of `attention_heads` because its unit differs: plans
+# (`"query_heads.3": [query head indices]`), unit counts and scores are per query head, so a saved plan says which
+# mode made it and applies unambiguously.
 HEAD_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS)
 
 
