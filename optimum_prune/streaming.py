@@ -485,7 +485,8 @@ def layer_statistics(model: nn.Module, layer_index: int, spec, names: set[str], 
 
             handles.append(module.register_forward_pre_hook(hook))
     try:
-        run_layer(layer, inputs)
+        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            layer(hidden, *args, **kwargs)  # only the hooks' sums are kept: no second copy of the hidden states
     finally:
         for handle in handles:
             handle.remove()
@@ -715,12 +716,13 @@ def _tensor_bytes(tensors) -> int:
 
 
 def estimate_peak_bytes(
-    model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig, needs_data: bool
+    model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig, needs_data: bool, offload: bool = False
 ) -> dict[str, int]:
     """Rough peak memory of the tensors a streaming run holds (the Python/PyTorch runtime itself, ~0.3-0.5 GB, comes
     on top). The largest of: the input phase (modules before the first layer plus the hidden states), a layer step (the
-    unpruned layer, its largest tensor sliced and scored in float32, the hidden states in and out, one batch's
-    activations) and the copy of the remaining tensors (the largest one). Output shards are written in place, never buffered."""
+    unpruned layer, its largest tensor sliced and scored in float32, the hidden states, one batch's output and
+    activations) and the copy of the remaining tensors (the largest one). Output shards are written in place, never
+    buffered. With `offload` the hidden states are file-backed pages the kernel can drop; one batch of them is counted."""
     layers = model.get_submodule(spec.layers)
     layer_prefix_ = spec.layers + "."
     head = output_embedding_names(model)
@@ -735,15 +737,18 @@ def estimate_peak_bytes(
     tokens = pruner_config.num_calibration_samples * pruner_config.calibration_seq_len if needs_data else 0
     hidden_states = tokens * hidden_size * element
     batch_tokens = min(BATCH_SIZE, pruner_config.num_calibration_samples) * pruner_config.calibration_seq_len
+    batch_hidden = batch_tokens * hidden_size * element if needs_data else 0
+    resident = batch_hidden if offload else hidden_states  # each layer's output overwrites its input (in place)
     wide = max(getattr(config, "intermediate_size", 4 * hidden_size) * 3, 4 * hidden_size)
     heads = getattr(config, "num_attention_heads", 1)
     workspace = (
         (batch_tokens * wide + batch_tokens * heads * pruner_config.calibration_seq_len) * 4 if needs_data else 0
     )
+    # The sliced copy of the largest weight and the float32 copies a criterion makes of it (|W|, then a reduction).
+    scoring = largest_in_layer + 2 * largest_in_layer * 4 // element
     phases = {
-        "inputs": prefix_bytes + hidden_states + workspace,
-        # + the float32 copies a criterion makes of the largest weight (|W| in float32, then a reduction of it)
-        "layer": layer_bytes + largest_in_layer + 2 * largest_in_layer * 4 // element + 2 * hidden_states + workspace,
+        "inputs": prefix_bytes + resident + workspace,
+        "layer": layer_bytes + scoring + resident + batch_hidden + workspace,
         "copy": largest_outside,
     }
     return {**{f"phase_{k}": v for k, v in phases.items()}, "peak": max(phases.values()), "layer_bytes": layer_bytes}
@@ -956,7 +961,9 @@ def prune_streaming(
         "params_after": params_after,
         "planned_widths": planned,
         "widths_from_scores": two_pass,
-        "estimated_peak_bytes": estimate_peak_bytes(model, spec, pruner_config, needs_data),
+        "estimated_peak_bytes": estimate_peak_bytes(
+            model, spec, pruner_config, needs_data, offload_hidden_states is not None
+        ),
         "checkpoint_bytes": _tensor_bytes(model.state_dict().values())
         - _tensor_bytes(p for n, p in model.named_parameters() if n in tied),
     }

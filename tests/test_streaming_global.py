@@ -166,6 +166,10 @@ def test_dry_run_of_two_pass_config_reports_the_target(llama_dir, tmp_path):
     assert dry["params_after"] == round(dry["params_before"] * 0.7)
     assert set(dry["planned_widths"]) == {"attention_heads", "mlp_channels"}  # the uniform estimate
     text = format_dry_run(dry)
+    offloaded = prune_streaming(llama_dir, config, None, dry_run=True, offload_hidden_states=tmp_path / "hidden")
+    hidden_states = SAMPLES * SEQ_LEN * 48 * 4
+    saved = dry["estimated_peak_bytes"]["phase_layer"] - offloaded["estimated_peak_bytes"]["phase_layer"]
+    assert saved == hidden_states - 4 * SEQ_LEN * 48 * 4  # all of them in RAM, against one batch of 4 windows
     assert "known only after the first streaming pass" in text and "Uniform estimate" in text
     run = prune_streaming(llama_dir, config, DATA, tmp_path / "out")
     assert abs(run["params_after"] - dry["params_after"]) / dry["params_before"] <= 0.01
