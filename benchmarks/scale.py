@@ -10,6 +10,7 @@ Prints a Markdown table and appends JSON lines to `benchmarks/results/scale.json
 
     python benchmarks/scale.py                              # 0.5b and 1b, wanda_sp and bip, streaming and in-memory
     python benchmarks/scale.py --sizes 0.5b 0.5b-32l 3b --modes streaming --criteria wanda_sp
+    python benchmarks/scale.py --sizes 0.5b --modes streaming --criteria flap --allocation flap   # two passes
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ SIZES: dict[str, dict] = {
                num_key_value_heads=32),
 }  # fmt: skip
 MODES = ("streaming", "in-memory")
+ALLOCATIONS = {"uniform": {}, "global": {"global_ranking": True}, "flap": {"allocation": "flap"}}
 CRITERIA = ("wanda_sp", "bip")
 
 
@@ -106,7 +108,8 @@ def child(args) -> None:
     from optimum_prune.streaming import prune_streaming
 
     torch.set_num_threads(args.threads)
-    result = {"size": args.size, "mode": args.mode, "criterion": args.criterion}
+    mode = args.mode if args.allocation == "uniform" or args.mode == "baseline" else f"{args.mode}, {args.allocation}"
+    result = {"size": args.size, "mode": mode, "criterion": args.criterion, "allocation": args.allocation}
     if args.mode != "baseline":
         calibration = torch.randint(0, 32000, (args.samples * args.seq_len * 2,), generator=torch.Generator())
         config = PrunerConfig(
@@ -115,6 +118,7 @@ def child(args) -> None:
             num_calibration_samples=args.samples,
             calibration_seq_len=args.seq_len,
             streaming=args.mode == "streaming",
+            **ALLOCATIONS[args.allocation],
         )
         with tempfile.TemporaryDirectory(dir=CHECKPOINTS) as out:
             if args.mode == "streaming":
@@ -134,7 +138,7 @@ def child(args) -> None:
 def _run_child(size, mode, criterion, model, args) -> dict:
     command = [sys.executable, __file__, "--child", "--size", size, "--mode", mode, "--criterion", criterion]
     command += ["--model", str(model), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads), "--allocation", args.allocation]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -150,6 +154,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="Calibration windows.")
     parser.add_argument("--seq-len", type=int, default=128, help="Tokens per calibration window.")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--allocation", default="uniform", choices=sorted(ALLOCATIONS), help="global / flap: two streaming passes."
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="Keep the random checkpoints on disk.")
     # Internal: one run in a child process.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -138,7 +138,9 @@ class PrunerConfig(PushToHubMixin):
             meets the rest of `pruning_ratio`. Defaults to the number closest to half of the target.
         streaming (`bool`, *optional*, defaults to `False`):
             Prune layer by layer from the checkpoint's shards with [`optimum_prune.streaming.prune_streaming`] (for
-            models larger than memory): layer-local criteria and per-layer structures only, sequential statistics.
+            models larger than memory): layer-local criteria and per-layer structures only. Uniform or given widths
+            take one pass (sequential statistics); `global_ranking` and `allocation="flap"` take two and give the
+            in-memory plan (bias compensation only there).
         iterative_steps (`int`, *optional*, defaults to `1`):
             Prune in this many steps (LLM-Pruner's `iterative_steps`): step k removes units until the model has lost
             `pruning_ratio * k / iterative_steps` of the *original* parameters, re-collecting statistics and

@@ -215,12 +215,7 @@ class Pruner:
         group_sets = self._prunable(all_group_sets, num_layers, set(removed))
         means: dict[str, torch.Tensor] | None = {} if config.bias_compensation else None
         scores = self._score(importance, group_sets, batches, means)
-        if config.non_uniform or config.uniform or removed or config.min_heads > 1 or config.min_channels > 1:
-            kept_counts = self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
-        else:
-            kept_counts = uniform_allocation(
-                params, group_sets, width_structures, config.pruning_ratio, config.round_to
-            )
+        kept_counts = self._kept_counts(params, group_sets, scores, removed, width_structures)
         kept = {
             key: select_top(scores[key], k, group_sets[key].num_groups)
             for key, k in kept_counts.items()
@@ -236,6 +231,14 @@ class Pruner:
             removed_layers=removed,
             bias_means=bias_means,
         )
+
+    def _kept_counts(self, params, group_sets, scores, removed, width_structures) -> dict[str, int]:
+        """Kept units per prunable group set: the allocation `config` asks for (scores are read only by
+        `global_ranking` and `allocation="flap"`; the streaming path calls this with `scores=None` otherwise)."""
+        config = self.config
+        if config.non_uniform or config.uniform or removed or config.min_heads > 1 or config.min_channels > 1:
+            return self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
+        return uniform_allocation(params, group_sets, width_structures, config.pruning_ratio, config.round_to)
 
     def _bias_means(self, group_sets, kept, means) -> dict[str, dict[str, list[float]]]:
         """Calibration means of the removed input channels of every consumer (the plan's `bias_means`)."""

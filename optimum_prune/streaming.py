@@ -1,13 +1,28 @@
 """Streaming pruning: prune a checkpoint larger than memory, one decoder layer at a time.
 
-The model is built on the meta device from its config (no weights), so group sets and the uniform allocation come
-from shapes alone. Only the modules before the first decoder layer (embeddings, rotary tables) are materialised to turn
-the calibration tokens into the first layer's inputs; then each decoder layer in turn is read from the checkpoint's
-safetensors shards (`safe_open`, one layer's tensors at a time), scored on its own input hidden states, pruned with the
-same group sets and surgery as the in-memory path, run *pruned* to produce the next layer's inputs (sequential
-statistics, as SparseGPT and FLAP compute them), written to its place in the output shards and freed (the shards are
-laid out in advance from the planned shapes, so nothing is buffered). The rest of the checkpoint (final norm, LM head)
-is copied through tensor by tensor. Peak memory is one layer and the calibration hidden states, whatever the depth.
+The model is built on the meta device from its config (no weights), so group sets and allocation come from shapes
+alone: the in-memory [`Pruner`]'s own allocation code runs on that skeleton. Only the modules before the first decoder
+layer (embeddings, rotary tables) are materialised to turn the calibration tokens into the first layer's inputs; then
+each decoder layer in turn is read from the checkpoint's safetensors shards (`safe_open`, one layer's tensors at a time)
+and freed again. The output shards are laid out in advance from the planned shapes and each pruned layer is written to
+its place as soon as it exists; the rest of the checkpoint (final norm, LM head) is copied through tensor by tensor.
+Peak memory is one layer and the calibration hidden states, whatever the depth; `offload_hidden_states` moves the
+hidden states to a memory-mapped file.
+
+Two flows, chosen by the allocation:
+
+- Uniform or given widths (`layer_ratios`, `attention_layers`, `mlp_layers`, `min_heads`, `min_channels`, `uniform`)
+  are known from the shapes, so one pass suffices: each layer is scored on its own input hidden states, pruned with the
+  same group sets and surgery as the in-memory path, run *pruned* to produce the next layer's inputs (sequential
+  statistics, as SparseGPT and FLAP compute them) and written. Data-driven criteria then give plans that differ from
+  the in-memory path after the first layer; [`sequential_plan`] runs the same loop on a model in memory, as the
+  reference.
+- `global_ranking=True` and `allocation="flap"` rank every layer's scores together. Pass 1 scores each layer on the
+  *unpruned* model's activations (running it unpruned to produce the next layer's inputs) and keeps only the score
+  vectors (and, for bias compensation, each consumer's per-channel input means): a few KB per layer. The in-memory
+  allocation then sets the widths, and pass 2 reads each layer again and prunes and writes it (no calibration data).
+  The plan, bias compensation included, is exactly the in-memory plan; per-layer widths are saved as the registered
+  pruned type with `per_layer_config`, as in memory.
 
 Families (`STREAMING_MODEL_TYPES`): LLaMA, Mistral, Qwen2, OPT, BLOOM, GLM and GLM-4. What a family computes before its
 first layer (OPT's learned positions and `project_in`, BLOOM's embedding LayerNorm and ALiBi tensor, rotary tables, the
@@ -17,22 +32,21 @@ surgery syncs, the config records (BLOOM's original ALiBi heads), and the pruned
 ChatGLM remote-code checkpoints are refused: convert them to `glm` once first (`convert_chatglm_checkpoint`).
 
 Only layer-local criteria can run this way: a criterion that needs the whole model's loss (`taylor`, `mini_llm`) or
-a model-wide structure (`hidden_channels`, `layers`) cannot, and is refused with an error that says what can.
-
-Because statistics are sequential, data-driven criteria give plans that differ from the in-memory path after the first
-layer (the in-memory path scores every layer on the *unpruned* model's activations). [`sequential_plan`] runs the same
-per-layer loop on a model in memory, as the reference for the streaming path.
+a model-wide structure (`hidden_channels`, `layers`) cannot, and is refused with an error that says what can. Bias
+compensation needs the two-pass flow (its means must come from the unpruned model).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -54,7 +68,15 @@ from .evaluation import count_parameters
 from .groups import GroupSet, build_group_sets, decoder_layers, layer_prefix
 from .importance.base import ACTIVATIONS, WEIGHTS
 from .plan import PruningPlan
-from .surgery import apply_plan, prune_group_set, sync_module_attrs, write_unit_records
+from .surgery import (
+    add_missing_biases,
+    apply_plan,
+    compensate_biases,
+    consumer_modules,
+    prune_group_set,
+    sync_module_attrs,
+    write_unit_records,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -89,8 +111,18 @@ def layer_local_criteria() -> list[str]:
     )
 
 
+def needs_global_scores(pruner_config: PrunerConfig) -> bool:
+    """Whether the widths follow from every layer's scores (`global_ranking`, `allocation="flap"`): streaming then
+    reads the layers twice (scores first, then pruning)."""
+    return bool(pruner_config.global_ranking) or pruner_config.allocation == "flap"
+
+
 def check_streaming_config(pruner_config: PrunerConfig, model_type: str | None = None) -> None:
-    """Refuse what the layer-by-layer path cannot do, naming what it can."""
+    """Refuse what the layer-by-layer path cannot do, naming what it can.
+
+    Every allocation is supported: uniform and given widths (`layer_ratios`, `attention_layers`, `mlp_layers`,
+    `min_heads`, `min_channels`, `uniform`) in one pass, `global_ranking` and `allocation="flap"` in two.
+    """
     importance = pruner_config.build_importance()
     if not importance.needs <= LAYER_LOCAL_NEEDS:
         raise ValueError(
@@ -110,6 +142,13 @@ def check_streaming_config(pruner_config: PrunerConfig, model_type: str | None =
             "streaming reads a checkpoint's shards as they are. Convert it once first, e.g. "
             "`optimum_prune.convert_chatglm_checkpoint(src, dst)` (this loads the model in memory), then stream the "
             "converted checkpoint; or prune it in memory with `AutoPruner.from_pretrained`, which converts it."
+        )
+    if pruner_config.bias_compensation and not needs_global_scores(pruner_config):
+        raise ValueError(
+            "Streaming compensates biases only with the two-pass allocations (`allocation='flap'` or "
+            "`global_ranking=True`), which measure the unpruned model as the in-memory path does; uniform or given "
+            "widths stream in one pass on the pruned model's activations. Set `bias_compensation=False` or use one "
+            "of those allocations."
         )
     if model_type is not None and model_type not in STREAMING_MODEL_TYPES:
         raise ValueError(
@@ -499,7 +538,8 @@ def layer_statistics(model: nn.Module, layer_index: int, spec, names: set[str], 
 
             handles.append(module.register_forward_pre_hook(hook))
     try:
-        run_layer(layer, inputs)
+        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            layer(hidden, *args, **kwargs)  # only the hooks' sums are kept: no second copy of the hidden states
     finally:
         for handle in handles:
             handle.remove()
@@ -565,43 +605,166 @@ def _sync_layer_attrs(
             if records is not None:
                 setattr(shape_model.config, writer.count_field, getattr(source.config, writer.count_field))
                 setattr(shape_model.config, writer.field, records)
-    sync_module_attrs(model, spec, shape_model.config, [layer_index])
+    sync_module_attrs(model, spec, _layer_config(shape_model.config, layer_index), [layer_index])
     adopt = getattr(shape_model, "adopt_pruned_layer", None)
     if adopt is not None:
         adopt(decoder_layers(model, spec)[layer_index], layer_index)
 
 
-def _uniform_kept_counts(model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig):
-    """Group sets and uniform kept counts, from shapes only (works on a meta model)."""
-    group_sets = build_group_sets(model, spec, pruner_config.structures)
-    params = dict(model.named_parameters())
-    kept_counts = uniform_allocation(
-        params, group_sets, pruner_config.structures, pruner_config.pruning_ratio, pruner_config.round_to
-    )
-    return group_sets, kept_counts
+def _planner(model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig):
+    """The in-memory [`Pruner`] around the meta skeleton, for its allocation code (prunable layers, floors, per-layer
+    ratios, global and FLAP allocation, bias means): all of it needs only shapes and scores, so the streaming plan is
+    made by the same code as the in-memory one.
+
+    Building it resolves `bias_compensation` as the in-memory path does. Only the two-pass allocations can compensate
+    (their statistics are the unpruned model's, as in memory); a one-pass run plans with it off and leaves
+    `pruner_config` untouched (an explicit `True` was refused by `check_streaming_config`).
+    """
+    from .pruner import Pruner
+
+    if not needs_global_scores(pruner_config):
+        pruner_config = copy.copy(pruner_config)
+        pruner_config.bias_compensation = False
+    planner = Pruner(model, spec, pruner_config)
+    if pruner_config.non_uniform:
+        planner._check_per_layer_support()
+    return planner
+
+
+def _prunable_group_sets(planner) -> tuple[dict[str, GroupSet], dict[str, GroupSet]]:
+    """Every width group set of the model (the plan's `unit_counts`) and the prunable ones (`attention_layers`,
+    `mlp_layers`)."""
+    model, spec, config = planner.model, planner.spec, planner.config
+    all_group_sets = build_group_sets(model, spec, config.structures)
+    num_layers = len(model.get_submodule(spec.layers))
+    return all_group_sets, planner._prunable(all_group_sets, num_layers, set())
+
+
+def _kept_counts(planner, group_sets: dict[str, GroupSet], scores=None) -> dict[str, int]:
+    """Kept units per prunable group set, by the in-memory allocation (`scores` only for the two-pass modes)."""
+    config = planner.config
+    params = dict(planner.model.named_parameters())
+    return planner._kept_counts(params, group_sets, scores, [], list(config.structures))
 
 
 def _shape_plan(model, group_sets, kept_counts) -> PruningPlan:
     """A plan with the planned widths (the first units of each group set): what the pruned shapes will be."""
     counts = {key: gs.num_units for key, gs in group_sets.items()}
     kept = {key: list(range(k)) for key, k in kept_counts.items() if k < group_sets[key].num_units}
-    num_layers = 1 + max(gs.layer for gs in group_sets.values())
+    num_layers = len(model.get_submodule(get_architecture(model.config.model_type).layers))
     return PruningPlan(model.config.model_type, num_layers, unit_counts=counts, kept=kept)
 
 
+def _compensated_modules(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan, group_sets) -> set[str]:
+    """Layer-relative paths of the consumers that bias compensation gives a bias they do not have (as
+    `surgery.compensate_biases` does): every layer then carries one (`surgery.add_missing_biases`)."""
+    paths = set()
+    for key, means in plan.bias_means.items():
+        for s, path in consumer_modules(spec, group_sets[key]):
+            if s.name in means and model.get_submodule(s.name.rpartition(".")[0]).bias is None:
+                paths.add(path)
+    return paths
+
+
+def _shape_model(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan, group_sets) -> nn.Module:
+    """The pruned model on the meta device, by the in-memory surgery: the pruned shapes and config (the registered
+    type with `per_layer_config` for per-layer widths, the bias fields of compensation). Compensation itself needs
+    weights, so the biases it adds are added empty here and filled in by the layer pass."""
+    shape = copy.deepcopy(model)
+    add_missing_biases(shape, spec, _compensated_modules(shape, spec, plan, group_sets))
+    return apply_plan(shape, dataclasses.replace(plan, bias_means={}), spec)
+
+
+def _layer_config(config, layer_index: int):
+    """The config of one decoder layer (a registered type with per-layer widths has one per layer)."""
+    layer_config = getattr(config, "layer_config", None)
+    return layer_config(layer_index) if layer_config is not None else config
+
+
+@torch.no_grad()
+def advance_inputs(layer: nn.Module, inputs: LayerInputs) -> None:
+    """Turn `inputs` into the next layer's: run `layer` on each batch and write its output over the batch's hidden
+    states (a decoder layer's output has its input's shape). Nothing but one batch's output is allocated, and offloaded
+    hidden states stay in their file."""
+    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        hidden.copy_(_layer_output(layer(hidden, *args, **kwargs)))
+
+
+class HiddenStateFile:
+    """The calibration hidden states in a memory-mapped file instead of RAM: [num_samples, seq_len, hidden].
+
+    The pages are file-backed, so the kernel writes them back and drops them under memory pressure instead of
+    swapping; each layer step reads and rewrites the file batch by batch. The file is created in a fresh folder under
+    `directory` and unlinked as soon as it is mapped (POSIX keeps the mapping), so nothing is left behind however the
+    run ends: its disk space returns when the last view of `tensor` is freed (`close()`) or the process exits.
+    """
+
+    def __init__(self, directory: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dtype):
+        os.makedirs(directory, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix="optimum-prune-hidden-", dir=directory)
+        self.path = os.path.join(folder, "hidden_states.bin")
+        numel = math.prod(shape)
+        try:
+            with open(self.path, "wb") as f:
+                f.truncate(numel * torch.empty((), dtype=dtype).element_size())
+            self.tensor = torch.from_file(self.path, shared=True, size=numel, dtype=dtype).view(shape)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        logger.info(
+            "Calibration hidden states (%.1f MiB) are kept in a file under %s.", self.nbytes / 2**20, directory
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def close(self) -> None:
+        self.tensor = None
+
+
+def capture_inputs(
+    model: nn.Module, spec: ArchitectureSpec, batches: torch.Tensor, offload: str | os.PathLike | None = None
+) -> tuple[LayerInputs, HiddenStateFile | None]:
+    """The first layer's inputs (see [`capture_layer_inputs`]); with `offload`, a folder, the hidden states go batch
+    by batch into a [`HiddenStateFile`] there and never all sit in RAM."""
+    if offload is None:
+        return capture_layer_inputs(model, spec, batches), None
+    store = None
+    inputs = LayerInputs([], [], [])
+    for start in range(0, len(batches), BATCH_SIZE):
+        part = capture_layer_inputs(model, spec, batches[start : start + BATCH_SIZE])
+        hidden = part.hidden[0]  # [B, T, H]
+        if store is None:
+            store = HiddenStateFile(offload, (len(batches), *hidden.shape[1:]), hidden.dtype)
+        view = store.tensor[start : start + hidden.shape[0]]
+        view.copy_(hidden)
+        inputs.hidden.append(view)
+        inputs.args.append(part.args[0])
+        inputs.kwargs.append(part.kwargs[0])
+    return inputs, store
+
+
 def sequential_plan(model: nn.Module, pruner_config: PrunerConfig, batches: torch.Tensor | None) -> PruningPlan:
-    """The plan the streaming path makes, computed on a model in memory (the reference for streaming).
+    """The plan a one-pass streaming run makes, computed on a model in memory (the reference for streaming).
 
     Runs the same per-layer loop as [`prune_streaming`] (statistics of each layer from the outputs of the already
-    pruned layers before it) on a deep copy of `model`; `model` is left untouched.
+    pruned layers before it) on a deep copy of `model`; `model` is left untouched. Two-pass configs
+    (`global_ranking`, `allocation="flap"`) stream to the in-memory plan itself (`Pruner.make_plan`).
     """
     spec = get_architecture(model.config.model_type)
     check_streaming_config(pruner_config)
+    if needs_global_scores(pruner_config):
+        raise ValueError(
+            "With `global_ranking` or `allocation='flap'` streaming makes the in-memory plan (two passes over the "
+            "unpruned model); compute it with `AutoPruner.from_model(model, config).make_plan(...)`."
+        )
     importance = pruner_config.build_importance()
     work = copy.deepcopy(model).eval()
-    group_sets, kept_counts = _uniform_kept_counts(work, spec, pruner_config)
+    planner = _planner(work, spec, pruner_config)
+    all_group_sets, group_sets = _prunable_group_sets(planner)
+    kept_counts = _kept_counts(planner, group_sets)
     shape_model = apply_plan(
-        build_skeleton(copy.deepcopy(work.config), work.dtype), _shape_plan(work, group_sets, kept_counts), spec
+        build_skeleton(copy.deepcopy(work.config), work.dtype), _shape_plan(work, all_group_sets, kept_counts), spec
     )
     inputs = capture_layer_inputs(work, spec, batches) if importance.needs_data else None
     layers = work.get_submodule(spec.layers)
@@ -610,8 +773,8 @@ def sequential_plan(model: nn.Module, pruner_config: PrunerConfig, batches: torc
         kept.update(prune_layer(work, spec, i, importance, group_sets, kept_counts, inputs))
         _sync_layer_attrs(work, spec, i, shape_model, kept)
         if inputs is not None and i + 1 < len(layers):
-            inputs.hidden = run_layer(layers[i], inputs)
-    counts = {key: gs.num_units for key, gs in group_sets.items()}
+            advance_inputs(layers[i], inputs)
+    counts = {key: gs.num_units for key, gs in all_group_sets.items()}
     return PruningPlan(model.config.model_type, len(layers), unit_counts=counts, kept=kept)
 
 
@@ -625,12 +788,13 @@ def _tensor_bytes(tensors) -> int:
 
 
 def estimate_peak_bytes(
-    model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig, needs_data: bool
+    model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig, needs_data: bool, offload: bool = False
 ) -> dict[str, int]:
     """Rough peak memory of the tensors a streaming run holds (the Python/PyTorch runtime itself, ~0.3-0.5 GB, comes
     on top). The largest of: the input phase (modules before the first layer plus the hidden states), a layer step (the
-    unpruned layer, its largest tensor sliced and scored in float32, the hidden states in and out, one batch's
-    activations) and the copy of the remaining tensors (the largest one). Output shards are written in place, never buffered."""
+    unpruned layer, its largest tensor sliced and scored in float32, the hidden states, one batch's output and
+    activations) and the copy of the remaining tensors (the largest one). Output shards are written in place, never
+    buffered. With `offload` the hidden states are file-backed pages the kernel can drop; one batch of them is counted."""
     layers = model.get_submodule(spec.layers)
     layer_prefix_ = spec.layers + "."
     head = output_embedding_names(model)
@@ -645,15 +809,18 @@ def estimate_peak_bytes(
     tokens = pruner_config.num_calibration_samples * pruner_config.calibration_seq_len if needs_data else 0
     hidden_states = tokens * hidden_size * element
     batch_tokens = min(BATCH_SIZE, pruner_config.num_calibration_samples) * pruner_config.calibration_seq_len
+    batch_hidden = batch_tokens * hidden_size * element if needs_data else 0
+    resident = batch_hidden if offload else hidden_states  # each layer's output overwrites its input (in place)
     wide = max(getattr(config, "intermediate_size", 4 * hidden_size) * 3, 4 * hidden_size)
     heads = getattr(config, "num_attention_heads", 1)
     workspace = (
         (batch_tokens * wide + batch_tokens * heads * pruner_config.calibration_seq_len) * 4 if needs_data else 0
     )
+    # The sliced copy of the largest weight and the float32 copies a criterion makes of it (|W|, then a reduction).
+    scoring = largest_in_layer + 2 * largest_in_layer * 4 // element
     phases = {
-        "inputs": prefix_bytes + hidden_states + workspace,
-        # + the float32 copies a criterion makes of the largest weight (|W| in float32, then a reduction of it)
-        "layer": layer_bytes + largest_in_layer + 2 * largest_in_layer * 4 // element + 2 * hidden_states + workspace,
+        "inputs": prefix_bytes + resident + workspace,
+        "layer": layer_bytes + scoring + resident + batch_hidden + workspace,
         "copy": largest_outside,
     }
     return {**{f"phase_{k}": v for k, v in phases.items()}, "peak": max(phases.values()), "layer_bytes": layer_bytes}
@@ -666,8 +833,108 @@ def _layer_index(name: str, layer_names: str) -> int:
 def _planned_widths(group_sets, kept_counts) -> dict[str, dict[str, int]]:
     widths: dict[str, dict[str, int]] = {}
     for key, gs in group_sets.items():
-        widths.setdefault(gs.structure, {})[str(gs.layer)] = kept_counts[key]
+        widths.setdefault(gs.structure, {})[str(gs.layer)] = kept_counts.get(key, gs.num_units)
     return widths
+
+
+def _uniform_estimate(planner, group_sets) -> dict[str, int] | None:
+    """The uniform kept counts meeting the target: what a dry run of a two-pass config can show before any score."""
+    config = planner.config
+    try:
+        return uniform_allocation(
+            dict(planner.model.named_parameters()),
+            group_sets,
+            list(config.structures),
+            config.pruning_ratio,
+            config.round_to,
+        )
+    except ValueError:
+        return None
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to a new allocation (psutil when installed, else `MemAvailable` of /proc/meminfo), or None
+    where neither can be read."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def in_memory_bytes(model_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the checkpoint's tensors once loaded (floating-point ones in `dtype`; default: as stored), from the
+    shard headers. Raises ValueError when `model_dir` holds no safetensors checkpoint."""
+    total = 0
+    for stored, shape in CheckpointReader(model_dir).layout().values():
+        stored = stored or torch.uint8
+        target = dtype if dtype is not None and stored.is_floating_point else stored
+        total += math.prod(shape) * torch.empty((), dtype=target).element_size()
+    return total
+
+
+def _score_all_layers(model, spec, reader, importance, group_sets, inputs, means, progress=None):
+    """Pass 1 of a two-pass run: every prunable group set's scores, each layer scored on the *unpruned* model's
+    activations (the layer is run unpruned to produce the next layer's inputs), as the in-memory path scores them.
+
+    Keeps only the score vectors and, with a `means` dict, each consumer's per-channel input mean (bias compensation):
+    a few KB per layer. Returns `{key: Tensor[num_units]}`.
+    """
+    layers = model.get_submodule(spec.layers)
+    scores = {}
+    for i in range(len(layers)):
+        keys = [key for key, gs in group_sets.items() if gs.layer == i]
+        names = {s.name for key in keys for s in group_sets[key].slices}
+        materialize(model, f"{spec.layers}.{i}", reader)
+        if inputs is not None:
+            stats = layer_statistics(model, i, spec, names, inputs)
+        else:
+            stats = Statistics(model, None, param_names=names)
+            stats._spec = spec
+        for key in keys:
+            scores[key] = importance.score(group_sets[key], stats).float()
+            if means is not None:
+                for s in group_sets[key].slices:
+                    if s.consumer and s.dim == 1:
+                        record = stats.activation(s.name)
+                        means[s.name] = record.sum.double().cpu() / max(record.count, 1)  # [in]
+        del stats
+        if inputs is not None and i + 1 < len(layers):
+            advance_inputs(layers[i], inputs)
+        release(layers[i])
+        logger.info("Layer %d/%d scored (pass 1 of 2).", i + 1, len(layers))
+        if progress is not None:
+            progress(i + 1, len(layers))
+    return scores
+
+
+@torch.no_grad()
+def _apply_layer_plan(model, spec, layer_index, plan, group_sets, bias_paths) -> None:
+    """Pass 2 of a two-pass run: prune decoder layer `layer_index` (real tensors) as `plan` says, compensating biases
+    from the plan's means first, as `surgery.apply_plan` does; consumers that compensation gives a bias get a zero
+    one in layers it does not touch (the bias field is per model)."""
+    prefix = layer_prefix(spec, layer_index)
+    for key, units in plan.kept.items():
+        gs = group_sets[key]
+        if gs.layer != layer_index:
+            continue
+        if key in plan.bias_means:
+            compensate_biases(model, spec, gs, units, plan.bias_means[key])
+        prune_group_set(model, gs, units)
+    for path in sorted(bias_paths):
+        module = model.get_submodule(prefix + path)
+        if module.bias is None:
+            weight = module.weight
+            module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)
 
 
 def prune_streaming(
@@ -680,31 +947,49 @@ def prune_streaming(
     dry_run: bool = False,
     max_shard_size: int | str = "5GB",
     trust_remote_code: bool = False,
+    offload_hidden_states: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Prune the safetensors checkpoint in `model_dir` layer by layer into `output_dir`, never loading it whole.
+
+    Uniform or given widths (`layer_ratios`, `attention_layers`, `mlp_layers`, `min_heads`, `min_channels`,
+    `uniform`) are known from the shapes: one pass scores each layer on the pruned model's activations (sequential
+    statistics), prunes and writes it. `global_ranking=True` and `allocation="flap"` need every layer's scores first:
+    pass 1 scores each layer on the unpruned model's activations, the in-memory allocation then sets the widths, and
+    pass 2 reads each layer again, prunes it and writes it; the plan is the in-memory plan.
 
     Args:
         model_dir: a local checkpoint directory (config.json + safetensors shards) of a type in
             `STREAMING_MODEL_TYPES`; shards saved from the base model (no `transformer.`/`model.` prefix) work too.
         pruner_config (`PrunerConfig`): a layer-local criterion (magnitude, random, wanda_sp, flap, bip) and the
-            structures `attention_heads` / `mlp_channels`; allocation is uniform.
+            structures `attention_heads` / `mlp_channels`.
         calibration_data: as for [`Pruner.prune`] (needed by data-driven criteria).
         output_dir: where the pruned checkpoint goes (written atomically); not needed for `dry_run`.
         tokenizer: defaults to the checkpoint's own (needed for text calibration data, copied to the output).
-        dry_run (`bool`): plan widths, parameter counts and estimated peak memory only; reads no weights.
+        dry_run (`bool`): plan widths, parameter counts and estimated peak memory only; reads no weights. Widths that
+            follow from scores (two-pass) are reported as the uniform estimate and the parameter target.
         max_shard_size: output shard size (`"5GB"`, bytes, as `save_pretrained`); shards are written in place, so
             their size costs no memory.
-        progress: called as `progress(layer, num_layers)` after each layer (benchmarks, progress bars).
+        offload_hidden_states (`str`, *optional*): a folder for the calibration hidden states between layers, kept in
+            a memory-mapped file there instead of RAM (removed at the end); the result is the same.
+        progress: called as `progress(layer, num_layers)` after each layer of each pass (benchmarks, progress bars).
 
     Returns:
-        `dict` with `params_before`, `params_after`, `planned_widths`, `estimated_peak_bytes` and, unless `dry_run`,
-        `plan` (the [`PruningPlan`]).
+        `dict` with `params_before`, `params_after`, `planned_widths`, `widths_from_scores` (True for two-pass
+        configs), `estimated_peak_bytes` and, unless `dry_run`, `plan` (the [`PruningPlan`]).
     """
     from transformers import AutoConfig, AutoTokenizer
 
     from . import modeling  # noqa: F401 - registers the pruned model types that the pruned config may need
-    from .hub import atomic_directory, build_model_card, count_macs_per_token, write_results
+    from .hub import (
+        CHART_NAME,
+        atomic_directory,
+        build_model_card,
+        count_macs_per_token,
+        plan_is_uniform,
+        plot_layer_widths,
+        write_results,
+    )
     from .pruner import _describe_data
     from .utils.compat import make_checkpoint_portable
 
@@ -729,13 +1014,31 @@ def prune_streaming(
             f"The checkpoint's tensor names do not match {type(model).__name__}: unexpected {unknown[:4]}, missing "
             f"{absent[:4]}. Streaming needs a checkpoint saved by Transformers for this architecture."
         )
-    group_sets, kept_counts = _uniform_kept_counts(model, spec, pruner_config)
-    shape_model = apply_plan(copy.deepcopy(model), _shape_plan(model, group_sets, kept_counts), spec)
+    two_pass = needs_global_scores(pruner_config)
+    planner = _planner(model, spec, pruner_config)  # resolves `bias_compensation` for two-pass configs
+    compensate = bool(planner.config.bias_compensation)
+    all_group_sets, group_sets = _prunable_group_sets(planner)
+    layers = model.get_submodule(spec.layers)
+    params_before = count_parameters(model)
+    if two_pass:
+        estimate = _uniform_estimate(planner, group_sets)
+        kept_counts = None
+        params_after = round(params_before * (1 - pruner_config.pruning_ratio))  # the target; widths come later
+        planned = _planned_widths(all_group_sets, estimate) if estimate is not None else {}
+    else:
+        kept_counts = _kept_counts(planner, group_sets)
+        shape_model = apply_plan(copy.deepcopy(model), _shape_plan(model, all_group_sets, kept_counts), spec)
+        params_after = count_parameters(shape_model)
+        planned = _planned_widths(all_group_sets, kept_counts)
+    needs_data = importance.needs_data or compensate
     report = {
-        "params_before": count_parameters(model),
-        "params_after": count_parameters(shape_model),
-        "planned_widths": _planned_widths(group_sets, kept_counts),
-        "estimated_peak_bytes": estimate_peak_bytes(model, spec, pruner_config, importance.needs_data),
+        "params_before": params_before,
+        "params_after": params_after,
+        "planned_widths": planned,
+        "widths_from_scores": two_pass,
+        "estimated_peak_bytes": estimate_peak_bytes(
+            model, spec, pruner_config, needs_data, offload_hidden_states is not None
+        ),
         "checkpoint_bytes": _tensor_bytes(model.state_dict().values())
         - _tensor_bytes(p for n, p in model.named_parameters() if n in tied),
     }
@@ -749,9 +1052,10 @@ def prune_streaming(
         except (OSError, ValueError, TypeError):
             tokenizer = None
     batches = None
-    if importance.needs_data:
+    if needs_data:
         if calibration_data is None:
-            raise ValueError(f"The {importance.name!r} criterion needs calibration data (`calibration_data=`).")
+            name = importance.name if importance.needs_data else "bias compensation"
+            raise ValueError(f"{name!r} needs calibration data (`calibration_data=`).")
         batches = prepare_calibration(
             calibration_data,
             tokenizer,
@@ -759,10 +1063,10 @@ def prune_streaming(
             pruner_config.calibration_seq_len,
             seed=pruner_config.seed,
         )
+    macs_before = count_macs_per_token(model)
 
-    layers = model.get_submodule(spec.layers)
     layer_names = spec.layers + "."
-    inputs = None
+    inputs, hidden_file = None, None
     if batches is not None:
         # Only what runs before the first layer is materialised (embeddings, rotary tables; not the LM head).
         head = output_embedding_names(model)
@@ -775,39 +1079,65 @@ def prune_streaming(
         )
         for name in prefix_modules:
             materialize(model, name, reader, recurse=False)
-        inputs = capture_layer_inputs(model, spec, batches)
+        inputs, hidden_file = capture_inputs(model, spec, batches, offload_hidden_states)
         for name in prefix_modules:
             release(model.get_submodule(name))
 
-    kept: dict[str, list[int]] = {}
+    counts = {key: gs.num_units for key, gs in all_group_sets.items()}
+    kept = {}
+    if two_pass:
+        means = {} if compensate else None
+        scores = _score_all_layers(model, spec, reader, importance, group_sets, inputs, means, progress)
+        inputs = None
+        if hidden_file is not None:  # pass 2 needs no hidden states
+            hidden_file.close()
+            hidden_file = None
+        kept_counts = _kept_counts(planner, group_sets, scores)
+        kept = {key: select_top(scores[key], k) for key, k in kept_counts.items() if k < group_sets[key].num_units}
+        bias_means = planner._bias_means(group_sets, kept, means) if means is not None else {}
+        plan = PruningPlan(config.model_type, len(layers), unit_counts=counts, kept=kept, bias_means=bias_means)
+        shape_model = _shape_model(model, spec, plan, all_group_sets)
+        bias_paths = _compensated_modules(model, spec, plan, all_group_sets)
+        report["params_after"] = count_parameters(shape_model)
+        report["planned_widths"] = _planned_widths(all_group_sets, kept_counts)
+
     with atomic_directory(output_dir) as tmp:
-        # Output tensors: the checkpoint's own names (tied heads stay absent), with the planned shapes, in writing order.
-        pruned_shapes = {name: tuple(t.shape) for name, t in shape_model.state_dict().items()}
+        # Output tensors: the checkpoint's own names (tied heads stay absent) and the biases compensation adds, with
+        # the planned shapes, in writing order.
+        pruned_layout = {name: (t.dtype, tuple(t.shape)) for name, t in shape_model.state_dict().items()}
         source = reader.layout()
-        order = sorted(source, key=lambda n: (not n.startswith(layer_names), _layer_index(n, layer_names), n))
-        writer = ShardWriter(tmp, {n: (source[n][0], pruned_shapes[n]) for n in order}, max_shard_size)
+        names = list(source) + [n for n in pruned_layout if n not in source and n not in tied]
+        order = sorted(names, key=lambda n: (not n.startswith(layer_names), _layer_index(n, layer_names), n))
+        layout = {n: (source[n][0] if n in source else pruned_layout[n][0], pruned_layout[n][1]) for n in order}
+        writer = ShardWriter(tmp, layout, max_shard_size)
         for i in range(len(layers)):
             layer_name = f"{spec.layers}.{i}"
             materialize(model, layer_name, reader)
-            kept.update(prune_layer(model, spec, i, importance, group_sets, kept_counts, inputs))
-            _sync_layer_attrs(model, spec, i, shape_model, kept)
-            if inputs is not None and i + 1 < len(layers):
-                inputs.hidden = run_layer(layers[i], inputs)
+            if two_pass:
+                _apply_layer_plan(model, spec, i, plan, all_group_sets, bias_paths)
+            else:
+                kept.update(prune_layer(model, spec, i, importance, group_sets, kept_counts, inputs))
+                _sync_layer_attrs(model, spec, i, shape_model, kept)
+                if inputs is not None and i + 1 < len(layers):
+                    advance_inputs(layers[i], inputs)
             for name, tensor in layers[i].state_dict().items():
                 writer.add(f"{layer_name}.{name}", tensor)
             release(layers[i])
-            logger.info("Layer %d/%d pruned.", i + 1, len(layers))
+            logger.info("Layer %d/%d pruned%s.", i + 1, len(layers), " (pass 2 of 2)" if two_pass else "")
             if progress is not None:
                 progress(i + 1, len(layers))
-        del inputs
+        inputs = None
+        if hidden_file is not None:
+            hidden_file.close()
+            hidden_file = None
         gc.collect()
         for name in reader.keys():  # everything outside the decoder layers is unchanged: copied one at a time
             if not name.startswith(layer_names):
                 writer.add(name, reader.load([name])[name])
         writer.close()
 
-        counts = {key: gs.num_units for key, gs in group_sets.items()}
-        plan = PruningPlan(config.model_type, len(layers), unit_counts=counts, kept=kept)
+        if not two_pass:
+            plan = PruningPlan(config.model_type, len(layers), unit_counts=counts, kept=kept)
         pruned_config = shape_model.config
         pruned_config.architectures = [type(shape_model).__name__]
         if getattr(shape_model, "_auto_class", None) is not None:
@@ -821,22 +1151,25 @@ def prune_streaming(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         make_checkpoint_portable(tmp)
-        pruner_config.save_pretrained(tmp)
+        planner.config.save_pretrained(tmp)
         plan.save_pretrained(tmp)
         summary = {
             "base_model": model_dir,
             "calibration_data": _describe_data(calibration_data),
             "params_before": report["params_before"],
             "params_after": report["params_after"],
-            "macs_per_token_before": count_macs_per_token(model),
+            "macs_per_token_before": macs_before,
             "macs_per_token_after": count_macs_per_token(shape_model),
             "evaluation": {},
             "recovery": None,
         }
         write_results(tmp, summary)
+        chart = None
+        if not plan_is_uniform(plan) and plot_layer_widths(plan, os.path.join(tmp, CHART_NAME)):
+            chart = CHART_NAME
         card = build_model_card(
             base_model=model_dir,
-            pruner_config=pruner_config,
+            pruner_config=planner.config,
             plan=plan,
             model_config=pruned_config,
             params_before=summary["params_before"],
@@ -845,6 +1178,7 @@ def prune_streaming(
             macs_after=summary["macs_per_token_after"],
             repo_or_path=os.fspath(output_dir),
             calibration=summary["calibration_data"],
+            chart=chart,
         )
         card.save(os.path.join(tmp, "README.md"))
     report["plan"] = plan
@@ -857,13 +1191,23 @@ def format_dry_run(report: dict) -> str:
     def gib(n: int) -> str:
         return f"{n / 2**30:.2f} GiB"
 
-    lines = [
-        f"Parameters: {report['params_before']:,} -> {report['params_after']:,} "
-        f"({1 - report['params_after'] / report['params_before']:.1%} removed)",
-    ]
+    removed = 1 - report["params_after"] / report["params_before"]
+    if report.get("widths_from_scores") and "plan" not in report:
+        lines = [
+            f"Parameters: {report['params_before']:,} -> about {report['params_after']:,} (target: {removed:.1%} "
+            "removed, ±1 point)",
+            "Widths per layer follow from every layer's scores (global ranking / FLAP allocation): they are known "
+            "only after the first streaming pass. Uniform estimate:",
+        ]
+    else:
+        lines = [f"Parameters: {report['params_before']:,} -> {report['params_after']:,} ({removed:.1%} removed)"]
     for structure, per_layer in report["planned_widths"].items():
         values = sorted(set(per_layer.values()))
-        lines.append(f"{structure}: keep {', '.join(map(str, values))} units per layer ({len(per_layer)} layers)")
+        if len(values) == 1:
+            lines.append(f"{structure}: keep {values[0]} units per layer ({len(per_layer)} layers)")
+        else:
+            widths = ", ".join(str(per_layer[k]) for k in sorted(per_layer, key=int))
+            lines.append(f"{structure}: keep {widths} units in layers 0-{len(per_layer) - 1}")
     peak = report["estimated_peak_bytes"]
     lines.append(
         f"Checkpoint: {gib(report['checkpoint_bytes'])}; estimated peak tensor memory: {gib(peak['peak'])} "
@@ -875,9 +1219,12 @@ def format_dry_run(report: dict) -> str:
 __all__ = [
     "STREAMING_MODEL_TYPES",
     "STREAMING_STRUCTURES",
+    "available_memory_bytes",
     "check_streaming_config",
     "format_dry_run",
+    "in_memory_bytes",
     "layer_local_criteria",
+    "needs_global_scores",
     "prune_streaming",
     "sequential_plan",
 ]

@@ -80,6 +80,12 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-shard-size", default="5GB", help="With --streaming: output shard size.")
     parser.add_argument(
+        "--offload-hidden-states",
+        default=None,
+        metavar="DIR",
+        help="With --streaming: keep the calibration hidden states in a memory-mapped file under DIR, not in RAM.",
+    )
+    parser.add_argument(
         "--config", default=None, help="A pruner_config.json to start from (e.g. from a published checkpoint)."
     )
 
@@ -156,6 +162,10 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..evaluation import count_parameters, summary_table
 
     config = build_pruner_config(args)
+    if not args.streaming:
+        streaming_config = _auto_streaming(args, config)
+        if streaming_config is not None:
+            args.streaming, config = True, streaming_config
     if args.streaming:
         return _run_streaming(args, config)
     if args.dry_run:
@@ -180,6 +190,53 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _auto_streaming(args: argparse.Namespace, config):
+    """The streaming version of `config` when the local checkpoint would not fit in the available memory once loaded
+    (at `--dtype`) and streaming can prune it; else None (load it in memory as asked)."""
+    import logging
+    import os
+
+    import torch
+
+    from .. import streaming
+    from ..configuration import PrunerConfig
+
+    logger = logging.getLogger(__name__)
+    if not os.path.isdir(args.model) or args.eval or args.device or args.dtype not in ("float32", "auto"):
+        return None  # a Hub id (streaming reads local shards), or options that only the in-memory path has
+    available = streaming.available_memory_bytes()
+    if available is None:
+        return None
+    try:
+        needed = streaming.in_memory_bytes(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype))
+    except ValueError:
+        return None  # no safetensors checkpoint: streaming cannot read it either
+    if needed <= available:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).model_type
+        streaming_config = PrunerConfig.from_dict({**config.to_dict(), "streaming": True})
+        streaming.check_streaming_config(streaming_config, model_type)
+    except ValueError as err:
+        logger.warning(
+            "The checkpoint needs about %.2f GiB loaded and %.2f GiB are available, but it cannot be pruned layer by "
+            "layer (%s); loading it in memory.",
+            needed / 2**30,
+            available / 2**30,
+            err,
+        )
+        return None
+    logger.warning(
+        "The checkpoint needs about %.2f GiB loaded and only %.2f GiB are available: pruning layer by layer from its "
+        "shards (--streaming).",
+        needed / 2**30,
+        available / 2**30,
+    )
+    return streaming_config
+
+
 def _run_streaming(args: argparse.Namespace, config) -> int:
     """`--streaming`: prune from the shards layer by layer (or, with `--dry-run`, only print the plan)."""
     from ..streaming import format_dry_run, prune_streaming
@@ -197,6 +254,7 @@ def _run_streaming(args: argparse.Namespace, config) -> int:
         dry_run=args.dry_run,
         max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
+        offload_hidden_states=args.offload_hidden_states,
     )
     print(format_dry_run(report))
     if not args.dry_run:
