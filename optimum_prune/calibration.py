@@ -23,6 +23,7 @@ from .offload import (
     OffloadedGradients,
     execution_device,
     input_device,
+    keep_tied_weights,
     register_inner_forward_hooks,
 )
 
@@ -180,6 +181,7 @@ class Statistics:
     def __init__(self, model: nn.Module, batches: torch.Tensor | None = None, param_names=None, batch_size: int = 4):
         self.model = model
         # Offloaded weights (`device_map` with "cpu"/"disk") are read from accelerate's weights map on access.
+        keep_tied_weights(model)
         self._params = OffloadAwareParameters(model)
         self.gradients: dict[str, torch.Tensor] = {}
         self.fishers: dict[str, torch.Tensor] = {}

@@ -61,6 +61,37 @@ def is_offloaded(model: nn.Module) -> bool:
     return any(_offload_hook(m) is not None for m in model.modules())
 
 
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate hooks are attached (several devices or offloading)."""
+    return any(_align_hooks(m) for m in model.modules())
+
+
+def _retie(model: nn.Module) -> None:
+    """Tie the output embedding to the input embedding again where the config ties them."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _retie_hook(module, args, output):
+    _retie(module)
+
+
+def keep_tied_weights(model: nn.Module) -> None:
+    """Keep tied weights tied on an offloaded model.
+
+    After an offloaded module's forward accelerate puts a *new* meta Parameter in place, so `lm_head.weight` stops
+    being `embed_tokens.weight` after the first forward: `named_parameters()` then lists both, which changes parameter
+    counts, group sets and gradients. A forward hook on the model ties them again after every forward (accelerate's
+    hooks load each module's weights by name, so this changes nothing in the computation).
+    """
+    if not is_offloaded(model) or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    _retie(model)
+    if not getattr(model, "_optimum_prune_keeps_ties", False):
+        model.register_forward_hook(_retie_hook)
+        model._optimum_prune_keeps_ties = True
+
+
 def execution_device(module: nn.Module) -> torch.device | None:
     """Where `module` computes: its accelerate hook's execution device, else the device of its first tensor that is
     not meta."""
@@ -147,11 +178,13 @@ class OffloadedGradients:
     """
 
     def __init__(self, model: nn.Module, names):
-        offloaded = offloaded_parameters(model)
+        keep_tied_weights(model)
+        canonical = {id(p): n for n, p in model.named_parameters()}  # a tied weight under its first name
+        names = set(names)
         self._owners: dict[nn.Module, list[tuple[str, str]]] = {}
-        for name in names:
-            if name in offloaded:
-                module, _, rel = offloaded[name]
+        for module, _, rel in offloaded_parameters(model).values():
+            name = canonical.get(id(module.get_parameter(rel)))
+            if name in names:
                 self._owners.setdefault(module, []).append((rel, name))
         self._seen: list[tuple[str, torch.Tensor]] = []
         self._handles: list = []
@@ -209,7 +242,7 @@ def _renumber_device_map(device_map: dict, layers_path: str, removed: list[int])
 
 def materialize_offloaded(model: nn.Module) -> None:
     """Remove every accelerate hook and load offloaded tensors into CPU memory as ordinary Parameters (copies, so
-    nothing stays memory-mapped onto an offload file)."""
+    nothing stays memory-mapped onto an offload file); tied weights are tied again."""
     from accelerate.hooks import remove_hook_from_submodules
     from accelerate.utils import set_module_tensor_to_device
 
@@ -222,29 +255,43 @@ def materialize_offloaded(model: nn.Module) -> None:
                 names += [n for n, _ in module.named_buffers(recurse=hook.place_submodules)]
             pending.append((module, hook.weights_map, names))
     remove_hook_from_submodules(model)
+    for module in model.modules():
+        # accelerate leaves the original *bound* forward as an instance attribute; drop it so that a module whose
+        # class surgery changes (BLOOM's per-layer ALiBi blocks) runs its new class's forward.
+        bound = module.__dict__.get("forward")
+        if getattr(bound, "__self__", None) is module and bound.__func__ is getattr(
+            type(module).forward, "__func__", type(module).forward
+        ):
+            del module.__dict__["forward"]
     for module, weights_map, names in pending:
         for name in names:
             value = weights_map[name]
             set_module_tensor_to_device(module, name, "cpu", value=value.detach().to("cpu", copy=True))
+    _retie(model)
 
 
 def apply_plan_dispatched(model: nn.Module, plan, spec, offload_folder: str | None = None) -> nn.Module:
     """`surgery.apply_plan` for a model dispatched with `device_map`.
 
-    Without offloading the tensors are sliced where they are and the hooks stay; `hf_device_map` follows removed
-    layers. With offloading, the offloaded tensors are first loaded into CPU memory (the peak memory of this step: the
-    offloaded part of the model once, in CPU RAM), pruned, and the smaller model is dispatched again with every
-    module on the device it had (renumbered for removed layers), so it fits the `max_memory` the original fitted.
-    Weights placed on `"disk"` are written to a new folder inside `offload_folder` (a temporary folder without one).
+    The hooks are removed and the offloaded tensors loaded into CPU memory (the peak memory of this step: the
+    offloaded part of the model once, in CPU RAM; tensors already on a device stay there), the model is pruned, and the
+    smaller model is dispatched again with every module on the device it had (renumbered for removed layers), so it
+    fits the `max_memory` the original fitted. Weights placed on `"disk"` are written to a new folder inside
+    `offload_folder` (a temporary folder without one). A model without hooks is pruned as it is.
     """
     from .surgery import apply_plan
 
     device_map = getattr(model, "hf_device_map", None)
-    if not is_offloaded(model):
+    if not is_dispatched(model):
         apply_plan(model, plan, spec)
         if device_map is not None:
             model.hf_device_map = _renumber_device_map(device_map, spec.layers, plan.removed_layers)
         return model
+    if device_map is None:
+        raise ValueError(
+            "This model carries accelerate hooks but no `hf_device_map` to dispatch it again after pruning; load it "
+            "with `device_map=` (`from_pretrained`) or `accelerate.dispatch_model`."
+        )
     from accelerate import dispatch_model
 
     materialize_offloaded(model)
@@ -258,4 +305,5 @@ def apply_plan_dispatched(model: nn.Module, plan, spec, offload_folder: str | No
         logger.info("Offloading the pruned model's 'disk' modules to %s.", offload_dir)
     dispatch_model(model, device_map=device_map, offload_dir=offload_dir)
     model.hf_device_map = device_map
+    keep_tied_weights(model)  # attaching the hooks unties them
     return model

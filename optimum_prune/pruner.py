@@ -35,7 +35,7 @@ from .hub import (
     write_results,
 )
 from .importance.base import ACTIVATIONS
-from .offload import apply_plan_dispatched, is_offloaded
+from .offload import apply_plan_dispatched, is_offloaded, keep_tied_weights
 from .plan import PruningPlan
 from .utils.compat import fails_transformers_5_validation, make_checkpoint_portable
 
@@ -69,6 +69,7 @@ class Pruner:
             raise ValueError(
                 f"{model.config.model_type} supports structures {list(spec.supported_structures)}, got {unsupported}."
             )
+        keep_tied_weights(model)  # an offloaded model's forward unties them (see `offload.keep_tied_weights`)
         self.model = model
         self.spec = spec
         self.config = pruner_config

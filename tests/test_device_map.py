@@ -7,6 +7,7 @@ weight swap and surgery when nothing handles it.
 """
 
 import pytest
+import testing_utils
 import torch
 from testing_utils import VOCAB, tiny_llama
 from transformers import AutoModelForCausalLM
@@ -108,6 +109,34 @@ def test_disk_offloaded_model_prunes_like_the_model_in_memory(checkpoint, tmp_pa
     # The pruned model is dispatched again (still on disk) and computes what the pruned in-memory model computes.
     assert is_offloaded(offloaded.model)
     assert set(offloaded.model.hf_device_map.values()) == {"disk"}
+    torch.testing.assert_close(_logits(offloaded.model), _logits(reference.model), rtol=0, atol=1e-5)
+
+
+FAMILY_CASES = [
+    # OPT ties lm_head to embed_tokens: offloaded forwards untie them unless `keep_tied_weights` ties them again.
+    ("tiny_opt", "taylor", ["hidden_channels"]),
+    # BLOOM's pruned heads switch blocks to the registered type's class: it must run after the hooks are gone.
+    ("tiny_bloom", "flap", ["attention_heads", "mlp_channels"]),
+    ("tiny_glm", "mini_llm", ["attention_heads", "mlp_channels"]),
+]
+
+
+@pytest.mark.parametrize(("family", "importance", "structures"), FAMILY_CASES, ids=[c[0] for c in FAMILY_CASES])
+def test_other_families_prune_offloaded_like_in_memory(tmp_path, family, importance, structures):
+    path = tmp_path / family
+    getattr(testing_utils, family)().save_pretrained(path)
+    config = dict(
+        pruning_ratio=0.3,
+        importance=importance,
+        importance_kwargs={"num_perturbations": 1} if importance == "mini_llm" else {},
+        structures=structures,
+        num_calibration_samples=4,
+        calibration_seq_len=16,
+    )
+    reference = _prune(path, tmp_path, config, offload=None)
+    offloaded = _prune(path, tmp_path, config, offload="auto")
+    assert offloaded.plan.to_dict() == reference.plan.to_dict()
+    assert offloaded.params_after == reference.params_after
     torch.testing.assert_close(_logits(offloaded.model), _logits(reference.model), rtol=0, atol=1e-5)
 
 
