@@ -465,7 +465,6 @@ def collect_statistics(
     # accelerate builds for each forward (`OffloadedGradients`, on the CPU); the others from `p.grad` as usual.
     offloaded = OffloadedGradients(model, names)
     params = {n: p for n, p in model.named_parameters() if n in names and n not in offloaded.names}
-    # Read again after the passes: accelerate replaces an offloaded module's (meta) Parameter objects at each forward.
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
@@ -493,6 +492,7 @@ def collect_statistics(
                 store[n] /= len(batches)
     finally:
         model.zero_grad(set_to_none=True)
+        # Read again: accelerate replaces an offloaded module's (meta) Parameter objects at each forward.
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
         model.train(was_training)
