@@ -9,6 +9,13 @@ statistics, as SparseGPT and FLAP compute them), written to its place in the out
 laid out in advance from the planned shapes, so nothing is buffered). The rest of the checkpoint (final norm, LM head)
 is copied through tensor by tensor. Peak memory is one layer and the calibration hidden states, whatever the depth.
 
+Families (`STREAMING_MODEL_TYPES`): LLaMA, Mistral, Qwen2, OPT, BLOOM, GLM and GLM-4. What a family computes before its
+first layer (OPT's learned positions and `project_in`, BLOOM's embedding LayerNorm and ALiBi tensor, rotary tables, the
+causal mask) is computed by the family's own forward and captured at the first layer. After pruning, a layer is made
+to compute what it computes in the pruned checkpoint from the spec alone (`_sync_layer_attrs`): the module attributes
+surgery syncs, the config records (BLOOM's original ALiBi heads), and the pruned type's layer class where it has one.
+ChatGLM remote-code checkpoints are refused: convert them to `glm` once first (`convert_chatglm_checkpoint`).
+
 Only layer-local criteria can run this way: a criterion that needs the whole model's loss (`taylor`, `mini_llm`) or
 a model-wide structure (`hidden_channels`, `layers`) cannot, and is refused with an error that says what can.
 
@@ -28,19 +35,26 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from .allocation import select_top, uniform_allocation
-from .architectures.base import ATTENTION_HEADS, MLP_CHANNELS, ArchitectureSpec, get_architecture
+from .architectures.base import (
+    ATTENTION_HEADS,
+    CHECKPOINT_CONVERTERS,
+    MLP_CHANNELS,
+    ArchitectureSpec,
+    get_architecture,
+)
 from .calibration import ActivationStatistics, Statistics, prepare_calibration
 from .configuration import PrunerConfig
 from .evaluation import count_parameters
-from .groups import GroupSet, build_group_sets, layer_prefix
+from .groups import GroupSet, build_group_sets, decoder_layers, layer_prefix
 from .importance.base import ACTIVATIONS, WEIGHTS
 from .plan import PruningPlan
-from .surgery import apply_plan, prune_group_set
+from .surgery import apply_plan, prune_group_set, sync_module_attrs, write_unit_records
 
 
 logger = logging.getLogger(__name__)
@@ -48,7 +62,7 @@ logger = logging.getLogger(__name__)
 # Structures a single layer can be scored and pruned for on its own.
 STREAMING_STRUCTURES = (ATTENTION_HEADS, MLP_CHANNELS)
 # Families whose decoder layers the streaming path has been checked against the in-memory model on.
-STREAMING_MODEL_TYPES = ("llama", "mistral", "qwen2")
+STREAMING_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "bloom", "glm", "glm4")
 # What a layer-local criterion may need: its layer's weights and the activations of its layer's inputs.
 LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS})
 BATCH_SIZE = 4  # calibration windows per forward, as `collect_statistics`
@@ -90,11 +104,27 @@ def check_streaming_config(pruner_config: PrunerConfig, model_type: str | None =
             f"Streaming pruning supports the per-layer structures {list(STREAMING_STRUCTURES)}, got {other} "
             "(hidden channels and layer removal need every layer at once); prune them in memory."
         )
+    if model_type in CHECKPOINT_CONVERTERS:
+        raise ValueError(
+            f"{model_type!r} checkpoints are converted to a native family when loaded (ChatGLM to `glm`), and "
+            "streaming reads a checkpoint's shards as they are. Convert it once first, e.g. "
+            "`optimum_prune.convert_chatglm_checkpoint(src, dst)` (this loads the model in memory), then stream the "
+            "converted checkpoint; or prune it in memory with `AutoPruner.from_pretrained`, which converts it."
+        )
     if model_type is not None and model_type not in STREAMING_MODEL_TYPES:
         raise ValueError(
             f"Streaming pruning is supported for model types {list(STREAMING_MODEL_TYPES)}, got {model_type!r}; "
             "prune it in memory (without `streaming`)."
         )
+
+
+def _declared_model_type(model_dir: str) -> str | None:
+    """`model_type` as config.json states it, read without Transformers (ChatGLM's config class is remote code)."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -127,6 +157,14 @@ class CheckpointReader:
                 f"{self.model_dir} has no safetensors checkpoint (model.safetensors or model.safetensors.index.json); "
                 "streaming pruning reads safetensors only. Re-save the model with `save_pretrained`."
             )
+        self.stored: dict[str, str] = {}  # model name -> name in the shard, where they differ (`add_prefix`)
+
+    def add_prefix(self, prefix: str, names: set[str]) -> None:
+        """Read the tensors of `names` that the shards store without `prefix` under their prefixed name."""
+        for name in list(self.files):
+            if name not in names and prefix + name in names:
+                self.files[prefix + name] = self.files.pop(name)
+                self.stored[prefix + name] = name
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -140,7 +178,7 @@ class CheckpointReader:
 
         for name, file in self.files.items():
             with safe_open(file, "pt") as f:
-                dtype = SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+                dtype = SAFETENSORS_DTYPES.get(f.get_slice(self.stored.get(name, name)).get_dtype())
             if dtype is not None:
                 return dtype
         return torch.float32
@@ -156,7 +194,7 @@ class CheckpointReader:
         for file, names in by_file.items():
             with safe_open(file, "pt") as f:
                 for name in names:
-                    view = f.get_slice(name)
+                    view = f.get_slice(self.stored.get(name, name))
                     layout[name] = (SAFETENSORS_DTYPES.get(view.get_dtype()), tuple(view.get_shape()))
         return layout
 
@@ -171,7 +209,7 @@ class CheckpointReader:
         for file, file_names in by_file.items():
             with safe_open(file, "pt") as f:
                 for name in file_names:
-                    tensors[name] = f.get_tensor(name)
+                    tensors[name] = f.get_tensor(self.stored.get(name, name))
         return tensors
 
 
@@ -371,8 +409,8 @@ class _Captured(Exception):
 
 class _Catcher(nn.Module):
     """Stands in for the first decoder layer: records what the model passes it (hidden states, the causal mask, the
-    rotary `position_embeddings`, position ids, ...) and stops the forward pass. So every family's own forward builds
-    the layer inputs, however it builds them."""
+    rotary `position_embeddings` or BLOOM's `alibi`, position ids, ...) and stops the forward pass. So every family's
+    own forward builds the layer inputs, however it builds them."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -402,8 +440,14 @@ class LayerInputs:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, spec: ArchitectureSpec, batches: torch.Tensor) -> LayerInputs:
-    """Run the model up to its first decoder layer on every batch of `BATCH_SIZE` windows and keep that layer's inputs."""
+def capture_layer_inputs(
+    model: nn.Module, spec: ArchitectureSpec, batches: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> LayerInputs:
+    """Run the model up to its first decoder layer on every batch of `BATCH_SIZE` windows and keep that layer's inputs.
+
+    Calibration windows are unpadded, so `attention_mask` ([n, seq_len], 0 on padding) is usually absent; with one,
+    the family's own forward turns it into what its layers read (OPT's mask and position ids, BLOOM's ALiBi tensor).
+    """
     layers = model.get_submodule(spec.layers)
     first = layers[0]
     catcher = _Catcher(first)
@@ -411,7 +455,8 @@ def capture_layer_inputs(model: nn.Module, spec: ArchitectureSpec, batches: torc
     try:
         for start in range(0, len(batches), BATCH_SIZE):
             try:
-                model.base_model(input_ids=batches[start : start + BATCH_SIZE], use_cache=False)
+                mask = None if attention_mask is None else attention_mask[start : start + BATCH_SIZE]
+                model.base_model(input_ids=batches[start : start + BATCH_SIZE], attention_mask=mask, use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -495,16 +540,35 @@ def prune_layer(
     return kept
 
 
-def _sync_layer_attrs(layer: nn.Module, spec: ArchitectureSpec, pruned_config) -> None:
-    """Module attributes a layer's forward reads from the config (`spec.module_attrs`), set to the pruned widths."""
-    for path, field_name in spec.module_attrs:
-        if path.startswith("/"):
-            continue
-        owner_path, _, attr = path.rpartition(".")
-        owner = layer.get_submodule(owner_path) if owner_path else layer
-        value = getattr(pruned_config, field_name, None)
-        if value is not None:
-            setattr(owner, attr, value)
+def _sync_layer_attrs(
+    model: nn.Module, spec: ArchitectureSpec, layer_index: int, shape_model: nn.Module, kept: dict[str, list[int]]
+) -> None:
+    """Make decoder layer `layer_index` of `model`, just pruned, compute what it computes in the pruned checkpoint.
+
+    Declarative, from the spec, with surgery's own functions: the module attributes its forward reads from the config
+    (`spec.module_attrs`: OPT's and BLOOM's head counts and widths) are set from the planned config; the layer's kept
+    units are recorded in the config fields that `spec.config_writers` keep (BLOOM's original ALiBi heads), in
+    `shape_model.config`, which is the config the streamed checkpoint is saved with; and when the pruned model type
+    has its own layer class (`adopt_pruned_layer`: BLOOM's block that picks its kept heads' rows of the original
+    ALiBi tensor, which the unpruned model before the first layer builds for every head), the layer becomes one.
+
+    `model` keeps its unpruned config; `kept` holds the plan entries of every layer pruned so far.
+    """
+    if spec.config_writers:
+        # The records as the in-memory path writes them: from the unpruned config and the plan so far.
+        source = SimpleNamespace(config=copy.deepcopy(model.config))
+        counts = {key: max(units) + 1 for key, units in kept.items()}  # `write_unit_records` reads `kept` only
+        plan = PruningPlan(model.config.model_type, len(decoder_layers(model, spec)), unit_counts=counts, kept=kept)
+        write_unit_records(source, spec, plan)
+        for writer in spec.config_writers:
+            records = getattr(source.config, writer.field, None)
+            if records is not None:
+                setattr(shape_model.config, writer.count_field, getattr(source.config, writer.count_field))
+                setattr(shape_model.config, writer.field, records)
+    sync_module_attrs(model, spec, shape_model.config, [layer_index])
+    adopt = getattr(shape_model, "adopt_pruned_layer", None)
+    if adopt is not None:
+        adopt(decoder_layers(model, spec)[layer_index], layer_index)
 
 
 def _uniform_kept_counts(model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig):
@@ -544,7 +608,7 @@ def sequential_plan(model: nn.Module, pruner_config: PrunerConfig, batches: torc
     kept = {}
     for i in range(len(layers)):
         kept.update(prune_layer(work, spec, i, importance, group_sets, kept_counts, inputs))
-        _sync_layer_attrs(layers[i], spec, shape_model.config)
+        _sync_layer_attrs(work, spec, i, shape_model, kept)
         if inputs is not None and i + 1 < len(layers):
             inputs.hidden = run_layer(layers[i], inputs)
     counts = {key: gs.num_units for key, gs in group_sets.items()}
@@ -621,7 +685,8 @@ def prune_streaming(
     """Prune the safetensors checkpoint in `model_dir` layer by layer into `output_dir`, never loading it whole.
 
     Args:
-        model_dir: a local checkpoint directory (config.json + safetensors shards).
+        model_dir: a local checkpoint directory (config.json + safetensors shards) of a type in
+            `STREAMING_MODEL_TYPES`; shards saved from the base model (no `transformer.`/`model.` prefix) work too.
         pruner_config (`PrunerConfig`): a layer-local criterion (magnitude, random, wanda_sp, flap, bip) and the
             structures `attention_heads` / `mlp_channels`; allocation is uniform.
         calibration_data: as for [`Pruner.prune`] (needed by data-driven criteria).
@@ -646,6 +711,7 @@ def prune_streaming(
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise ValueError(f"Streaming pruning reads a local checkpoint directory; {model_dir!r} is not one.")
+    check_streaming_config(pruner_config, _declared_model_type(model_dir))  # before any remote code could be needed
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     check_streaming_config(pruner_config, config.model_type)
     spec = get_architecture(config.model_type)
@@ -654,6 +720,7 @@ def prune_streaming(
     dtype = reader.dtype()
     model = build_skeleton(config, dtype, trust_remote_code)
     expected = set(model.state_dict())
+    reader.add_prefix(f"{model.base_model_prefix}.", expected)  # checkpoints saved from the base model
     tied = output_embedding_names(model) if getattr(model.config, "tie_word_embeddings", False) else set()
     unknown = sorted(set(reader.keys()) - expected)
     absent = sorted(expected - set(reader.keys()) - tied)
@@ -723,7 +790,7 @@ def prune_streaming(
             layer_name = f"{spec.layers}.{i}"
             materialize(model, layer_name, reader)
             kept.update(prune_layer(model, spec, i, importance, group_sets, kept_counts, inputs))
-            _sync_layer_attrs(layers[i], spec, shape_model.config)
+            _sync_layer_attrs(model, spec, i, shape_model, kept)
             if inputs is not None and i + 1 < len(layers):
                 inputs.hidden = run_layer(layers[i], inputs)
             for name, tensor in layers[i].state_dict().items():

@@ -346,15 +346,28 @@ def apply_plan(model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec | Non
     return model
 
 
-def sync_module_attrs(model: nn.Module, spec: ArchitectureSpec) -> None:
-    """Copy the pruned config's widths into module attributes that forward passes read (`spec.module_attrs`)."""
+def sync_module_attrs(
+    model: nn.Module, spec: ArchitectureSpec, config=None, layer_indices: list[int] | None = None
+) -> None:
+    """Copy the pruned config's widths into module attributes that forward passes read (`spec.module_attrs`).
+
+    `config` defaults to the model's own. `layer_indices` limits the update to those decoder layers and leaves the
+    model-level attributes alone: streaming prunes one layer of an otherwise unpruned model at a time and syncs it
+    from the planned config.
+    """
+    config = config if config is not None else model.config
     layers = decoder_layers(model, spec)
     for path, field_name in spec.module_attrs:
-        if field_name in spec.derived_fields and getattr(model.config, field_name, None) is None:
-            value = derive_field(model.config, spec.derived_fields[field_name])  # dropped again from a stock config
+        if field_name in spec.derived_fields and getattr(config, field_name, None) is None:
+            value = derive_field(config, spec.derived_fields[field_name])  # dropped again from a stock config
         else:
-            value = getattr(model.config, field_name)
-        owners = [model] if path.startswith("/") else list(layers)
+            value = getattr(config, field_name)
+        if path.startswith("/"):
+            if layer_indices is not None:
+                continue
+            owners = [model]
+        else:
+            owners = list(layers) if layer_indices is None else [layers[i] for i in layer_indices]
         owner_path, _, attr = path.lstrip("/").rpartition(".")
         for owner in owners:
             module = owner.get_submodule(owner_path) if owner_path else owner

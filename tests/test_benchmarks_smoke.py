@@ -25,3 +25,38 @@ def test_speed_benchmark_runs(capsys):
         assert isinstance(row["speed"]["decode_eager"], float) and row["speed"]["decode_eager"] > 0
     table = capsys.readouterr().out
     assert "| 50% |" in table and "prefill tok/s" in table and "decode, eager `generate` tok/s" in table
+
+
+PROJECTION = Path(__file__).resolve().parent.parent / "benchmarks" / "projection.py"
+
+
+def _load(path, name):
+    import sys
+
+    sys.path.insert(0, str(path.parent))  # projection.py imports its sibling scale.py
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_projection_reproduces_the_measured_run_and_grows_with_the_layer():
+    projection = _load(PROJECTION, "projection_benchmark")
+    small = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4)  # fmt: skip
+    measured = {"samples": 4, "seq_len": 32, "peak_rss_gib": 0.5, "wall_s": 12.0}
+    own = projection.project(measured, small, small, runtime_gib=0.3, baseline_s=2.0)
+    assert own["peak_rss_gib"] == pytest.approx(0.5)
+    assert own["wall_s"] == pytest.approx(12.0)
+
+    deeper = projection.project(measured, small, {**small, "num_hidden_layers": 8}, runtime_gib=0.3, baseline_s=2.0)
+    assert deeper["peak_rss_gib"] == pytest.approx(0.5, rel=0.05)  # memory follows the layer, not the depth
+    assert deeper["wall_s"] - 2.0 == pytest.approx(2 * (12.0 - 2.0))  # time follows the depth
+    wider = projection.project(measured, small, {**small, "hidden_size": 512, "intermediate_size": 1408},
+                               runtime_gib=0.3, baseline_s=2.0)  # fmt: skip
+    assert wider["peak_rss_gib"] > own["peak_rss_gib"] and wider["layer_gib"] == pytest.approx(
+        4 * own["layer_gib"], rel=1e-3
+    )

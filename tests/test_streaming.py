@@ -206,11 +206,11 @@ def test_refuses_what_is_not_layer_local(kwargs, message):
 
 
 def test_refuses_untested_families_and_non_safetensors(tmp_path):
-    from testing_utils import tiny_opt
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    tiny_opt().save_pretrained(tmp_path / "opt")
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="supported for model types"):
-        prune_streaming(tmp_path / "opt", _config("magnitude"), None, tmp_path / "out")
+        prune_streaming(tmp_path / "gpt2", _config("magnitude"), None, tmp_path / "out")
     tiny_llama().save_pretrained(tmp_path / "bin")
     os.remove(tmp_path / "bin" / "model.safetensors")
     with pytest.raises(ValueError, match="safetensors"):

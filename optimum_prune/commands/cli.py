@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from .evaluate import add_eval_args, run_eval
 from .prune import add_prune_args, run_prune
 from .recover import add_recover_args, run_recover
 
@@ -19,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     recover = subparsers.add_parser("recover", help="LoRA recovery of a pruned checkpoint, merged into its weights.")
     add_recover_args(recover)
     recover.set_defaults(func=run_recover)
+    evaluate = subparsers.add_parser("eval", help="lm-eval tasks and perplexity of a checkpoint (pruned or not).")
+    add_eval_args(evaluate)
+    evaluate.set_defaults(func=run_eval)
     return parser
 
 
@@ -27,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:
         print(f"optimum-prune: error: {err}", file=sys.stderr)
         return 2
 

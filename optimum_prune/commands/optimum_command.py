@@ -2,6 +2,7 @@
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
+from .evaluate import add_eval_args, run_eval
 from .prune import add_prune_args, run_prune
 from .recover import add_recover_args, run_recover
 
@@ -26,3 +27,14 @@ class RecoverCommand(BaseOptimumCLICommand):
 
     def run(self):
         raise SystemExit(run_recover(self.args))
+
+
+class EvalCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="eval", help="lm-eval tasks and perplexity of a checkpoint (optimum-prune).")
+
+    @staticmethod
+    def parse_args(parser):
+        return add_eval_args(parser)
+
+    def run(self):
+        raise SystemExit(run_eval(self.args))

@@ -170,8 +170,13 @@ class PrunedBloomForCausalLM(BloomForCausalLM):
         self.transformer.__class__ = PrunedBloomModel
         self.transformer.num_heads = self.config.alibi_num_heads
         for i, block in enumerate(self.transformer.h):
-            block.__class__ = PrunedBloomBlock
-            block.set_alibi_heads(self.config, i)
+            self.adopt_pruned_layer(block, i)
+
+    def adopt_pruned_layer(self, block: nn.Module, layer_idx: int) -> None:
+        """Turn one stock block (of this model, or pruned on its own by streaming) into a `PrunedBloomBlock` that
+        selects the ALiBi rows of its kept heads (`config.alibi_head_indices[layer_idx]`) from the original ones."""
+        block.__class__ = PrunedBloomBlock
+        block.set_alibi_heads(self.config, layer_idx)
 
 
 __all__ = ["PrunedBloomConfig", "PrunedBloomForCausalLM"]

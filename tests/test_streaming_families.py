@@ -1,0 +1,299 @@
+"""Streaming (layer-by-layer) pruning of OPT, BLOOM, GLM and GLM-4 against the in-memory path, on tiny checkpoints
+saved in several shards.
+
+Each family builds its first layer's inputs its own way (OPT: learned positions added to the embeddings, a causal
+mask and position ids; BLOOM: an embedding LayerNorm, an ALiBi tensor for every head and a causal mask; GLM: partial
+rotary `position_embeddings`), and OPT and BLOOM need their registered pruned types (`pruned_opt`, `pruned_bloom`,
+whose blocks pick their kept heads' ALiBi rows). The references here are the in-memory pruner, `apply_plan` with the
+streamed plan, and a sequential-statistics reference that zeroes removed units with no pruning code.
+"""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_bloom, tiny_glm, tiny_opt
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import AutoPruner, PrunerConfig, convert_chatglm_checkpoint
+from optimum_prune.allocation import select_top, uniform_allocation
+from optimum_prune.architectures import get_architecture
+from optimum_prune.calibration import collect_statistics, prepare_calibration
+from optimum_prune.groups import build_group_sets, decoder_layers
+from optimum_prune.streaming import capture_layer_inputs, prune_streaming, run_layer, sequential_plan
+
+
+SAMPLES, SEQ_LEN = 6, 16
+DATA = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(3))
+ATOL = 1e-5
+
+BUILD = {
+    "opt": tiny_opt,
+    "bloom": tiny_bloom,
+    "glm": tiny_glm,
+    "glm4": lambda: tiny_glm(glm4=True),
+}
+# What the pruned checkpoint's config.json says (OPT and BLOOM heads need the registered types).
+PRUNED_TYPE = {"opt": "pruned_opt", "bloom": "pruned_bloom", "glm": "glm", "glm4": "glm4"}
+
+
+def _config(importance, **kwargs):
+    kwargs.setdefault("pruning_ratio", 0.2)
+    return PrunerConfig(importance=importance, num_calibration_samples=SAMPLES, calibration_seq_len=SEQ_LEN, **kwargs)
+
+
+def _batches(config):
+    return prepare_calibration(DATA, None, config.num_calibration_samples, config.calibration_seq_len, config.seed)
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One sharded safetensors checkpoint per family (tied heads for OPT and BLOOM, as their defaults)."""
+    root = tmp_path_factory.mktemp("streaming_families")
+    paths = {}
+    for family, build in BUILD.items():
+        paths[family] = root / family
+        build().save_pretrained(paths[family], max_shard_size="20KB")
+        assert os.path.isfile(paths[family] / "model.safetensors.index.json")
+    return paths
+
+
+# Removing units with no pruning code: zero the consumer columns that read them ------------------------------------
+
+
+def _zero_opt(model, layer, structure, removed):
+    layer = model.model.decoder.layers[layer]
+    if structure == "attention_heads":  # 6 heads of 8
+        for h in removed:
+            layer.self_attn.out_proj.weight[:, h * 8 : (h + 1) * 8] = 0
+    else:
+        layer.fc2.weight[:, removed] = 0
+
+
+def _zero_bloom(model, layer, structure, removed):
+    layer = model.transformer.h[layer]
+    if structure == "attention_heads":  # 6 heads of 8
+        for h in removed:
+            layer.self_attention.dense.weight[:, h * 8 : (h + 1) * 8] = 0
+    else:
+        layer.mlp.dense_4h_to_h.weight[:, removed] = 0
+
+
+def _zero_glm(model, layer, structure, removed):
+    layer = model.model.layers[layer]
+    if structure == "attention_heads":  # 3 KV groups of 2 query heads of 8
+        for g in removed:
+            layer.self_attn.o_proj.weight[:, g * 16 : (g + 1) * 16] = 0
+    else:
+        layer.mlp.down_proj.weight[:, removed] = 0
+
+
+ZERO = {"opt": _zero_opt, "bloom": _zero_bloom, "glm": _zero_glm, "glm4": _zero_glm}
+
+
+def _sequential_reference(family, model, config):
+    """Sequential statistics with the in-memory statistics code: layer i is scored by `collect_statistics` on the whole
+    model in which the units removed from the layers before it are zeroed (which computes what the pruned layers do,
+    through the family's own forward)."""
+    spec = get_architecture(model.config.model_type)
+    importance = config.build_importance()
+    zeroed = copy.deepcopy(model)
+    group_sets = build_group_sets(zeroed, spec, config.structures)
+    counts = uniform_allocation(
+        dict(zeroed.named_parameters()), group_sets, config.structures, config.pruning_ratio, config.round_to
+    )
+    kept = {}
+    for i in range(len(decoder_layers(zeroed, spec))):
+        keys = [key for key, gs in group_sets.items() if gs.layer == i]
+        names = {s.name for key in keys for s in group_sets[key].slices}
+        stats = collect_statistics(zeroed, _batches(config), importance.needs, param_names=names)
+        for key in keys:
+            if counts[key] < group_sets[key].num_units:
+                kept[key] = select_top(importance.score(group_sets[key], stats).float(), counts[key])
+                removed = sorted(set(range(group_sets[key].num_units)) - set(kept[key]))
+                with torch.no_grad():
+                    ZERO[family](zeroed, i, key.split(".")[0], removed)
+    return kept
+
+
+# The tests ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(BUILD))
+def test_weight_criterion_matches_in_memory_pruner(checkpoints, tmp_path, family):
+    """Without data the streaming plan is the in-memory plan, and the streamed checkpoint (its config.json included)
+    is the in-memory result."""
+    path, out = checkpoints[family], tmp_path / "out"
+    config = _config("magnitude")
+    report = prune_streaming(path, config, None, out)
+    pruner = AutoPruner.from_model(_load(path), config)
+    pruned = pruner.prune()
+    plan = report["plan"]
+    assert plan.kept == pruner.plan.kept == sequential_plan(_load(path), config, None).kept
+    assert {k.split(".")[0] for k in plan.kept} == {"attention_heads", "mlp_channels"}
+    streamed = _load(out)
+    assert streamed.config.model_type == pruned.config.model_type == PRUNED_TYPE[family]
+    ids = input_ids()
+    torch.testing.assert_close(logits(streamed, ids), logits(pruned, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(streamed, ids), logits(plan.apply(_load(path)), ids), atol=ATOL, rtol=0)
+    assert report["params_after"] == sum(p.numel() for p in streamed.parameters()) < report["params_before"]
+    dry = prune_streaming(path, config, None, dry_run=True)
+    assert dry["params_after"] == report["params_after"] and dry["planned_widths"] == report["planned_widths"]
+    # The same config.json as the in-memory path writes (BLOOM: the kept heads' original ALiBi indices too).
+    pruner.save_pretrained(tmp_path / "in_memory")
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (tmp_path / "in_memory" / "config.json").read_text()
+    )
+    if family == "bloom":
+        heads = [plan.kept[f"attention_heads.{i}"] for i in range(3)]
+        assert streamed.config.alibi_head_indices == heads and streamed.config.alibi_num_heads == 6
+        assert heads != [list(range(5))] * 3  # not the first heads: the slopes must follow the kept ones
+
+
+# Every family with wanda_sp (and the zeroing reference), BLOOM's ALiBi path with bip too; the rest run with -m slow.
+DATA_CASES = [
+    pytest.param(family, importance, marks=[] if fast else pytest.mark.slow)
+    for family in BUILD
+    for importance in ("wanda_sp", "bip")
+    for fast in [(importance == "wanda_sp" and family != "glm4") or (family, importance) == ("bloom", "bip")]
+]
+
+
+@pytest.mark.parametrize(("family", "importance"), DATA_CASES)
+def test_data_criteria_match_sequential_reference(checkpoints, tmp_path, family, importance):
+    """Activation criteria: the streaming plan equals `sequential_plan` and a reference that zeroes removed units in
+    the whole model (no pruning code), and the reloaded checkpoint computes what the original pruned with that plan
+    by `apply_plan` computes."""
+    path = checkpoints[family]
+    config = _config(importance)
+    report = prune_streaming(path, config, DATA, tmp_path / "out")
+    plan = report["plan"]
+    assert plan.kept == sequential_plan(_load(path), config, _batches(config)).kept
+    if importance == "wanda_sp":
+        assert plan.kept == _sequential_reference(family, _load(path), config)
+    streamed = _load(tmp_path / "out")
+    assert streamed.config.model_type == PRUNED_TYPE[family]
+    reference = plan.apply(_load(path))
+    ids = input_ids()
+    torch.testing.assert_close(logits(streamed, ids), logits(reference, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"word_embed_proj_dim": 32}, pytest.param({"do_layer_norm_before": False}, marks=pytest.mark.slow)],
+    ids=["project_in_out", "post_layer_norm"],
+)
+def test_opt_variants(tmp_path, variant):
+    """OPT with `project_in`/`project_out` (run before and after the layers) and post-LN OPT (no final norm)."""
+    tiny_opt(**variant).save_pretrained(tmp_path / "opt", max_shard_size="20KB")
+    config = _config("wanda_sp")
+    report = prune_streaming(tmp_path / "opt", config, DATA, tmp_path / "out")
+    assert report["plan"].kept == sequential_plan(_load(tmp_path / "opt"), config, _batches(config)).kept
+    reference = report["plan"].apply(_load(tmp_path / "opt"))
+    ids = input_ids()
+    torch.testing.assert_close(logits(_load(tmp_path / "out"), ids), logits(reference, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom", "glm"])
+def test_captured_inputs_follow_left_padding(family):
+    """With a left-padded attention mask, the captured first-layer inputs (OPT's mask and position ids, BLOOM's ALiBi
+    tensor and mask, GLM's rotary tables and mask) carried through every layer by `run_layer` give each layer's output
+    of the model's own forward."""
+    model = BUILD[family]()
+    spec = get_architecture(model.config.model_type)
+    ids = input_ids(batch=4, length=10)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[3, :6] = 0
+    outputs = []
+    handles = [
+        layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+        for layer in decoder_layers(model, spec)
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        unpadded = [o.clone() for o in outputs]
+        outputs.clear()
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    assert not torch.allclose(unpadded[-1][3], outputs[-1][3], atol=1e-3)  # the mask matters
+    inputs = capture_layer_inputs(model, spec, ids, attention_mask=mask)
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        inputs.hidden = run_layer(layer, inputs)
+        torch.testing.assert_close(inputs.hidden[0], unpadded[i], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", [pytest.param("opt", marks=pytest.mark.slow), "bloom"])
+def test_checkpoints_saved_from_the_base_model(tmp_path, family):
+    """Hub copies of BLOOM and OPT store the base model's names (`h.0.…`, `decoder.…`, no `transformer.`/`model.`
+    prefix); they stream like `save_pretrained`'s, and the output uses the causal LM's names."""
+    model = BUILD[family]()
+    model.base_model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    prefix = f"{model.base_model_prefix}."
+    index = json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())
+    assert not any(name.startswith(prefix) for name in index["weight_map"])
+    config = _config("wanda_sp")
+    report = prune_streaming(tmp_path / "base", config, DATA, tmp_path / "out")
+    original = _load(tmp_path / "base")  # from_pretrained adds the prefix (and ties the head) the same way
+    assert report["plan"].kept == sequential_plan(original, config, _batches(config)).kept
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(name.startswith(prefix) for name in written)
+    ids = input_ids()
+    torch.testing.assert_close(
+        logits(_load(tmp_path / "out"), ids), logits(report["plan"].apply(original), ids), atol=ATOL, rtol=0
+    )
+
+
+def test_mismatched_tensor_names_are_refused(tmp_path):
+    tiny_bloom().save_pretrained(tmp_path / "bloom")
+    tensors = load_file(tmp_path / "bloom" / "model.safetensors")
+    tensors["transformer.final_norm.weight"] = tensors.pop("transformer.ln_f.weight")
+    save_file(tensors, tmp_path / "bloom" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"tensor names do not match BloomForCausalLM.*final_norm.*ln_f\.weight"):
+        prune_streaming(tmp_path / "bloom", _config("magnitude"), None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter; the in-memory path's reloads are in test_families
+def test_pruned_types_reload_without_the_package(checkpoints, tmp_path):
+    """The streamed `pruned_opt` / `pruned_bloom` checkpoints carry their modeling file and load with
+    `trust_remote_code=True` where optimum-prune is not installed."""
+    config = _config("wanda_sp")
+    outs, references = [], []
+    for family in ("opt", "bloom"):
+        report = prune_streaming(checkpoints[family], config, DATA, tmp_path / family)
+        outs.append(tmp_path / family)
+        references.append(logits(report["plan"].apply(_load(checkpoints[family])), input_ids()))
+    results = fresh_process_logits(outs, input_ids(), trust_remote_code=True, import_package=False)
+    assert [name for _, name in results] == ["PrunedOPTForCausalLM", "PrunedBloomForCausalLM"]
+    for (got, _), want in zip(results, references):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_chatglm_is_refused_until_converted(tmp_path):
+    """A ChatGLM remote-code checkpoint is refused (before any remote code could run) with the way to convert it; the
+    converted `glm` checkpoint streams to what the in-memory pruner makes of the ChatGLM one."""
+    from test_chatglm import glm_to_chatglm, write_chatglm
+
+    chatglm = write_chatglm(tmp_path / "chatglm", *glm_to_chatglm(tiny_glm()), shards=2)
+    config = _config("magnitude")
+    with pytest.raises(ValueError, match="convert_chatglm_checkpoint"):
+        prune_streaming(chatglm, config, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    converted = convert_chatglm_checkpoint(chatglm, tmp_path / "glm")
+    report = prune_streaming(converted, config, None, tmp_path / "out")
+    pruner = AutoPruner.from_pretrained(chatglm, config, dtype=torch.float32)
+    pruned = pruner.prune()
+    assert report["plan"].kept == pruner.plan.kept
+    torch.testing.assert_close(
+        logits(_load(tmp_path / "out"), input_ids()), logits(pruned, input_ids()), atol=0, rtol=0
+    )
+    assert not (chatglm / "REMOTE_CODE_RAN").exists()
