@@ -51,6 +51,11 @@ METHODS: dict[str, dict] = {
     "flap-adaptive": {"importance": "flap", "allocation": "flap"},
     "flap-adaptive-nobias": {"importance": "flap", "allocation": "flap", "bias_compensation": False},
     "block_influence-layers": {"importance": "block_influence", "structures": ["layers"]},
+    # Query heads within KV groups (GQA models) instead of whole KV groups, uniform allocation.
+    **{
+        f"{name}-qheads": {"importance": name, "structures": ["query_heads", "mlp_channels"]}
+        for name in ("random", "magnitude", "taylor", "wanda_sp", "flap", "bip", "mini_llm")
+    },
 }
 PEERS = ("torch-pruning",)
 

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from .architectures.base import ATTENTION_HEADS, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS
+from .architectures.base import ATTENTION_HEADS, HEAD_STRUCTURES, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, QUERY_HEADS
 from .groups import GroupSet
 
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 TOLERANCE = 0.01  # ±1 point of total parameters
 # Coarse structures are rounded first; the last one present absorbs the residual.
-ALLOCATION_ORDER = (ATTENTION_HEADS, HIDDEN_CHANNELS, MLP_CHANNELS)
+ALLOCATION_ORDER = (ATTENTION_HEADS, QUERY_HEADS, HIDDEN_CHANNELS, MLP_CHANNELS)
 CHANNEL_STRUCTURES = (MLP_CHANNELS, HIDDEN_CHANNELS)
 
 
@@ -51,15 +51,24 @@ class ParameterModel:
         return total
 
 
-def _min_units(structure: str, num_units: int, round_to: int) -> int:
-    # Heads may round to 0 here so that the caller can say which layer would lose every head.
-    return min(num_units, round_to) if structure in CHANNEL_STRUCTURES else 0
+def unit_step(structure: str, round_to: int, groups: int = 1) -> int:
+    """Granularity of a structure's kept count: `round_to` for channels, the tie-group count for heads (query heads
+    keep equal counts in every KV group, `GroupSet.num_groups`; 1 for untied heads)."""
+    return round_to if structure in CHANNEL_STRUCTURES else groups
 
 
-def _round_units(structure: str, value: float, num_units: int, round_to: int) -> int:
-    step = round_to if structure in CHANNEL_STRUCTURES else 1
+def _min_units(structure: str, num_units: int, round_to: int, groups: int = 1) -> int:
+    # Untied heads may round to 0 here so that the caller can say which layer would lose every head. Tied heads keep
+    # one per group: equal counts of zero would leave no attention at all, and a KV head nobody reads.
+    if structure in CHANNEL_STRUCTURES:
+        return min(num_units, round_to)
+    return groups if groups > 1 else 0
+
+
+def _round_units(structure: str, value: float, num_units: int, round_to: int, groups: int = 1) -> int:
+    step = unit_step(structure, round_to, groups)
     rounded = int(round(value / step)) * step
-    return max(_min_units(structure, num_units, round_to), min(num_units, rounded))
+    return max(_min_units(structure, num_units, round_to, groups), min(num_units, rounded))
 
 
 def uniform_allocation(
@@ -92,19 +101,20 @@ def uniform_allocation(
 
     finest = order[-1]
     keys = by_structure[finest]
-    n = group_sets[keys[0]].num_units
-    step = round_to if finest in CHANNEL_STRUCTURES else 1
-    finest_candidates = sorted({_round_units(finest, k, n, round_to) for k in range(0, n + step, step)})
+    n, groups = group_sets[keys[0]].num_units, group_sets[keys[0]].num_groups
+    step = unit_step(finest, round_to, groups)
+    finest_candidates = sorted({_round_units(finest, k, n, round_to, groups) for k in range(0, n + step, step)})
 
     def coarse_options(structure: str) -> list[int]:
         """Rounding down and up: the finest structure then absorbs whichever leaves it the smaller residual."""
-        units = group_sets[by_structure[structure][0]].num_units
-        step = round_to if structure in CHANNEL_STRUCTURES else 1
+        first = group_sets[by_structure[structure][0]]
+        units, groups = first.num_units, first.num_groups
+        step = unit_step(structure, round_to, groups)
         exact = fraction * units
         return sorted(
             {
-                _round_units(structure, math.floor(exact / step) * step, units, round_to),
-                _round_units(structure, math.ceil(exact / step) * step, units, round_to),
+                _round_units(structure, math.floor(exact / step) * step, units, round_to, groups),
+                _round_units(structure, math.ceil(exact / step) * step, units, round_to, groups),
             }
         )
 
@@ -131,8 +141,8 @@ def uniform_allocation(
         ranked.append((error > 1e-3, deviation, error, candidate))
     kept = min(ranked, key=lambda r: r[:3])[3]
 
-    if ATTENTION_HEADS in structures:
-        for key in by_structure[ATTENTION_HEADS]:
+    for structure in HEAD_STRUCTURES:
+        for key in by_structure.get(structure, ()):
             if kept[key] < 1:
                 raise ValueError(
                     f"`pruning_ratio={pruning_ratio}` would remove every attention head of layer "
@@ -179,6 +189,10 @@ class _StructureWidths:
     - `"flap"`: as `"global"`, but over one removal order shared by every structure (`joint_order`, see
       `flap_removal_order`): the `f` fraction of all removable heads *and* channels with the lowest raw scores is
       removed, which is FLAP's single threshold.
+
+    Tied units (`GroupSet.num_groups > 1`, query heads in KV groups) step by their group count and keep at least one
+    per group; under global ranking a layer's count of removed units is rounded to whole steps, and which units go is
+    decided per group afterwards (`select_top(..., groups=)`).
     """
 
     def __init__(
@@ -199,8 +213,15 @@ class _StructureWidths:
         self.allowed = sorted(allowed) if allowed else None
         self.keys = keys
         self.units = {k: group_sets[k].num_units for k in keys}
-        self.floors = {k: min(self.units[k], floors.get(k, 0)) for k in keys}
-        self.step = step
+        # `step`: one int, or one per key (tied heads step by their group count, which may differ by layer).
+        self.step = step if isinstance(step, dict) else dict.fromkeys(keys, step)
+        # Tied units keep at least one per group, in whole steps.
+        self.floors = {
+            k: min(self.units[k], -(-max(floors.get(k, 0), group_sets[k].num_groups) // self.step[k]) * self.step[k])
+            if group_sets[k].num_groups > 1
+            else min(self.units[k], floors.get(k, 0))
+            for k in keys
+        }
         self.mode = mode
         self.ratios = {k: ratios.get(group_sets[k].layer, 0.0) for k in keys} if mode == "ratios" else None
         if mode == "global":
@@ -235,7 +256,7 @@ class _StructureWidths:
             head = self.order[:n]
             removed = torch.bincount(head[head >= 0], minlength=len(self.keys)).tolist()
             return {
-                k: _round_kept(self.units[k] - removed[p], self.units[k], self.floors[k], self.step)
+                k: _round_kept(self.units[k] - removed[p], self.units[k], self.floors[k], self.step[k])
                 for p, k in enumerate(self.keys)
             }
         return {
@@ -243,7 +264,7 @@ class _StructureWidths:
                 self.units[k] * (1 - min(1.0, f * (self.ratios[k] if self.ratios else 1.0))),
                 self.units[k],
                 self.floors[k],
-                self.step,
+                self.step[k],
             )
             for k in self.keys
         }
@@ -258,7 +279,8 @@ def flap_removal_order(
     entries = []
     for position, (key, gs) in enumerate(group_sets.items()):
         score = scores[key].float()
-        removable = gs.num_units - min(gs.num_units, floors.get(key, 0))
+        floor = max(floors.get(key, 0), gs.num_groups if gs.num_groups > 1 else 0)  # tied: one unit per group
+        removable = gs.num_units - min(gs.num_units, floor)
         lowest = sorted(range(score.numel()), key=lambda i: (float(score[i]), i))[:removable]
         entries += [(float(score[i]), position, i, key) for i in lowest]
     entries.sort()
@@ -316,7 +338,7 @@ def allocate_widths(
     per_structure = []
     for s in order:
         keys = [k for k, gs in group_sets.items() if gs.structure == s]
-        step = round_to if s in CHANNEL_STRUCTURES else 1
+        step = {k: unit_step(s, round_to, group_sets[k].num_groups) for k in keys}
         structure_mode = "uniform" if s == HIDDEN_CHANNELS else mode  # hidden channels are shared by every layer
         per_structure.append(
             _StructureWidths(
@@ -380,10 +402,23 @@ def allocate_widths(
     return kept
 
 
-def select_top(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the `k` highest scores, ties broken towards lower indices, sorted."""
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
-    return sorted(order[:k])
+def select_top(scores: torch.Tensor, k: int, groups: int = 1) -> list[int]:
+    """Indices of the `k` highest scores, ties broken towards lower indices, sorted.
+
+    With `groups > 1` the scores form that many equal contiguous groups (`GroupSet.num_groups`, query heads in their
+    KV groups) and each group keeps its own `k // groups` highest: `k` must be a multiple of `groups`.
+    """
+    if groups == 1:
+        order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+        return sorted(order[:k])
+    n = scores.numel()
+    if n % groups or k % groups:
+        raise ValueError(f"Cannot keep {k} of {n} units in {groups} equal groups: both must be multiples of {groups}.")
+    size = n // groups
+    kept = []
+    for g in range(groups):
+        kept += [g * size + i for i in select_top(scores[g * size : (g + 1) * size], k // groups)]
+    return kept
 
 
 __all__ = [

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from transformers.utils import PushToHubMixin
 
-from .architectures.base import ATTENTION_HEADS, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, STRUCTURES
+from .architectures.base import HEAD_STRUCTURES, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, STRUCTURES
 
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,12 @@ class PrunerConfig(PushToHubMixin):
         importance_kwargs (`dict`, *optional*):
             Variant arguments of the criterion, e.g. `{"p": 1}` for L1 magnitude or `{"granularity": "vector"}`.
         structures (`list[str]`, *optional*, defaults to `["attention_heads", "mlp_channels"]`):
-            Any of `"attention_heads"`, `"mlp_channels"`, `"hidden_channels"`, `"layers"`.
+            Any of `"attention_heads"`, `"query_heads"`, `"mlp_channels"`, `"hidden_channels"`, `"layers"`.
+            `"attention_heads"` removes whole KV groups (a key/value head with the query heads that read it; single
+            heads in multi-head models). `"query_heads"` (grouped-query models: LLaMA/Mistral/Qwen2 with
+            `num_key_value_heads < num_attention_heads`, GLM) removes query heads *inside* every KV group, the same
+            number in each, and keeps every key/value head: a finer step where KV heads are few. Choose one of the
+            two.
         num_calibration_samples (`int`, *optional*, defaults to `32`):
             Calibration windows for data-driven criteria.
         calibration_seq_len (`int`, *optional*, defaults to `128`):
@@ -121,7 +126,8 @@ class PrunerConfig(PushToHubMixin):
             Require the same widths in every layer (a stock config that tools reading only stock configs load);
             incompatible with `attention_layers`, `mlp_layers`, `layer_ratios` and `global_ranking`.
         min_heads (`int`, *optional*, defaults to `1`):
-            Fewest query heads a pruned layer keeps (rounded up to whole KV groups).
+            Fewest query heads a pruned layer keeps (rounded up to whole KV groups; with `"query_heads"`, to a
+            multiple of the KV head count).
         min_channels (`int`, *optional*, defaults to `1`):
             Fewest MLP channels a pruned layer keeps (rounded up to `round_to`).
         layer_importance (`str`, *optional*):
@@ -137,7 +143,7 @@ class PrunerConfig(PushToHubMixin):
             Prune in this many steps (LLM-Pruner's `iterative_steps`): step k removes units until the model has lost
             `pruning_ratio * k / iterative_steps` of the *original* parameters, re-collecting statistics and
             re-scoring the already pruned model before each step. The saved plan still refers to the original model.
-            Only for 'attention_heads' and 'mlp_channels' without bias compensation and without `streaming`: whole
+            Only for 'attention_heads' (or 'query_heads') and 'mlp_channels' without bias compensation and without `streaming`: whole
             layers, the shared hidden width and compensated biases would need re-planning across steps.
 
     Example:
@@ -211,6 +217,11 @@ class PrunerConfig(PushToHubMixin):
             raise ValueError(f"`structures` must be a non-empty subset of {list(STRUCTURES)}, got {self.structures}.")
         if len(set(self.structures)) != len(self.structures):
             raise ValueError(f"`structures` has duplicates: {self.structures}.")
+        if set(HEAD_STRUCTURES) <= set(self.structures):
+            raise ValueError(
+                f"`structures` may hold one of {list(HEAD_STRUCTURES)} (both slice q_proj and o_proj): "
+                "'attention_heads' removes whole KV groups, 'query_heads' removes query heads inside every KV group."
+            )
         for name in ("num_calibration_samples", "calibration_seq_len", "round_to", "min_heads", "min_channels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -249,11 +260,11 @@ class PrunerConfig(PushToHubMixin):
             raise ValueError(f"`iterative_steps` must be a positive integer, got {n!r}.")
         if n == 1:
             return
-        refused = [s for s in self.structures if s not in (ATTENTION_HEADS, MLP_CHANNELS)]
+        refused = [s for s in self.structures if s not in (*HEAD_STRUCTURES, MLP_CHANNELS)]
         if refused:
             raise ValueError(
-                f"`iterative_steps={n}` prunes only 'attention_heads' and 'mlp_channels', got `structures="
-                f"{self.structures}`; set `iterative_steps=1` or remove {refused}."
+                f"`iterative_steps={n}` prunes only 'attention_heads' and 'mlp_channels' (or 'query_heads' in place of "
+                f"'attention_heads'), got `structures={self.structures}`; set `iterative_steps=1` or remove {refused}."
             )
         if self.streaming:
             raise ValueError(
@@ -275,18 +286,20 @@ class PrunerConfig(PushToHubMixin):
             raise ValueError(
                 f"`global_normalization` must be one of {list(GLOBAL_NORMALIZATIONS)}, got {self.global_normalization!r}."
             )
-        for name, structure in (("attention_layers", ATTENTION_HEADS), ("mlp_layers", MLP_CHANNELS)):
-            if getattr(self, name) is not None and structure not in self.structures:
+        for name, structures in (("attention_layers", HEAD_STRUCTURES), ("mlp_layers", (MLP_CHANNELS,))):
+            if getattr(self, name) is not None and not set(structures) & set(self.structures):
                 raise ValueError(
-                    f"`{name}` selects layers for {structure!r}, which is not in `structures` {self.structures}."
+                    f"`{name}` selects layers for {' or '.join(map(repr, structures))}, which is not in `structures` "
+                    f"{self.structures}."
                 )
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"`allocation` must be one of {list(ALLOCATIONS)}, got {self.allocation!r}.")
         if self.bias_compensation is not None and not isinstance(self.bias_compensation, bool):
             raise TypeError(f"`bias_compensation` must be True, False or None, got {self.bias_compensation!r}.")
-        if self.bias_compensation and not set(self.structures) & {ATTENTION_HEADS, MLP_CHANNELS}:
+        if self.bias_compensation and not set(self.structures) & {*HEAD_STRUCTURES, MLP_CHANNELS}:
             raise ValueError(
-                "`bias_compensation` applies to 'attention_heads' and 'mlp_channels' (the Linears that read them); "
+                "`bias_compensation` applies to 'attention_heads', 'query_heads' and 'mlp_channels' (the Linears that "
+                "read them); "
                 f"`structures` is {self.structures}."
             )
         if self.allocation == "flap":
@@ -298,9 +311,10 @@ class PrunerConfig(PushToHubMixin):
                     f"`allocation='flap'` ranks heads and MLP channels of every layer against one threshold; it cannot "
                     f"be combined with {conflicting}."
                 )
-            if not set(self.structures) & {ATTENTION_HEADS, MLP_CHANNELS}:
+            if not set(self.structures) & {*HEAD_STRUCTURES, MLP_CHANNELS}:
                 raise ValueError(
-                    f"`allocation='flap'` needs 'attention_heads' or 'mlp_channels', got {self.structures}."
+                    f"`allocation='flap'` needs 'attention_heads', 'query_heads' or 'mlp_channels', got "
+                    f"{self.structures}."
                 )
         if self.global_ranking and self.layer_ratios is not None:
             raise ValueError("Choose one of `global_ranking=True` (widths from scores) and `layer_ratios` (given).")

@@ -38,12 +38,22 @@ class Slice:
 
 @dataclass
 class GroupSet:
-    """All units of one structure in one layer (`layer=None` for model-wide hidden channels)."""
+    """All units of one structure in one layer (`layer=None` for model-wide hidden channels).
+
+    `num_groups > 1` ties the units in that many equal contiguous groups that must keep equal counts
+    (`StructureSpec.tied_groups`: query heads in their KV groups). Scores stay per unit; `select_top(..., groups=)`
+    and the allocation (kept counts are positive multiples of `num_groups`) honour the tie.
+    """
 
     structure: str
     layer: int | None
     num_units: int
     slices: list[Slice]
+    num_groups: int = 1
+
+    @property
+    def units_per_group(self) -> int:
+        return self.num_units // self.num_groups
 
     @property
     def key(self) -> str:
@@ -157,9 +167,41 @@ def build_group_sets(model: nn.Module, spec: ArchitectureSpec, structures) -> di
         for i in range(num_layers):
             prefix = layer_prefix(spec, i)
             num_units = width_of(params, config, structure_spec.units, prefix)
-            gs = GroupSet(structure, i, num_units, _resolve(structure_spec.members, prefix, params))
+            num_groups = 1
+            if structure_spec.tied_groups is not None:
+                num_groups = width_of(params, config, structure_spec.tied_groups, prefix)
+                if num_groups < 1 or num_units % num_groups:
+                    raise ValueError(
+                        f"{structure}: layer {i} has {num_units} units, which do not split into {num_groups} equal "
+                        f"groups ({structure_spec.tied_groups.field})."
+                    )
+            gs = GroupSet(structure, i, num_units, _resolve(structure_spec.members, prefix, params), num_groups)
             groups[gs.key] = gs
     return groups
+
+
+def check_tied_groups(model: nn.Module, spec: ArchitectureSpec, structures) -> None:
+    """Refuse a structure with tied groups where every group holds one unit: nothing could be removed.
+
+    `query_heads` on a multi-head model (`num_key_value_heads == num_attention_heads`) is that case; pruning whole
+    heads there is `attention_heads`, whose units are then single heads. Called before calibration.
+    """
+    params = unique_parameters(model)
+    for structure in structures:
+        structure_spec = spec.structures.get(structure)
+        if structure_spec is None or structure_spec.tied_groups is None:
+            continue
+        for i in range(len(decoder_layers(model, spec))):
+            prefix = layer_prefix(spec, i)
+            units = width_of(params, model.config, structure_spec.units, prefix)
+            groups = width_of(params, model.config, structure_spec.tied_groups, prefix)
+            if units <= groups:
+                raise ValueError(
+                    f"'{structure}' removes units inside groups of `{structure_spec.tied_groups.field}` and keeps "
+                    f"at least one per group, but layer {i} of this {model.config.model_type} model has {units} units "
+                    f"in {groups} groups (one per group: multi-head attention, not grouped-query), so nothing could "
+                    "be pruned. Use 'attention_heads' instead."
+                )
 
 
 def hidden_group_set(model: nn.Module, spec: ArchitectureSpec) -> GroupSet:

@@ -19,11 +19,11 @@ from .allocation import (
     select_top,
     uniform_allocation,
 )
-from .architectures.base import ATTENTION_HEADS, LAYERS, MLP_CHANNELS, ArchitectureSpec
+from .architectures.base import ATTENTION_HEADS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
 from .calibration import collect_statistics, prepare_calibration
 from .configuration import PrunerConfig
 from .evaluation import count_parameters
-from .groups import GroupSet, Slice, build_group_sets, decoder_layers, layer_prefix, width_of
+from .groups import GroupSet, Slice, build_group_sets, check_tied_groups, decoder_layers, layer_prefix, width_of
 from .hub import (
     CHART_NAME,
     atomic_directory,
@@ -70,6 +70,7 @@ class Pruner:
                 f"{model.config.model_type} supports structures {list(spec.supported_structures)}, got {unsupported}."
             )
         keep_tied_weights(model)  # an offloaded model's forward unties them (see `offload.keep_tied_weights`)
+        check_tied_groups(model, spec, pruner_config.structures)
         self.model = model
         self.spec = spec
         self.config = pruner_config
@@ -231,7 +232,11 @@ class Pruner:
             kept_counts = uniform_allocation(
                 params, group_sets, width_structures, config.pruning_ratio, config.round_to
             )
-        kept = {key: select_top(scores[key], k) for key, k in kept_counts.items() if k < group_sets[key].num_units}
+        kept = {
+            key: select_top(scores[key], k, group_sets[key].num_groups)
+            for key, k in kept_counts.items()
+            if k < group_sets[key].num_units
+        }
         counts = {key: gs.num_units for key, gs in all_group_sets.items()}
         bias_means = self._bias_means(group_sets, kept, means) if means is not None else {}
         return PruningPlan(
@@ -307,7 +312,8 @@ class Pruner:
     def _prunable(self, group_sets: dict[str, GroupSet], num_layers: int, removed: set[int]) -> dict[str, GroupSet]:
         """The group sets that may lose units: in `attention_layers` / `mlp_layers`, not in removed layers."""
         allowed = {}
-        for structure, name in ((ATTENTION_HEADS, "attention_layers"), (MLP_CHANNELS, "mlp_layers")):
+        options = [(s, "attention_layers") for s in HEAD_STRUCTURES] + [(MLP_CHANNELS, "mlp_layers")]
+        for structure, name in options:
             layers = getattr(self.config, name)
             if layers is not None and layers[-1] >= num_layers:
                 raise ValueError(f"`{name}` names layer {layers[-1]}, but the model has {num_layers} layers.")
@@ -324,13 +330,15 @@ class Pruner:
         num_layers = len(decoder_layers(self.model, self.spec))
         floors = {}
         for key, gs in group_sets.items():
-            if gs.structure == ATTENTION_HEADS:
-                attention = self.spec.structures[ATTENTION_HEADS]
+            if gs.structure in HEAD_STRUCTURES:
+                attention = self.spec.structures[gs.structure]
                 prefix = layer_prefix(self.spec, gs.layer)
                 heads = max(width_of(params, self.model.config, w, prefix) for w in attention.widths)
                 if config.min_heads > heads:
                     raise ValueError(f"`min_heads={config.min_heads}` exceeds the model's {heads} heads per layer.")
-                floors[key] = math.ceil(config.min_heads / (heads // gs.num_units))
+                # Whole units (KV groups), and for tied query heads whole steps of one head per KV group.
+                units = math.ceil(config.min_heads / (heads // gs.num_units))
+                floors[key] = math.ceil(units / gs.num_groups) * gs.num_groups
             else:
                 floors[key] = min(gs.num_units, math.ceil(config.min_channels / config.round_to) * config.round_to)
         ratios = config.layer_ratios
@@ -353,10 +361,11 @@ class Pruner:
         described += [f"min_heads={config.min_heads}", f"min_channels={config.min_channels}"]
         prefixes = tuple(layer_prefix(self.spec, i) for i in removed)
         allowed = None
-        if config.uniform and ATTENTION_HEADS in structures:
-            allowed = {ATTENTION_HEADS: self._stock_unit_counts(group_sets)}
-            head_floor = max(floors[k] for k, gs in group_sets.items() if gs.structure == ATTENTION_HEADS)
-            if max(allowed[ATTENTION_HEADS], default=0) < head_floor:
+        heads = next((s for s in HEAD_STRUCTURES if s in structures), None)
+        if config.uniform and heads is not None:
+            allowed = {heads: self._stock_unit_counts(group_sets, heads)}
+            head_floor = max(floors[k] for k, gs in group_sets.items() if gs.structure == heads)
+            if max(allowed[heads], default=0) < head_floor:
                 raise ValueError(
                     f"`uniform=True`: no head count of at least `min_heads={config.min_heads}` gives a shape that "
                     f"the stock {type(self.model.config).__name__} accepts; lower `min_heads` or set `uniform=False`."
@@ -399,15 +408,17 @@ class Pruner:
                 f"{supported}). Use uniform allocation for this family."
             )
 
-    def _stock_unit_counts(self, group_sets: dict[str, GroupSet]) -> list[int]:
-        """Attention unit counts whose widths the model's stock config class accepts (`uniform=True` keeps a stock
-        config: LLaMA's, for one, rejects head counts that do not divide `hidden_size`)."""
+    def _stock_unit_counts(self, group_sets: dict[str, GroupSet], structure: str = ATTENTION_HEADS) -> list[int]:
+        """Unit counts of head structure `structure` whose widths the model's stock config class accepts
+        (`uniform=True` keeps a stock config: LLaMA's, for one, rejects head counts that do not divide
+        `hidden_size`). Tied query heads count only in whole steps of one head per KV group."""
         config = self.model.config
-        attention = self.spec.structures[ATTENTION_HEADS]
-        units = next(gs.num_units for gs in group_sets.values() if gs.structure == ATTENTION_HEADS)
+        attention = self.spec.structures[structure]
+        first = next(gs for gs in group_sets.values() if gs.structure == structure)
+        units = first.num_units
         data = {k: v for k, v in config.to_dict().items() if k != "model_type"}
         allowed = []
-        for k in range(1, units + 1):
+        for k in range(first.num_groups, units + 1, first.num_groups):
             widths = {w.field: getattr(config, w.field) * k // units for w in attention.widths}
             try:
                 candidate = type(config)(**{**data, **widths})

@@ -372,3 +372,11 @@ def sync_module_attrs(
         for owner in owners:
             module = owner.get_submodule(owner_path) if owner_path else owner
             setattr(module, attr, value)
+    if spec.layer_module_attrs:
+        # Per layer, from that layer's own tensor widths (per-layer head counts differ under non-uniform pruning).
+        for layer, widths in zip(layers, layer_widths(model, spec)):
+            for path, rule in spec.layer_module_attrs.items():
+                owner_path, _, attr = path.rpartition(".")
+                numerator, denominator, *multiplier = (widths[x] if isinstance(x, str) else x for x in rule)
+                value = numerator * (multiplier[0] if multiplier else 1) // denominator
+                setattr(layer.get_submodule(owner_path) if owner_path else layer, attr, value)

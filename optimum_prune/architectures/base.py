@@ -13,10 +13,17 @@ from typing import Any
 
 
 ATTENTION_HEADS = "attention_heads"
+QUERY_HEADS = "query_heads"
 MLP_CHANNELS = "mlp_channels"
 HIDDEN_CHANNELS = "hidden_channels"
 LAYERS = "layers"
-STRUCTURES = (ATTENTION_HEADS, MLP_CHANNELS, HIDDEN_CHANNELS, LAYERS)
+STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, HIDDEN_CHANNELS, LAYERS)
+# Structures whose units are attention heads of some kind: they slice the same q/o tensors, so at most one of them is
+# pruned in a run, and options about heads (`attention_layers`, `min_heads`) apply to whichever is chosen.
+# `query_heads` is a structure of its own rather than an option of `attention_heads` because its unit differs: plans
+# (`"query_heads.3": [query head indices]`), unit counts and scores are per query head, so a saved plan says which
+# mode made it and applies unambiguously.
+HEAD_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS)
 
 
 @dataclass(frozen=True)
@@ -61,11 +68,18 @@ class StructureSpec:
     Each unit (a KV group with its query heads, an MLP channel, a hidden channel) owns an equal contiguous block of
     every member's sliced dimension, so the block size follows from the member's size and the unit count. Members
     that a configuration lacks (biases when `attention_bias=False`) are skipped.
+
+    `tied_groups` ties units together: the units form that many equal contiguous groups, and every group keeps the
+    same number of units (at least one). Query heads under grouped-query attention are the case: query head `h` reads
+    key/value head `h // (heads // kv_heads)`, so keeping `k` query heads in every KV group keeps that mapping and a
+    stock config expresses the result (`num_attention_heads = kv_heads * k`). Ties are a constraint on selection and
+    allocation, not on scoring: criteria still score every unit on its own.
     """
 
     members: tuple[Member, ...]
     units: Width
     widths: tuple[Width, ...] = ()
+    tied_groups: Width | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,10 @@ class ArchitectureSpec:
             from the pruned config so the model in memory computes what a reloaded one computes.
         config_writers (`tuple[ConfigWriter, ...]`): family-specific config fields that surgery writes from the plan
             (BLOOM's original ALiBi head indices).
+        layer_module_attrs (`dict[str, tuple]`): per-layer module attributes that modules compute from widths at
+            construction and read in `forward`, as `derived_fields` rules over *that layer's* width fields (LLaMA's
+            `self_attn.num_key_value_groups = num_attention_heads // num_key_value_heads`, which query-head pruning
+            changes, per layer under per-layer widths). Surgery sets them from the pruned tensors' shapes.
         bias_fields (`dict[str, str]`): consumer modules (relative to a decoder layer, e.g. `"mlp.down_proj"`) that
             the stock family builds without a bias, mapped to the boolean config field with which the registered
             pruned type builds one (`"down_proj_bias"`). Bias compensation adds a bias there and sets the field;
@@ -156,6 +174,7 @@ class ArchitectureSpec:
     structure_requirements: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     module_attrs: tuple[tuple[str, str], ...] = ()
     config_writers: tuple[ConfigWriter, ...] = ()
+    layer_module_attrs: dict[str, tuple] = field(default_factory=dict)
     bias_fields: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 

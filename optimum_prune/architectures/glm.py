@@ -1,6 +1,7 @@
 """GLM and GLM-4 in Transformers (`glm`, `glm4`): LLaMA's layout with a fused MLP input and partial rotary.
 
-- Attention units are KV groups (GQA) as for LLaMA; q/k/v carry biases (`attention_bias=True` by default), o_proj
+- Attention units are KV groups (GQA) as for LLaMA, or query heads tied in KV groups (`query_heads`, LLaMA's spec:
+  the q/o layout is the same, and a query head is whole heads of partial rotary too); q/k/v carry biases (`attention_bias=True` by default), o_proj
   none. Rotary covers only the first `partial_rotary_factor` of every head, so a head is never cut inside: units are
   whole heads and `head_dim` is written explicitly (the config default is 128, not `hidden_size // heads`).
 - `mlp.gate_up_proj` holds the gate rows, then the up rows (`gate, up = chunk(2)`): one member with `chunks=2`, so a
@@ -14,6 +15,7 @@
 from .base import (
     ATTENTION_HEADS,
     MLP_CHANNELS,
+    QUERY_HEADS,
     ArchitectureSpec,
     Member,
     NormSpec,
@@ -21,7 +23,7 @@ from .base import (
     Width,
     register_architecture,
 )
-from .llama import LLAMA_ATTENTION
+from .llama import LLAMA_ATTENTION, LLAMA_LAYER_MODULE_ATTRS, LLAMA_QUERY_HEADS
 
 
 _MLP = StructureSpec(
@@ -61,7 +63,7 @@ _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_p
 GLM_SPEC = ArchitectureSpec(
     model_types=("glm",),
     layers="model.layers",
-    structures={ATTENTION_HEADS: LLAMA_ATTENTION, MLP_CHANNELS: _MLP},
+    structures={ATTENTION_HEADS: LLAMA_ATTENTION, QUERY_HEADS: LLAMA_QUERY_HEADS, MLP_CHANNELS: _MLP},
     hidden=_HIDDEN,
     hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
     norm=NormSpec(
@@ -72,13 +74,14 @@ GLM_SPEC = ArchitectureSpec(
         layer_modules=("input_layernorm", "post_attention_layernorm"),
     ),
     layer_index_attrs=("self_attn.layer_idx",),
+    layer_module_attrs=LLAMA_LAYER_MODULE_ATTRS,
     lora_target_modules=_LORA_TARGETS,
 )
 
 GLM4_SPEC = ArchitectureSpec(
     model_types=("glm4",),
     layers="model.layers",
-    structures={ATTENTION_HEADS: LLAMA_ATTENTION, MLP_CHANNELS: _MLP},
+    structures={ATTENTION_HEADS: LLAMA_ATTENTION, QUERY_HEADS: LLAMA_QUERY_HEADS, MLP_CHANNELS: _MLP},
     hidden=_HIDDEN,
     hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
     norm=NormSpec(
@@ -94,6 +97,7 @@ GLM4_SPEC = ArchitectureSpec(
         ),
     ),
     layer_index_attrs=("self_attn.layer_idx",),
+    layer_module_attrs=LLAMA_LAYER_MODULE_ATTRS,
     lora_target_modules=_LORA_TARGETS,
 )
 

@@ -14,7 +14,7 @@ def consumer_slices(group_set: GroupSet, criterion: str) -> list[Slice]:
     if not consumers:
         raise ValueError(
             f"The {criterion!r} criterion scores units through the Linear that reads them (a consumer member), and "
-            f"{group_set.structure!r} has none; use it with 'attention_heads' or 'mlp_channels'."
+            f"{group_set.structure!r} has none; use it with 'attention_heads', 'query_heads' or 'mlp_channels'."
         )
     return consumers
 

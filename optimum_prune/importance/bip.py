@@ -10,7 +10,8 @@ formulas follow the summary recorded in PAPERS.md, which the paper's text does n
 - Attention output channel j, with x the input of o_proj (the attention consumer member):
   S_j = mean|x_j| · Σ_i |W_O[i, j]| · (1 + u_i), where the change W_O[:, j] x_j of the attention output reaches the
   block output directly (the 1) and through the MLP, whose Lipschitz gain from hidden channel i is bounded by
-  u_i = Σ_k |W_U[k, i]| · ‖W_D[:, k]‖₁ (the paper's |W_U||W_D|). A unit (KV group / head) sums its channels.
+  u_i = Σ_k |W_U[k, i]| · ‖W_D[:, k]‖₁ (the paper's |W_U||W_D|). A unit (KV group, head or query
+  head) sums its channels.
 
 How the gate enters (`gate`): the paper's product |W_U||W_D| treats the gated activation silu(W_G h) as a gain of
 at most one per channel, so only the up projection counts (`gate="up"`, default; for ungated MLPs such as OPT's fc1
@@ -23,7 +24,7 @@ Scores are in block-output units, so comparing them across layers (global alloca
 
 import torch
 
-from ..architectures.base import ATTENTION_HEADS, MLP_CHANNELS
+from ..architectures.base import HEAD_STRUCTURES, MLP_CHANNELS
 from ..groups import GroupSet
 from ._common import consumer_slices, layer_prefix_of, per_unit_channels
 from .base import ACTIVATIONS, WEIGHTS, Importance, register_importance
@@ -82,10 +83,12 @@ class BIPImportance(Importance):
         return up.t() @ down_colsum  # [hidden]
 
     def score(self, group_set: GroupSet, stats) -> torch.Tensor:
-        if group_set.structure not in (ATTENTION_HEADS, MLP_CHANNELS):
-            raise ValueError(f"'bip' scores {ATTENTION_HEADS!r} and {MLP_CHANNELS!r}, got {group_set.structure!r}.")
+        if group_set.structure not in (*HEAD_STRUCTURES, MLP_CHANNELS):
+            raise ValueError(
+                f"'bip' scores {list(HEAD_STRUCTURES)} and {MLP_CHANNELS!r}, got {group_set.structure!r}."
+            )
         gain = None
-        if group_set.structure == ATTENTION_HEADS and self.mlp_gain:
+        if group_set.structure in HEAD_STRUCTURES and self.mlp_gain:
             gain = 1 + self.mlp_lipschitz_gain(group_set, stats)  # [hidden]
         total = torch.zeros(group_set.num_units)
         for s in consumer_slices(group_set, self.name):

@@ -18,7 +18,7 @@ factor per module, which standardisation removes.
 
 import torch
 
-from ..architectures.base import ATTENTION_HEADS
+from ..architectures.base import HEAD_STRUCTURES
 from ..groups import GroupSet
 from ._common import consumer_slices, per_unit_channels
 from .base import ACTIVATIONS, WEIGHTS, Importance, register_importance
@@ -66,7 +66,7 @@ class FlapImportance(Importance):
         """FLAP's per-channel `WIFV` metric of consumer `name` before standardisation: [in_features]."""
         w = stats.parameter(name).detach().float().cpu()  # [out, in]
         metric = stats.activation(name).variance * w.pow(2).sum(dim=0)  # [in]
-        if group_set.structure == ATTENTION_HEADS:
+        if group_set.structure in HEAD_STRUCTURES:
             metric = metric.pow(self.attention_power)
         return metric
 
