@@ -41,8 +41,12 @@ class AutoPruner:
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, pruner_config: PrunerConfig | None = None, **kwargs
     ) -> Pruner:
-        """Load a causal LM (kwargs go to `AutoModelForCausalLM.from_pretrained`: dtype, device_map, revision,
-        token, trust_remote_code) and its tokenizer, and return a [`Pruner`] for it.
+        """Load a causal LM (kwargs go to `AutoModelForCausalLM.from_pretrained`: dtype, device_map, max_memory,
+        offload_folder, revision, token, trust_remote_code) and its tokenizer, and return a [`Pruner`] for it.
+
+        With `device_map="auto"` and `max_memory`, the model is spread over the GPUs, the CPU and the disk
+        (`offload_folder`); every criterion runs on the dispatched model and the pruned model is dispatched again with
+        each module on the device it had (see `optimum_prune.offload.apply_plan_dispatched` for the memory used).
 
         A checkpoint whose `model_type` has a registered converter (ChatGLM2/3 and GLM-4's remote-code `chatglm`) is
         converted to its native family instead, without running the checkpoint's modeling code; the kwargs then go
@@ -76,13 +80,16 @@ class AutoPruner:
                 err,
             )
             tokenizer = None
-        return cls.from_model(
+        pruner = cls.from_model(
             model, pruner_config, tokenizer=tokenizer, name_or_path=str(pretrained_model_name_or_path)
         )
+        pruner.offload_folder = kwargs.get("offload_folder")
+        return pruner
 
     @classmethod
     def from_model(cls, model, pruner_config: PrunerConfig | None = None, tokenizer=None, name_or_path=None) -> Pruner:
-        """A [`Pruner`] for a model already in memory."""
+        """A [`Pruner`] for a model already in memory, or dispatched with `device_map` (several devices, CPU or disk
+        offload; see `optimum_prune.offload`)."""
         pruner_config = pruner_config if pruner_config is not None else PrunerConfig()
         if not isinstance(pruner_config, PrunerConfig):
             raise TypeError(f"`pruner_config` must be a PrunerConfig, got {type(pruner_config).__name__}.")

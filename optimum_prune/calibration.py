@@ -18,6 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .importance.base import ACTIVATIONS, FISHER, FORWARD_LOSS, GRADIENTS, WEIGHTS
+from .offload import (
+    OffloadAwareParameters,
+    OffloadedGradients,
+    execution_device,
+    input_device,
+    keep_tied_weights,
+    register_inner_forward_hooks,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -118,9 +126,10 @@ class ActivationStatistics:
     def add(self, sums: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         count, total, total_abs, total_sq = sums
         self.count += count
-        self.sum += total
-        self.sum_abs += total_abs
-        self.sum_sq += total_sq
+        # Under `device_map` a hook may see the input before accelerate moves it to the module's device.
+        self.sum += total.to(self.sum.device)
+        self.sum_abs += total_abs.to(self.sum.device)
+        self.sum_sq += total_sq.to(self.sum.device)
 
     def update(self, x: torch.Tensor) -> None:
         """Add every token of `x` ([..., C])."""
@@ -171,7 +180,9 @@ class Statistics:
 
     def __init__(self, model: nn.Module, batches: torch.Tensor | None = None, param_names=None, batch_size: int = 4):
         self.model = model
-        self._params = dict(model.named_parameters())
+        # Offloaded weights (`device_map` with "cpu"/"disk") are read from accelerate's weights map on access.
+        keep_tied_weights(model)
+        self._params = OffloadAwareParameters(model)
         self.gradients: dict[str, torch.Tensor] = {}
         self.fishers: dict[str, torch.Tensor] = {}
         self.activations: dict[str, ActivationStatistics] = {}
@@ -250,23 +261,28 @@ class Statistics:
             )
         param = self._params[name]
         index = self.param_names.index(name)
-        estimate = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        device = self._params.execution_device(name)  # where the forward drew z (an offloaded weight's GPU)
+        estimate = torch.zeros(param.shape, dtype=torch.float32, device=device)
         for k, projected in enumerate(self._spsa[key]):
-            z = spsa_perturbation(param, index, k, distribution, seed)
+            z = spsa_perturbation(param, index, k, distribution, seed, device=device)
             estimate += projected * (z if estimator == "multiply" else z.reciprocal())
-        return estimate / len(self._spsa[key])
+        return (estimate / len(self._spsa[key])).to(param.device)
 
 
-def spsa_perturbation(param: torch.Tensor, index: int, k: int, distribution: str, seed: int) -> torch.Tensor:
+def spsa_perturbation(
+    param: torch.Tensor, index: int, k: int, distribution: str, seed: int, device: torch.device | None = None
+) -> torch.Tensor:
     """z_k for the parameter at position `index` of the sorted perturbed names: regenerated from a seed, never stored.
 
-    Returns a float32 tensor shaped like `param`.
+    Returns a float32 tensor shaped like `param`, drawn on `device` (default: the parameter's; the stream depends on
+    the device, so it must be where the forward drew it).
     """
-    generator = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + k * 65_537 + index)
+    device = param.device if device is None else device
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k * 65_537 + index)
     if distribution == "gaussian":
-        return torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
+        return torch.randn(param.shape, generator=generator, device=device, dtype=torch.float32)
     if distribution == "rademacher":
-        bits = torch.randint(0, 2, param.shape, generator=generator, device=param.device)
+        bits = torch.randint(0, 2, param.shape, generator=generator, device=device)
         return bits.to(torch.float32).mul_(2).sub_(1)
     raise ValueError(f"`distribution` must be one of {SPSA_DISTRIBUTIONS}, got {distribution!r}.")
 
@@ -303,7 +319,8 @@ def spsa_projected_gradients(
 
     The weights are never written. A forward pre-hook on each module that owns a perturbed parameter swaps in
     `W ± εz` (z regenerated from the parameter's seed) for the duration of that module's call, and a forward hook puts
-    the original Parameter object back. So at most one module's perturbed tensors exist at a time, nothing is kept
+    the original Parameter object back (under `device_map`, inside accelerate's hook, once the offloaded weights are
+    loaded: see `offload.register_inner_forward_hooks`). So at most one module's perturbed tensors exist at a time, nothing is kept
     between calls, no `.grad` buffer is created, and the model is bit-identical afterwards by construction (MeZO's
     in-place `W += εz; W -= 2εz; W += εz` is not: floating-point addition does not round-trip).
     """
@@ -338,8 +355,7 @@ def spsa_projected_gradients(
 
     handles = []
     for module in owners:
-        handles.append(module.register_forward_pre_hook(swap_in))
-        handles.append(module.register_forward_hook(swap_out))
+        handles += register_inner_forward_hooks(module, swap_in, swap_out)
     was_training = model.training
     model.eval()
     projected = []
@@ -363,22 +379,24 @@ def spsa_projected_gradients(
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 @torch.no_grad()
 def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: int) -> None:
     """One forward pass over the calibration batches with hooks: Linear input statistics and block influence."""
     model = stats.model
-    wanted = {id(stats._params[n]) for n in stats.param_names}
+    wanted = set(stats.param_names)
+    wanted_ids = {id(p) for n, p in model.named_parameters() if n in wanted}  # tied weights under another name
     handles = []
     # Projections that read the same tensor (q/k/v, gate/up) share one reduction: the last input is held, by
     # reference, until the next hook call.
     last: dict = {"input": None, "sums": None}
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and id(module.weight) in wanted:
-            weight_name = f"{module_name}.weight" if module_name else "weight"
-            record = ActivationStatistics(module.in_features, module.weight.device)
+        weight_name = f"{module_name}.weight" if module_name else "weight"
+        if isinstance(module, nn.Linear) and (weight_name in wanted or id(module.weight) in wanted_ids):
+            # On the device the module computes on (its weight may be a meta tensor when offloaded).
+            record = ActivationStatistics(module.in_features, execution_device(module) or module.weight.device)
             stats.activations[weight_name] = record
 
             def linear_hook(mod, args, record=record):
@@ -400,6 +418,7 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
         def layer_hook(mod, args, kwargs, output, i=i):
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, tuple) else output
+            hidden_in = hidden_in.to(hidden_out.device)  # layers on different devices under `device_map`
             cos = nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)  # [B, T]
             influence_sums[i] += (1 - cos).double().sum().item()
             token_counts[i] += cos.numel()
@@ -442,35 +461,39 @@ def collect_statistics(
     if not ({GRADIENTS, FISHER} & needs):
         return stats
     names = set(stats.param_names)
-    params = {n: p for n, p in stats._params.items() if n in names}
-    requires_grad = {n: p.requires_grad for n, p in stats._params.items()}
-    for n, p in stats._params.items():
-        p.requires_grad_(n in params)
+    # Offloaded parameters are meta tensors whose `.grad` never fills: their gradients come from the Parameters
+    # accelerate builds for each forward (`OffloadedGradients`, on the CPU); the others from `p.grad` as usual.
+    offloaded = OffloadedGradients(model, names)
+    params = {n: p for n, p in model.named_parameters() if n in names and n not in offloaded.names}
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
     was_training = model.training
     model.eval()
     per_sample = FISHER in needs
     step = 1 if per_sample else batch_size
     device = _device_of(model)
     try:
-        for start in tqdm(range(0, len(batches), step), desc="Gradients", disable=len(batches) <= step):
-            input_ids = batches[start : start + step].to(device)
-            model.zero_grad(set_to_none=True)
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-            (loss * input_ids.shape[0]).backward()
-            for n, p in params.items():
-                if p.grad is None:
-                    continue
-                g = p.grad.detach().float()
-                stats.gradients[n] = stats.gradients.get(n, 0) + g
-                if per_sample:
-                    stats.fishers[n] = stats.fishers.get(n, 0) + g * g
+        with offloaded:
+            for start in tqdm(range(0, len(batches), step), desc="Gradients", disable=len(batches) <= step):
+                input_ids = batches[start : start + step].to(device)
+                model.zero_grad(set_to_none=True)
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+                (loss * input_ids.shape[0]).backward()
+                grads = {n: p.grad.detach().float() for n, p in params.items() if p.grad is not None}
+                grads.update(offloaded.collect())
+                for n, g in grads.items():
+                    stats.gradients[n] = stats.gradients.get(n, 0) + g
+                    if per_sample:
+                        stats.fishers[n] = stats.fishers.get(n, 0) + g * g
         stats.num_samples = len(batches)
         for store in (stats.gradients, stats.fishers):
             for n in store:
                 store[n] /= len(batches)
     finally:
         model.zero_grad(set_to_none=True)
-        for n, p in stats._params.items():
-            p.requires_grad_(requires_grad[n])
+        # Read again: accelerate replaces an offloaded module's (meta) Parameter objects at each forward.
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(n, p.requires_grad))
         model.train(was_training)
     return stats

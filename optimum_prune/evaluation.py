@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .offload import input_device
+
 
 def count_parameters(model: nn.Module) -> int:
     """Parameters of `model`, tied tensors counted once."""
@@ -46,7 +48,7 @@ def perplexity(
     if num_windows == 0:
         raise ValueError(f"Evaluation data has {ids.numel()} tokens, fewer than one window of {seq_len}.")
     windows = ids[: num_windows * seq_len].view(num_windows, seq_len)
-    device = next(model.parameters()).device
+    device = input_device(model)  # not a meta tensor's device under `device_map` offloading
     was_training = model.training
     model.eval()
     nll, tokens = 0.0, 0

@@ -35,8 +35,8 @@ from .hub import (
     write_results,
 )
 from .importance.base import ACTIVATIONS
+from .offload import apply_plan_dispatched, is_offloaded, keep_tied_weights
 from .plan import PruningPlan
-from .surgery import apply_plan
 from .utils.compat import fails_transformers_5_validation, make_checkpoint_portable
 
 
@@ -55,12 +55,21 @@ class Pruner:
     ```
     """
 
-    def __init__(self, model, spec: ArchitectureSpec, pruner_config: PrunerConfig, tokenizer=None, name_or_path=None):
+    def __init__(
+        self,
+        model,
+        spec: ArchitectureSpec,
+        pruner_config: PrunerConfig,
+        tokenizer=None,
+        name_or_path=None,
+        offload_folder: str | None = None,
+    ):
         unsupported = [s for s in pruner_config.structures if s not in spec.supported_structures]
         if unsupported:
             raise ValueError(
                 f"{model.config.model_type} supports structures {list(spec.supported_structures)}, got {unsupported}."
             )
+        keep_tied_weights(model)  # an offloaded model's forward unties them (see `offload.keep_tied_weights`)
         check_tied_groups(model, spec, pruner_config.structures)
         self.model = model
         self.spec = spec
@@ -75,6 +84,8 @@ class Pruner:
         self.calibration_source: str | None = None  # described in the model card and its reproducing command
         self.evaluation: dict = {}  # perplexities measured by `evaluate` / `recover` (see `hub.build_model_card`)
         self.recovery: dict | None = None  # LoRA settings and training figures once `recover` ran
+        # Under `device_map` with "disk" modules, the pruned model's offloaded weights go to a folder inside this one.
+        self.offload_folder = offload_folder
 
     def _resolve_bias_compensation(self) -> None:
         """`bias_compensation=None` becomes `True` for the `flap` criterion where every consumer (o_proj, down_proj)
@@ -137,7 +148,7 @@ class Pruner:
             self.plan = self._prune_iteratively(importance, batches)
         else:
             self.plan = self.make_plan(importance, batches)
-            apply_plan(self.model, self.plan, self.spec)
+            apply_plan_dispatched(self.model, self.plan, self.spec, self.offload_folder)
         self.params_after = count_parameters(self.model)
         logger.info(
             "Pruned %s: %d -> %d parameters (%.2f%% removed).",
@@ -181,7 +192,7 @@ class Pruner:
                 plan = self.make_plan(importance, batches)
             finally:
                 config.pruning_ratio = ratio
-            apply_plan(self.model, plan, self.spec)
+            apply_plan_dispatched(self.model, plan, self.spec, self.offload_folder)
             for key, step_kept in plan.kept.items():
                 if plan.unit_counts[key] != len(kept[key]):
                     raise RuntimeError(
@@ -597,6 +608,12 @@ class Pruner:
         self._check_pruned()
         if self.recovery is not None:
             raise RuntimeError("This model was already recovered; build a new pruner to recover again.")
+        if is_offloaded(self.model):
+            raise ValueError(
+                "LoRA recovery trains with the weights on its training devices, and this model has weights offloaded "
+                "to the CPU or disk (`device_map`); save it with `save_pretrained` and recover the checkpoint with "
+                "`optimum-prune recover` (several GPUs: `accelerate launch -m optimum_prune.commands.cli recover ...`)."
+            )
         if eval_data is not None and (
             self.evaluation.get("perplexity_pruned") is None
             or self.evaluation.get("eval_data") != _describe_data(eval_data)

@@ -44,6 +44,18 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--device", default=None, help="Device to prune on (cpu, cuda, cuda:1). Default: cpu.")
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="Spread the model with accelerate: auto, balanced, sequential, or a JSON {module: device} map.",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=_max_memory,
+        default=None,
+        help="With --device-map: memory per device, e.g. cpu=2GiB,0=20GiB,1=20GiB (the rest is offloaded to disk).",
+    )
+    parser.add_argument("--offload-folder", default=None, help="With --device-map: folder for disk-offloaded weights.")
     parser.add_argument("--trust-remote-code", action="store_true")
     allocation = parser.add_argument_group("allocation (see PrunerConfig)")
     allocation.add_argument(
@@ -131,6 +143,20 @@ def _layers(text: str) -> list[int]:
         ) from None
 
 
+def _max_memory(text: str) -> dict:
+    """`cpu=2GiB,0=20GiB` -> `{"cpu": "2GiB", 0: "20GiB"}` (GPU indices and plain byte counts as ints, as accelerate
+    expects)."""
+    memory = {}
+    for item in text.split(","):
+        device, sep, size = item.strip().partition("=")
+        if not sep or not device or not size:
+            raise argparse.ArgumentTypeError(
+                f"expected DEVICE=SIZE[,DEVICE=SIZE...] (e.g. cpu=2GiB,0=20GiB), got {text!r}"
+            )
+        memory[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size  # bytes
+    return memory
+
+
 def build_pruner_config(args: argparse.Namespace):
     """PrunerConfig from the command line; options left out keep the `--config` file's or PrunerConfig's defaults."""
     from ..configuration import PrunerConfig
@@ -171,8 +197,17 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.dry_run:
         raise ValueError("`--dry-run` plans a streaming run from the config alone; add `--streaming`.")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    placement = {}
+    if args.device_map is not None:
+        if args.device:
+            raise ValueError("`--device` and `--device-map` both place the model; give one of them.")
+        device_map = json.loads(args.device_map) if args.device_map.lstrip().startswith("{") else args.device_map
+        placement = {"device_map": device_map, "max_memory": args.max_memory, "offload_folder": args.offload_folder}
+        placement = {k: v for k, v in placement.items() if v is not None}
+    elif args.max_memory is not None or args.offload_folder is not None:
+        raise ValueError("`--max-memory` and `--offload-folder` apply with `--device-map` (e.g. `--device-map auto`).")
     pruner = AutoPruner.from_pretrained(
-        args.model, pruner_config=config, dtype=dtype, trust_remote_code=args.trust_remote_code
+        args.model, pruner_config=config, dtype=dtype, trust_remote_code=args.trust_remote_code, **placement
     )
     if args.device:
         pruner.model.to(args.device)
@@ -241,10 +276,10 @@ def _run_streaming(args: argparse.Namespace, config) -> int:
     """`--streaming`: prune from the shards layer by layer (or, with `--dry-run`, only print the plan)."""
     from ..streaming import format_dry_run, prune_streaming
 
-    if args.eval or args.device or args.dtype not in ("float32", "auto"):
+    if args.eval or args.device or args.device_map or args.dtype not in ("float32", "auto"):
         raise ValueError(
-            "`--streaming` keeps the checkpoint's dtype, runs on the CPU and does not evaluate; drop --eval, --device "
-            "and --dtype."
+            "`--streaming` keeps the checkpoint's dtype, runs on the CPU and does not evaluate; drop --eval, --device, "
+            "--device-map and --dtype."
         )
     report = prune_streaming(
         args.model,
