@@ -87,6 +87,7 @@ STREAMING_STRUCTURES = (ATTENTION_HEADS, MLP_CHANNELS)
 STREAMING_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "bloom", "glm", "glm4")
 # What a layer-local criterion may need: its layer's weights and the activations of its layer's inputs.
 LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS})
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 BATCH_SIZE = 4  # calibration windows per forward, as `collect_statistics`
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -1046,7 +1047,9 @@ def prune_streaming(
         return report
     if output_dir is None:
         raise ValueError("`output_dir` is required unless `dry_run=True`.")
-    if tokenizer is None:
+    if tokenizer is None and any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        # Only a tokenizer the checkpoint ships: for a folder without one, Transformers 5 builds an empty default
+        # tokenizer for some types (OPT), which would then be copied into the output.
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except (OSError, ValueError, TypeError):

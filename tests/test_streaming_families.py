@@ -297,3 +297,13 @@ def test_chatglm_is_refused_until_converted(tmp_path):
         logits(_load(tmp_path / "out"), input_ids()), logits(pruned, input_ids()), atol=0, rtol=0
     )
     assert not (chatglm / "REMOTE_CODE_RAN").exists()
+
+
+def test_no_tokenizer_is_invented_for_a_checkpoint_without_one(checkpoints, tmp_path):
+    """A folder without tokenizer files gets no tokenizer in the output (Transformers 5 would build an empty default
+    one for OPT), and token-id calibration still works."""
+    assert not any(f.startswith(("tokenizer", "vocab")) for f in os.listdir(checkpoints["opt"]))
+    prune_streaming(checkpoints["opt"], _config("wanda_sp"), DATA, tmp_path / "out")
+    written = os.listdir(tmp_path / "out")
+    assert "config.json" in written
+    assert not [f for f in written if f.startswith(("tokenizer", "vocab", "merges", "special_tokens"))]
