@@ -153,7 +153,7 @@ def run_llm_pruner(model_name: str, peer: str, ratio: float, timeout: int, check
         model, tokenizer = llm_pruner_peer.load_pruned_model(result["output_dir"])
         row["perplexity"] = perplexity(model, EVAL, tokenizer)
         if not result.get("within_tolerance"):
-            row["note"] = result["reason"]
+            row["note"] = result.get("off_target") or result["reason"]
     return row
 
 
@@ -212,7 +212,7 @@ def format_rows(rows: list[dict]) -> str:
                 ratio,
                 r.get("seconds", "-"),
                 r.get("peak_rss_mib", "-"),
-                r.get("note", "")[-90:] if ok else r.get("reason", "")[:90],
+                r.get("note", "")[:90] if ok else r.get("reason", "")[:90],
             ]
         )
     headers = ["model", "method", "target", "removed", "ppl", "vs unpruned", "prune s", "peak RSS MiB", "note"]

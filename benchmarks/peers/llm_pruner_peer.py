@@ -183,6 +183,7 @@ def prune_with_llm_pruner(
         "peak_rss_mib": None,
         "output_dir": None,
         "trials": [],
+        "off_target": None,
         "ppl_unpruned_peer_env": None,
         "ppl_peer_env": None,
         "peer_versions": None,
@@ -387,7 +388,7 @@ def _search(spec, calib, progress: _Progress, params_before: int, prunable_share
             best = (model, record)
         else:
             del model
-        if abs(removed - target) <= tol:
+        if abs(removed - target) <= tol + 1e-9:
             break
         if removed < target:
             if ratio >= _MAX_RATIO:
@@ -449,7 +450,7 @@ def _worker_main(spec_path: str) -> int:
         (model, record), trials = _search(spec, calib, progress, params_before, prunable / params_before)
         removed, ratio = record["removed_fraction"], record["ratio"]
         params_after = _count(model)
-        within = abs(removed - spec["target"]) <= spec["tolerance"]
+        within = abs(removed - spec["target"]) <= spec["tolerance"] + 1e-9  # rounded to 5 digits
         result.update(
             params_before=params_before,
             params_after=params_after,
@@ -494,7 +495,10 @@ def _worker_main(spec_path: str) -> int:
                 detail.append(f"{below['removed_fraction']:.4f} at ratio {below['ratio']:.4f}")
             if above:
                 detail.append(f"{above['removed_fraction']:.4f} at ratio {above['ratio']:.4f}")
-            reason += f"; target {spec['target']} +/- {spec['tolerance']} not reachable (closest: {', '.join(detail)})"
+            result["off_target"] = (
+                f"{spec['target']:.0%} +/- {spec['tolerance']:.1%} unreachable: {' / '.join(detail)}"
+            )
+            reason += f"; {result['off_target']}"
             result.update(status="ok" if above and below else "unreachable", output_dir=str(out))
         result["reason"] = reason
     except Exception as exc:  # a failing peer is a result, not a crash
