@@ -58,6 +58,8 @@ METHODS: dict[str, dict] = {
     },
 }
 PEERS = ("torch-pruning",)
+# LLM-Pruner's own code (a checkout + its own Transformers 4.45 venv): peer name -> its block_*_layer_start/end.
+LLM_PRUNER_PEERS = {"llm-pruner": None, "llm-pruner-layers1-4": (1, 5)}
 
 
 def peak_rss_mib() -> float:
@@ -110,6 +112,53 @@ def run_single(model_name: str, method: str, ratio: float) -> dict:
         model_type=model.config.model_type,
         perplexity=perplexity(model, EVAL, pruner.tokenizer),
     )
+    return row
+
+
+def run_llm_pruner(model_name: str, peer: str, ratio: float, timeout: int, checkout, python) -> dict:
+    """LLM-Pruner's Taylor block-wise recipe at the same fraction of total parameters, evaluated here with our
+    `perplexity` on the same text; without a checkout and its interpreter the row says why it is missing."""
+    row = {"model": model_name, "method": peer, "ratio": ratio}
+    if not checkout or not python:
+        reason = "needs --llm-pruner-checkout and --llm-pruner-python (or LLM_PRUNER_CHECKOUT / LLM_PRUNER_PYTHON)"
+        return {**row, "status": "unavailable", "reason": reason}
+    sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+    import llm_pruner_peer
+
+    try:
+        result = llm_pruner_peer.prune_with_llm_pruner(
+            MODELS / model_name,
+            ratio,
+            checkout=checkout,
+            python=python,
+            layers=LLM_PRUNER_PEERS[peer],
+            calibration=CALIBRATION,
+            eval_text=EVAL,
+            timeout_s=timeout,
+        )
+    except FileNotFoundError as err:
+        return {**row, "status": "unavailable", "reason": str(err)}
+    row.update(
+        status=result["status"],
+        reason=result.get("reason", ""),
+        seconds=result.get("seconds"),
+        peak_rss_mib=result.get("peak_rss_mib"),
+        removed=result.get("removed_fraction"),
+        pruning_ratio=result.get("pruning_ratio"),
+        within_tolerance=result.get("within_tolerance"),
+        ppl_peer_env=result.get("ppl_peer_env"),
+        ppl_unpruned_peer_env=result.get("ppl_unpruned_peer_env"),
+        tool=result.get("tool"),
+        adaptations=result.get("adaptations"),
+        trials=len(result.get("trials") or []),
+    )
+    if result["status"] == "ok":
+        from optimum_prune import perplexity
+
+        model, tokenizer = llm_pruner_peer.load_pruned_model(result["output_dir"])
+        row["perplexity"] = perplexity(model, EVAL, tokenizer)
+        if not result.get("within_tolerance"):
+            row["note"] = result.get("off_target") or result["reason"]
     return row
 
 
@@ -168,7 +217,7 @@ def format_rows(rows: list[dict]) -> str:
                 ratio,
                 r.get("seconds", "-"),
                 r.get("peak_rss_mib", "-"),
-                "" if ok else r.get("reason", "")[:90],
+                r.get("note", "")[:90] if ok else r.get("reason", "")[:90],
             ]
         )
     headers = ["model", "method", "target", "removed", "ppl", "vs unpruned", "prune s", "peak RSS MiB", "note"]
@@ -182,6 +231,12 @@ def main(argv=None):
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument("--peer-timeout", type=int, default=300)
+    parser.add_argument("--llm-pruner-checkout", default=os.environ.get("LLM_PRUNER_CHECKOUT"), help="LLM-Pruner tree")
+    parser.add_argument(
+        "--llm-pruner-python",
+        default=os.environ.get("LLM_PRUNER_PYTHON"),
+        help="its venv's python (transformers 4.45)",
+    )
     parser.add_argument("--single", nargs=3, metavar=("MODEL", "METHOD", "RATIO"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -206,7 +261,14 @@ def main(argv=None):
                 rows.append({"model": model, "method": method, "ratio": ratio, **row})
                 print(json.dumps(rows[-1]), file=sys.stderr)
             for peer in args.peers:
-                rows.append(run_peer(model, peer, ratio, args.peer_timeout))
+                if peer in LLM_PRUNER_PEERS:
+                    rows.append(
+                        run_llm_pruner(
+                            model, peer, ratio, args.peer_timeout, args.llm_pruner_checkout, args.llm_pruner_python
+                        )
+                    )
+                else:
+                    rows.append(run_peer(model, peer, ratio, args.peer_timeout))
                 print(json.dumps(rows[-1]), file=sys.stderr)
     with open(RESULTS / "quality.jsonl", "a", encoding="utf-8") as f:
         for row in rows:
