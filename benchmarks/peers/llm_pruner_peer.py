@@ -60,6 +60,7 @@ from torch_pruning_peer import (  # noqa: E402 - sibling module, stdlib-only at 
     _read_text,
     _read_vm_hwm_mib,
     _stack_summary,
+    _start_worker,
 )
 
 
@@ -411,15 +412,9 @@ def _search(spec, calib, progress: _Progress, params_before: int, prunable_share
 
 
 def _worker_main(spec_path: str) -> int:
-    import faulthandler
     import resource
 
-    spec = json.loads(Path(spec_path).read_text())
-    stack_file = open(spec["stack_path"], "w")  # noqa: SIM115 - must stay open for the signal handler
-    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    progress = _Progress(spec["progress_path"])
-    progress("startup", pid=os.getpid())
+    spec, progress = _start_worker(spec_path)
     sys.path.insert(0, spec["checkout"])
     result: dict[str, Any] = {"status": "failed", "reason": ""}
     try:

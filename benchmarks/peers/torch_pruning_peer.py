@@ -690,16 +690,28 @@ def _save_and_check(model, tokenizer, output_dir: str, progress: _Progress):
     return "torch.save", reload_error
 
 
-def _worker_main(spec_path: str) -> int:
+_STACK_FILE = None  # the worker's stack dump file, open for its whole life
+
+
+def _start_worker(spec_path: str) -> tuple[dict, _Progress]:
+    """A peer worker's start-up: read its spec, dump every thread's stack on SIGUSR1 (what the parent reads when the
+    worker times out), log to stderr and report the first progress phase."""
     import faulthandler
-    import resource
 
     spec = json.loads(Path(spec_path).read_text())
-    stack_file = open(spec["stack_path"], "w")  # noqa: SIM115 - must stay open for the signal handler
-    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    global _STACK_FILE
+    _STACK_FILE = open(spec["stack_path"], "w")  # noqa: SIM115 - must stay open for the signal handler
+    faulthandler.register(signal.SIGUSR1, file=_STACK_FILE, all_threads=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     progress = _Progress(spec["progress_path"])
     progress("startup", pid=os.getpid())
+    return spec, progress
+
+
+def _worker_main(spec_path: str) -> int:
+    import resource
+
+    spec, progress = _start_worker(spec_path)
 
     import torch
 

@@ -23,7 +23,7 @@ from .base import (
     Width,
     register_architecture,
 )
-from .llama import LLAMA_ATTENTION, LLAMA_LAYER_MODULE_ATTRS, LLAMA_QUERY_HEADS
+from .llama import LLAMA_ATTENTION, LLAMA_HIDDEN, LLAMA_LAYER_MODULE_ATTRS, LLAMA_QUERY_HEADS
 
 
 _MLP = StructureSpec(
@@ -33,16 +33,6 @@ _MLP = StructureSpec(
     ),
     units=Width("intermediate_size", "mlp.down_proj.weight", 1),
     widths=(Width("intermediate_size", "mlp.down_proj.weight", 1),),
-)
-
-_HIDDEN = StructureSpec(
-    members=(
-        Member("model.embed_tokens.weight", 1),
-        Member("model.norm.weight", 0),
-        Member("lm_head.weight", 1),
-    ),
-    units=Width("hidden_size", "model.embed_tokens.weight", 1),
-    widths=(Width("hidden_size", "model.embed_tokens.weight", 1),),
 )
 
 _HIDDEN_LAYER_MEMBERS = (
@@ -64,7 +54,7 @@ GLM_SPEC = ArchitectureSpec(
     model_types=("glm",),
     layers="model.layers",
     structures={ATTENTION_HEADS: LLAMA_ATTENTION, QUERY_HEADS: LLAMA_QUERY_HEADS, MLP_CHANNELS: _MLP},
-    hidden=_HIDDEN,
+    hidden=LLAMA_HIDDEN,
     hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
     norm=NormSpec(
         kind="rms",
@@ -82,7 +72,7 @@ GLM4_SPEC = ArchitectureSpec(
     model_types=("glm4",),
     layers="model.layers",
     structures={ATTENTION_HEADS: LLAMA_ATTENTION, QUERY_HEADS: LLAMA_QUERY_HEADS, MLP_CHANNELS: _MLP},
-    hidden=_HIDDEN,
+    hidden=LLAMA_HIDDEN,
     hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
     norm=NormSpec(
         kind="rms",

@@ -72,7 +72,8 @@ _MLP = StructureSpec(
     widths=(Width("intermediate_size", "mlp.down_proj.weight", 1),),
 )
 
-_HIDDEN = StructureSpec(
+# The model-level members of hidden-channel pruning; GLM names them the same way.
+LLAMA_HIDDEN = StructureSpec(
     members=(
         Member("model.embed_tokens.weight", 1),
         Member("model.norm.weight", 0),
@@ -100,7 +101,7 @@ LLAMA_SPEC = ArchitectureSpec(
     model_types=("llama", "mistral", "qwen2"),
     layers="model.layers",
     structures={ATTENTION_HEADS: LLAMA_ATTENTION, QUERY_HEADS: LLAMA_QUERY_HEADS, MLP_CHANNELS: _MLP},
-    hidden=_HIDDEN,
+    hidden=LLAMA_HIDDEN,
     hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
     norm=NormSpec(
         kind="rms",
