@@ -382,29 +382,41 @@ def _device_of(model: nn.Module) -> torch.device:
     return input_device(model)
 
 
+def hook_linear_inputs(stats: Statistics, linears) -> list:
+    """Forward pre-hooks that accumulate each Linear's per-input-channel statistics into `stats.activations` (keyed by
+    the weight's name), for `linears` = [(weight name, module)]. Returns the handles; remove them when done.
+
+    Projections that read the same tensor (q/k/v, gate/up) share one reduction: the last input is held, by reference,
+    until the next hook call (and released with the hooks). Each record lives on the device its module computes on
+    (its weight may be a meta tensor when offloaded)."""
+    last: dict = {"input": None, "sums": None}
+    handles = []
+    for weight_name, module in linears:
+        record = ActivationStatistics(module.in_features, execution_device(module) or module.weight.device)
+        stats.activations[weight_name] = record
+
+        def linear_hook(mod, args, record=record):
+            if args[0] is not last["input"]:
+                last["input"], last["sums"] = args[0], ActivationStatistics.batch_sums(args[0])
+            record.add(last["sums"])
+
+        handles.append(module.register_forward_pre_hook(linear_hook))
+    return handles
+
+
 @torch.no_grad()
 def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: int) -> None:
     """One forward pass over the calibration batches with hooks: Linear input statistics and block influence."""
     model = stats.model
     wanted = set(stats.param_names)
     wanted_ids = {id(p) for n, p in model.named_parameters() if n in wanted}  # tied weights under another name
-    handles = []
-    # Projections that read the same tensor (q/k/v, gate/up) share one reduction: the last input is held, by
-    # reference, until the next hook call.
-    last: dict = {"input": None, "sums": None}
-    for module_name, module in model.named_modules():
-        weight_name = f"{module_name}.weight" if module_name else "weight"
-        if isinstance(module, nn.Linear) and (weight_name in wanted or id(module.weight) in wanted_ids):
-            # On the device the module computes on (its weight may be a meta tensor when offloaded).
-            record = ActivationStatistics(module.in_features, execution_device(module) or module.weight.device)
-            stats.activations[weight_name] = record
-
-            def linear_hook(mod, args, record=record):
-                if args[0] is not last["input"]:
-                    last["input"], last["sums"] = args[0], ActivationStatistics.batch_sums(args[0])
-                record.add(last["sums"])
-
-            handles.append(module.register_forward_pre_hook(linear_hook))
+    linears = [
+        (f"{name}.weight" if name else "weight", module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and ((f"{name}.weight" if name else "weight") in wanted or id(module.weight) in wanted_ids)
+    ]
+    handles = hook_linear_inputs(stats, linears)
     try:
         from .groups import decoder_layers
 
@@ -431,7 +443,6 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
     finally:
         for handle in handles:
             handle.remove()
-        last.clear()
     for i in range(len(layers)):
         stats.layer_influences[i] = influence_sums[i] / max(token_counts[i], 1)
 

@@ -62,7 +62,7 @@ from .architectures.base import (
     ArchitectureSpec,
     get_architecture,
 )
-from .calibration import ActivationStatistics, Statistics, prepare_calibration
+from .calibration import Statistics, hook_linear_inputs, prepare_calibration
 from .configuration import PrunerConfig
 from .evaluation import count_parameters
 from .groups import GroupSet, build_group_sets, decoder_layers, layer_prefix
@@ -524,27 +524,18 @@ def layer_statistics(model: nn.Module, layer_index: int, spec, names: set[str], 
     stats._spec = spec
     prefix = layer_prefix(spec, layer_index)
     layer = model.get_submodule(prefix[:-1])
-    last: dict = {"input": None, "sums": None}
-    handles = []
-    for module_name, module in layer.named_modules():
-        weight_name = f"{prefix}{module_name}.weight"
-        if isinstance(module, nn.Linear) and weight_name in names:
-            record = ActivationStatistics(module.in_features, module.weight.device)
-            stats.activations[weight_name] = record
-
-            def hook(mod, args, record=record):
-                if args[0] is not last["input"]:
-                    last["input"], last["sums"] = args[0], ActivationStatistics.batch_sums(args[0])
-                record.add(last["sums"])
-
-            handles.append(module.register_forward_pre_hook(hook))
+    linears = [
+        (f"{prefix}{name}.weight", module)
+        for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear) and f"{prefix}{name}.weight" in names
+    ]
+    handles = hook_linear_inputs(stats, linears)
     try:
         for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
             layer(hidden, *args, **kwargs)  # only the hooks' sums are kept: no second copy of the hidden states
     finally:
         for handle in handles:
             handle.remove()
-        last.clear()
     stats.num_samples = sum(h.shape[0] for h in inputs.hidden)
     return stats
 
