@@ -35,13 +35,11 @@ unpruned and the pruned model inside the peer environment on the same eval token
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,15 +50,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch_pruning_peer import (  # noqa: E402 - sibling module, stdlib-only at import time
-    _STACK_GRACE_S,
     _all_progress,
     _last_progress,
-    _offline_env,
     _Progress,
     _read_text,
-    _read_vm_hwm_mib,
     _stack_summary,
     _start_worker,
+    run_watched,
 )
 
 
@@ -72,7 +68,6 @@ LLM_PRUNER_COMMIT = "128a07d"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "llm_pruner_peer.json"
 _WORKER_FLAG = "--_worker"
-_POLL_S = 0.2
 _MAX_RATIO = 0.99  # ch_sparsity 1.0 would remove every channel of a layer
 ADAPTATIONS = (
     "calibration: our prepare_calibration windows of calibration.txt instead of get_examples('bookcorpus')",
@@ -191,23 +186,8 @@ def prune_with_llm_pruner(
         "adaptations": list(ADAPTATIONS),
     }
     cmd = [str(python), str(Path(__file__).resolve()), _WORKER_FLAG, str(work / "spec.json")]
-    start, peak, timed_out = time.perf_counter(), 0.0, False
-    with open(work / "stdout.txt", "wb") as out_f, open(work / "stderr.txt", "wb") as err_f:
-        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=_offline_env(), start_new_session=True)
-        while proc.poll() is None:
-            peak = max(peak, _read_vm_hwm_mib(proc.pid) or 0.0)
-            if time.perf_counter() - start > timeout_s:
-                timed_out = True
-                break
-            time.sleep(_POLL_S)
-        if timed_out:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGUSR1)
-            time.sleep(_STACK_GRACE_S)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    result["seconds"] = round(time.perf_counter() - start, 2)
+    proc, peak, timed_out, elapsed = run_watched(cmd, work, timeout_s, spec["stack_path"])
+    result["seconds"] = round(elapsed, 2)
     worker = json.loads(Path(spec["result_path"]).read_text()) if Path(spec["result_path"]).exists() else {}
     result.update({k: v for k, v in worker.items() if k in result})
     peak = max(peak, worker.get("worker_peak_rss_mib") or 0.0)

@@ -210,6 +210,37 @@ def _peer_frame(stack_summary: str) -> str:
     return ""
 
 
+def run_watched(cmd: list[str], work: Path, timeout_s: float, stack_path: str):
+    """Run a peer worker under a timeout, in a session of its own (so the kill on timeout reaches every process it
+    started), with stdout/stderr in `work`, polling its peak RSS. On timeout, SIGUSR1 first makes the worker's
+    faulthandler dump every thread's stack to `stack_path` (the precise place it hung), then the session is killed.
+
+    Returns `(process, peak RSS MiB, timed out, seconds)`.
+    """
+    start = time.perf_counter()
+    peak = 0.0
+    timed_out = False
+    with open(work / "stdout.txt", "wb") as out_f, open(work / "stderr.txt", "wb") as err_f:
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=_offline_env(), start_new_session=True)
+        while proc.poll() is None:
+            peak = max(peak, _read_vm_hwm_mib(proc.pid) or 0.0)
+            if time.perf_counter() - start > timeout_s:
+                timed_out = True
+                break
+            time.sleep(_POLL_S)
+        if timed_out:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGUSR1)
+            deadline = time.perf_counter() + _STACK_GRACE_S
+            while time.perf_counter() < deadline and not _read_text(stack_path).strip():
+                time.sleep(0.1)
+            peak = max(peak, _read_vm_hwm_mib(proc.pid) or 0.0)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc, peak, timed_out, time.perf_counter() - start
+
+
 def prune_with_torch_pruning(
     model_dir: str | os.PathLike,
     target_fraction: float,
@@ -280,30 +311,7 @@ def prune_with_torch_pruning(
         "trials": [],
     }
     logger.info("torch-pruning peer: %s, target %.3f, timeout %.0f s", model_dir, target_fraction, timeout_s)
-    start = time.perf_counter()
-    peak = 0.0
-    with open(work / "stdout.txt", "wb") as out_f, open(work / "stderr.txt", "wb") as err_f:
-        # Own session so that the kill on timeout reaches every process the worker may have started.
-        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=_offline_env(), start_new_session=True)
-        timed_out = False
-        while proc.poll() is None:
-            peak = max(peak, _read_vm_hwm_mib(proc.pid) or 0.0)
-            if time.perf_counter() - start > timeout_s:
-                timed_out = True
-                break
-            time.sleep(_POLL_S)
-        if timed_out:
-            # SIGUSR1 makes the worker's faulthandler dump every thread's stack: the precise place it hung.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGUSR1)
-            deadline = time.perf_counter() + _STACK_GRACE_S
-            while time.perf_counter() < deadline and not _read_text(spec["stack_path"]).strip():
-                time.sleep(0.1)
-            peak = max(peak, _read_vm_hwm_mib(proc.pid) or 0.0)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    elapsed = time.perf_counter() - start
+    proc, peak, timed_out, elapsed = run_watched(cmd, work, timeout_s, spec["stack_path"])
     result["seconds"] = round(elapsed, 2)
 
     progress = _all_progress(Path(spec["progress_path"]))
