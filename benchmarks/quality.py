@@ -39,6 +39,9 @@ METHODS: dict[str, dict] = {
     "flap": {"importance": "flap"},
     "bip": {"importance": "bip"},
     "mini_llm": {"importance": "mini_llm"},
+    # MINI-LLM with each decoder layer's own loss (forwards of one layer only; it streams), 8 and 32 perturbations.
+    "mini_llm-block": {"importance": "mini_llm", "importance_kwargs": {"loss": "block"}},
+    "mini_llm-block32": {"importance": "mini_llm", "importance_kwargs": {"loss": "block", "num_perturbations": 32}},
     # LLM-Pruner's recipe: spare the first and last layers (tiny models have 6 layers).
     "taylor-layers1-5": {"importance": "taylor", "attention_layers": [1, 2, 3, 4], "mlp_layers": [1, 2, 3, 4]},
     "magnitude-layers1-5": {"importance": "magnitude", "attention_layers": [1, 2, 3, 4], "mlp_layers": [1, 2, 3, 4]},

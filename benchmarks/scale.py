@@ -50,6 +50,8 @@ SIZES: dict[str, dict] = {
 MODES = ("streaming", "in-memory")
 ALLOCATIONS = {"uniform": {}, "global": {"global_ranking": True}, "flap": {"allocation": "flap"}}
 CRITERIA = ("wanda_sp", "bip")
+# Criterion names with a variant: name -> (importance, importance_kwargs).
+VARIANTS = {"mini_llm-block": ("mini_llm", {"loss": "block"})}
 
 
 def build_checkpoint(name: str, path: Path) -> Path:
@@ -112,9 +114,11 @@ def child(args) -> None:
     result = {"size": args.size, "mode": mode, "criterion": args.criterion, "allocation": args.allocation}
     if args.mode != "baseline":
         calibration = torch.randint(0, 32000, (args.samples * args.seq_len * 2,), generator=torch.Generator())
+        importance, importance_kwargs = VARIANTS.get(args.criterion, (args.criterion, {}))
         config = PrunerConfig(
             pruning_ratio=0.2,
-            importance=args.criterion,
+            importance=importance,
+            importance_kwargs=importance_kwargs,
             num_calibration_samples=args.samples,
             calibration_seq_len=args.seq_len,
             streaming=args.mode == "streaming",

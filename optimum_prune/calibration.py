@@ -2,7 +2,7 @@
 
 Only what the chosen criterion needs is collected: nothing for weight-only criteria; per-channel activation statistics
 from one no-grad forward pass with hooks (wanda_sp, flap, bip, block_influence); forward-only SPSA loss differences
-(mini_llm); gradients (and the Fisher diagonal) only for Taylor. So the memory of a run stays near the model's own
+(mini_llm, with the model's loss or each layer's own); gradients (and the Fisher diagonal) only for Taylor. So the memory of a run stays near the model's own
 size unless backpropagation is required.
 """
 
@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .importance.base import ACTIVATIONS, FISHER, FORWARD_LOSS, GRADIENTS, WEIGHTS
+from .importance.base import ACTIVATIONS, BLOCK_LOSS, FISHER, FORWARD_LOSS, GRADIENTS, WEIGHTS
 from .offload import (
     OffloadAwareParameters,
     OffloadedGradients,
@@ -165,6 +166,7 @@ class ActivationStatistics:
 
 SPSA_DISTRIBUTIONS = ("gaussian", "rademacher")
 SPSA_ESTIMATORS = ("multiply", "divide")
+SPSA_LOSSES = ("lm", "block")
 
 
 class Statistics:
@@ -191,7 +193,8 @@ class Statistics:
         self.batches = batches
         self.batch_size = batch_size
         self.param_names = sorted(param_names) if param_names is not None else sorted(self._params)
-        self._spsa: dict[tuple, list[float]] = {}
+        self._spsa: dict[tuple, dict[str, list[float]]] = {}
+        self.calibration_forward = None  # streaming: runs its one layer on the captured inputs
         self._spec = None
 
     @property
@@ -239,52 +242,147 @@ class Statistics:
         distribution: str = "gaussian",
         estimator: str = "multiply",
         seed: int = 0,
+        loss: str = "lm",
     ) -> torch.Tensor:
         """Forward-only (SPSA) estimate of d loss / d `name`, shaped like the parameter (float32).
 
-        The scalar projected gradients d_k = (L(W + εz_k) - L(W - εz_k)) / 2ε are computed once per setting (2 ·
-        `num_perturbations` passes over the calibration batches, see [`spsa_projected_gradients`]); z_k for this one
-        parameter is then regenerated from its seed, so only one tensor's perturbation exists at a time.
+        The scalar projected gradients d_k = (L(W + εz_k) - L(W - εz_k)) / 2ε are computed once per setting, for every
+        perturbed parameter together; z_k for this one parameter is then regenerated from its seed, so only one
+        tensor's perturbation exists at a time. `loss="lm"` is the model's next-token loss (2 · `num_perturbations`
+        passes over the calibration batches, [`spsa_projected_gradients`]); `loss="block"` is the block-local loss of
+        the decoder layer that owns `name` ([`block_spsa_projected_gradients`]: only that layer is run again).
         `estimator="multiply"` gives MeZO's Ĝ = mean_k d_k · z_k (default: lower variance); `"divide"` gives
         classical SPSA's Ĝ = mean_k d_k / z_k (identical for Rademacher z).
         """
         if estimator not in SPSA_ESTIMATORS:
             raise ValueError(f"`estimator` must be one of {SPSA_ESTIMATORS}, got {estimator!r}.")
+        if loss not in SPSA_LOSSES:
+            raise ValueError(f"`loss` must be one of {SPSA_LOSSES}, got {loss!r}.")
         if name not in self.param_names:
             raise KeyError(f"{name!r} was not perturbed; SPSA covers the scored parameters only.")
-        key = (num_perturbations, float(eps), distribution, seed)
+        key = (loss, num_perturbations, float(eps), distribution, seed)
         if key not in self._spsa:
-            if self.batches is None:
-                raise ValueError("Forward-only gradient estimates need calibration data.")
-            self._spsa[key] = spsa_projected_gradients(
-                self.model, self.batches, self.param_names, num_perturbations, eps, distribution, seed, self.batch_size
-            )
+            settings = dict(num_perturbations=num_perturbations, eps=eps, distribution=distribution, seed=seed)
+            if loss == "block":
+                self._spsa[key] = block_spsa_projected_gradients(
+                    self.model, self.spec, self.run_calibration, self.param_names, **settings
+                )
+            else:
+                if self.batches is None:
+                    raise ValueError("Forward-only gradient estimates need calibration data.")
+                projected = spsa_projected_gradients(
+                    self.model, self.batches, self.param_names, batch_size=self.batch_size, **settings
+                )
+                self._spsa[key] = dict.fromkeys(self.param_names, projected)
         param = self._params[name]
-        index = self.param_names.index(name)
         device = self._params.execution_device(name)  # where the forward drew z (an offloaded weight's GPU)
         estimate = torch.zeros(param.shape, dtype=torch.float32, device=device)
-        for k, projected in enumerate(self._spsa[key]):
-            z = spsa_perturbation(param, index, k, distribution, seed, device=device)
-            estimate += projected * (z if estimator == "multiply" else z.reciprocal())
-        return (estimate / len(self._spsa[key])).to(param.device)
+        projected = self._spsa[key][name]
+        for k, d in enumerate(projected):
+            z = spsa_perturbation(param, name, k, distribution, seed, device=device)
+            estimate += d * (z if estimator == "multiply" else z.reciprocal())
+        return (estimate / len(projected)).to(param.device)
+
+    def run_calibration(self) -> None:
+        """Run the calibration forwards again, outputs discarded, so that hooks see every decoder layer's inputs.
+
+        A model in memory runs its batches; streaming sets `calibration_forward` to run its one layer on that layer's
+        captured inputs."""
+        if self.calibration_forward is not None:
+            self.calibration_forward()
+            return
+        if self.batches is None:
+            raise ValueError("Forward-only gradient estimates need calibration data.")
+        device = _device_of(self.model)
+        for start in range(0, len(self.batches), self.batch_size):
+            self.model(input_ids=self.batches[start : start + self.batch_size].to(device), use_cache=False)
 
 
 def spsa_perturbation(
-    param: torch.Tensor, index: int, k: int, distribution: str, seed: int, device: torch.device | None = None
+    param: torch.Tensor, name: str, k: int, distribution: str, seed: int, device: torch.device | None = None
 ) -> torch.Tensor:
-    """z_k for the parameter at position `index` of the sorted perturbed names: regenerated from a seed, never stored.
+    """z_k of the parameter called `name`: regenerated from a seed, never stored, and the same whatever else is
+    perturbed (a layer streamed alone draws what it draws inside the whole model).
 
     Returns a float32 tensor shaped like `param`, drawn on `device` (default: the parameter's; the stream depends on
     the device, so it must be where the forward drew it).
     """
     device = param.device if device is None else device
-    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k * 65_537 + index)
+    generator = torch.Generator(device=device).manual_seed(_seed(seed, k, zlib.crc32(name.encode())))
     if distribution == "gaussian":
         return torch.randn(param.shape, generator=generator, device=device, dtype=torch.float32)
     if distribution == "rademacher":
         bits = torch.randint(0, 2, param.shape, generator=generator, device=device)
         return bits.to(torch.float32).mul_(2).sub_(1)
     raise ValueError(f"`distribution` must be one of {SPSA_DISTRIBUTIONS}, got {distribution!r}.")
+
+
+def _seed(seed: int, k: int, key: int) -> int:
+    return (seed * 1_000_003 + k * 65_537 + key) % (2**63)
+
+
+def _check_spsa_settings(num_perturbations: int, eps: float, distribution: str) -> None:
+    if num_perturbations < 1:
+        raise ValueError(f"`num_perturbations` must be >= 1, got {num_perturbations}.")
+    if not eps > 0:
+        raise ValueError(f"`eps` must be > 0, got {eps}.")
+    if distribution not in SPSA_DISTRIBUTIONS:
+        raise ValueError(f"`distribution` must be one of {SPSA_DISTRIBUTIONS}, got {distribution!r}.")
+
+
+class SPSAPerturbation:
+    """While `active`, every module that owns a parameter of `param_names` computes with W + `sign`·ε·z_`k`.
+
+    The weights are never written. A forward pre-hook on each owner swaps in `W ± εz` (z regenerated from the
+    parameter's seed) for the duration of that module's call, and a forward hook puts the original Parameter object
+    back (under `device_map`, inside accelerate's hook, once the offloaded weights are loaded: see
+    `offload.register_inner_forward_hooks`). So at most one module's perturbed tensors exist at a time, nothing is
+    kept between calls, no `.grad` buffer is created, and the model is bit-identical afterwards by construction (MeZO's
+    in-place `W += εz; W -= 2εz; W += εz` is not: floating-point addition does not round-trip). A context manager: on
+    exit (a forward that raised included) the hooks are removed and every original is back.
+    """
+
+    def __init__(self, model: nn.Module, param_names, eps: float, distribution: str, seed: int):
+        params = dict(model.named_parameters())
+        wanted = {id(params[n]): n for n in param_names}
+        self.owners: dict[nn.Module, list[tuple[str, str]]] = {}
+        for module in model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None and id(p) in wanted:  # tied tensors: every owner perturbs with the same z
+                    self.owners.setdefault(module, []).append((attr, wanted[id(p)]))
+        self.eps, self.distribution, self.seed = eps, distribution, seed
+        self.k, self.sign, self.active = 0, 1.0, True
+        self._saved: dict[tuple[int, str], tuple[nn.Module, torch.Tensor]] = {}
+        self._handles: list = []
+
+    def _swap_in(self, module, args):
+        if not self.active:
+            return
+        for attr, name in self.owners[module]:
+            original = module._parameters[attr]
+            self._saved[(id(module), attr)] = (module, original)
+            z = spsa_perturbation(original, name, self.k, self.distribution, self.seed)
+            # In place on the fresh z, never on the weight: W ± εz in at least float32, then the weight's dtype.
+            z = z.to(torch.promote_types(original.dtype, torch.float32))
+            module._parameters[attr] = z.mul_(self.sign * self.eps).add_(original.detach()).to(original.dtype)
+
+    def _swap_out(self, module, args, output):
+        for attr, _ in self.owners[module]:
+            if (id(module), attr) in self._saved:
+                module._parameters[attr] = self._saved.pop((id(module), attr))[1]
+
+    def __enter__(self) -> SPSAPerturbation:
+        for module in self.owners:
+            self._handles += register_inner_forward_hooks(module, self._swap_in, self._swap_out)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for (_, attr), (module, original) in self._saved.items():  # a forward that raised: put every original back
+            module._parameters[attr] = original
+        self._saved.clear()
 
 
 def _calibration_loss(model: nn.Module, batches: torch.Tensor, batch_size: int) -> float:
@@ -315,66 +413,113 @@ def spsa_projected_gradients(
     seed: int = 0,
     batch_size: int = 4,
 ) -> list[float]:
-    """d_k = (L(W + εz_k) - L(W - εz_k)) / 2ε for k < `num_perturbations` (MINI-LLM Eq. 7, MeZO's SPSA).
-
-    The weights are never written. A forward pre-hook on each module that owns a perturbed parameter swaps in
-    `W ± εz` (z regenerated from the parameter's seed) for the duration of that module's call, and a forward hook puts
-    the original Parameter object back (under `device_map`, inside accelerate's hook, once the offloaded weights are
-    loaded: see `offload.register_inner_forward_hooks`). So at most one module's perturbed tensors exist at a time, nothing is kept
-    between calls, no `.grad` buffer is created, and the model is bit-identical afterwards by construction (MeZO's
-    in-place `W += εz; W -= 2εz; W += εz` is not: floating-point addition does not round-trip).
-    """
-    if num_perturbations < 1:
-        raise ValueError(f"`num_perturbations` must be >= 1, got {num_perturbations}.")
-    if not eps > 0:
-        raise ValueError(f"`eps` must be > 0, got {eps}.")
-    if distribution not in SPSA_DISTRIBUTIONS:
-        raise ValueError(f"`distribution` must be one of {SPSA_DISTRIBUTIONS}, got {distribution!r}.")
-    params = dict(model.named_parameters())
-    index_of = {id(params[n]): i for i, n in enumerate(param_names)}
-    owners: dict[nn.Module, list[tuple[str, int]]] = {}
-    for module in model.modules():
-        for attr, p in module._parameters.items():
-            if p is not None and id(p) in index_of:  # tied tensors: every owner perturbs with the same z
-                owners.setdefault(module, []).append((attr, index_of[id(p)]))
-    state = {"k": 0, "sign": 1.0}
-    saved: dict[tuple[int, str], torch.Tensor] = {}
-
-    def swap_in(module, args):
-        for attr, index in owners[module]:
-            original = module._parameters[attr]
-            saved[(id(module), attr)] = original
-            z = spsa_perturbation(original, index, state["k"], distribution, seed)
-            # In place on the fresh z, never on the weight: W ± εz in at least float32, then the weight's dtype.
-            z = z.to(torch.promote_types(original.dtype, torch.float32))
-            module._parameters[attr] = z.mul_(state["sign"] * eps).add_(original.detach()).to(original.dtype)
-
-    def swap_out(module, args, output):
-        for attr, _ in owners[module]:
-            module._parameters[attr] = saved.pop((id(module), attr))
-
-    handles = []
-    for module in owners:
-        handles += register_inner_forward_hooks(module, swap_in, swap_out)
+    """d_k = (L(W + εz_k) - L(W - εz_k)) / 2ε for k < `num_perturbations` (MINI-LLM Eq. 7, MeZO's SPSA), L the
+    model's next-token loss on the calibration batches; the weights are perturbed by [`SPSAPerturbation`]."""
+    _check_spsa_settings(num_perturbations, eps, distribution)
     was_training = model.training
     model.eval()
     projected = []
     try:
-        for k in tqdm(range(num_perturbations), desc="SPSA", leave=False):
-            state["k"] = k
-            state["sign"] = 1.0
-            loss_plus = _calibration_loss(model, batches, batch_size)
-            state["sign"] = -1.0
-            loss_minus = _calibration_loss(model, batches, batch_size)
-            projected.append((loss_plus - loss_minus) / (2 * eps))
+        with SPSAPerturbation(model, param_names, eps, distribution, seed) as perturbation:
+            for k in tqdm(range(num_perturbations), desc="SPSA", leave=False):
+                perturbation.k = k
+                perturbation.sign = 1.0
+                loss_plus = _calibration_loss(model, batches, batch_size)
+                perturbation.sign = -1.0
+                loss_minus = _calibration_loss(model, batches, batch_size)
+                projected.append((loss_plus - loss_minus) / (2 * eps))
+    finally:
+        model.train(was_training)
+    return projected
+
+
+def layer_output(output) -> torch.Tensor:
+    """A decoder layer's output hidden states (layers return a tensor or a tuple that starts with it)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def block_loss_noise(output: torch.Tensor, seed: int, layer: int, batch: int) -> torch.Tensor:
+    """ξ of the block-local loss for decoder layer `layer` at calibration batch `batch`: N(0, I) shaped like the
+    layer's `output`, float64, regenerated from the seed (so the in-memory and the streamed layer draw the same)."""
+    generator = torch.Generator(device=output.device).manual_seed(_seed(seed, batch, 7_919 * (layer + 1)))
+    return torch.randn(output.shape, generator=generator, device=output.device, dtype=torch.float64)
+
+
+@torch.no_grad()
+def block_spsa_projected_gradients(
+    model: nn.Module,
+    spec,
+    run_calibration,
+    param_names: list[str],
+    num_perturbations: int = 8,
+    eps: float = 1e-3,
+    distribution: str = "gaussian",
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """MINI-LLM's Eq. 7 with a block-local loss: d_k = (L_l(W + εz_k) - L_l(W - εz_k)) / 2ε for every decoder layer l
+    that owns a perturbed parameter, from forward passes of that layer alone. Returns each parameter's layer's d_k.
+
+    L_l is the change of the block's output, measured as a Gaussian log-likelihood with a sampled target:
+    L_l(W) = Σ_t ‖f_l(x_t; W) - f_l(x_t; W₀) - ξ_t‖² / 2T over the T calibration tokens, ξ_t ~ N(0, I) drawn once per
+    token (seeded). Its gradient at W₀ is -Jᵀξ, whose square is on average diag(JᵀJ): the Fisher diagonal of the block
+    output, i.e. how much each weight moves the block's output (the sampled-target trick K-FAC uses for the Fisher).
+    Without ξ the loss is flat at W₀ (zero gradient); with the LM loss every layer would need the whole model.
+
+    `run_calibration()` must run the calibration forwards once (the whole model, or one streamed layer on its captured
+    inputs): a forward hook on each such layer re-runs it on the same inputs with W ± εz_k for every k (2 ·
+    `num_perturbations` layer forwards per batch). Sums are float64: L+ - L- is ~ε times smaller than L.
+    """
+    from .groups import decoder_layers, layer_prefix
+
+    _check_spsa_settings(num_perturbations, eps, distribution)
+    layers = decoder_layers(model, spec)
+    owned = {i: [n for n in param_names if n.startswith(layer_prefix(spec, i))] for i in range(len(layers))}
+    owned = {i: names for i, names in owned.items() if names}
+    sums = {i: [0.0] * num_perturbations for i in owned}
+    tokens = dict.fromkeys(owned, 0)
+    calls = dict.fromkeys(owned, 0)
+    perturbation = SPSAPerturbation(model, param_names, eps, distribution, seed)
+    perturbation.active = False
+
+    def layer_hook(module, args, kwargs, output, i):
+        if perturbation.active:  # the re-runs below
+            return
+        base = layer_output(output)
+        target = block_loss_noise(base, seed, i, calls[i]).add_(base.double())
+        perturbation.active = True
+        try:
+            for k in range(num_perturbations):
+                perturbation.k = k
+                perturbation.sign = 1.0
+                plus = layer_output(module(*args, **kwargs)).double()
+                perturbation.sign = -1.0
+                minus = layer_output(module(*args, **kwargs)).double()
+                # ½‖a‖² - ½‖b‖² = (a - b)·(a + b)/2 with a, b = f± - target: no cancellation of two large sums.
+                sums[i][k] += ((plus - minus) * ((plus + minus) / 2 - target)).sum().item()
+        finally:
+            perturbation.active = False
+        calls[i] += 1
+        tokens[i] += base.shape[:-1].numel()
+
+    was_training = model.training
+    model.eval()
+    handles = [
+        layers[i].register_forward_hook(lambda m, a, kw, o, i=i: layer_hook(m, a, kw, o, i), with_kwargs=True)
+        for i in owned
+    ]
+    try:
+        with perturbation:
+            run_calibration()
     finally:
         for handle in handles:
             handle.remove()
-        for (module_id, attr), original in saved.items():  # a forward that raised: put every original back
-            for module in owners:
-                if id(module) == module_id:
-                    module._parameters[attr] = original
         model.train(was_training)
+    projected = {}
+    for i, names in owned.items():
+        if not tokens[i]:
+            raise RuntimeError(f"The calibration forwards did not reach decoder layer {i}.")
+        d = [s / (2 * eps * tokens[i]) for s in sums[i]]
+        projected.update(dict.fromkeys(names, d))
     return projected
 
 
@@ -453,14 +598,15 @@ def collect_statistics(
     """Run the calibration batches and collect what `needs` asks for.
 
     - `activations`: one gradient-free forward pass with hooks (per-channel vectors only, see [`Statistics`]).
-    - `forward_loss`: nothing now; the SPSA loss evaluations run on first use with the criterion's settings.
+    - `forward_loss`, `block_loss`: nothing now; the SPSA loss evaluations run on first use with the criterion's
+      settings.
     - `gradients`: the mean over samples of the LM-loss gradient (LLM-Pruner's single batched backward).
     - `fisher`: the mean of per-sample squared gradients, so one backward per sample.
     """
     needs = set(needs)
     stats = Statistics(model, batches, param_names, batch_size)
     stats.num_samples = 0 if batches is None else len(batches)
-    if needs & {ACTIVATIONS, FORWARD_LOSS, GRADIENTS, FISHER} and batches is None:
+    if needs & {ACTIVATIONS, FORWARD_LOSS, BLOCK_LOSS, GRADIENTS, FISHER} and batches is None:
         raise ValueError(f"This criterion needs calibration data (it uses {sorted(needs - {WEIGHTS})}).")
     if ACTIVATIONS in needs:
         was_training = model.training

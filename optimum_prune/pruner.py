@@ -123,32 +123,22 @@ class Pruner:
         if self.is_pruned:
             raise RuntimeError("This pruner has already pruned its model; build a new one to prune again.")
         importance = self.config.build_importance()
-        batches = None
-        if importance.needs_data or self._layer_scorer_needs_data() or self.config.bias_compensation:
-            if calibration_data is None:
-                if not (importance.needs_data or self._layer_scorer_needs_data()):
-                    raise ValueError(
-                        "`bias_compensation=True` needs calibration data (`calibration_data=`): it folds the mean "
-                        "activations of removed channels into biases. Pass data or set `bias_compensation=False`."
-                    )
-                name = importance.name if importance.needs_data else self.config.layer_scorer().name
-                raise ValueError(
-                    f"The {name!r} criterion needs calibration data (`calibration_data=`); "
-                    "'magnitude' and 'random' need none."
-                )
-            batches = prepare_calibration(
-                calibration_data,
-                self.tokenizer,
-                self.config.num_calibration_samples,
-                self.config.calibration_seq_len,
-                seed=self.config.seed,
-            )
-        self.calibration_source = _describe_data(calibration_data)
+        batches = self._calibration_batches(importance, calibration_data)
         if self.config.iterative_steps > 1:
             self.plan = self._prune_iteratively(importance, batches)
-        else:
-            self.plan = self.make_plan(importance, batches)
-            apply_plan_dispatched(self.model, self.plan, self.spec, self.offload_folder)
+            return self._record_pruned()
+        return self.apply_plan(self.make_plan(importance, batches))
+
+    def apply_plan(self, plan: PruningPlan) -> nn.Module:
+        """Prune the model as `plan` says (from [`~Pruner.compute_plan`] or `PruningPlan.from_pretrained`) and keep
+        it as this pruner's result, so `save_pretrained` writes the plan, config and card; returns the model."""
+        if self.is_pruned:
+            raise RuntimeError("This pruner has already pruned its model; build a new one to prune again.")
+        apply_plan_dispatched(self.model, plan, self.spec, self.offload_folder)
+        self.plan = plan
+        return self._record_pruned()
+
+    def _record_pruned(self) -> nn.Module:
         self.params_after = count_parameters(self.model)
         logger.info(
             "Pruned %s: %d -> %d parameters (%.2f%% removed).",
@@ -158,6 +148,44 @@ class Pruner:
             100 * (1 - self.params_after / self.params_before),
         )
         return self.model
+
+    def compute_plan(self, calibration_data=None) -> PruningPlan:
+        """Score and allocate as [`~Pruner.prune`] does, and return the plan; the model is left untouched.
+
+        With a model too large to prune in place (offloaded to disk with `device_map`), write the pruned checkpoint
+        from the original shards layer by layer: `prune_streaming(model_dir, pruner.config, plan=plan,
+        output_dir=...)`. Not for `iterative_steps > 1`, whose later steps score the pruned model."""
+        if self.config.iterative_steps > 1:
+            raise ValueError(
+                f"`iterative_steps={self.config.iterative_steps}` scores the model pruned by the earlier steps, so its "
+                "plan exists only after pruning: call `prune()` and read `pruner.plan`."
+            )
+        importance = self.config.build_importance()
+        return self.make_plan(importance, self._calibration_batches(importance, calibration_data))
+
+    def _calibration_batches(self, importance, calibration_data) -> torch.Tensor | None:
+        """The calibration token windows, when the criterion, the layer scorer or bias compensation needs them."""
+        self.calibration_source = _describe_data(calibration_data)
+        if not (importance.needs_data or self._layer_scorer_needs_data() or self.config.bias_compensation):
+            return None
+        if calibration_data is None:
+            if not (importance.needs_data or self._layer_scorer_needs_data()):
+                raise ValueError(
+                    "`bias_compensation=True` needs calibration data (`calibration_data=`): it folds the mean "
+                    "activations of removed channels into biases. Pass data or set `bias_compensation=False`."
+                )
+            name = importance.name if importance.needs_data else self.config.layer_scorer().name
+            raise ValueError(
+                f"The {name!r} criterion needs calibration data (`calibration_data=`); "
+                "'magnitude' and 'random' need none."
+            )
+        return prepare_calibration(
+            calibration_data,
+            self.tokenizer,
+            self.config.num_calibration_samples,
+            self.config.calibration_seq_len,
+            seed=self.config.seed,
+        )
 
     def _prune_iteratively(self, importance, batches) -> PruningPlan:
         """Prune in `iterative_steps` steps, re-scoring the current model before each; returns one plan whose

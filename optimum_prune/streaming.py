@@ -31,8 +31,9 @@ to compute what it computes in the pruned checkpoint from the spec alone (`_sync
 surgery syncs, the config records (BLOOM's original ALiBi heads), and the pruned type's layer class where it has one.
 ChatGLM remote-code checkpoints are refused: convert them to `glm` once first (`convert_chatglm_checkpoint`).
 
-Only layer-local criteria can run this way: a criterion that needs the whole model's loss (`taylor`, `mini_llm`) or
-a model-wide structure (`hidden_channels`, `layers`) cannot, and is refused with an error that says what can. Bias
+Only layer-local criteria can run this way (mini_llm with its block-local loss, `loss="block"`, included): a criterion
+that needs the whole model's loss (`taylor`, `mini_llm`'s default) or a model-wide structure (`hidden_channels`,
+`layers`) cannot, and is refused with an error that says what can. Bias
 compensation needs the two-pass flow (its means must come from the unpruned model).
 """
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -62,11 +64,11 @@ from .architectures.base import (
     ArchitectureSpec,
     get_architecture,
 )
-from .calibration import Statistics, hook_linear_inputs, prepare_calibration
+from .calibration import Statistics, hook_linear_inputs, layer_output, prepare_calibration
 from .configuration import PrunerConfig
 from .evaluation import count_parameters
 from .groups import GroupSet, build_group_sets, decoder_layers, layer_prefix
-from .importance.base import ACTIVATIONS, WEIGHTS
+from .importance.base import ACTIVATIONS, BLOCK_LOSS, WEIGHTS
 from .plan import PruningPlan
 from .surgery import (
     add_missing_biases,
@@ -85,8 +87,9 @@ logger = logging.getLogger(__name__)
 STREAMING_STRUCTURES = (ATTENTION_HEADS, MLP_CHANNELS)
 # Families whose decoder layers the streaming path has been checked against the in-memory model on.
 STREAMING_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "bloom", "glm", "glm4")
-# What a layer-local criterion may need: its layer's weights and the activations of its layer's inputs.
-LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS})
+# What a layer-local criterion may need: its layer's weights, the activations of its layer's inputs, and forward passes
+# of its layer alone (mini_llm's block-local loss).
+LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS, BLOCK_LOSS})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 BATCH_SIZE = 4  # calibration windows per forward, as `collect_statistics`
 SAFETENSORS_DTYPES = {
@@ -98,18 +101,20 @@ SAFETENSORS_DTYPES = {
 
 
 def layer_local_criteria() -> list[str]:
-    """Registered criteria that need nothing beyond one layer's weights and inputs and score per-layer structures.
-
-    (A criterion whose needs depend on its variant, a property, is left out of the list; it is still checked.)"""
+    """Registered criteria that need nothing beyond one layer's weights and inputs and score per-layer structures; a
+    criterion whose default is not layer-local but has a variant that is (mini_llm's block-local loss) is listed with
+    that variant's `importance_kwargs`."""
     from .importance import IMPORTANCE_REGISTRY
 
-    return sorted(
-        name
-        for name, cls in IMPORTANCE_REGISTRY.items()
-        if isinstance(cls.needs, frozenset)
-        and cls.needs <= LAYER_LOCAL_NEEDS
-        and (cls.structures is None or set(cls.structures) & set(STREAMING_STRUCTURES))
-    )
+    names = []
+    for name, cls in sorted(IMPORTANCE_REGISTRY.items()):
+        if cls.structures is not None and not set(cls.structures) & set(STREAMING_STRUCTURES):
+            continue
+        if cls().needs <= LAYER_LOCAL_NEEDS:
+            names.append(name)
+        elif cls.layer_local_variant is not None and cls(**cls.layer_local_variant).needs <= LAYER_LOCAL_NEEDS:
+            names.append(f"{name} with importance_kwargs={cls.layer_local_variant}")
+    return names
 
 
 def needs_global_scores(pruner_config: PrunerConfig) -> bool:
@@ -137,13 +142,6 @@ def check_streaming_config(pruner_config: PrunerConfig, model_type: str | None =
             f"Streaming pruning supports the per-layer structures {list(STREAMING_STRUCTURES)}, got {other} "
             "(hidden channels and layer removal need every layer at once); prune them in memory."
         )
-    if model_type in CHECKPOINT_CONVERTERS:
-        raise ValueError(
-            f"{model_type!r} checkpoints are converted to a native family when loaded (ChatGLM to `glm`), and "
-            "streaming reads a checkpoint's shards as they are. Convert it once first, e.g. "
-            "`optimum_prune.convert_chatglm_checkpoint(src, dst)` (this loads the model in memory), then stream the "
-            "converted checkpoint; or prune it in memory with `AutoPruner.from_pretrained`, which converts it."
-        )
     if pruner_config.bias_compensation and not needs_global_scores(pruner_config):
         raise ValueError(
             "Streaming compensates biases only with the two-pass allocations (`allocation='flap'` or "
@@ -151,11 +149,56 @@ def check_streaming_config(pruner_config: PrunerConfig, model_type: str | None =
             "widths stream in one pass on the pruned model's activations. Set `bias_compensation=False` or use one "
             "of those allocations."
         )
+    check_streaming_family(model_type)
+
+
+def check_streaming_family(model_type: str | None) -> None:
+    """Refuse checkpoints the layer-by-layer path has not been checked on (ChatGLM until converted)."""
+    if model_type in CHECKPOINT_CONVERTERS:
+        raise ValueError(
+            f"{model_type!r} checkpoints are converted to a native family when loaded (ChatGLM to `glm`), and "
+            "streaming reads a checkpoint's shards as they are. Convert it once first, e.g. "
+            "`optimum_prune.convert_chatglm_checkpoint(src, dst)` (this loads the model in memory), then stream the "
+            "converted checkpoint; or prune it in memory with `AutoPruner.from_pretrained`, which converts it."
+        )
     if model_type is not None and model_type not in STREAMING_MODEL_TYPES:
         raise ValueError(
             f"Streaming pruning is supported for model types {list(STREAMING_MODEL_TYPES)}, got {model_type!r}; "
             "prune it in memory (without `streaming`)."
         )
+
+
+def check_plan_streamable(plan: PruningPlan, pruner_config: PrunerConfig, model_type: str | None = None) -> None:
+    """Refuse a given plan that streaming cannot apply layer by layer; any criterion may have made it."""
+    structures = sorted({key.split(".")[0] for key in plan.kept})
+    other = [s for s in structures if s not in STREAMING_STRUCTURES]
+    if other or plan.removed_layers:
+        what = other + (["removed layers"] if plan.removed_layers else [])
+        raise ValueError(
+            f"Streaming applies plans of the per-layer structures {list(STREAMING_STRUCTURES)}; this plan also has "
+            f"{what} (they need every layer at once): apply it in memory with `PruningPlan.apply`."
+        )
+    check_streaming_family(model_type)
+    if model_type is not None and plan.model_type != model_type:
+        raise ValueError(f"The plan was made for a {plan.model_type!r} model; this checkpoint is {model_type!r}.")
+
+
+def _plan_group_sets(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan) -> dict[str, GroupSet]:
+    """The group sets a given plan prunes, checked against the checkpoint's shapes (as `apply_plan` checks them)."""
+    if len(model.get_submodule(spec.layers)) != plan.num_layers:
+        raise ValueError(
+            f"The plan is for {plan.num_layers} decoder layers; this checkpoint has "
+            f"{len(model.get_submodule(spec.layers))}."
+        )
+    structures = sorted({key.split(".")[0] for key in plan.unit_counts} & set(STREAMING_STRUCTURES))
+    group_sets = build_group_sets(model, spec, structures)
+    for key, expected in plan.unit_counts.items():
+        if key in group_sets and group_sets[key].num_units != expected:
+            raise ValueError(
+                f"The plan expects {expected} units in {key!r}; this checkpoint has {group_sets[key].num_units}. "
+                "A plan applies only to a model of the same shape as the one it was made for."
+            )
+    return group_sets
 
 
 def _declared_model_type(model_dir: str) -> str | None:
@@ -506,14 +549,10 @@ def capture_layer_inputs(
     return LayerInputs(*map(list, zip(*catcher.calls)))
 
 
-def _layer_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     """The layer's output hidden states for every batch."""
-    return [_layer_output(layer(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+    return [layer_output(layer(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
 
 
 @torch.no_grad()
@@ -537,6 +576,12 @@ def layer_statistics(model: nn.Module, layer_index: int, spec, names: set[str], 
         for handle in handles:
             handle.remove()
     stats.num_samples = sum(h.shape[0] for h in inputs.hidden)
+
+    def calibration_forward():  # forward-only criteria run the layer again (mini_llm's block-local loss)
+        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            layer(hidden, *args, **kwargs)
+
+    stats.calibration_forward = calibration_forward
     return stats
 
 
@@ -679,7 +724,7 @@ def advance_inputs(layer: nn.Module, inputs: LayerInputs) -> None:
     states (a decoder layer's output has its input's shape). Nothing but one batch's output is allocated, and offloaded
     hidden states stay in their file."""
     for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
-        hidden.copy_(_layer_output(layer(hidden, *args, **kwargs)))
+        hidden.copy_(layer_output(layer(hidden, *args, **kwargs)))
 
 
 class HiddenStateFile:
@@ -803,11 +848,14 @@ def estimate_peak_bytes(
     batch_tokens = min(BATCH_SIZE, pruner_config.num_calibration_samples) * pruner_config.calibration_seq_len
     batch_hidden = batch_tokens * hidden_size * element if needs_data else 0
     resident = batch_hidden if offload else hidden_states  # each layer's output overwrites its input (in place)
-    wide = max(getattr(config, "intermediate_size", 4 * hidden_size) * 3, 4 * hidden_size)
+    mlp_width = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden_size
+    wide = max(mlp_width * 3, 4 * hidden_size)
     heads = getattr(config, "num_attention_heads", 1)
     workspace = (
         (batch_tokens * wide + batch_tokens * heads * pruner_config.calibration_seq_len) * 4 if needs_data else 0
     )
+    if BLOCK_LOSS in pruner_config.build_importance().needs:  # float64 target and W ± εz outputs of one batch
+        workspace += 3 * batch_tokens * hidden_size * 8
     # The sliced copy of the largest weight and the float32 copies a criterion makes of it (|W|, then a reduction).
     scoring = largest_in_layer + 2 * largest_in_layer * 4 // element
     phases = {
@@ -941,6 +989,7 @@ def prune_streaming(
     trust_remote_code: bool = False,
     offload_hidden_states: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
+    plan: PruningPlan | str | os.PathLike | None = None,
 ) -> dict:
     """Prune the safetensors checkpoint in `model_dir` layer by layer into `output_dir`, never loading it whole.
 
@@ -953,8 +1002,8 @@ def prune_streaming(
     Args:
         model_dir: a local checkpoint directory (config.json + safetensors shards) of a type in
             `STREAMING_MODEL_TYPES`; shards saved from the base model (no `transformer.`/`model.` prefix) work too.
-        pruner_config (`PrunerConfig`): a layer-local criterion (magnitude, random, wanda_sp, flap, bip) and the
-            structures `attention_heads` / `mlp_channels`.
+        pruner_config (`PrunerConfig`): a layer-local criterion (magnitude, random, wanda_sp, flap, bip, mini_llm
+            with `loss="block"`) and the structures `attention_heads` / `mlp_channels`.
         calibration_data: as for [`Pruner.prune`] (needed by data-driven criteria).
         output_dir: where the pruned checkpoint goes (written atomically); not needed for `dry_run`.
         tokenizer: defaults to the checkpoint's own (needed for text calibration data, copied to the output).
@@ -965,6 +1014,11 @@ def prune_streaming(
         offload_hidden_states (`str`, *optional*): a folder for the calibration hidden states between layers, kept in
             a memory-mapped file there instead of RAM (removed at the end); the result is the same.
         progress: called as `progress(layer, num_layers)` after each layer of each pass (benchmarks, progress bars).
+        plan ([`PruningPlan`] or a path to `pruning_plan.json` or its folder, *optional*): apply this plan instead of
+            making one: one pass that slices and writes each layer, no calibration data. Any criterion may have made
+            it (`pruner_config` is the config it was made with, recorded in the output), e.g. Taylor on a model
+            offloaded with `device_map`: the pruned checkpoint is then written without loading the offloaded part.
+            Heads and MLP channels of the streamed families; bias compensation (the plan's means) included.
 
     Returns:
         `dict` with `params_before`, `params_after`, `planned_widths`, `widths_from_scores` (True for two-pass
@@ -988,9 +1042,12 @@ def prune_streaming(
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise ValueError(f"Streaming pruning reads a local checkpoint directory; {model_dir!r} is not one.")
-    check_streaming_config(pruner_config, _declared_model_type(model_dir))  # before any remote code could be needed
+    if plan is not None and not isinstance(plan, PruningPlan):
+        plan = PruningPlan.from_pretrained(plan)
+    check = check_streaming_config if plan is None else functools.partial(check_plan_streamable, plan)
+    check(pruner_config, _declared_model_type(model_dir))  # before any remote code could be needed
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    check_streaming_config(pruner_config, config.model_type)
+    check(pruner_config, config.model_type)
     spec = get_architecture(config.model_type)
     importance = pruner_config.build_importance()
     reader = CheckpointReader(model_dir)
@@ -1006,28 +1063,39 @@ def prune_streaming(
             f"The checkpoint's tensor names do not match {type(model).__name__}: unexpected {unknown[:4]}, missing "
             f"{absent[:4]}. Streaming needs a checkpoint saved by Transformers for this architecture."
         )
-    two_pass = needs_global_scores(pruner_config)
-    planner = _planner(model, spec, pruner_config)  # resolves `bias_compensation` for two-pass configs
-    compensate = bool(planner.config.bias_compensation)
-    all_group_sets, group_sets = _prunable_group_sets(planner)
+    given_plan = plan is not None
+    two_pass = needs_global_scores(pruner_config) and not given_plan
     layers = model.get_submodule(spec.layers)
     params_before = count_parameters(model)
+    if given_plan:
+        planner = SimpleNamespace(config=pruner_config)
+        compensate = False  # the plan carries its means
+        all_group_sets = _plan_group_sets(model, spec, plan)
+        shape_model = _shape_model(model, spec, plan, all_group_sets)
+        bias_paths = _compensated_modules(model, spec, plan, all_group_sets)
+        params_after = count_parameters(shape_model)
+        planned = _planned_widths(all_group_sets, {key: len(units) for key, units in plan.kept.items()})
+    else:
+        planner = _planner(model, spec, pruner_config)  # resolves `bias_compensation` for two-pass configs
+        compensate = bool(planner.config.bias_compensation)
+        all_group_sets, group_sets = _prunable_group_sets(planner)
     if two_pass:
         estimate = _uniform_estimate(planner, group_sets)
         kept_counts = None
         params_after = round(params_before * (1 - pruner_config.pruning_ratio))  # the target; widths come later
         planned = _planned_widths(all_group_sets, estimate) if estimate is not None else {}
-    else:
+    elif not given_plan:
         kept_counts = _kept_counts(planner, group_sets)
         shape_model = apply_plan(copy.deepcopy(model), _shape_plan(model, all_group_sets, kept_counts), spec)
         params_after = count_parameters(shape_model)
         planned = _planned_widths(all_group_sets, kept_counts)
-    needs_data = importance.needs_data or compensate
+    needs_data = (importance.needs_data or compensate) and not given_plan
     report = {
         "params_before": params_before,
         "params_after": params_after,
         "planned_widths": planned,
         "widths_from_scores": two_pass,
+        "plan_given": given_plan,
         "estimated_peak_bytes": estimate_peak_bytes(
             model, spec, pruner_config, needs_data, offload_hidden_states is not None
         ),
@@ -1107,7 +1175,7 @@ def prune_streaming(
         for i in range(len(layers)):
             layer_name = f"{spec.layers}.{i}"
             materialize(model, layer_name, reader)
-            if two_pass:
+            if two_pass or given_plan:
                 _apply_layer_plan(model, spec, i, plan, all_group_sets, bias_paths)
             else:
                 kept.update(prune_layer(model, spec, i, importance, group_sets, kept_counts, inputs))
@@ -1130,7 +1198,7 @@ def prune_streaming(
                 writer.add(name, reader.load([name])[name])
         writer.close()
 
-        if not two_pass:
+        if not (two_pass or given_plan):
             plan = PruningPlan(config.model_type, len(layers), unit_counts=counts, kept=kept)
         pruned_config = shape_model.config
         pruned_config.architectures = [type(shape_model).__name__]

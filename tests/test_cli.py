@@ -9,22 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
-
-WORDS = [f"w{i}" for i in range(96)]
+from testing_utils import WORDS, tiny_llama, word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "tiny"
     tiny_llama().save_pretrained(path)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
-    text = " ".join(WORDS[(i * 7) % 96] for i in range(3000))
+    word_tokenizer().save_pretrained(path)
+    text = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(3000))
     (path.parent / "calib.txt").write_text(text)
     return path
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, skip_layers, tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
+from testing_utils import VOCAB, input_ids, logits, skip_layers, tiny_llama, word_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from optimum_prune import AutoPruner, PrunerConfig
@@ -35,7 +34,6 @@ NEEDS_MAIN_PYTHON = pytest.mark.skipif(
     not MAIN_PYTHON.exists(), reason=f"no Transformers 5.x interpreter at {MAIN_PYTHON} (OPTIMUM_PRUNE_MAIN_PYTHON)"
 )
 ROPE_THETA = 50000.0  # not the default 10000, so a base frequency lost between versions changes the logits
-WORDS = [f"w{i}" for i in range(VOCAB - 1)]
 PROMPT = "w1 w5 w9 w2"
 
 
@@ -47,9 +45,7 @@ def _rope_kwargs() -> dict:
 
 def _tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the tiny models' vocabulary (no downloads)."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+    return word_tokenizer(eos_token="[UNK]")
 
 
 def _pruned(structures, ratio, importance="magnitude", calibration=None, **model_kwargs):

@@ -6,7 +6,13 @@ from testing_utils import VOCAB, tiny_llama
 
 from optimum_prune import AutoPruner, PrunerConfig, count_parameters
 from optimum_prune.architectures import get_architecture
-from optimum_prune.calibration import collect_statistics, spsa_perturbation, spsa_projected_gradients
+from optimum_prune.calibration import (
+    block_loss_noise,
+    collect_statistics,
+    layer_output,
+    spsa_perturbation,
+    spsa_projected_gradients,
+)
 from optimum_prune.groups import build_group_sets
 from optimum_prune.importance import ACTIVATIONS, get_importance, standardize_scores
 
@@ -279,7 +285,7 @@ def test_spsa_projected_gradient_is_the_directional_derivative():
     loss = sum(model(input_ids=b[None], labels=b[None]).loss for b in batches) / len(batches)
     loss.backward()
     # With one perturbation Ĝ = d · z, and d = <g, z> up to O(ε²): Ĝ / z is the directional derivative everywhere.
-    zs = {n: spsa_perturbation(params[n], stats.param_names.index(n), 0, "gaussian", 5) for n in names}
+    zs = {n: spsa_perturbation(params[n], n, 0, "gaussian", 5) for n in names}
     directional = sum((params[n].grad.float() * zs[n]).sum() for n in names).item()
     ratio = (estimate[names[0]] / zs[names[0]]).flatten()
     torch.testing.assert_close(ratio, torch.full_like(ratio, directional), rtol=1e-3, atol=1e-7)
@@ -332,6 +338,79 @@ def test_mini_llm_zero_unit_scores_lowest_and_matches_its_formula():
     assert scores["mlp_channels.0"][3].item() == pytest.approx(total, rel=1e-4)
 
 
+def _block_loss_gradients(model, batches, layer_index, names, seed):
+    """d L_l / dW by backpropagation, L_l = Σ_t ‖f(x_t; W) - f(x_t; W₀) - ξ_t‖² / 2T, at W₀ (where it is -Jᵀξ / T):
+    the layer's inputs are captured by a hook, the layer is re-run with autograd on them."""
+    layer = model.model.layers[layer_index]
+    calls = []
+    handle = layer.register_forward_hook(lambda m, a, kw, o: calls.append((a, kw)), with_kwargs=True)
+    with torch.no_grad():
+        for start in range(0, len(batches), 4):
+            model(input_ids=batches[start : start + 4], use_cache=False)  # no cache for the re-runs to append to
+    handle.remove()
+    params = dict(model.named_parameters())
+    tokens = sum(batch.numel() for batch in batches.split(4))
+    model.zero_grad(set_to_none=True)
+    for b, (args, kwargs) in enumerate(calls):
+        out = layer_output(layer(*args, **kwargs))
+        xi = block_loss_noise(out, seed, layer_index, b)
+        (-(out.double() * xi).sum() / tokens).backward()
+    grads = {n: params[n].grad.detach().clone() for n in names}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_block_spsa_projected_gradient_is_the_block_loss_directional_derivative():
+    model = _small_model().double()
+    batches = _calibration(n=6)  # two batches (4 + 2): ξ is drawn per batch
+    names = _mlp_param_names(0) + [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkvo"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = collect_statistics(model, batches, {"block_loss"}, param_names=names)
+    estimate = {n: stats.spsa_gradient(n, num_perturbations=1, eps=1e-4, seed=5, loss="block") for n in names}
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None, n
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    params = dict(model.named_parameters())
+    for layer_index in (0, 1):
+        own = [n for n in names if n.startswith(f"model.layers.{layer_index}.")]
+        grads = _block_loss_gradients(model, batches, layer_index, own, seed=5)
+        # With one perturbation Ĝ = d · z and d = <∇L_l, z> over the layer's own perturbed weights, up to O(ε²).
+        directional = sum((grads[n] * spsa_perturbation(params[n], n, 0, "gaussian", 5).double()).sum() for n in own)
+        for n in own:
+            ratio = (estimate[n] / spsa_perturbation(params[n], n, 0, "gaussian", 5)).flatten()
+            torch.testing.assert_close(ratio, torch.full_like(ratio, directional.item()), rtol=1e-3, atol=1e-7)
+        assert abs(directional.item()) > 1e-3  # a real signal: the loss is not flat at W₀ (ξ ≠ 0)
+
+
+def test_block_spsa_estimate_correlates_with_the_block_loss_gradient():
+    model = _small_model()
+    batches = _calibration(n=4)
+    names = _mlp_param_names(1)
+    stats = collect_statistics(model, batches, {"block_loss"}, param_names=names)
+    estimate = torch.cat([stats.spsa_gradient(n, num_perturbations=64, loss="block").flatten() for n in names])
+    grads = _block_loss_gradients(model, batches, 1, names, seed=0)
+    true = torch.cat([grads[n].flatten() for n in names])
+    # E[cos] ~ sqrt(n / d) = sqrt(64 / 1152) ~ 0.24, as for the LM loss; seeded, so deterministic.
+    assert torch.nn.functional.cosine_similarity(estimate, true, dim=0).item() > 0.1
+
+
+def test_mini_llm_block_loss_variant():
+    importance = get_importance("mini_llm", loss="block", num_perturbations=4)
+    assert "block_loss" in importance.needs and "forward_loss" not in importance.needs
+    assert "forward_loss" in get_importance("mini_llm").needs
+    with pytest.raises(ValueError, match="`loss` must be one of"):
+        get_importance("mini_llm", loss="global")
+    model = tiny_llama()
+    with torch.no_grad():
+        block = model.model.layers[1]
+        block.mlp.gate_proj.weight[5] = 0
+        block.mlp.up_proj.weight[5] = 0
+        block.mlp.down_proj.weight[:, 5] = 0
+    scores = _scores(model, "mini_llm", _calibration(n=4), loss="block", num_perturbations=4)
+    assert scores["mlp_channels.1"].argmin() == 5 and scores["mlp_channels.1"][5] == 0
+    assert all((s > 0).sum() >= len(s) - 1 for s in scores.values())
+
+
 # ----------------------------------------------------------------------------------------------- block_influence
 
 
@@ -359,14 +438,15 @@ def test_block_influence_removes_the_identity_layer_first():
 # -------------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("importance", ["wanda_sp", "flap", "bip", "mini_llm"])
+@pytest.mark.parametrize("importance", ["wanda_sp", "flap", "bip", "mini_llm", "mini_llm-block"])
 def test_criteria_prune_end_to_end(importance):
+    importance, _, loss = importance.partition("-")
     model = tiny_llama()
     before = count_parameters(model)
     config = PrunerConfig(
         pruning_ratio=0.2,
         importance=importance,
-        importance_kwargs={"num_perturbations": 2} if importance == "mini_llm" else {},
+        importance_kwargs={"num_perturbations": 2, "loss": loss or "lm"} if importance == "mini_llm" else {},
         num_calibration_samples=4,
         calibration_seq_len=16,
     )

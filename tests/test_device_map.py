@@ -84,6 +84,7 @@ CASES = [
     ("flap", {}, None),  # bias compensation on: it reads the offloaded o_proj/down_proj weights
     ("bip", {}, None),
     ("mini_llm", {"num_perturbations": 2}, None),
+    ("mini_llm", {"num_perturbations": 2, "loss": "block"}, None),
     ("taylor", {}, None),
     ("taylor", {"order": "second"}, None),
     ("block_influence", {}, ["layers"]),

@@ -10,9 +10,7 @@ import yaml
 from hub_server import HUB_TOKEN, run_with_hub_env
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from testing_utils import tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from testing_utils import tiny_llama, word_tokenizer
 
 from optimum_prune import AutoPruner, PrunerConfig, PruningPlan
 from optimum_prune.hub import (
@@ -30,10 +28,7 @@ TAGS = {"pruned", "structured-pruning", "optimum-prune"}
 
 
 def _tokenizer():
-    words = [f"w{i}" for i in range(96)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return word_tokenizer()
 
 
 def _base_dir(tmp_path, license="apache-2.0"):

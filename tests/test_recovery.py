@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from testing_utils import WORDS, input_ids, logits, tiny_llama, word_tokenizer
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.architectures.llama import LLAMA_SPEC
@@ -24,7 +23,6 @@ from optimum_prune.recovery import (
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-WORDS = [f"w{i}" for i in range(VOCAB - 1)]
 # Tiny but real runs: a handful of steps on short blocks, lr high enough to move a random model.
 FAST = {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1}
 
@@ -102,9 +100,7 @@ def test_recover_needs_a_pruned_model():
 
 
 def _tokenizer():
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return word_tokenizer()
 
 
 def test_train_data_in_every_calibration_form(tmp_path):

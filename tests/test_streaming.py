@@ -6,9 +6,8 @@ import os
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from testing_utils import VOCAB, input_ids, logits, tiny_llama, word_text, word_tokenizer
+from transformers import AutoModelForCausalLM
 
 from optimum_prune import AutoPruner, PrunerConfig, PruningPlan
 from optimum_prune.allocation import select_top, uniform_allocation
@@ -20,7 +19,6 @@ from optimum_prune.streaming import prune_streaming, sequential_plan
 
 SAMPLES, SEQ_LEN = 6, 16
 DATA = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(3))
-WORDS = [f"w{i}" for i in range(VOCAB - 1)]
 
 
 def _config(importance, **kwargs):
@@ -46,10 +44,8 @@ def _load(path):
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("streaming") / "llama"
     _save(tiny_llama(), path)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
-    (path.parent / "calib.txt").write_text(" ".join(WORDS[(i * 7) % len(WORDS)] for i in range(2000)))
+    word_tokenizer().save_pretrained(path)
+    (path.parent / "calib.txt").write_text(word_text())
     return path
 
 
@@ -110,11 +106,18 @@ def test_weight_criteria_match_in_memory_path(llama_dir, tmp_path, importance):
     assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "pruning_results.json").is_file()
 
 
-@pytest.mark.parametrize("importance", ["wanda_sp", "flap", "bip"])
-def test_data_criteria_match_sequential_reference(llama_dir, tmp_path, importance):
-    """Activation criteria: the streaming plan equals the sequential-statistics reference computed in memory, and
-    the streamed checkpoint computes exactly what the original pruned with that plan computes."""
-    config = _config(importance)
+MINI_LLM_BLOCK = {"loss": "block", "num_perturbations": 4}
+
+
+@pytest.mark.parametrize(
+    ("importance", "kwargs"),
+    [("wanda_sp", {}), ("flap", {}), ("bip", {}), ("mini_llm", MINI_LLM_BLOCK)],
+    ids=["wanda_sp", "flap", "bip", "mini_llm-block"],
+)
+def test_data_criteria_match_sequential_reference(llama_dir, tmp_path, importance, kwargs):
+    """Activation and block-local criteria: the streaming plan equals the sequential-statistics reference computed in
+    memory, and the streamed checkpoint computes exactly what the original pruned with that plan computes."""
+    config = _config(importance, importance_kwargs=kwargs)
     report = prune_streaming(llama_dir, config, DATA, tmp_path / "out")
     plan = report["plan"]
     assert plan.kept == _sequential_reference(_load(llama_dir), config)
@@ -193,7 +196,7 @@ def test_dry_run_writes_nothing_and_predicts_the_result(llama_dir, tmp_path):
     ("kwargs", "message"),
     [
         ({"importance": "taylor"}, "magnitude"),
-        ({"importance": "mini_llm"}, "layer-local criterion"),
+        ({"importance": "mini_llm"}, r"layer-local criterion: .*mini_llm with importance_kwargs=\{'loss': 'block'\}"),
         ({"importance": "magnitude", "structures": ["hidden_channels"]}, "per-layer structures"),
         ({"importance": "block_influence", "structures": ["layers"]}, "per-layer structures"),
     ],

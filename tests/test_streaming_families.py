@@ -157,13 +157,16 @@ def test_weight_criterion_matches_in_memory_pruner(checkpoints, tmp_path, family
         assert heads != [list(range(5))] * 3  # not the first heads: the slopes must follow the kept ones
 
 
-# Every family with wanda_sp (and the zeroing reference), BLOOM's ALiBi path with bip too; the rest run with -m slow.
+# Every family with wanda_sp (and the zeroing reference), BLOOM's ALiBi path with bip and OPT's tuple outputs with
+# mini_llm's block-local loss too; the rest run with -m slow.
+FAST_CASES = {("bloom", "bip"), ("opt", "mini_llm")}
 DATA_CASES = [
     pytest.param(family, importance, marks=[] if fast else pytest.mark.slow)
     for family in BUILD
-    for importance in ("wanda_sp", "bip")
-    for fast in [(importance == "wanda_sp" and family != "glm4") or (family, importance) == ("bloom", "bip")]
+    for importance in ("wanda_sp", "bip", "mini_llm")
+    for fast in [(importance == "wanda_sp" and family != "glm4") or (family, importance) in FAST_CASES]
 ]
+CRITERION_KWARGS = {"mini_llm": {"loss": "block", "num_perturbations": 4}}
 
 
 @pytest.mark.parametrize(("family", "importance"), DATA_CASES)
@@ -172,7 +175,7 @@ def test_data_criteria_match_sequential_reference(checkpoints, tmp_path, family,
     the whole model (no pruning code), and the reloaded checkpoint computes what the original pruned with that plan
     by `apply_plan` computes."""
     path = checkpoints[family]
-    config = _config(importance)
+    config = _config(importance, importance_kwargs=CRITERION_KWARGS.get(importance, {}))
     report = prune_streaming(path, config, DATA, tmp_path / "out")
     plan = report["plan"]
     assert plan.kept == sequential_plan(_load(path), config, _batches(config)).kept

@@ -8,9 +8,8 @@ import os
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from testing_utils import VOCAB, input_ids, logits, tiny_llama, word_text, word_tokenizer
+from transformers import AutoModelForCausalLM
 
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.hub import plan_is_uniform
@@ -35,11 +34,8 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("streaming_global") / "llama"
     tiny_llama(num_hidden_layers=4).save_pretrained(path, max_shard_size="20KB")  # several input shards
     assert os.path.isfile(path / "model.safetensors.index.json")
-    words = [f"w{i}" for i in range(VOCAB - 1)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
-    (path.parent / "calib.txt").write_text(" ".join(words[(i * 7) % len(words)] for i in range(2000)))
+    word_tokenizer().save_pretrained(path)
+    (path.parent / "calib.txt").write_text(word_text())
     return path
 
 
@@ -71,6 +67,7 @@ def _assert_same_as_in_memory(report, out, pruner):
         ("wanda_sp", {"global_ranking": True}),
         ("magnitude", {"global_ranking": True, "global_normalization": "none"}),
         ("flap", {"allocation": "flap"}),  # bias compensation on by default, as in memory
+        ("mini_llm", {"global_ranking": True, "importance_kwargs": {"loss": "block", "num_perturbations": 4}}),
         pytest.param("wanda_sp", {"allocation": "flap", "bias_compensation": False}, marks=pytest.mark.slow),
     ],
 )

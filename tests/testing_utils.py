@@ -23,6 +23,22 @@ from transformers import (
 
 
 VOCAB = 97
+WORDS = [f"w{i}" for i in range(VOCAB - 1)]  # word i + 1 of the tiny models' vocabulary; id 0 is "[UNK]"
+
+
+def word_tokenizer(**special_tokens):
+    """A word-level tokenizer over `WORDS` (no downloads): "w5" is id 6, anything else "[UNK]" (0)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS])}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", **special_tokens)
+
+
+def word_text(num_words: int = 2000) -> str:
+    """Text over `WORDS` with a fixed pattern (a calibration or training corpus for `word_tokenizer`)."""
+    return " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(num_words))
 
 
 def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False, **overrides) -> LlamaForCausalLM:

@@ -90,6 +90,13 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="With --streaming: print planned widths, parameter counts and estimated peak memory; write nothing.",
     )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        metavar="PATH",
+        help="With --streaming: apply this pruning_plan.json (or a folder holding one) instead of scoring; any "
+        "criterion may have made it.",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="With --streaming: output shard size.")
     parser.add_argument(
         "--offload-hidden-states",
@@ -175,13 +182,15 @@ def build_pruner_config(args: argparse.Namespace):
     if args.config:  # a config file wins over the parser's defaults, not over options given explicitly
         explicit = {k: v for k, v in explicit.items() if v != DEFAULTS.get(k)}
     explicit.update({k: getattr(args, k) for k in ALLOCATION_ARGS if getattr(args, k, None) is not None})
-    if getattr(args, "streaming", False):
+    if getattr(args, "streaming", False) and not getattr(args, "plan", None):  # a given plan: any criterion made it
         explicit["streaming"] = True
     return PrunerConfig.from_dict({**base, **explicit})
 
 
 def run_prune(args: argparse.Namespace) -> int:
     """Prune as `args` say, save, and print a before/after table. Returns the exit code."""
+    import os
+
     import torch
 
     from ..auto import AutoPruner
@@ -196,6 +205,11 @@ def run_prune(args: argparse.Namespace) -> int:
         return _run_streaming(args, config)
     if args.dry_run:
         raise ValueError("`--dry-run` plans a streaming run from the config alone; add `--streaming`.")
+    if args.plan:
+        raise ValueError(
+            "`--plan` applies a plan layer by layer from the checkpoint's shards; add `--streaming` (in Python, "
+            "`PruningPlan.from_pretrained(path).apply(model)` applies it to a loaded model)."
+        )
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     placement = {}
     if args.device_map is not None:
@@ -215,7 +229,14 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.eval:
         # Recorded on the pruner, so the card's results table and `model-index` carry the measured values.
         before["perplexity"] = pruner.evaluate(args.eval, args.eval_seq_len, args.eval_windows)
-    model = pruner.prune(calibration_data=args.calibration)
+    if _offloaded_to_disk(pruner.model) and os.path.isdir(args.model) and not args.eval:
+        # Score where the model is; write layer by layer from the shards when streaming can apply the plan.
+        plan = pruner.compute_plan(calibration_data=args.calibration)
+        if _streamable(plan, pruner):
+            return _write_from_shards(args, pruner, plan, before)
+        model = pruner.apply_plan(plan)
+    else:
+        model = pruner.prune(calibration_data=args.calibration)
     after = {"parameters": count_parameters(model)}
     if args.eval:
         after["perplexity"] = pruner.evaluate(args.eval, args.eval_seq_len, args.eval_windows)
@@ -223,6 +244,34 @@ def run_prune(args: argparse.Namespace) -> int:
     print(summary_table(before, after))
     print(f"Saved to {args.output} ({model.config.model_type}).")
     return 0
+
+
+def _offloaded_to_disk(model) -> bool:
+    return "disk" in (getattr(model, "hf_device_map", None) or {}).values()
+
+
+def _write_from_shards(args: argparse.Namespace, pruner, plan, before: dict) -> int:
+    """Write the pruned checkpoint from the original shards layer by layer, as `plan` says (`prune_streaming(plan=)`),
+    instead of loading a disk-offloaded model into RAM for surgery."""
+    from ..evaluation import summary_table
+    from ..streaming import prune_streaming
+
+    report = prune_streaming(
+        args.model, pruner.config, None, args.output, max_shard_size=args.max_shard_size, plan=plan
+    )
+    print(summary_table(before, {"parameters": report["params_after"]}))
+    print(f"Saved to {args.output} (written layer by layer from the checkpoint's shards).")
+    return 0
+
+
+def _streamable(plan, pruner) -> bool:
+    from ..streaming import check_plan_streamable
+
+    try:
+        check_plan_streamable(plan, pruner.config, pruner.model.config.model_type)
+    except ValueError:
+        return False
+    return True
 
 
 def _auto_streaming(args: argparse.Namespace, config):
@@ -290,6 +339,7 @@ def _run_streaming(args: argparse.Namespace, config) -> int:
         max_shard_size=args.max_shard_size,
         trust_remote_code=args.trust_remote_code,
         offload_hidden_states=args.offload_hidden_states,
+        plan=args.plan,
     )
     print(format_dry_run(report))
     if not args.dry_run:

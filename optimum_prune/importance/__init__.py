@@ -3,6 +3,7 @@
 from . import bip, block_influence, flap, magnitude, mini_llm, random_, taylor, wanda_sp
 from .base import (
     ACTIVATIONS,
+    BLOCK_LOSS,
     FISHER,
     FORWARD_LOSS,
     GRADIENTS,
@@ -27,6 +28,7 @@ from .wanda_sp import WandaSPImportance
 
 __all__ = [
     "ACTIVATIONS",
+    "BLOCK_LOSS",
     "FISHER",
     "FORWARD_LOSS",
     "GRADIENTS",

@@ -14,8 +14,9 @@ WEIGHTS = "weights"
 ACTIVATIONS = "activations"
 GRADIENTS = "gradients"
 FISHER = "fisher"
-FORWARD_LOSS = "forward_loss"
-NEEDS = (WEIGHTS, ACTIVATIONS, GRADIENTS, FISHER, FORWARD_LOSS)
+FORWARD_LOSS = "forward_loss"  # forward-only evaluations of the model's LM loss
+BLOCK_LOSS = "block_loss"  # forward-only evaluations of each decoder layer's own loss (layer-local)
+NEEDS = (WEIGHTS, ACTIVATIONS, GRADIENTS, FISHER, FORWARD_LOSS, BLOCK_LOSS)
 
 GROUP_REDUCTIONS = ("sum", "mean", "max", "prod", "first", "last")
 
@@ -32,6 +33,9 @@ class Importance(ABC):
     needs: ClassVar[frozenset[str]] = frozenset({WEIGHTS})
     # Structures the criterion can score; None means all of them. Checked by `PrunerConfig`.
     structures: ClassVar[tuple[str, ...] | None] = None
+    # Constructor arguments of a variant that needs only one layer at a time, for a criterion whose default does not
+    # (mini_llm's block-local loss); streaming's errors name it.
+    layer_local_variant: ClassVar[dict | None] = None
 
     @property
     def needs_data(self) -> bool:

@@ -9,6 +9,10 @@ Each weight is scored by |W ⊙ Ĝ ⊙ X| (Eq. 9), summed over everything a unit
   Eq. 7; the same for Rademacher z). All scored weights are perturbed together; z is regenerated from a per-parameter
   seed and never stored, the weights are never written (see `calibration.spsa_projected_gradients`), so memory stays
   at the gradient-free level: no `.grad` buffers.
+- `loss="block"` replaces the LM loss by a block-local one, the change of each decoder layer's output under the
+  perturbation (a Gaussian log-likelihood with a sampled target, see `calibration.block_spsa_projected_gradients`):
+  every evaluation is a forward of one layer on its own inputs, so the criterion is layer-local and runs in streaming
+  mode, and 2n evaluations cost 2n layer forwards instead of 2n model forwards.
 - X is the mean |x| of the Linear's input channel over calibration tokens, broadcast over its rows (the per-channel
   reading of "layer input activation"; the paper does not say whether X enters element-wise or as a norm). Biases
   and non-Linear members (norms, embeddings) use X = 1.
@@ -20,7 +24,10 @@ import torch
 
 from ..calibration import SPSA_DISTRIBUTIONS, SPSA_ESTIMATORS
 from ..groups import GroupSet
-from .base import ACTIVATIONS, FORWARD_LOSS, WEIGHTS, Importance, register_importance
+from .base import ACTIVATIONS, BLOCK_LOSS, FORWARD_LOSS, WEIGHTS, Importance, register_importance
+
+
+MINI_LLM_LOSSES = ("lm", "block")
 
 
 @register_importance("mini_llm")
@@ -33,6 +40,9 @@ class MiniLLMImportance(Importance):
         distribution (`str`, *optional*, defaults to `"gaussian"`): z ~ N(0, I) (`"gaussian"`) or ±1 (`"rademacher"`).
         estimator (`str`, *optional*, defaults to `"multiply"`): `"multiply"` (d·z, MeZO) or `"divide"` (d/z).
         seed (`int`, *optional*, defaults to `0`): seeds every z.
+        loss (`str`, *optional*, defaults to `"lm"`): the loss whose gradient is estimated: the model's next-token
+            loss (`"lm"`, the paper's) or the block-local loss of each decoder layer (`"block"`: forwards of one layer
+            only, so it streams).
 
     Example:
 
@@ -41,7 +51,7 @@ class MiniLLMImportance(Importance):
     ```
     """
 
-    needs = frozenset({WEIGHTS, ACTIVATIONS, FORWARD_LOSS})
+    layer_local_variant = {"loss": "block"}
 
     def __init__(
         self,
@@ -50,6 +60,7 @@ class MiniLLMImportance(Importance):
         distribution: str = "gaussian",
         estimator: str = "multiply",
         seed: int = 0,
+        loss: str = "lm",
     ):
         if isinstance(num_perturbations, bool) or not isinstance(num_perturbations, int) or num_perturbations < 1:
             raise ValueError(f"`num_perturbations` must be a positive integer, got {num_perturbations!r}.")
@@ -59,11 +70,18 @@ class MiniLLMImportance(Importance):
             raise ValueError(f"`distribution` must be one of {SPSA_DISTRIBUTIONS}, got {distribution!r}.")
         if estimator not in SPSA_ESTIMATORS:
             raise ValueError(f"`estimator` must be one of {SPSA_ESTIMATORS}, got {estimator!r}.")
+        if loss not in MINI_LLM_LOSSES:
+            raise ValueError(f"`loss` must be one of {MINI_LLM_LOSSES}, got {loss!r}.")
         self.num_perturbations = num_perturbations
         self.eps = eps
         self.distribution = distribution
         self.estimator = estimator
         self.seed = seed
+        self.loss = loss
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({WEIGHTS, ACTIVATIONS, BLOCK_LOSS if self.loss == "block" else FORWARD_LOSS})
 
     def estimated_gradient(self, stats, name: str) -> torch.Tensor:
         """Ĝ for parameter `name`, shaped like it (float32)."""
@@ -74,6 +92,7 @@ class MiniLLMImportance(Importance):
             distribution=self.distribution,
             estimator=self.estimator,
             seed=self.seed,
+            loss=self.loss,
         )
 
     def score(self, group_set: GroupSet, stats) -> torch.Tensor:
