@@ -145,6 +145,9 @@ def _run_child(size, mode, criterion, model, args) -> dict:
     command += ["--threads", str(args.threads), "--allocation", args.allocation]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
+    last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    if done.returncode != 0 and last.startswith("ValueError: "):  # refused (e.g. a criterion that cannot stream)
+        return {"size": size, "mode": mode, "criterion": criterion, "refused": last[len("ValueError: ") :][:160]}
     if done.returncode != 0:
         raise RuntimeError(f"{size} {mode} {criterion} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -203,6 +206,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "refused" in r:
+            print(
+                f"| {r['size']} | {r['checkpoint_gib']:.2f} | {r['mode']} | {r['criterion']} | refused: {r['refused']} |"
+            )
+            continue
         ckpt = r.get("checkpoint_gib")
         ratio = f"{r['peak_rss_gib'] / ckpt:.2f}" if ckpt else "-"
         est = f"{r['estimated_peak_gib']:.2f}" if "estimated_peak_gib" in r else "-"

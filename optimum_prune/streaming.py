@@ -61,6 +61,7 @@ from .architectures.base import (
     ATTENTION_HEADS,
     CHECKPOINT_CONVERTERS,
     MLP_CHANNELS,
+    QUERY_HEADS,
     ArchitectureSpec,
     get_architecture,
 )
@@ -84,7 +85,7 @@ from .surgery import (
 logger = logging.getLogger(__name__)
 
 # Structures a single layer can be scored and pruned for on its own.
-STREAMING_STRUCTURES = (ATTENTION_HEADS, MLP_CHANNELS)
+STREAMING_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS)
 # Families whose decoder layers the streaming path has been checked against the in-memory model on.
 STREAMING_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "bloom", "glm", "glm4")
 # What a layer-local criterion may need: its layer's weights, the activations of its layer's inputs, and forward passes
@@ -610,7 +611,7 @@ def prune_layer(
     for key in keys:
         if kept_counts[key] < group_sets[key].num_units:
             scores = importance.score(group_sets[key], stats).float()
-            kept[key] = select_top(scores, kept_counts[key])
+            kept[key] = select_top(scores, kept_counts[key], group_sets[key].num_groups)  # query heads: per KV group
     del stats  # holds the unpruned tensors
     for key, units in kept.items():
         prune_group_set(model, group_sets[key], units)
@@ -1003,7 +1004,7 @@ def prune_streaming(
         model_dir: a local checkpoint directory (config.json + safetensors shards) of a type in
             `STREAMING_MODEL_TYPES`; shards saved from the base model (no `transformer.`/`model.` prefix) work too.
         pruner_config (`PrunerConfig`): a layer-local criterion (magnitude, random, wanda_sp, flap, bip, mini_llm
-            with `loss="block"`) and the structures `attention_heads` / `mlp_channels`.
+            with `loss="block"`) and the structures `attention_heads` (or `query_heads`) / `mlp_channels`.
         calibration_data: as for [`Pruner.prune`] (needed by data-driven criteria).
         output_dir: where the pruned checkpoint goes (written atomically); not needed for `dry_run`.
         tokenizer: defaults to the checkpoint's own (needed for text calibration data, copied to the output).
@@ -1155,7 +1156,11 @@ def prune_streaming(
             hidden_file.close()
             hidden_file = None
         kept_counts = _kept_counts(planner, group_sets, scores)
-        kept = {key: select_top(scores[key], k) for key, k in kept_counts.items() if k < group_sets[key].num_units}
+        kept = {
+            key: select_top(scores[key], k, group_sets[key].num_groups)
+            for key, k in kept_counts.items()
+            if k < group_sets[key].num_units
+        }
         bias_means = planner._bias_means(group_sets, kept, means) if means is not None else {}
         plan = PruningPlan(config.model_type, len(layers), unit_counts=counts, kept=kept, bias_means=bias_means)
         shape_model = _shape_model(model, spec, plan, all_group_sets)

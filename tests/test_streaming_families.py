@@ -188,6 +188,19 @@ def test_data_criteria_match_sequential_reference(checkpoints, tmp_path, family,
     torch.testing.assert_close(logits(streamed, ids), logits(reference, ids), atol=ATOL, rtol=0)
 
 
+def test_glm_query_heads_stream_like_the_sequential_reference(checkpoints, tmp_path):
+    path = checkpoints["glm"]
+    config = _config("wanda_sp", structures=["query_heads", "mlp_channels"], streaming=True)
+    report = prune_streaming(path, config, DATA, tmp_path / "out")
+    plan = report["plan"]
+    assert any(key.startswith("query_heads.") for key in plan.kept)
+    assert plan.kept == sequential_plan(_load(path), config, _batches(config)).kept
+    streamed = _load(tmp_path / "out")
+    assert streamed.config.num_key_value_heads == _load(path).config.num_key_value_heads  # k/v are kept
+    ids = input_ids()
+    torch.testing.assert_close(logits(streamed, ids), logits(plan.apply(_load(path)), ids), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize(
     "variant",
     [{"word_embed_proj_dim": 32}, pytest.param({"do_layer_norm_before": False}, marks=pytest.mark.slow)],

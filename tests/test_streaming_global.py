@@ -237,3 +237,20 @@ def test_cli_offload_hidden_states_and_two_pass_dry_run(llama_dir, tmp_path, cap
     assert "units in layers 0-3" in capsys.readouterr().out
     assert _load(tmp_path / "out").config.model_type == "pruned_llama"
     assert not os.listdir(tmp_path / "hidden")
+
+
+@pytest.mark.parametrize(
+    ("importance", "kwargs"),
+    [("magnitude", {}), ("wanda_sp", {"global_ranking": True}), ("flap", {"allocation": "flap"})],
+)
+def test_query_heads_stream_to_the_in_memory_result(llama_dir, tmp_path, importance, kwargs):
+    """Query heads within KV groups: each group keeps its own best heads, in one pass or two, as in memory."""
+    structures = ["query_heads", "mlp_channels"]
+    report = prune_streaming(llama_dir, _config(importance, structures=structures, **kwargs), DATA, tmp_path / "out")
+    pruner = _in_memory(llama_dir, _config(importance, structures=structures, **kwargs))
+    _assert_same_as_in_memory(report, tmp_path / "out", pruner)
+    heads = {k: v for k, v in report["plan"].kept.items() if k.startswith("query_heads.")}
+    assert heads
+    for units in heads.values():  # tiny_llama: 4 KV groups of 2 query heads; every group keeps the same number
+        per_group = [sum(u // 2 == g for u in units) for g in range(4)]
+        assert len(set(per_group)) == 1 and per_group[0] >= 1
