@@ -666,6 +666,9 @@ def _planner(model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConf
     planner = Pruner(model, spec, pruner_config)
     if pruner_config.non_uniform:
         planner._check_per_layer_support()
+    # The parameters allocation counts, taken now: materialising the embeddings later unties a tied LM head, which
+    # `named_parameters` would then list (and count) twice.
+    planner.shape_params = dict(model.named_parameters())
     return planner
 
 
@@ -681,7 +684,7 @@ def _prunable_group_sets(planner) -> tuple[dict[str, GroupSet], dict[str, GroupS
 def _kept_counts(planner, group_sets: dict[str, GroupSet], scores=None) -> dict[str, int]:
     """Kept units per prunable group set, by the in-memory allocation (`scores` only for the two-pass modes)."""
     config = planner.config
-    params = dict(planner.model.named_parameters())
+    params = planner.shape_params
     return planner._kept_counts(params, group_sets, scores, [], list(config.structures))
 
 
@@ -883,7 +886,7 @@ def _uniform_estimate(planner, group_sets) -> dict[str, int] | None:
     config = planner.config
     try:
         return uniform_allocation(
-            dict(planner.model.named_parameters()),
+            planner.shape_params,
             group_sets,
             list(config.structures),
             config.pruning_ratio,

@@ -357,21 +357,25 @@ def sync_module_attrs(
     """
     config = config if config is not None else model.config
     layers = decoder_layers(model, spec)
+    layer_config = getattr(config, "layer_config", None)  # a registered type with per-layer widths
+
+    def field_value(source, field_name):
+        if field_name in spec.derived_fields and getattr(source, field_name, None) is None:
+            return derive_field(source, spec.derived_fields[field_name])  # dropped again from a stock config
+        return getattr(source, field_name)
+
     for path, field_name in spec.module_attrs:
-        if field_name in spec.derived_fields and getattr(config, field_name, None) is None:
-            value = derive_field(config, spec.derived_fields[field_name])  # dropped again from a stock config
-        else:
-            value = getattr(config, field_name)
         if path.startswith("/"):
             if layer_indices is not None:
                 continue
-            owners = [model]
+            owners = [(model, config)]
         else:
-            owners = list(layers) if layer_indices is None else [layers[i] for i in layer_indices]
+            indices = range(len(layers)) if layer_indices is None else layer_indices
+            owners = [(layers[i], layer_config(i) if layer_config is not None else config) for i in indices]
         owner_path, _, attr = path.lstrip("/").rpartition(".")
-        for owner in owners:
+        for owner, source in owners:
             module = owner.get_submodule(owner_path) if owner_path else owner
-            setattr(module, attr, value)
+            setattr(module, attr, field_value(source, field_name))
     if spec.layer_module_attrs:
         # Per layer, from that layer's own tensor widths (per-layer head counts differ under non-uniform pruning).
         for layer, widths in zip(layers, layer_widths(model, spec)):

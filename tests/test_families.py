@@ -412,3 +412,58 @@ def test_stock_shapes_keep_a_clean_stock_config():
         assert "head_dim" not in config and "intermediate_size" not in config and "alibi_head_indices" not in config
     assert _case("opt", "mlp_channels").pruned.config.ffn_dim < 80
     assert _case("bloom", "layers").pruned.config.n_layer == 2
+
+
+# Per-layer widths ---------------------------------------------------------------------------------------------------
+
+PER_LAYER = [name for name, family in FAMILIES.items() if family.pruned_type is not None]
+
+
+def _per_layer_case(family_name: str):
+    """Heads and MLP channels pruned to different widths in every layer (`layer_ratios`, random scores), and the
+    original with the removed units of each layer zeroed."""
+    family = FAMILIES[family_name]
+    model = family.build()
+    reference = copy.deepcopy(model)
+    config = PrunerConfig(
+        importance="random", pruning_ratio=0.25, layer_ratios=[0.1, 0.5, 0.3], structures=list(WIDTH_STRUCTURES[:2])
+    )
+    pruner = AutoPruner.from_model(model, config)
+    pruned = pruner.prune()
+    with torch.no_grad():
+        for key, kept in pruner.plan.kept.items():
+            structure, layer = key.split(".")
+            zero = family.zero_attention if structure == "attention_heads" else family.zero_mlp
+            zero(reference, int(layer), _removed(kept, pruner.plan.unit_counts[key]))
+    return pruner, pruned, reference
+
+
+@pytest.mark.parametrize("family_name", PER_LAYER)
+def test_per_layer_widths_equal_reference(family_name):
+    pruner, pruned, reference = _per_layer_case(family_name)
+    assert pruned.config.model_type == FAMILIES[family_name].pruned_type
+    overrides = pruned.config.per_layer_overrides
+    assert len({tuple(sorted(v.items())) for v in overrides.values()}) >= 2  # the layers really differ
+    for key, kept in pruner.plan.kept.items():  # each layer's modules have that layer's widths
+        layer = pruned.get_submodule(FAMILIES[family_name].layers)[int(key.split(".")[1])]
+        attention = getattr(layer, "self_attn", None) or layer.self_attention
+        if key.startswith("attention_heads"):
+            assert attention.num_heads == len(kept)
+    ids = input_ids()
+    torch.testing.assert_close(logits(pruned, ids), logits(reference, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family_name", [f for f in PER_LAYER if "-" not in f])
+def test_per_layer_checkpoints_reload_in_fresh_process(tmp_path, family_name):
+    pruner, pruned, _ = _per_layer_case(family_name)
+    pruner.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "per_layer_config.py").is_file()  # imported by the copied modeling file
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["per_layer_config"] and saved["model_type"] == FAMILIES[family_name].pruned_type
+    ids = input_ids()
+    want = logits(pruned, ids)
+    for import_package in (True, False):
+        ((got, _),) = fresh_process_logits(
+            [tmp_path / "out"], ids, trust_remote_code=not import_package, import_package=import_package
+        )
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

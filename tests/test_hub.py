@@ -218,6 +218,7 @@ def test_push_to_hub_one_commit_exact_files_no_token_leak(hub_server, tmp_path):
         "generation_config.json",
         "model.safetensors",
         "modeling_pruned_llama.py",
+        "per_layer_config.py",  # imported by the modeling file
         "pruner_config.json",
         "pruning_plan.json",
         "pruning_results.json",

@@ -1,5 +1,5 @@
 # Self-contained modeling file written beside pruned checkpoints (`auto_map`), so they load with
-# `trust_remote_code=True` where optimum-prune is not installed. It imports only torch and transformers.
+# `trust_remote_code=True` where optimum-prune is not installed. It imports torch, transformers and per_layer_config.py.
 """BLOOM models with pruned heads, MLP channels or hidden channels, keeping every head's original ALiBi slope.
 
 `BloomConfig` derives `head_dim = hidden_size // n_head` and builds the MLP `4 * hidden_size` wide; this config
@@ -7,6 +7,8 @@ stores `head_dim` and `intermediate_size`. ALiBi slopes depend on the head count
 pruned model that recomputed them from its own `n_head` would attend differently from the original. This config
 keeps the original count (`alibi_num_heads`) and, per layer, the original indices of the kept heads
 (`alibi_head_indices`): the model builds the original ALiBi tensor once and every block selects its own heads.
+Per-layer head counts and MLP widths are stored as `per_layer_config` (see `per_layer_config.py`); each block is built
+from its own config copy.
 """
 
 import math
@@ -23,6 +25,8 @@ from transformers.models.bloom.modeling_bloom import (
     BloomPreTrainedModel,
 )
 
+from .per_layer_config import PerLayerConfigMixin
+
 
 try:  # Transformers 5 configs are strict dataclasses whose fields are collected per decorated class.
     from huggingface_hub.dataclasses import strict
@@ -35,7 +39,7 @@ def _strict(cls):
 
 
 @_strict
-class PrunedBloomConfig(BloomConfig):
+class PrunedBloomConfig(PerLayerConfigMixin, BloomConfig):
     """A `BloomConfig` with explicit `head_dim` and `intermediate_size`, and the original ALiBi heads.
 
     Args:
@@ -45,9 +49,11 @@ class PrunedBloomConfig(BloomConfig):
             defaults to `n_head`.
         alibi_head_indices (`list[list[int]]`, *optional*): per layer, the original index of each kept head;
             defaults to all heads in order.
+        per_layer_config (`dict`, *optional*): per-layer `n_head` and `intermediate_size` where they differ.
     """
 
     model_type = "pruned_bloom"
+    PER_LAYER_FIELDS = ("n_head", "intermediate_size")
     head_dim: int | None = None
     intermediate_size: int | None = None
     alibi_num_heads: int | None = None
@@ -68,12 +74,14 @@ class PrunedBloomConfig(BloomConfig):
                 raise ValueError(
                     f"alibi_head_indices has {len(self.alibi_head_indices)} entries for {self.n_layer} layers."
                 )
-            for heads in self.alibi_head_indices:
-                if len(heads) != self.n_head or any(not 0 <= h < self.alibi_num_heads for h in heads):
+            for i, heads in enumerate(self.alibi_head_indices):
+                n_head = self.per_layer_overrides.get(i, {}).get("n_head", self.n_head)
+                if len(heads) != n_head or any(not 0 <= h < self.alibi_num_heads for h in heads):
                     raise ValueError(
-                        f"Every alibi_head_indices entry needs {self.n_head} head indices in [0, "
+                        f"alibi_head_indices of layer {i} needs {n_head} head indices in [0, "
                         f"{self.alibi_num_heads}), got {heads}."
                     )
+        self.validate_per_layer_indices()
 
 
 class PrunedBloomAttention(BloomAttention):
@@ -149,7 +157,9 @@ class PrunedBloomModel(BloomModel):
         self.num_heads = config.alibi_num_heads
         self.word_embeddings = nn.Embedding(config.vocab_size, self.embed_dim)
         self.word_embeddings_layernorm = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
-        self.h = nn.ModuleList([PrunedBloomBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.h = nn.ModuleList(
+            [PrunedBloomBlock(config.layer_config(i), layer_idx=i) for i in range(config.num_hidden_layers)]
+        )
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
         self.post_init()
@@ -176,7 +186,7 @@ class PrunedBloomForCausalLM(BloomForCausalLM):
         """Turn one stock block (of this model, or pruned on its own by streaming) into a `PrunedBloomBlock` that
         selects the ALiBi rows of its kept heads (`config.alibi_head_indices[layer_idx]`) from the original ones."""
         block.__class__ = PrunedBloomBlock
-        block.set_alibi_heads(self.config, layer_idx)
+        block.set_alibi_heads(self.config.layer_config(layer_idx), layer_idx)
 
 
 __all__ = ["PrunedBloomConfig", "PrunedBloomForCausalLM"]

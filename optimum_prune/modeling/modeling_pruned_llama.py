@@ -1,34 +1,22 @@
 # Self-contained modeling file written beside pruned checkpoints (`auto_map`), so they load with
-# `trust_remote_code=True` where optimum-prune is not installed. It imports only torch and transformers.
+# `trust_remote_code=True` where optimum-prune is not installed. It imports torch, transformers and per_layer_config.py.
 """LLaMA-family models with shapes the stock `LlamaConfig` cannot express: per-layer widths and head counts that do not
 divide `hidden_size`.
 
-Per-layer widths use the field name and format of Transformers' own heterogeneous configs (`per_layer_config`, added
-in Transformers 5 by `HeterogeneousConfigMixin`): a sparse mapping from layer index to the stock field names that
-differ from the global value, e.g.
-
-```json
-"num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 704,
-"per_layer_config": {"3": {"num_attention_heads": 6, "num_key_value_heads": 3, "intermediate_size": 500}}
-```
-
-The checkpoint is therefore forward compatible with that format, but this file does not rely on the mixin (absent
-before Transformers 5, and it makes reading a per-layer field from the global config raise): the config keeps the
-overrides itself, the global fields hold the most common width (so code that reads `config.num_attention_heads`
-keeps working), and each decoder layer is built from its own config copy.
+Per-layer widths are stored as `per_layer_config` (see `per_layer_config.py`, Transformers 5's format); each decoder
+layer is built from its own config copy.
 
 Bias compensation (FLAP) gives the Linears that read the pruned units an output bias that stock LLaMA lacks:
 `o_proj_bias` / `down_proj_bias` (booleans, default false) build one in every layer's `self_attn.o_proj` /
-`mlp.down_proj` (`attention_bias` / `mlp_bias` would also add biases to q/k/v and gate/up). `config.per_layer_config[i]` returns that
-copy under both Transformers 4.57 and 5.x, which is what generation reads to size a static cache per layer.
+`mlp.down_proj` (`attention_bias` / `mlp_bias` would also add biases to q/k/v and gate/up).
 """
-
-import copy
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .per_layer_config import PerLayerConfigMixin
 
 
 try:  # Transformers 5 configs are strict dataclasses whose validators are collected per decorated class.
@@ -37,61 +25,19 @@ except ImportError:  # Transformers 4.x
     strict = None
 
 
-PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-_OVERRIDES = "_per_layer_overrides"
-
-
 def _strict(cls):
     return strict(cls) if strict is not None and hasattr(LlamaConfig, "__class_validators__") else cls
 
 
-def _normalize_overrides(per_layer_config) -> dict:
-    """`{"3": {...}}` (JSON) or `{3: {...}}` -> `{3: {...}}`; only the fields this model builds per layer."""
-    if per_layer_config is None:
-        return {}
-    if not isinstance(per_layer_config, dict):
-        raise TypeError(f"`per_layer_config` must be a mapping of layer index to overrides, got {per_layer_config!r}.")
-    overrides = {}
-    for index, fields in per_layer_config.items():
-        unknown = sorted(set(fields) - set(PER_LAYER_FIELDS))
-        if unknown:
-            raise ValueError(f"`per_layer_config` of layer {index} sets {unknown}; allowed: {list(PER_LAYER_FIELDS)}.")
-        if fields:
-            overrides[int(index)] = {k: int(v) for k, v in fields.items()}
-    return dict(sorted(overrides.items()))
-
-
 @_strict
-class PrunedLlamaConfig(LlamaConfig):
+class PrunedLlamaConfig(PerLayerConfigMixin, LlamaConfig):
     """A `LlamaConfig` with per-layer widths (`per_layer_config`) and head counts that need not divide `hidden_size`
     (explicit `head_dim`)."""
 
     model_type = "pruned_llama"
+    PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
     o_proj_bias: bool = False
     down_proj_bias: bool = False
-
-    @property
-    def per_layer_config(self) -> list:
-        """One config per decoder layer, with that layer's widths (a list, as Transformers 5's view behaves)."""
-        return [self.layer_config(i) for i in range(self.num_hidden_layers)]
-
-    @per_layer_config.setter
-    def per_layer_config(self, value) -> None:
-        # Stored privately so that Transformers 5's mixin never marks the global fields as ambiguous.
-        self.__dict__[_OVERRIDES] = _normalize_overrides(value)
-
-    @property
-    def per_layer_overrides(self) -> dict:
-        """`{layer index: {field: value}}` for the layers that differ from the global fields."""
-        return self.__dict__.get(_OVERRIDES, {})
-
-    def layer_config(self, layer_idx: int) -> "PrunedLlamaConfig":
-        """A shallow copy of this config with layer `layer_idx`'s widths as its global fields."""
-        config = copy.copy(self)
-        config.__dict__[_OVERRIDES] = {}
-        for key, value in self.per_layer_overrides.get(layer_idx, {}).items():
-            setattr(config, key, value)
-        return config
 
     def validate_architecture(self):
         for index in [None, *self.per_layer_overrides]:
@@ -102,21 +48,7 @@ class PrunedLlamaConfig(LlamaConfig):
                     f"num_attention_heads ({config.num_attention_heads}) must be a multiple of num_key_value_heads "
                     f"({config.num_key_value_heads}){where}."
                 )
-        if any(i >= self.num_hidden_layers for i in self.per_layer_overrides):
-            raise ValueError(
-                f"`per_layer_config` keys must be layer indices in [0, {self.num_hidden_layers}), "
-                f"got {sorted(self.per_layer_overrides)}."
-            )
-
-    def to_dict(self) -> dict:
-        output = super().to_dict()
-        output.pop(_OVERRIDES, None)
-        overrides = self.per_layer_overrides
-        if overrides:
-            # Zero-padded keys sort numerically in JSON, as Transformers 5 writes them.
-            digits = len(str(max(overrides)))
-            output["per_layer_config"] = {str(i).zfill(digits): dict(v) for i, v in overrides.items()}
-        return output
+        self.validate_per_layer_indices()
 
 
 def _add_bias(linear: nn.Linear) -> None:

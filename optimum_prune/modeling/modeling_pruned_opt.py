@@ -1,11 +1,13 @@
 # Self-contained modeling file written beside pruned checkpoints (`auto_map`), so they load with
-# `trust_remote_code=True` where optimum-prune is not installed. It imports only torch and transformers.
+# `trust_remote_code=True` where optimum-prune is not installed. It imports torch, transformers and per_layer_config.py.
 """OPT models whose attention width the stock `OPTConfig` cannot express.
 
 `OPTAttention` derives `head_dim = hidden_size // num_attention_heads` and makes q/k/v/out_proj `hidden_size` wide,
 so after head pruning (12 -> 9 heads of 64 with a hidden size of 768) or hidden-channel pruning the stock class
 builds the wrong shapes or refuses the config. This config stores `head_dim` and these modules build attention
-`num_attention_heads * head_dim` wide; everything else, forward passes included, is the stock OPT code.
+`num_attention_heads * head_dim` wide; everything else, forward passes included, is the stock OPT code. Per-layer
+head counts and `ffn_dim` are stored as `per_layer_config` (see `per_layer_config.py`); each decoder layer is built
+from its own config copy.
 """
 
 from torch import nn
@@ -20,6 +22,8 @@ from transformers.models.opt.modeling_opt import (
     OPTPreTrainedModel,
 )
 
+from .per_layer_config import PerLayerConfigMixin
+
 
 try:  # Transformers 5 configs are strict dataclasses whose fields are collected per decorated class.
     from huggingface_hub.dataclasses import strict
@@ -32,17 +36,21 @@ def _strict(cls):
 
 
 @_strict
-class PrunedOPTConfig(OPTConfig):
+class PrunedOPTConfig(PerLayerConfigMixin, OPTConfig):
     """An `OPTConfig` with an explicit `head_dim`, so that `num_attention_heads * head_dim` may differ from
-    `hidden_size`."""
+    `hidden_size`, and per-layer widths (`per_layer_config`)."""
 
     model_type = "pruned_opt"
+    PER_LAYER_FIELDS = ("num_attention_heads", "ffn_dim")
     head_dim: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def validate_architecture(self):
+        self.validate_per_layer_indices()
 
 
 class PrunedOPTAttention(OPTAttention):
@@ -102,8 +110,13 @@ class PrunedOPTDecoder(OPTDecoder):
         else:
             self.final_layer_norm = None
         self.layers = nn.ModuleList(
-            [PrunedOPTDecoderLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)]
+            [PrunedOPTDecoderLayer(config.layer_config(i), layer_idx=i) for i in range(config.num_hidden_layers)]
         )
+        # Modules keep the shared config afterwards: their widths live in their weights and attributes, and forward
+        # reads only settings such as the attention implementation, which must follow `set_attn_implementation`.
+        for module in self.layers.modules():
+            if isinstance(getattr(module, "config", None), OPTConfig):
+                module.config = config
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -1,0 +1,89 @@
+# Self-contained file copied beside pruned checkpoints with the modeling files that import it (a relative import, which
+# Transformers' remote code copies along). It imports nothing but the standard library.
+"""Per-layer widths for a config, in the field name and format of Transformers' own heterogeneous configs
+(`per_layer_config`, added in Transformers 5 by `HeterogeneousConfigMixin`): a sparse mapping from layer index to the
+stock field names that differ from the global value, e.g.
+
+```json
+"num_attention_heads": 8, "intermediate_size": 704,
+"per_layer_config": {"3": {"num_attention_heads": 6, "intermediate_size": 500}}
+```
+
+The checkpoint is therefore forward compatible with that format, but this mixin does not rely on Transformers' (absent
+before Transformers 5, and it makes reading a per-layer field from the global config raise): the config keeps the
+overrides itself, the global fields hold the most common width (so code that reads `config.num_attention_heads` keeps
+working), and each decoder layer is built from its own config copy (`layer_config(i)`).
+"""
+
+import copy
+
+
+_OVERRIDES = "_per_layer_overrides"
+
+
+class PerLayerConfigMixin:
+    """Mixed into a registered config class before the stock one; `PER_LAYER_FIELDS` names the fields a layer may set.
+
+    `config.per_layer_config[i]` returns layer i's config copy under both Transformers 4.57 and 5.x, which is what
+    generation reads to size a static cache per layer."""
+
+    PER_LAYER_FIELDS: tuple = ()
+
+    @property
+    def per_layer_config(self) -> list:
+        """One config per decoder layer, with that layer's widths (a list, as Transformers 5's view behaves)."""
+        return [self.layer_config(i) for i in range(self.num_hidden_layers)]
+
+    @per_layer_config.setter
+    def per_layer_config(self, value) -> None:
+        # Stored privately so that Transformers 5's mixin never marks the global fields as ambiguous.
+        self.__dict__[_OVERRIDES] = self._normalize_overrides(value)
+
+    @property
+    def per_layer_overrides(self) -> dict:
+        """`{layer index: {field: value}}` for the layers that differ from the global fields."""
+        return self.__dict__.get(_OVERRIDES, {})
+
+    def layer_config(self, layer_idx: int):
+        """A shallow copy of this config with layer `layer_idx`'s widths as its global fields."""
+        config = copy.copy(self)
+        config.__dict__[_OVERRIDES] = {}
+        for key, value in self.per_layer_overrides.get(layer_idx, {}).items():
+            setattr(config, key, value)
+        return config
+
+    def _normalize_overrides(self, per_layer_config) -> dict:
+        """`{"3": {...}}` (JSON) or `{3: {...}}` -> `{3: {...}}`; only the fields this model builds per layer."""
+        if per_layer_config is None:
+            return {}
+        if not isinstance(per_layer_config, dict):
+            raise TypeError(
+                f"`per_layer_config` must be a mapping of layer index to overrides, got {per_layer_config!r}."
+            )
+        overrides = {}
+        for index, fields in per_layer_config.items():
+            unknown = sorted(set(fields) - set(self.PER_LAYER_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"`per_layer_config` of layer {index} sets {unknown}; allowed: {list(self.PER_LAYER_FIELDS)}."
+                )
+            if fields:
+                overrides[int(index)] = {k: int(v) for k, v in fields.items()}
+        return dict(sorted(overrides.items()))
+
+    def validate_per_layer_indices(self) -> None:
+        if any(i >= self.num_hidden_layers for i in self.per_layer_overrides):
+            raise ValueError(
+                f"`per_layer_config` keys must be layer indices in [0, {self.num_hidden_layers}), "
+                f"got {sorted(self.per_layer_overrides)}."
+            )
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output.pop(_OVERRIDES, None)
+        overrides = self.per_layer_overrides
+        if overrides:
+            # Zero-padded keys sort numerically in JSON, as Transformers 5 writes them.
+            digits = len(str(max(overrides)))
+            output["per_layer_config"] = {str(i).zfill(digits): dict(v) for i, v in overrides.items()}
+        return output
