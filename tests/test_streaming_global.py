@@ -8,8 +8,7 @@ import os
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, tiny_llama, word_text, word_tokenizer
-from transformers import AutoModelForCausalLM
+from testing_utils import VOCAB, input_ids, load_eval, logits, sharded_checkpoint, tiny_llama
 
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.hub import plan_is_uniform
@@ -25,18 +24,12 @@ def _config(importance, **kwargs):
     return PrunerConfig(importance=importance, num_calibration_samples=SAMPLES, calibration_seq_len=SEQ_LEN, **kwargs)
 
 
-def _load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+_load = load_eval
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("streaming_global") / "llama"
-    tiny_llama(num_hidden_layers=4).save_pretrained(path, max_shard_size="20KB")  # several input shards
-    assert os.path.isfile(path / "model.safetensors.index.json")
-    word_tokenizer().save_pretrained(path)
-    (path.parent / "calib.txt").write_text(word_text())
-    return path
+    return sharded_checkpoint(tiny_llama(num_hidden_layers=4), tmp_path_factory.mktemp("streaming_global") / "llama")
 
 
 def _in_memory(path, config):

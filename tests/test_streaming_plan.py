@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, tiny_bloom, tiny_llama, word_text, word_tokenizer
-from transformers import AutoModelForCausalLM
+from testing_utils import VOCAB, input_ids, load_eval, logits, sharded_checkpoint, tiny_bloom, tiny_llama
 
 from optimum_prune import AutoPruner, PrunerConfig, PruningPlan
 from optimum_prune.commands.cli import main as cli_main
@@ -22,17 +21,12 @@ def _config(importance="taylor", **kwargs):
     return PrunerConfig(importance=importance, num_calibration_samples=6, calibration_seq_len=16, **kwargs)
 
 
-def _load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+_load = load_eval
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("streaming_plan") / "llama"
-    tiny_llama(num_hidden_layers=4).save_pretrained(path, max_shard_size="20KB")  # several input shards
-    word_tokenizer().save_pretrained(path)
-    (path.parent / "calib.txt").write_text(word_text())
-    return path
+    return sharded_checkpoint(tiny_llama(num_hidden_layers=4), tmp_path_factory.mktemp("streaming_plan") / "llama")
 
 
 def _assert_same_checkpoint(out, pruner):

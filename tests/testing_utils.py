@@ -36,6 +36,24 @@ def word_tokenizer(**special_tokens):
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", **special_tokens)
 
 
+def sharded_checkpoint(model, path, max_shard_size: str = "20KB"):
+    """Save `model` in several safetensors shards with `word_tokenizer()`, and `word_text()` as `calib.txt` beside the
+    folder (a local checkpoint for the streaming and CLI tests). Returns `path`."""
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    word_tokenizer().save_pretrained(path)
+    with open(os.path.join(os.path.dirname(path), "calib.txt"), "w", encoding="utf-8") as f:
+        f.write(word_text())
+    return path
+
+
+def load_eval(path):
+    """`AutoModelForCausalLM.from_pretrained(path)` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
 def word_text(num_words: int = 2000) -> str:
     """Text over `WORDS` with a fixed pattern (a calibration or training corpus for `word_tokenizer`)."""
     return " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(num_words))
