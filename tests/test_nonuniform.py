@@ -224,12 +224,22 @@ def test_impossible_constraints_say_why(kwargs, message):
         pruner.prune()
 
 
-def test_families_without_per_layer_configs_refuse_non_uniform_plans():
-    model = tiny_glm()
-    pruner = AutoPruner.from_model(model, PrunerConfig(importance="magnitude", pruning_ratio=0.2, global_ranking=True))
+def test_families_without_per_layer_configs_refuse_non_uniform_plans(monkeypatch):
+    import dataclasses
+
+    from optimum_prune.architectures.base import ARCHITECTURE_REGISTRY
+
+    # A family registered without a per-layer type (every built-in one has one now).
+    monkeypatch.setitem(
+        ARCHITECTURE_REGISTRY, "glm", dataclasses.replace(ARCHITECTURE_REGISTRY["glm"], pruned_model_type=None)
+    )
+    pruner = AutoPruner.from_model(
+        tiny_glm(), PrunerConfig(importance="magnitude", pruning_ratio=0.2, global_ranking=True)
+    )
     with pytest.raises(
         ValueError,
-        match=r"need a registered type with `per_layer_config`.*\['pruned_bloom', 'pruned_llama', 'pruned_opt'\]",
+        match=r"need a registered type with `per_layer_config`; 'glm' has none \(supported: \['pruned_bloom', "
+        r"'pruned_glm', 'pruned_glm4', 'pruned_llama', 'pruned_opt'\]\)",
     ):
         pruner.prune()
 

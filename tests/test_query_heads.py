@@ -287,12 +287,18 @@ def test_global_ranking_keeps_whole_steps_per_layer():
     torch.testing.assert_close(logits(pruned, ids), logits(_reference(original, pruner.plan), ids), atol=ATOL, rtol=0)
 
 
-def test_glm_per_layer_query_heads_are_refused():
-    """GLM has no registered per-layer type: non-uniform query heads fail before calibration, as for KV groups."""
+def test_glm_per_layer_query_heads_equal_zeroed_original():
+    """GLM's registered type (`pruned_glm`) holds per-layer query-head counts too."""
     model = tiny_glm(num_attention_heads=12, num_key_value_heads=3)
-    config = PrunerConfig(importance="magnitude", structures=["query_heads", "mlp_channels"], global_ranking=True)
-    with pytest.raises(ValueError, match="Per-layer widths .* need a registered type"):
-        AutoPruner.from_model(model, config).prune()
+    original = copy.deepcopy(model)
+    ratio = _ratio_removing(model, 1) * 2 / 3  # one query head per KV group in layers 0 and 2
+    config = PrunerConfig(importance="random", pruning_ratio=ratio, structures=["query_heads"], attention_layers=[0, 2])
+    pruner = AutoPruner.from_model(model, config)
+    pruned = pruner.prune()
+    assert pruned.config.model_type == "pruned_glm" and pruned.config.per_layer_overrides
+    assert [layer.self_attn.num_key_value_groups for layer in pruned.model.layers][1] == 4
+    ids = input_ids()
+    torch.testing.assert_close(logits(pruned, ids), logits(_reference(original, pruner.plan), ids), atol=ATOL, rtol=0)
 
 
 def test_iterative_query_heads_compose_into_one_plan():

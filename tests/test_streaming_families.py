@@ -330,12 +330,15 @@ def test_no_tokenizer_is_invented_for_a_checkpoint_without_one(checkpoints, tmp_
     [
         ("opt", {"importance": "wanda_sp", "global_ranking": True}),
         ("bloom", {"importance": "flap", "allocation": "flap"}),
+        ("glm", {"importance": "wanda_sp", "global_ranking": True}),
+        pytest.param("glm4", {"importance": "bip", "allocation": "flap"}, marks=pytest.mark.slow),
         pytest.param("opt", {"importance": "flap", "allocation": "flap"}, marks=pytest.mark.slow),
         pytest.param("bloom", {"importance": "wanda_sp", "global_ranking": True}, marks=pytest.mark.slow),
     ],
 )
 def test_two_pass_per_layer_widths_are_the_in_memory_result(checkpoints, tmp_path, family, kwargs):
-    """Per-layer widths for OPT and BLOOM (tied LM heads: the allocation must count the head once, as in memory)."""
+    """Per-layer widths for OPT, BLOOM and GLM (tied LM heads: the allocation must count the head once, as in
+    memory)."""
     path = checkpoints[family]
     config = _config(kwargs.pop("importance"), pruning_ratio=0.3, **kwargs)
     report = prune_streaming(path, config, DATA, tmp_path / "out")
@@ -343,7 +346,7 @@ def test_two_pass_per_layer_widths_are_the_in_memory_result(checkpoints, tmp_pat
     pruner.prune(calibration_data=DATA)
     assert report["plan"].to_dict() == pruner.plan.to_dict()
     streamed = _load(tmp_path / "out")
-    assert streamed.config.model_type == PRUNED_TYPE[family]
+    assert streamed.config.model_type == f"pruned_{family}"
     assert streamed.config.per_layer_overrides == pruner.model.config.per_layer_overrides != {}
     ignored = {"auto_map", "architectures", "_name_or_path", "transformers_version", "dtype"}
     got, want = streamed.config.to_dict(), pruner.model.config.to_dict()

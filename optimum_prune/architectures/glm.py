@@ -66,6 +66,7 @@ GLM_SPEC = ArchitectureSpec(
     layer_index_attrs=("self_attn.layer_idx",),
     layer_module_attrs=LLAMA_LAYER_MODULE_ATTRS,
     lora_target_modules=_LORA_TARGETS,
+    pruned_model_type="pruned_glm",  # per-layer widths only: the stock type expresses every uniform shape
 )
 
 GLM4_SPEC = ArchitectureSpec(
@@ -89,6 +90,7 @@ GLM4_SPEC = ArchitectureSpec(
     layer_index_attrs=("self_attn.layer_idx",),
     layer_module_attrs=LLAMA_LAYER_MODULE_ATTRS,
     lora_target_modules=_LORA_TARGETS,
+    pruned_model_type="pruned_glm4",
 )
 
 register_architecture("glm", GLM_SPEC)

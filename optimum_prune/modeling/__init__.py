@@ -8,12 +8,15 @@ without optimum-prune, and with plain `AutoModelForCausalLM.from_pretrained` onc
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .modeling_pruned_bloom import PrunedBloomConfig, PrunedBloomForCausalLM
+from .modeling_pruned_glm import PrunedGlm4Config, PrunedGlm4ForCausalLM, PrunedGlmConfig, PrunedGlmForCausalLM
 from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 from .modeling_pruned_opt import PrunedOPTConfig, PrunedOPTForCausalLM
 
 
 PRUNED_MODEL_CLASSES = {
     PrunedBloomConfig.model_type: (PrunedBloomConfig, PrunedBloomForCausalLM),
+    PrunedGlmConfig.model_type: (PrunedGlmConfig, PrunedGlmForCausalLM),
+    PrunedGlm4Config.model_type: (PrunedGlm4Config, PrunedGlm4ForCausalLM),
     PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     PrunedOPTConfig.model_type: (PrunedOPTConfig, PrunedOPTForCausalLM),
 }
@@ -29,6 +32,10 @@ __all__ = [
     "PRUNED_MODEL_CLASSES",
     "PrunedBloomConfig",
     "PrunedBloomForCausalLM",
+    "PrunedGlm4Config",
+    "PrunedGlm4ForCausalLM",
+    "PrunedGlmConfig",
+    "PrunedGlmForCausalLM",
     "PrunedLlamaConfig",
     "PrunedLlamaForCausalLM",
     "PrunedOPTConfig",

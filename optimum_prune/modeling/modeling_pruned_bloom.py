@@ -25,7 +25,7 @@ from transformers.models.bloom.modeling_bloom import (
     BloomPreTrainedModel,
 )
 
-from .per_layer_config import PerLayerConfigMixin
+from .per_layer_config import PerLayerConfigMixin, build_layers
 
 
 try:  # Transformers 5 configs are strict dataclasses whose fields are collected per decorated class.
@@ -157,9 +157,7 @@ class PrunedBloomModel(BloomModel):
         self.num_heads = config.alibi_num_heads
         self.word_embeddings = nn.Embedding(config.vocab_size, self.embed_dim)
         self.word_embeddings_layernorm = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
-        self.h = nn.ModuleList(
-            [PrunedBloomBlock(config.layer_config(i), layer_idx=i) for i in range(config.num_hidden_layers)]
-        )
+        self.h = build_layers(PrunedBloomBlock, config)
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
         self.post_init()

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from .per_layer_config import PerLayerConfigMixin
+from .per_layer_config import PerLayerConfigMixin, build_layers
 
 
 try:  # Transformers 5 configs are strict dataclasses whose validators are collected per decorated class.
@@ -69,14 +69,7 @@ class PrunedLlamaModel(LlamaModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config.layer_config(i), i) for i in range(config.num_hidden_layers)]
-        )
-        # Modules keep the shared config afterwards: their widths live in their weights, and forward reads only
-        # settings such as the attention implementation, which must follow `set_attn_implementation`.
-        for module in self.layers.modules():
-            if isinstance(getattr(module, "config", None), LlamaConfig):
-                module.config = config
+        self.layers = build_layers(LlamaDecoderLayer, config)
         for layer in self.layers:
             if getattr(config, "o_proj_bias", False):
                 _add_bias(layer.self_attn.o_proj)

@@ -22,7 +22,7 @@ from transformers.models.opt.modeling_opt import (
     OPTPreTrainedModel,
 )
 
-from .per_layer_config import PerLayerConfigMixin
+from .per_layer_config import PerLayerConfigMixin, build_layers
 
 
 try:  # Transformers 5 configs are strict dataclasses whose fields are collected per decorated class.
@@ -109,14 +109,7 @@ class PrunedOPTDecoder(OPTDecoder):
             self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
         else:
             self.final_layer_norm = None
-        self.layers = nn.ModuleList(
-            [PrunedOPTDecoderLayer(config.layer_config(i), layer_idx=i) for i in range(config.num_hidden_layers)]
-        )
-        # Modules keep the shared config afterwards: their widths live in their weights and attributes, and forward
-        # reads only settings such as the attention implementation, which must follow `set_attn_implementation`.
-        for module in self.layers.modules():
-            if isinstance(getattr(module, "config", None), OPTConfig):
-                module.config = config
+        self.layers = build_layers(PrunedOPTDecoderLayer, config)
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -1,5 +1,5 @@
 # Self-contained file copied beside pruned checkpoints with the modeling files that import it (a relative import, which
-# Transformers' remote code copies along). It imports nothing but the standard library.
+# Transformers' remote code copies along). It imports only torch.
 """Per-layer widths for a config, in the field name and format of Transformers' own heterogeneous configs
 (`per_layer_config`, added in Transformers 5 by `HeterogeneousConfigMixin`): a sparse mapping from layer index to the
 stock field names that differ from the global value, e.g.
@@ -16,6 +16,8 @@ working), and each decoder layer is built from its own config copy (`layer_confi
 """
 
 import copy
+
+from torch import nn
 
 
 _OVERRIDES = "_per_layer_overrides"
@@ -87,3 +89,15 @@ class PerLayerConfigMixin:
             digits = len(str(max(overrides)))
             output["per_layer_config"] = {str(i).zfill(digits): dict(v) for i, v in overrides.items()}
         return output
+
+
+def build_layers(layer_class, config) -> nn.ModuleList:
+    """The decoder layers, layer i built by `layer_class(config.layer_config(i), layer_idx=i)` with its own widths.
+
+    Modules keep the shared config afterwards: their widths live in their weights and attributes, and forward reads
+    only settings such as the attention implementation, which must follow `set_attn_implementation`."""
+    layers = nn.ModuleList([layer_class(config.layer_config(i), layer_idx=i) for i in range(config.num_hidden_layers)])
+    for module in layers.modules():
+        if isinstance(getattr(module, "config", None), PerLayerConfigMixin):
+            module.config = config
+    return layers

@@ -1,0 +1,127 @@
+# Self-contained modeling file written beside pruned checkpoints (`auto_map`), so they load with
+# `trust_remote_code=True` where optimum-prune is not installed. It imports torch, transformers and per_layer_config.py.
+"""GLM and GLM-4 models with per-layer widths (`per_layer_config`, see `per_layer_config.py`), which the stock
+`GlmConfig` / `Glm4Config` cannot express: every uniform pruned shape stays the stock type. Each decoder layer is built
+from its own config copy; everything else, forward passes included, is the stock code.
+"""
+
+from torch import nn
+from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
+from transformers.models.glm.modeling_glm import (
+    GlmDecoderLayer,
+    GlmModel,
+    GlmPreTrainedModel,
+    GlmRMSNorm,
+    GlmRotaryEmbedding,
+)
+from transformers.models.glm4.modeling_glm4 import (
+    Glm4DecoderLayer,
+    Glm4Model,
+    Glm4PreTrainedModel,
+    Glm4RMSNorm,
+    Glm4RotaryEmbedding,
+)
+
+from .per_layer_config import PerLayerConfigMixin, build_layers
+
+
+try:  # Transformers 5 configs are strict dataclasses whose validators are collected per decorated class.
+    from huggingface_hub.dataclasses import strict
+except ImportError:  # Transformers 4.x
+    strict = None
+
+GLM_PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def _strict(cls):
+    return strict(cls) if strict is not None and hasattr(GlmConfig, "__class_validators__") else cls
+
+
+def _validate_heads(config) -> None:
+    for index in [None, *config.per_layer_overrides]:
+        layer = config if index is None else config.layer_config(index)
+        if layer.num_attention_heads % layer.num_key_value_heads:
+            where = "" if index is None else f" in layer {index}"
+            raise ValueError(
+                f"num_attention_heads ({layer.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({layer.num_key_value_heads}){where}."
+            )
+    config.validate_per_layer_indices()
+
+
+@_strict
+class PrunedGlmConfig(PerLayerConfigMixin, GlmConfig):
+    """A `GlmConfig` with per-layer head counts and MLP widths."""
+
+    model_type = "pruned_glm"
+    PER_LAYER_FIELDS = GLM_PER_LAYER_FIELDS
+
+    def validate_architecture(self):
+        _validate_heads(self)
+
+
+@_strict
+class PrunedGlm4Config(PerLayerConfigMixin, Glm4Config):
+    """A `Glm4Config` with per-layer head counts and MLP widths."""
+
+    model_type = "pruned_glm4"
+    PER_LAYER_FIELDS = GLM_PER_LAYER_FIELDS
+
+    def validate_architecture(self):
+        _validate_heads(self)
+
+
+class PrunedGlmModel(GlmModel):
+    config_class = PrunedGlmConfig
+
+    def __init__(self, config: PrunedGlmConfig):
+        # GlmModel.__init__ with one change: each decoder layer gets its own widths.
+        GlmPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = build_layers(GlmDecoderLayer, config)
+        self.norm = GlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = GlmRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class PrunedGlmForCausalLM(GlmForCausalLM):
+    config_class = PrunedGlmConfig
+
+    def __init__(self, config: PrunedGlmConfig):
+        GlmPreTrainedModel.__init__(self, config)
+        self.model = PrunedGlmModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+class PrunedGlm4Model(Glm4Model):
+    config_class = PrunedGlm4Config
+
+    def __init__(self, config: PrunedGlm4Config):
+        Glm4PreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = build_layers(Glm4DecoderLayer, config)
+        self.norm = Glm4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Glm4RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class PrunedGlm4ForCausalLM(Glm4ForCausalLM):
+    config_class = PrunedGlm4Config
+
+    def __init__(self, config: PrunedGlm4Config):
+        Glm4PreTrainedModel.__init__(self, config)
+        self.model = PrunedGlm4Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = ["PrunedGlm4Config", "PrunedGlm4ForCausalLM", "PrunedGlmConfig", "PrunedGlmForCausalLM"]
