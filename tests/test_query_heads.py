@@ -292,7 +292,9 @@ def test_glm_per_layer_query_heads_equal_zeroed_original():
     model = tiny_glm(num_attention_heads=12, num_key_value_heads=3)
     original = copy.deepcopy(model)
     ratio = _ratio_removing(model, 1) * 2 / 3  # one query head per KV group in layers 0 and 2
-    config = PrunerConfig(importance="random", pruning_ratio=ratio, structures=["query_heads"], attention_layers=[0, 2])
+    config = PrunerConfig(
+        importance="random", pruning_ratio=ratio, structures=["query_heads"], attention_layers=[0, 2]
+    )
     pruner = AutoPruner.from_model(model, config)
     pruned = pruner.prune()
     assert pruned.config.model_type == "pruned_glm" and pruned.config.per_layer_overrides
