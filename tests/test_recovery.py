@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import testing_utils
 import torch
 from testing_utils import WORDS, input_ids, logits, tiny_llama, word_tokenizer
 from transformers import AutoModelForCausalLM, TrainingArguments
@@ -39,6 +40,30 @@ def _pruned(hidden_size=48):
     )
     pruner.prune()
     return pruner
+
+
+@pytest.mark.parametrize("family", ["tiny_opt", "tiny_bloom", "tiny_glm"])
+def test_recover_keeps_per_layer_types_of_other_families(tmp_path, family):
+    """LoRA on a model with per-layer widths (the registered types of OPT, BLOOM, GLM) merges back into that type."""
+    from optimum_prune.architectures import get_architecture
+
+    model = getattr(testing_utils, family)()
+    spec = get_architecture(model.config.model_type)
+    pruner = AutoPruner.from_model(
+        model, PrunerConfig(importance="random", pruning_ratio=0.25, layer_ratios=[0.1, 0.5, 0.3])
+    )
+    pruner.prune()
+    cls, before = type(pruner.model), {n: p.detach().clone() for n, p in pruner.model.named_parameters()}
+    data = _periodic_ids()
+    report = pruner.recover(data, training_args={**FAST, "output_dir": str(tmp_path / "t")}, block_size=32)
+    assert type(pruner.model) is cls and pruner.model.config.per_layer_overrides
+    changed = {n for n, p in pruner.model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all(any(t in n for t in spec.lora_target_modules) for n in changed)
+    assert report["last_logged_loss"] < report["first_logged_loss"]
+    pruner.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(reloaded).__name__ == cls.__name__
+    torch.testing.assert_close(logits(reloaded, input_ids()), logits(pruner.model, input_ids()), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(("hidden_size", "model_type"), [(48, "llama"), (64, "pruned_llama")])
