@@ -122,7 +122,7 @@ def test_flap_allocation_config_errors():
 # ---------------------------------------------------------------- bias compensation
 
 
-def test_bias_compensation_defaults():
+def test_bias_compensation_defaults(monkeypatch):
     def resolved(model=None, **kwargs):
         return AutoPruner.from_model(model or tiny_llama(), PrunerConfig(**kwargs)).config.bias_compensation
 
@@ -130,7 +130,16 @@ def test_bias_compensation_defaults():
     assert resolved(importance="flap") is True
     assert resolved(importance="flap", bias_compensation=False) is False
     assert resolved(importance="magnitude") is False
-    assert resolved(tiny_glm(), importance="flap") is False  # GLM cannot hold an o_proj / down_proj bias
+    assert resolved(tiny_glm(), importance="flap") is True  # its registered type adds the o_proj / down_proj biases
+    # A family whose registered type cannot hold the biases (no `bias_fields`): off by default, refused when asked for.
+    import dataclasses
+
+    from optimum_prune.architectures.base import ARCHITECTURE_REGISTRY
+
+    monkeypatch.setitem(
+        ARCHITECTURE_REGISTRY, "glm", dataclasses.replace(ARCHITECTURE_REGISTRY["glm"], bias_fields={})
+    )
+    assert resolved(tiny_glm(), importance="flap") is False
     with pytest.raises(ValueError, match="bias_compensation=False"):
         resolved(tiny_glm(), importance="flap", bias_compensation=True)
     with pytest.raises(ValueError, match="calibration data"):
@@ -238,19 +247,24 @@ def test_plan_reapplies_compensation(tmp_path):
     assert no_bias.format_version == 1  # older readers still read plans without compensation
 
 
-def test_compensated_checkpoint_reloads_both_ways(tmp_path):
+@pytest.mark.parametrize(
+    ("build", "model_type", "cls_name"),
+    [(tiny_llama, "pruned_llama", "PrunedLlamaForCausalLM"), (tiny_glm, "pruned_glm", "PrunedGlmForCausalLM")],
+)
+def test_compensated_checkpoint_reloads_both_ways(tmp_path, build, model_type, cls_name):
     """Per-layer widths and added biases: `from_pretrained` with the package, and `trust_remote_code=True` without it
     (fresh processes), give identical logits."""
-    pruner = _flap_pruner(tiny_llama(), 0.3, allocation="flap")
+    pruner = _flap_pruner(build(), 0.3, allocation="flap")
+    assert pruner.plan.bias_means
     out = tmp_path / "out"
     pruner.save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "pruned_llama" and config["o_proj_bias"] and config["down_proj_bias"]
+    assert config["model_type"] == model_type and config["o_proj_bias"] and config["down_proj_bias"]
     assert config.get("per_layer_config")
     ids = input_ids()
     expected = logits(pruner.model, ids)
     [(loaded, cls)] = fresh_process_logits([out], ids, trust_remote_code=False, import_package=True)
-    assert cls == "PrunedLlamaForCausalLM"
+    assert cls == cls_name
     torch.testing.assert_close(loaded, expected, atol=0, rtol=0)
     [(remote, _)] = fresh_process_logits([out], ids, trust_remote_code=True, import_package=False)
     torch.testing.assert_close(remote, expected, atol=0, rtol=0)

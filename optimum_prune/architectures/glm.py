@@ -49,6 +49,8 @@ _HIDDEN_LAYER_MEMBERS = (
 )
 
 _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+# FLAP's bias compensation: the registered types build these output biases (GLM has none on o_proj / down_proj).
+GLM_BIAS_FIELDS = {"self_attn.o_proj": "o_proj_bias", "mlp.down_proj": "down_proj_bias"}
 
 GLM_SPEC = ArchitectureSpec(
     model_types=("glm",),
@@ -66,7 +68,8 @@ GLM_SPEC = ArchitectureSpec(
     layer_index_attrs=("self_attn.layer_idx",),
     layer_module_attrs=LLAMA_LAYER_MODULE_ATTRS,
     lora_target_modules=_LORA_TARGETS,
-    pruned_model_type="pruned_glm",  # per-layer widths only: the stock type expresses every uniform shape
+    pruned_model_type="pruned_glm",  # per-layer widths and compensation biases; stock for every other shape
+    bias_fields=GLM_BIAS_FIELDS,
 )
 
 GLM4_SPEC = ArchitectureSpec(
@@ -91,6 +94,7 @@ GLM4_SPEC = ArchitectureSpec(
     layer_module_attrs=LLAMA_LAYER_MODULE_ATTRS,
     lora_target_modules=_LORA_TARGETS,
     pruned_model_type="pruned_glm4",
+    bias_fields=GLM_BIAS_FIELDS,
 )
 
 register_architecture("glm", GLM_SPEC)

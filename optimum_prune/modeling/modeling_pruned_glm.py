@@ -1,7 +1,8 @@
 # Self-contained modeling file written beside pruned checkpoints (`auto_map`), so they load with
 # `trust_remote_code=True` where optimum-prune is not installed. It imports torch, transformers and per_layer_config.py.
-"""GLM and GLM-4 models with per-layer widths (`per_layer_config`, see `per_layer_config.py`), which the stock
-`GlmConfig` / `Glm4Config` cannot express: every uniform pruned shape stays the stock type. Each decoder layer is built
+"""GLM and GLM-4 models with what the stock `GlmConfig` / `Glm4Config` cannot express: per-layer widths
+(`per_layer_config`, see `per_layer_config.py`) and output biases on `o_proj` / `down_proj` (`o_proj_bias`,
+`down_proj_bias`: FLAP's bias compensation). Every other pruned shape stays the stock type. Each decoder layer is built
 from its own config copy; everything else, forward passes included, is the stock code.
 """
 
@@ -31,6 +32,7 @@ except ImportError:  # Transformers 4.x
     strict = None
 
 GLM_PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+GLM_OUTPUT_BIASES = {"o_proj_bias": "self_attn.o_proj", "down_proj_bias": "mlp.down_proj"}
 
 
 def _strict(cls):
@@ -55,6 +57,9 @@ class PrunedGlmConfig(PerLayerConfigMixin, GlmConfig):
 
     model_type = "pruned_glm"
     PER_LAYER_FIELDS = GLM_PER_LAYER_FIELDS
+    OUTPUT_BIASES = GLM_OUTPUT_BIASES
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
 
     def validate_architecture(self):
         _validate_heads(self)
@@ -66,6 +71,9 @@ class PrunedGlm4Config(PerLayerConfigMixin, Glm4Config):
 
     model_type = "pruned_glm4"
     PER_LAYER_FIELDS = GLM_PER_LAYER_FIELDS
+    OUTPUT_BIASES = GLM_OUTPUT_BIASES
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
 
     def validate_architecture(self):
         _validate_heads(self)

@@ -11,7 +11,6 @@ Bias compensation (FLAP) gives the Linears that read the pruned units an output 
 `mlp.down_proj` (`attention_bias` / `mlp_bias` would also add biases to q/k/v and gate/up).
 """
 
-import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -36,6 +35,7 @@ class PrunedLlamaConfig(PerLayerConfigMixin, LlamaConfig):
 
     model_type = "pruned_llama"
     PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    OUTPUT_BIASES = {"o_proj_bias": "self_attn.o_proj", "down_proj_bias": "mlp.down_proj"}
     o_proj_bias: bool = False
     down_proj_bias: bool = False
 
@@ -51,13 +51,6 @@ class PrunedLlamaConfig(PerLayerConfigMixin, LlamaConfig):
         self.validate_per_layer_indices()
 
 
-def _add_bias(linear: nn.Linear) -> None:
-    """Give a bias-free Linear a (zero) bias; `nn.Linear.forward` reads `self.bias`."""
-    if linear.bias is None:
-        weight = linear.weight
-        linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
-
-
 class PrunedLlamaModel(LlamaModel):
     """`LlamaModel` whose decoder layers are built from per-layer configs."""
 
@@ -70,11 +63,6 @@ class PrunedLlamaModel(LlamaModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = build_layers(LlamaDecoderLayer, config)
-        for layer in self.layers:
-            if getattr(config, "o_proj_bias", False):
-                _add_bias(layer.self_attn.o_proj)
-            if getattr(config, "down_proj_bias", False):
-                _add_bias(layer.mlp.down_proj)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False

@@ -17,6 +17,7 @@ working), and each decoder layer is built from its own config copy (`layer_confi
 
 import copy
 
+import torch
 from torch import nn
 
 
@@ -30,6 +31,9 @@ class PerLayerConfigMixin:
     generation reads to size a static cache per layer."""
 
     PER_LAYER_FIELDS: tuple = ()
+    # Boolean config fields that give every decoder layer's Linear at that path an output bias (FLAP's bias
+    # compensation on families built without one), e.g. {"o_proj_bias": "self_attn.o_proj"}.
+    OUTPUT_BIASES: dict = {}
 
     @property
     def per_layer_config(self) -> list:
@@ -92,7 +96,8 @@ class PerLayerConfigMixin:
 
 
 def build_layers(layer_class, config) -> nn.ModuleList:
-    """The decoder layers, layer i built by `layer_class(config.layer_config(i), layer_idx=i)` with its own widths.
+    """The decoder layers, layer i built by `layer_class(config.layer_config(i), layer_idx=i)` with its own widths, and
+    the output biases the config's `OUTPUT_BIASES` fields turn on.
 
     Modules keep the shared config afterwards: their widths live in their weights and attributes, and forward reads
     only settings such as the attention implementation, which must follow `set_attn_implementation`."""
@@ -100,4 +105,11 @@ def build_layers(layer_class, config) -> nn.ModuleList:
     for module in layers.modules():
         if isinstance(getattr(module, "config", None), PerLayerConfigMixin):
             module.config = config
+    for field_name, path in config.OUTPUT_BIASES.items():
+        if getattr(config, field_name, False):
+            for layer in layers:
+                linear = layer.get_submodule(path)
+                if linear.bias is None:  # `nn.Linear.forward` reads `self.bias`
+                    weight = linear.weight
+                    linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
     return layers
