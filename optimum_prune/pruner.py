@@ -89,8 +89,8 @@ class Pruner:
 
     def _resolve_bias_compensation(self) -> None:
         """`bias_compensation=None` becomes `True` for the `flap` criterion where every consumer (o_proj, down_proj)
-        has a bias or the registered type can add one (`spec.bias_fields`); an explicit `True` elsewhere fails here,
-        before calibration."""
+        has a bias or the registered type can add one (`spec.bias_fields`), unless the family defaults it off
+        (`spec.bias_compensation_default`); an explicit `True` where it cannot work fails here, before calibration."""
         config = self.config
         structures = [s for s in config.structures if s in self.spec.structures]
         layers = decoder_layers(self.model, self.spec)
@@ -107,7 +107,12 @@ class Pruner:
                     ):
                         missing.append(path)
         if config.bias_compensation is None:
-            config.bias_compensation = config.importance == "flap" and bool(structures) and not missing
+            config.bias_compensation = (
+                config.importance == "flap"
+                and bool(structures)
+                and not missing
+                and self.spec.bias_compensation_default
+            )
         elif config.bias_compensation and missing:
             raise ValueError(
                 f"`bias_compensation=True` needs an output bias on {missing}, which {self.model.config.model_type!r} "

@@ -130,7 +130,9 @@ def test_bias_compensation_defaults(monkeypatch):
     assert resolved(importance="flap") is True
     assert resolved(importance="flap", bias_compensation=False) is False
     assert resolved(importance="magnitude") is False
-    assert resolved(tiny_glm(), importance="flap") is True  # its registered type adds the o_proj / down_proj biases
+    # GLM's registered type can add the o_proj / down_proj biases, but the family defaults compensation off.
+    assert resolved(tiny_glm(), importance="flap") is False
+    assert resolved(tiny_glm(), importance="flap", bias_compensation=True) is True
     # A family whose registered type cannot hold the biases (no `bias_fields`): off by default, refused when asked for.
     import dataclasses
 
@@ -254,7 +256,7 @@ def test_plan_reapplies_compensation(tmp_path):
 def test_compensated_checkpoint_reloads_both_ways(tmp_path, build, model_type, cls_name):
     """Per-layer widths and added biases: `from_pretrained` with the package, and `trust_remote_code=True` without it
     (fresh processes), give identical logits."""
-    pruner = _flap_pruner(build(), 0.3, allocation="flap")
+    pruner = _flap_pruner(build(), 0.3, allocation="flap", bias_compensation=True)
     assert pruner.plan.bias_means
     out = tmp_path / "out"
     pruner.save_pretrained(out)

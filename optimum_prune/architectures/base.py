@@ -158,6 +158,8 @@ class ArchitectureSpec:
             the stock family builds without a bias, mapped to the boolean config field with which the registered
             pruned type builds one (`"down_proj_bias"`). Bias compensation adds a bias there and sets the field;
             consumers that already have a bias (OPT, BLOOM) need no entry.
+        bias_compensation_default (`bool`): whether `importance="flap"` compensates by default (`bias_compensation=
+            None`) when it can. An explicit `bias_compensation=True` works either way.
     """
 
     model_types: tuple[str, ...]
@@ -176,6 +178,7 @@ class ArchitectureSpec:
     config_writers: tuple[ConfigWriter, ...] = ()
     layer_module_attrs: dict[str, tuple] = field(default_factory=dict)
     bias_fields: dict[str, str] = field(default_factory=dict)
+    bias_compensation_default: bool = True
     extra: dict = field(default_factory=dict)
 
     @property
