@@ -64,7 +64,7 @@ def register_onnx_configs() -> list[str]:
         base_type = _base_model_type(config_class)
         constructors = supported.get(base_type, {}).get("onnx", {})
         if not constructors:
-            logger.warning("optimum-onnx has no ONNX config for %r; %r cannot be exported.", base_type, pruned_type)
+            logger.debug("optimum-onnx has no ONNX config for %r; %r cannot be exported.", base_type, pruned_type)
             continue
         for task, constructor in constructors.items():  # `functools.partial(config_cls, task=task)`
             register(pruned_type, task)(constructor.func)
