@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, skip_layers, tiny_llama, word_tokenizer
+from testing_utils import VOCAB, input_ids, logits, skip_layers, tiny_llama, tiny_opt, word_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from optimum_prune import AutoPruner, PrunerConfig
@@ -386,3 +386,19 @@ def test_registered_type_exports_to_onnx_and_runs_in_ort(v5_checkpoints, tmp_pat
     generator = pipeline("text-generation", model=str(model_dir), accelerator="ort", trust_remote_code=True)
     align_ort_cache_shapes(generator.model)
     _check_pipeline_matches_pytorch(generator, pytorch_model)
+
+
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_per_layer_mlp_widths_export_with_the_kv_cache(tmp_path):
+    """A `pruned_opt` checkpoint with per-layer MLP widths (same head count everywhere) exports with the cache and
+    runs in ONNX Runtime as in PyTorch (per-layer head counts do not yet: see README)."""
+    config = PrunerConfig(
+        importance="random", pruning_ratio=0.15, structures=["mlp_channels"], layer_ratios=[0.1, 0.5, 0.3]
+    )
+    pruner = AutoPruner.from_model(tiny_opt(), config)
+    pruner.prune()
+    assert pruner.model.config.model_type == "pruned_opt" and pruner.model.config.per_layer_overrides
+    pruner.save_pretrained(tmp_path / "out")
+    onnx_dir = _export_onnx(tmp_path / "out", tmp_path / "onnx", "--trust-remote-code")
+    _check_ort_matches_pytorch(onnx_dir, pruner.model.eval(), align=True)
