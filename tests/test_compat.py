@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, skip_layers, tiny_llama, tiny_opt, word_tokenizer
+from testing_utils import VOCAB, input_ids, logits, skip_layers, tiny_bloom, tiny_llama, tiny_opt, word_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from optimum_prune import AutoPruner, PrunerConfig
@@ -354,10 +354,11 @@ def test_register_onnx_configs_adds_pruned_types():
     assert register_onnx_configs() == registered  # idempotent
     tasks = TasksManager._SUPPORTED_MODEL_TYPE["pruned_llama"]["onnx"]
     assert tasks.keys() == TasksManager._SUPPORTED_MODEL_TYPE["llama"]["onnx"].keys()
-    assert (
-        tasks["text-generation-with-past"].func
-        is TasksManager._SUPPORTED_MODEL_TYPE["llama"]["onnx"]["text-generation-with-past"].func
+    registered_class = tasks["text-generation-with-past"].func  # LLaMA's, with per-layer dummy caches
+    assert issubclass(
+        registered_class, TasksManager._SUPPORTED_MODEL_TYPE["llama"]["onnx"]["text-generation-with-past"].func
     )
+    assert registered_class.__name__ == "PerLayerLlamaOnnxConfig"
 
 
 @NEEDS_MAIN_PYTHON
@@ -390,15 +391,27 @@ def test_registered_type_exports_to_onnx_and_runs_in_ort(v5_checkpoints, tmp_pat
 
 @pytest.mark.compat
 @NEEDS_COMPAT_ENV
-def test_per_layer_mlp_widths_export_with_the_kv_cache(tmp_path):
-    """A `pruned_opt` checkpoint with per-layer MLP widths (same head count everywhere) exports with the cache and
-    runs in ONNX Runtime as in PyTorch (per-layer head counts do not yet: see README)."""
-    config = PrunerConfig(
-        importance="random", pruning_ratio=0.15, structures=["mlp_channels"], layer_ratios=[0.1, 0.5, 0.3]
-    )
-    pruner = AutoPruner.from_model(tiny_opt(), config)
+@pytest.mark.parametrize(
+    ("build", "structures"),
+    [
+        (tiny_opt, ["mlp_channels"]),  # per-layer MLP widths only: every cache has the global head count
+        (tiny_opt, ["attention_heads", "mlp_channels"]),
+        (tiny_llama, ["attention_heads", "mlp_channels"]),  # per-layer KV-head counts (GQA)
+        (tiny_bloom, ["attention_heads", "mlp_channels"]),
+    ],
+    ids=["opt-mlp", "opt-heads", "llama-heads", "bloom-heads"],
+)
+def test_per_layer_widths_export_with_the_kv_cache(tmp_path, build, structures):
+    """Per-layer widths export with the KV cache and run in ONNX Runtime as in PyTorch: the registered ONNX config
+    draws each layer's dummy cache with its own head count, `align_ort_cache_shapes` gives per-layer empty caches."""
+    from optimum_prune.utils.onnx import cache_heads_per_layer
+
+    config = PrunerConfig(importance="random", pruning_ratio=0.2, structures=structures, layer_ratios=[0.1, 0.5, 0.3])
+    pruner = AutoPruner.from_model(build(), config)
     pruner.prune()
-    assert pruner.model.config.model_type == "pruned_opt" and pruner.model.config.per_layer_overrides
+    assert pruner.model.config.per_layer_overrides
+    heads = cache_heads_per_layer(pruner.model.config)
+    assert (len(set(heads)) > 1) == ("attention_heads" in structures)
     pruner.save_pretrained(tmp_path / "out")
     onnx_dir = _export_onnx(tmp_path / "out", tmp_path / "onnx", "--trust-remote-code")
     _check_ort_matches_pytorch(onnx_dir, pruner.model.eval(), align=True)

@@ -2,13 +2,17 @@
 
 Stock-config results export as they are. The registered pruned types (`pruned_llama`, ...) build the same modules as
 their base family, so their export config is the base family's (`LlamaOnnxConfig`), registered under the pruned
-`model_type` the way optimum-onnx registers its own (`TasksManager.create_register("onnx")`).
+`model_type` the way optimum-onnx registers its own (`TasksManager.create_register("onnx")`). Per-layer head counts
+need per-layer KV caches, which optimum-onnx sizes from one global count: the registered config draws each layer's
+dummy cache with that layer's head count (`_per_layer_onnx_config`), and `align_ort_cache_shapes` gives an
+`ORTModelForCausalLM` per-layer empty caches read from the graph.
 
 optimum-onnx 0.1.0 needs Transformers < 4.58, so this runs in the 4.57 environment (`make test-compat`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
@@ -67,9 +71,59 @@ def register_onnx_configs() -> list[str]:
             logger.debug("optimum-onnx has no ONNX config for %r; %r cannot be exported.", base_type, pruned_type)
             continue
         for task, constructor in constructors.items():  # `functools.partial(config_cls, task=task)`
-            register(pruned_type, task)(constructor.func)
+            register(pruned_type, task)(_per_layer_onnx_config(constructor.func))
         registered.append(pruned_type)
     return registered
+
+
+def cache_heads_per_layer(config) -> list[int] | None:
+    """Each decoder layer's KV-cache head count for a config with per-layer widths (`per_layer_config`); `None` when
+    every layer has the global one."""
+    if not getattr(config, "per_layer_overrides", None):
+        return None
+    heads = []
+    for i in range(config.num_hidden_layers):
+        layer = config.layer_config(i)
+        heads.append(getattr(layer, "num_key_value_heads", None) or layer.num_attention_heads)
+    return heads
+
+
+def _per_layer_pkv_generator(generator_class):
+    """`generator_class` drawing layer i's dummy cache with layer i's head count (4D `[batch, heads, seq, dim]`)."""
+    import torch
+
+    class PerLayerPastKeyValuesGenerator(generator_class):
+        def __init__(self, task, normalized_config, *args, **kwargs):
+            super().__init__(task, normalized_config, *args, **kwargs)
+            self.model_config = getattr(normalized_config, "config", None)
+
+        def generate(self, input_name, framework="pt", int_dtype="int64", float_dtype="fp32"):
+            past = super().generate(input_name, framework=framework, int_dtype=int_dtype, float_dtype=float_dtype)
+            heads = cache_heads_per_layer(self.model_config)
+            if heads is None or input_name != "past_key_values" or framework != "pt":
+                return past
+            return [
+                tuple(torch.rand((t.shape[0], h, *t.shape[2:]), dtype=t.dtype) if t.dim() == 4 else t for t in pair)
+                for pair, h in zip(past, heads)
+            ]
+
+    PerLayerPastKeyValuesGenerator.__name__ = f"PerLayer{generator_class.__name__}"
+    return PerLayerPastKeyValuesGenerator
+
+
+@functools.cache
+def _per_layer_onnx_config(onnx_config_class):
+    """A subclass of a family's ONNX config whose dummy KV caches follow per-layer head counts (unchanged otherwise)."""
+    generators = tuple(
+        _per_layer_pkv_generator(g) if "past_key_values" in getattr(g, "SUPPORTED_INPUT_NAMES", ()) else g
+        for g in onnx_config_class.DUMMY_INPUT_GENERATOR_CLASSES
+    )
+    attrs = {"DUMMY_INPUT_GENERATOR_CLASSES": generators}
+    pkv = getattr(onnx_config_class, "DUMMY_PKV_GENERATOR_CLASS", None)
+    if pkv is not None:
+        attrs["DUMMY_PKV_GENERATOR_CLASS"] = _per_layer_pkv_generator(pkv)
+    attrs["__module__"] = __name__
+    return type(f"PerLayer{onnx_config_class.__name__}", (onnx_config_class,), attrs)
 
 
 def align_ort_cache_shapes(model):
@@ -85,10 +139,36 @@ def align_ort_cache_shapes(model):
         model (`ORTModelForCausalLM`):
             A model loaded with `ORTModelForCausalLM.from_pretrained` (or `pipeline(...).model`).
     """
-    for node in model.session.get_inputs():
-        if node.name.startswith("past_key_values.") and node.name.endswith(".key"):
-            _, num_key_value_heads, _, head_dim = node.shape  # [batch, kv_heads, past_len, head_dim]
-            if isinstance(num_key_value_heads, int) and isinstance(head_dim, int):
-                model.num_key_value_heads, model.embed_size_per_head = num_key_value_heads, head_dim
-            break
+    shapes = {
+        node.name: node.shape  # [batch, kv_heads, past_len, head_dim]
+        for node in model.session.get_inputs()
+        if node.name.startswith("past_key_values.") and len(node.shape) == 4
+    }
+    if not shapes:
+        return model
+    _, num_key_value_heads, _, head_dim = next(iter(shapes.values()))
+    if isinstance(num_key_value_heads, int) and isinstance(head_dim, int):
+        model.num_key_value_heads, model.embed_size_per_head = num_key_value_heads, head_dim
+    if len({shape[1] for shape in shapes.values()}) > 1:  # per-layer head counts: per-layer empty caches
+        _give_per_layer_empty_caches(model, shapes)
     return model
+
+
+def _give_per_layer_empty_caches(model, shapes: dict) -> None:
+    """Wrap `model.forward` so that a call without `past_key_values` gets zero-length caches shaped per layer (the
+    model's own would give every layer the same head count)."""
+    import torch
+
+    forward = model.forward
+
+    def per_layer_forward(input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is None and kwargs.get("use_cache", model.use_cache) and input_ids is not None:
+            batch = input_ids.shape[0]
+            empty = [
+                torch.zeros((batch, shapes[name][1], 0, shapes[name][3]), dtype=model.dtype, device=model.device)
+                for name in model.key_value_input_names  # layer 0 key, layer 0 value, layer 1 key, ...
+            ]
+            past_key_values = tuple(zip(empty[0::2], empty[1::2]))  # per layer (key, value), as a cache is passed
+        return forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+
+    model.forward = per_layer_forward
