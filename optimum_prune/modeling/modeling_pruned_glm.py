@@ -6,7 +6,6 @@
 from its own config copy; everything else, forward passes included, is the stock code.
 """
 
-from torch import nn
 from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import (
     GlmDecoderLayer,
@@ -23,7 +22,7 @@ from transformers.models.glm4.modeling_glm4 import (
     Glm4RotaryEmbedding,
 )
 
-from .per_layer_config import PerLayerConfigMixin, build_layers
+from .per_layer_config import PerLayerConfigMixin, init_causal_lm, init_rotary_decoder
 
 
 try:  # Transformers 5 configs are strict dataclasses whose validators are collected per decorated class.
@@ -83,16 +82,8 @@ class PrunedGlmModel(GlmModel):
     config_class = PrunedGlmConfig
 
     def __init__(self, config: PrunedGlmConfig):
-        # GlmModel.__init__ with one change: each decoder layer gets its own widths.
         GlmPreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = build_layers(GlmDecoderLayer, config)
-        self.norm = GlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = GlmRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
+        init_rotary_decoder(self, config, GlmDecoderLayer, GlmRMSNorm, GlmRotaryEmbedding)
 
 
 class PrunedGlmForCausalLM(GlmForCausalLM):
@@ -100,10 +91,7 @@ class PrunedGlmForCausalLM(GlmForCausalLM):
 
     def __init__(self, config: PrunedGlmConfig):
         GlmPreTrainedModel.__init__(self, config)
-        self.model = PrunedGlmModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+        init_causal_lm(self, config, PrunedGlmModel)
 
 
 class PrunedGlm4Model(Glm4Model):
@@ -111,14 +99,7 @@ class PrunedGlm4Model(Glm4Model):
 
     def __init__(self, config: PrunedGlm4Config):
         Glm4PreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = build_layers(Glm4DecoderLayer, config)
-        self.norm = Glm4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Glm4RotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
+        init_rotary_decoder(self, config, Glm4DecoderLayer, Glm4RMSNorm, Glm4RotaryEmbedding)
 
 
 class PrunedGlm4ForCausalLM(Glm4ForCausalLM):
@@ -126,10 +107,7 @@ class PrunedGlm4ForCausalLM(Glm4ForCausalLM):
 
     def __init__(self, config: PrunedGlm4Config):
         Glm4PreTrainedModel.__init__(self, config)
-        self.model = PrunedGlm4Model(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+        init_causal_lm(self, config, PrunedGlm4Model)
 
 
 __all__ = ["PrunedGlm4Config", "PrunedGlm4ForCausalLM", "PrunedGlmConfig", "PrunedGlmForCausalLM"]

@@ -11,11 +11,10 @@ Bias compensation (FLAP) gives the Linears that read the pruned units an output 
 `mlp.down_proj` (`attention_bias` / `mlp_bias` would also add biases to q/k/v and gate/up).
 """
 
-from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from .per_layer_config import PerLayerConfigMixin, build_layers
+from .per_layer_config import PerLayerConfigMixin, init_causal_lm, init_rotary_decoder
 
 
 try:  # Transformers 5 configs are strict dataclasses whose validators are collected per decorated class.
@@ -57,28 +56,16 @@ class PrunedLlamaModel(LlamaModel):
     config_class = PrunedLlamaConfig
 
     def __init__(self, config: PrunedLlamaConfig):
-        # LlamaModel.__init__ with one change: each decoder layer gets its own widths.
-        super(LlamaModel, self).__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = build_layers(LlamaDecoderLayer, config)
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
+        super(LlamaModel, self).__init__(config)  # LlamaPreTrainedModel.__init__
+        init_rotary_decoder(self, config, LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding)
 
 
 class PrunedLlamaForCausalLM(LlamaForCausalLM):
     config_class = PrunedLlamaConfig
 
     def __init__(self, config: PrunedLlamaConfig):
-        # LlamaForCausalLM.__init__ with the per-layer base model (never built at full width first).
-        super(LlamaForCausalLM, self).__init__(config)
-        self.model = PrunedLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+        super(LlamaForCausalLM, self).__init__(config)  # LlamaPreTrainedModel.__init__
+        init_causal_lm(self, config, PrunedLlamaModel)
 
 
 __all__ = ["PrunedLlamaConfig", "PrunedLlamaForCausalLM", "PrunedLlamaModel"]

@@ -113,3 +113,25 @@ def build_layers(layer_class, config) -> nn.ModuleList:
                     weight = linear.weight
                     linear.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
     return layers
+
+
+def init_rotary_decoder(model, config, layer_class, norm_class, rotary_class) -> None:
+    """The body of a LLaMA-style `*Model.__init__` (LLaMA, GLM, GLM-4) with per-layer decoder layers; call it after
+    the family's `PreTrainedModel.__init__(model, config)`."""
+    model.padding_idx = config.pad_token_id
+    model.vocab_size = config.vocab_size
+    model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, model.padding_idx)
+    model.layers = build_layers(layer_class, config)
+    model.norm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
+    model.rotary_emb = rotary_class(config=config)
+    model.gradient_checkpointing = False
+    model.post_init()
+
+
+def init_causal_lm(lm, config, base_model_class) -> None:
+    """The body of a LLaMA-style `*ForCausalLM.__init__` around the per-layer base model (never built at full width
+    first); call it after the family's `PreTrainedModel.__init__(lm, config)`."""
+    lm.model = base_model_class(config)
+    lm.vocab_size = config.vocab_size
+    lm.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    lm.post_init()
