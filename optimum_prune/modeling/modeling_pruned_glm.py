@@ -38,18 +38,6 @@ def _strict(cls):
     return strict(cls) if strict is not None and hasattr(GlmConfig, "__class_validators__") else cls
 
 
-def _validate_heads(config) -> None:
-    for index in [None, *config.per_layer_overrides]:
-        layer = config if index is None else config.layer_config(index)
-        if layer.num_attention_heads % layer.num_key_value_heads:
-            where = "" if index is None else f" in layer {index}"
-            raise ValueError(
-                f"num_attention_heads ({layer.num_attention_heads}) must be a multiple of num_key_value_heads "
-                f"({layer.num_key_value_heads}){where}."
-            )
-    config.validate_per_layer_indices()
-
-
 @_strict
 class PrunedGlmConfig(PerLayerConfigMixin, GlmConfig):
     """A `GlmConfig` with per-layer head counts and MLP widths."""
@@ -61,7 +49,8 @@ class PrunedGlmConfig(PerLayerConfigMixin, GlmConfig):
     down_proj_bias: bool = False
 
     def validate_architecture(self):
-        _validate_heads(self)
+        self.validate_kv_heads()
+        self.validate_per_layer_indices()
 
 
 @_strict
@@ -75,7 +64,8 @@ class PrunedGlm4Config(PerLayerConfigMixin, Glm4Config):
     down_proj_bias: bool = False
 
     def validate_architecture(self):
-        _validate_heads(self)
+        self.validate_kv_heads()
+        self.validate_per_layer_indices()
 
 
 class PrunedGlmModel(GlmModel):

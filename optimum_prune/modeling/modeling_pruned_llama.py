@@ -39,14 +39,7 @@ class PrunedLlamaConfig(PerLayerConfigMixin, LlamaConfig):
     down_proj_bias: bool = False
 
     def validate_architecture(self):
-        for index in [None, *self.per_layer_overrides]:
-            config = self if index is None else self.layer_config(index)
-            if config.num_attention_heads % config.num_key_value_heads:
-                where = "" if index is None else f" in layer {index}"
-                raise ValueError(
-                    f"num_attention_heads ({config.num_attention_heads}) must be a multiple of num_key_value_heads "
-                    f"({config.num_key_value_heads}){where}."
-                )
+        self.validate_kv_heads()
         self.validate_per_layer_indices()
 
 

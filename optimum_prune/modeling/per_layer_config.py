@@ -77,6 +77,17 @@ class PerLayerConfigMixin:
                 overrides[int(index)] = {k: int(v) for k, v in fields.items()}
         return dict(sorted(overrides.items()))
 
+    def validate_kv_heads(self) -> None:
+        """Grouped-query attention in every layer: query heads a multiple of key/value heads (LLaMA, GLM)."""
+        for index in [None, *self.per_layer_overrides]:
+            layer = self if index is None else self.layer_config(index)
+            if layer.num_attention_heads % layer.num_key_value_heads:
+                where = "" if index is None else f" in layer {index}"
+                raise ValueError(
+                    f"num_attention_heads ({layer.num_attention_heads}) must be a multiple of num_key_value_heads "
+                    f"({layer.num_key_value_heads}){where}."
+                )
+
     def validate_per_layer_indices(self) -> None:
         if any(i >= self.num_hidden_layers for i in self.per_layer_overrides):
             raise ValueError(
