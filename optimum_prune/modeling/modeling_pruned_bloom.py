@@ -81,7 +81,7 @@ class PrunedBloomConfig(PerLayerConfigMixin, BloomConfig):
                         f"alibi_head_indices of layer {i} needs {n_head} head indices in [0, "
                         f"{self.alibi_num_heads}), got {heads}."
                     )
-        self.validate_per_layer_indices()
+        self.check_per_layer_indices()
 
 
 class PrunedBloomAttention(BloomAttention):

@@ -49,8 +49,8 @@ class PrunedGlmConfig(PerLayerConfigMixin, GlmConfig):
     down_proj_bias: bool = False
 
     def validate_architecture(self):
-        self.validate_kv_heads()
-        self.validate_per_layer_indices()
+        self.check_kv_heads()
+        self.check_per_layer_indices()
 
 
 @_strict
@@ -64,8 +64,8 @@ class PrunedGlm4Config(PerLayerConfigMixin, Glm4Config):
     down_proj_bias: bool = False
 
     def validate_architecture(self):
-        self.validate_kv_heads()
-        self.validate_per_layer_indices()
+        self.check_kv_heads()
+        self.check_per_layer_indices()
 
 
 class PrunedGlmModel(GlmModel):

@@ -39,8 +39,8 @@ class PrunedLlamaConfig(PerLayerConfigMixin, LlamaConfig):
     down_proj_bias: bool = False
 
     def validate_architecture(self):
-        self.validate_kv_heads()
-        self.validate_per_layer_indices()
+        self.check_kv_heads()
+        self.check_per_layer_indices()
 
 
 class PrunedLlamaModel(LlamaModel):

@@ -50,7 +50,7 @@ class PrunedOPTConfig(PerLayerConfigMixin, OPTConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
 
     def validate_architecture(self):
-        self.validate_per_layer_indices()
+        self.check_per_layer_indices()
 
 
 class PrunedOPTAttention(OPTAttention):

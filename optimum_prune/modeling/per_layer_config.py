@@ -30,6 +30,8 @@ class PerLayerConfigMixin:
     `config.per_layer_config[i]` returns layer i's config copy under both Transformers 4.57 and 5.x, which is what
     generation reads to size a static cache per layer."""
 
+    # Checks are named `check_*`: Transformers 5's strict configs run every `validate_*` method as a validator of
+    # every class that inherits it; each config calls the checks that apply from its own `validate_architecture`.
     PER_LAYER_FIELDS: tuple = ()
     # Boolean config fields that give every decoder layer's Linear at that path an output bias (FLAP's bias
     # compensation on families built without one), e.g. {"o_proj_bias": "self_attn.o_proj"}.
@@ -77,7 +79,7 @@ class PerLayerConfigMixin:
                 overrides[int(index)] = {k: int(v) for k, v in fields.items()}
         return dict(sorted(overrides.items()))
 
-    def validate_kv_heads(self) -> None:
+    def check_kv_heads(self) -> None:
         """Grouped-query attention in every layer: query heads a multiple of key/value heads (LLaMA, GLM)."""
         for index in [None, *self.per_layer_overrides]:
             layer = self if index is None else self.layer_config(index)
@@ -88,7 +90,7 @@ class PerLayerConfigMixin:
                     f"({layer.num_key_value_heads}){where}."
                 )
 
-    def validate_per_layer_indices(self) -> None:
+    def check_per_layer_indices(self) -> None:
         if any(i >= self.num_hidden_layers for i in self.per_layer_overrides):
             raise ValueError(
                 f"`per_layer_config` keys must be layer indices in [0, {self.num_hidden_layers}), "
