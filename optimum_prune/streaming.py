@@ -202,7 +202,7 @@ def _plan_group_sets(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan
     return group_sets
 
 
-def _declared_model_type(model_dir: str) -> str | None:
+def declared_model_type(model_dir: str) -> str | None:
     """`model_type` as config.json states it, read without Transformers (ChatGLM's config class is remote code)."""
     try:
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
@@ -1049,7 +1049,7 @@ def prune_streaming(
     if plan is not None and not isinstance(plan, PruningPlan):
         plan = PruningPlan.from_pretrained(plan)
     check = check_streaming_config if plan is None else functools.partial(check_plan_streamable, plan)
-    check(pruner_config, _declared_model_type(model_dir))  # before any remote code could be needed
+    check(pruner_config, declared_model_type(model_dir))  # before any remote code could be needed
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     check(pruner_config, config.model_type)
     spec = get_architecture(config.model_type)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from testing_utils import fresh_process_logits, input_ids, logits, tiny_glm
+from transformers import AutoModelForCausalLM
 
 import optimum_prune
 from optimum_prune import AutoPruner, PrunerConfig, convert_chatglm_checkpoint
@@ -356,6 +357,25 @@ def test_cli_prunes_a_chatglm_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == "glm" and "auto_map" not in saved
+    assert not (path / "REMOTE_CODE_RAN").exists()
+
+
+def test_cli_prunes_a_disk_offloaded_chatglm_in_place(tmp_path):
+    """With `--device-map` putting modules on disk, a ChatGLM directory (converted when loaded, so its shards cannot be
+    streamed) is pruned in place and gives what the in-memory run gives."""
+    from optimum_prune.commands.cli import main as cli_main
+
+    config, sd = glm_to_chatglm(tiny_glm())
+    path = write_chatglm(tmp_path / "chatglm", config, sd)
+    args = ["prune", "--model", str(path), "--importance", "magnitude", "--pruning-ratio", "0.2"]
+    offload = ["--device-map", "auto", "--max-memory", "cpu=1000", "--offload-folder", str(tmp_path / "offload")]
+    assert cli_main([*args, *offload, "--output", str(tmp_path / "offloaded")]) == 0
+    assert cli_main([*args, "--output", str(tmp_path / "in_memory")]) == 0
+    offloaded, in_memory = (
+        AutoModelForCausalLM.from_pretrained(tmp_path / name).eval() for name in ("offloaded", "in_memory")
+    )
+    assert offloaded.config.model_type == "glm"
+    torch.testing.assert_close(logits(offloaded, input_ids()), logits(in_memory, input_ids()), atol=1e-5, rtol=0)
     assert not (path / "REMOTE_CODE_RAN").exists()
 
 

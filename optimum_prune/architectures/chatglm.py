@@ -296,6 +296,8 @@ def load_chatglm_checkpoint(
     rope_ratio_mode: str | None = None,
     dtype=None,
     device_map=None,
+    max_memory=None,
+    offload_folder=None,
     revision: str | None = None,
     token=None,
     cache_dir=None,
@@ -310,7 +312,8 @@ def load_chatglm_checkpoint(
         rope_ratio_mode (`str`, *optional*): `"base"` or `"positions"`, see `chatglm_to_glm_config`; detected from
             the checkpoint's `modeling_chatglm.py` text when left out.
         dtype (`torch.dtype` or `str`, *optional*): defaults to the stored dtype.
-        device_map (*optional*): passed to `from_pretrained`.
+        device_map, max_memory, offload_folder (*optional*): passed to `from_pretrained` (the converted weights are
+            read into CPU memory first, then dispatched).
         revision, token, cache_dir: Hub arguments.
         trust_remote_code (`bool`, *optional*): accepted for `AutoPruner.from_pretrained`; the model's remote code is
             never run (the tokenizer may use it, see `AutoPruner`).
@@ -345,8 +348,13 @@ def load_chatglm_checkpoint(
     state_dict = convert_chatglm_state_dict(read_chatglm_state_dict(path, allow_pickle, **hub_kwargs), config_dict)
     torch_dtype = _resolve_dtype(dtype, state_dict)
     logger.info("Converted the `chatglm` checkpoint %s to native `glm` without running its remote code.", path)
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     model = GlmForCausalLM.from_pretrained(
-        None, config=glm_config, state_dict=state_dict, dtype=torch_dtype, device_map=device_map
+        None,
+        config=glm_config,
+        state_dict=state_dict,
+        dtype=torch_dtype,
+        **{k: v for k, v in placement.items() if v is not None},
     )
     model.name_or_path = path
     return model.eval()

@@ -232,7 +232,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if _offloaded_to_disk(pruner.model) and os.path.isdir(args.model) and not args.eval:
         # Score where the model is; write layer by layer from the shards when streaming can apply the plan.
         plan = pruner.compute_plan(calibration_data=args.calibration)
-        if _streamable(plan, pruner):
+        if _streamable(plan, pruner, args.model):
             return _write_from_shards(args, pruner, plan, before)
         model = pruner.apply_plan(plan)
     else:
@@ -264,11 +264,13 @@ def _write_from_shards(args: argparse.Namespace, pruner, plan, before: dict) -> 
     return 0
 
 
-def _streamable(plan, pruner) -> bool:
-    from ..streaming import check_plan_streamable
+def _streamable(plan, pruner, model_dir: str) -> bool:
+    """Whether streaming can apply `plan` to the checkpoint in `model_dir` as its shards are (not, say, a ChatGLM
+    checkpoint that was converted when loaded)."""
+    from ..streaming import check_plan_streamable, declared_model_type
 
     try:
-        check_plan_streamable(plan, pruner.config, pruner.model.config.model_type)
+        check_plan_streamable(plan, pruner.config, declared_model_type(model_dir))
     except ValueError:
         return False
     return True
