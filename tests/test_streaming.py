@@ -241,6 +241,24 @@ def test_cli_streaming_and_dry_run(llama_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_streams_mini_llm_with_the_block_loss(llama_dir, tmp_path, capsys):
+    """`--importance mini_llm` streams with `--importance-kwargs '{"loss": "block"}'` and is refused without it."""
+    from optimum_prune.commands.cli import main
+
+    common = ["prune", "--model", str(llama_dir), "--importance", "mini_llm", "--streaming"]
+    common += ["--calibration", str(llama_dir.parent / "calib.txt")]
+    common += ["--num-calibration-samples", str(SAMPLES), "--calibration-seq-len", str(SEQ_LEN)]
+    kwargs = ["--importance-kwargs", json.dumps(MINI_LLM_BLOCK)]
+    assert main([*common, *kwargs, "--output", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "pruner_config.json").read_text())
+    assert saved["importance_kwargs"]["loss"] == "block" and saved["streaming"] is True
+    assert _load(tmp_path / "out").config.num_key_value_heads == 3
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "refused")]) == 2
+    assert "mini_llm with importance_kwargs={'loss': 'block'}" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_shard_writer_lays_out_shards_in_advance(tmp_path):
     """Tensors are written to their place in any order; the shards load with safetensors as save_pretrained's do."""
     from safetensors.torch import load_file
