@@ -1,19 +1,24 @@
 """Streaming (layer-by-layer) pruning against the in-memory path, on tiny checkpoints saved in several shards."""
 
-import copy
 import json
 import os
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, tiny_llama, word_text, word_tokenizer
+from testing_utils import (
+    VOCAB,
+    input_ids,
+    logits,
+    sequential_reference,
+    tiny_llama,
+    word_text,
+    word_tokenizer,
+    zero_grouped_units,
+)
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import AutoPruner, PrunerConfig, PruningPlan
-from optimum_prune.allocation import select_top, uniform_allocation
-from optimum_prune.architectures import get_architecture
-from optimum_prune.calibration import collect_statistics, prepare_calibration
-from optimum_prune.groups import build_group_sets
+from optimum_prune.calibration import prepare_calibration
 from optimum_prune.streaming import prune_streaming, sequential_plan
 
 
@@ -49,44 +54,6 @@ def llama_dir(tmp_path_factory):
     return path
 
 
-def _zero_removed_units(model, layer_index, kept):
-    """Remove units the way the exactness tests do, with no pruning code: zero the columns of o_proj / down_proj
-    that read them (tiny_llama: 4 KV groups of 2 query heads of 8 channels; 80 MLP channels)."""
-    layer = model.model.layers[layer_index]
-    with torch.no_grad():
-        for key, units in kept.items():
-            structure, index = key.split(".")
-            if int(index) != layer_index:
-                continue
-            if structure == "attention_heads":
-                for group in sorted(set(range(4)) - set(units)):
-                    layer.self_attn.o_proj.weight[:, group * 16 : (group + 1) * 16] = 0
-            else:
-                layer.mlp.down_proj.weight[:, sorted(set(range(80)) - set(units))] = 0
-
-
-def _sequential_reference(model, config):
-    """Sequential statistics with the in-memory statistics code: layer i is scored by `collect_statistics` on the
-    whole model in which the units removed from layers < i are zeroed (which computes what the pruned layers do)."""
-    spec = get_architecture("llama")
-    importance = config.build_importance()
-    zeroed = copy.deepcopy(model)
-    group_sets = build_group_sets(zeroed, spec, config.structures)
-    counts = uniform_allocation(
-        dict(zeroed.named_parameters()), group_sets, config.structures, config.pruning_ratio, config.round_to
-    )
-    kept = {}
-    for i in range(zeroed.config.num_hidden_layers):
-        keys = [key for key, gs in group_sets.items() if gs.layer == i]
-        names = {s.name for key in keys for s in group_sets[key].slices}
-        stats = collect_statistics(zeroed, _batches(config), importance.needs, param_names=names)
-        for key in keys:
-            if counts[key] < group_sets[key].num_units:
-                kept[key] = select_top(importance.score(group_sets[key], stats).float(), counts[key])
-        _zero_removed_units(zeroed, i, kept)
-    return kept
-
-
 @pytest.mark.parametrize("importance", ["magnitude", "random"])
 def test_weight_criteria_match_in_memory_path(llama_dir, tmp_path, importance):
     """Without data the streaming plan is the in-memory plan, and the streamed checkpoint is the in-memory result."""
@@ -120,7 +87,7 @@ def test_data_criteria_match_sequential_reference(llama_dir, tmp_path, importanc
     config = _config(importance, importance_kwargs=kwargs)
     report = prune_streaming(llama_dir, config, DATA, tmp_path / "out")
     plan = report["plan"]
-    assert plan.kept == _sequential_reference(_load(llama_dir), config)
+    assert plan.kept == sequential_reference(_load(llama_dir), config, _batches(config), zero_grouped_units)
     assert plan.kept == sequential_plan(_load(llama_dir), config, _batches(config)).kept
     # Layer 0 sees the same inputs in both paths, so it matches the in-memory (non-sequential) plan.
     in_memory = AutoPruner.from_model(_load(llama_dir), config)

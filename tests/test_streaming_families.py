@@ -8,21 +8,29 @@ whose blocks pick their kept heads' ALiBi rows). The references here are the in-
 streamed plan, and a sequential-statistics reference that zeroes removed units with no pruning code.
 """
 
-import copy
 import json
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_bloom, tiny_glm, tiny_opt
+from testing_utils import (
+    VOCAB,
+    fresh_process_logits,
+    input_ids,
+    logits,
+    sequential_reference,
+    tiny_bloom,
+    tiny_glm,
+    tiny_opt,
+    zero_grouped_units,
+)
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import AutoPruner, PrunerConfig, convert_chatglm_checkpoint
-from optimum_prune.allocation import select_top, uniform_allocation
 from optimum_prune.architectures import get_architecture
-from optimum_prune.calibration import collect_statistics, prepare_calibration
-from optimum_prune.groups import build_group_sets, decoder_layers
+from optimum_prune.calibration import prepare_calibration
+from optimum_prune.groups import decoder_layers
 from optimum_prune.streaming import capture_layer_inputs, prune_streaming, run_layer, sequential_plan
 
 
@@ -86,41 +94,7 @@ def _zero_bloom(model, layer, structure, removed):
         layer.mlp.dense_4h_to_h.weight[:, removed] = 0
 
 
-def _zero_glm(model, layer, structure, removed):
-    layer = model.model.layers[layer]
-    if structure == "attention_heads":  # 3 KV groups of 2 query heads of 8
-        for g in removed:
-            layer.self_attn.o_proj.weight[:, g * 16 : (g + 1) * 16] = 0
-    else:
-        layer.mlp.down_proj.weight[:, removed] = 0
-
-
-ZERO = {"opt": _zero_opt, "bloom": _zero_bloom, "glm": _zero_glm, "glm4": _zero_glm}
-
-
-def _sequential_reference(family, model, config):
-    """Sequential statistics with the in-memory statistics code: layer i is scored by `collect_statistics` on the whole
-    model in which the units removed from the layers before it are zeroed (which computes what the pruned layers do,
-    through the family's own forward)."""
-    spec = get_architecture(model.config.model_type)
-    importance = config.build_importance()
-    zeroed = copy.deepcopy(model)
-    group_sets = build_group_sets(zeroed, spec, config.structures)
-    counts = uniform_allocation(
-        dict(zeroed.named_parameters()), group_sets, config.structures, config.pruning_ratio, config.round_to
-    )
-    kept = {}
-    for i in range(len(decoder_layers(zeroed, spec))):
-        keys = [key for key, gs in group_sets.items() if gs.layer == i]
-        names = {s.name for key in keys for s in group_sets[key].slices}
-        stats = collect_statistics(zeroed, _batches(config), importance.needs, param_names=names)
-        for key in keys:
-            if counts[key] < group_sets[key].num_units:
-                kept[key] = select_top(importance.score(group_sets[key], stats).float(), counts[key])
-                removed = sorted(set(range(group_sets[key].num_units)) - set(kept[key]))
-                with torch.no_grad():
-                    ZERO[family](zeroed, i, key.split(".")[0], removed)
-    return kept
+ZERO = {"opt": _zero_opt, "bloom": _zero_bloom, "glm": zero_grouped_units, "glm4": zero_grouped_units}
 
 
 # The tests ---------------------------------------------------------------------------------------------------------
@@ -180,7 +154,7 @@ def test_data_criteria_match_sequential_reference(checkpoints, tmp_path, family,
     plan = report["plan"]
     assert plan.kept == sequential_plan(_load(path), config, _batches(config)).kept
     if importance == "wanda_sp":
-        assert plan.kept == _sequential_reference(family, _load(path), config)
+        assert plan.kept == sequential_reference(_load(path), config, _batches(config), ZERO[family])
     streamed = _load(tmp_path / "out")
     assert streamed.config.model_type == PRUNED_TYPE[family]
     reference = plan.apply(_load(path))

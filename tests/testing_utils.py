@@ -200,3 +200,48 @@ def fresh_process_logits(paths, ids: torch.Tensor, *, trust_remote_code: bool, i
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out)
+
+
+def zero_grouped_units(model, layer, structure, removed):
+    """Remove units of a LLaMA-layout layer (LLaMA, GLM) with no pruning code: zero the o_proj columns of removed KV
+    groups (2 query heads of 8 channels each in the tiny models) or the down_proj columns of removed MLP channels."""
+    layer = model.model.layers[layer]
+    with torch.no_grad():
+        if structure == "attention_heads":
+            for g in removed:
+                layer.self_attn.o_proj.weight[:, g * 16 : (g + 1) * 16] = 0
+        else:
+            layer.mlp.down_proj.weight[:, removed] = 0
+
+
+def sequential_reference(model, config, batches, zero_units) -> dict:
+    """The plan of one-pass streaming, computed with the in-memory statistics code: layer i is scored by
+    `collect_statistics` on a copy of the whole model in which the units removed from the layers before it are zeroed
+    by `zero_units(model, layer, structure, removed)` (which computes what the pruned layers do, through the family's
+    own forward). Returns the kept units per pruned group set."""
+    import copy
+
+    from optimum_prune.allocation import select_top, uniform_allocation
+    from optimum_prune.architectures import get_architecture
+    from optimum_prune.calibration import collect_statistics
+    from optimum_prune.groups import build_group_sets, decoder_layers
+
+    spec = get_architecture(model.config.model_type)
+    importance = config.build_importance()
+    zeroed = copy.deepcopy(model)
+    group_sets = build_group_sets(zeroed, spec, config.structures)
+    counts = uniform_allocation(
+        dict(zeroed.named_parameters()), group_sets, config.structures, config.pruning_ratio, config.round_to
+    )
+    kept = {}
+    for i in range(len(decoder_layers(zeroed, spec))):
+        keys = [key for key, gs in group_sets.items() if gs.layer == i]
+        names = {s.name for key in keys for s in group_sets[key].slices}
+        stats = collect_statistics(zeroed, batches, importance.needs, param_names=names)
+        for key in keys:
+            if counts[key] < group_sets[key].num_units:
+                kept[key] = select_top(importance.score(group_sets[key], stats).float(), counts[key])
+                removed = sorted(set(range(group_sets[key].num_units)) - set(kept[key]))
+                with torch.no_grad():
+                    zero_units(zeroed, i, key.split(".")[0], removed)
+    return kept
