@@ -17,6 +17,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Bytes the parameters of `model` take in a safetensors checkpoint (tied tensors once): the free space a save
+    needs, known before writing anything."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _eval_ids(data, tokenizer) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data.long().flatten()

@@ -8,12 +8,9 @@ tags, licence, `model-index`) is the YAML the Hub parses.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -91,32 +88,6 @@ CRITERION_CITATIONS = {
     "wanda_sp": ("wanda", "flap"),
     "block_influence": ("shortgpt",),
 }
-
-
-@contextlib.contextmanager
-def atomic_directory(save_directory: str | os.PathLike):
-    """Yield a temporary sibling directory that replaces `save_directory` only if the block succeeds.
-
-    On any failure the temporary directory is removed and `save_directory` is left exactly as it was (absent, or with
-    its previous contents).
-    """
-    target = Path(save_directory).resolve()
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"`save_directory` ({target}) exists and is not a directory.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        backup = None
-        if target.exists():
-            backup = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, backup)
-        os.replace(tmp, target)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def count_macs_per_token(model: nn.Module) -> int:

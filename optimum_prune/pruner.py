@@ -22,11 +22,10 @@ from .allocation import (
 from .architectures.base import ATTENTION_HEADS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
 from .calibration import collect_statistics, prepare_calibration
 from .configuration import PrunerConfig
-from .evaluation import count_parameters
+from .evaluation import checkpoint_bytes, count_parameters
 from .groups import GroupSet, Slice, build_group_sets, check_tied_groups, decoder_layers, layer_prefix, width_of
 from .hub import (
     CHART_NAME,
-    atomic_directory,
     build_model_card,
     count_macs_per_token,
     plan_is_uniform,
@@ -36,6 +35,7 @@ from .hub import (
 )
 from .importance.base import ACTIVATIONS
 from .offload import apply_plan_dispatched, is_offloaded, keep_tied_weights
+from .output_dir import atomic_directory
 from .plan import PruningPlan
 from .utils.compat import fails_transformers_5_validation, make_checkpoint_portable
 
@@ -526,17 +526,22 @@ class Pruner:
         save_directory: str | os.PathLike,
         results: list[dict] | None = None,
         repo_or_path: str | None = None,
+        overwrite: bool = False,
         **kwargs,
     ) -> None:
         """Write weights (safetensors), config, tokenizer, `pruner_config.json`, `pruning_plan.json`,
         `pruning_results.json`, a model card and, for non-uniform plans, the per-layer width chart it shows.
 
         Atomic: everything is written to a temporary sibling directory that replaces `save_directory` only when all
-        files are written, so a failure leaves no partial directory behind. `repo_or_path` is the name the card's
-        loading code uses (defaults to `save_directory`; `push_to_hub` passes the repo id).
+        files are written, so a failure leaves no partial directory behind. A non-empty `save_directory` is replaced
+        only when it is a previous optimum-prune output; `overwrite=True` allows any other directory, and then only
+        the checkpoint's own files in it are replaced. The input model's directory, its ancestors and the working
+        directory are always refused (see `output_dir.check_output_directory`). `repo_or_path` is the name the
+        card's loading code uses (defaults to `save_directory`; `push_to_hub` passes the repo id).
         """
         self._check_pruned()
-        with atomic_directory(save_directory) as tmp:
+        inputs = (self.name_or_path, getattr(self.model, "name_or_path", None))
+        with atomic_directory(save_directory, inputs, overwrite, expected_bytes=checkpoint_bytes(self.model)) as tmp:
             self.model.save_pretrained(tmp, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)

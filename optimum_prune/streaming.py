@@ -994,6 +994,7 @@ def prune_streaming(
     offload_hidden_states: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
     plan: PruningPlan | str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Prune the safetensors checkpoint in `model_dir` layer by layer into `output_dir`, never loading it whole.
 
@@ -1023,6 +1024,8 @@ def prune_streaming(
             it (`pruner_config` is the config it was made with, recorded in the output), e.g. Taylor on a model
             offloaded with `device_map`: the pruned checkpoint is then written without loading the offloaded part.
             Heads and MLP channels of the streamed families; bias compensation (the plan's means) included.
+        overwrite (`bool`, *optional*, defaults to `False`): write into a non-empty `output_dir` that is not a
+            previous optimum-prune output, replacing only the checkpoint's own files there (see `output_dir.py`).
 
     Returns:
         `dict` with `params_before`, `params_after`, `planned_widths`, `widths_from_scores` (True for two-pass
@@ -1033,13 +1036,13 @@ def prune_streaming(
     from . import modeling  # noqa: F401 - registers the pruned model types that the pruned config may need
     from .hub import (
         CHART_NAME,
-        atomic_directory,
         build_model_card,
         count_macs_per_token,
         plan_is_uniform,
         plot_layer_widths,
         write_results,
     )
+    from .output_dir import atomic_directory, check_output_directory
     from .pruner import _describe_data
     from .utils.compat import make_checkpoint_portable
 
@@ -1110,6 +1113,8 @@ def prune_streaming(
         return report
     if output_dir is None:
         raise ValueError("`output_dir` is required unless `dry_run=True`.")
+    expected = round(report["checkpoint_bytes"] * report["params_after"] / max(report["params_before"], 1))
+    check_output_directory(output_dir, (model_dir,), overwrite, expected)  # before the layers are read
     if tokenizer is None and any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
         # Only a tokenizer the checkpoint ships: for a folder without one, Transformers 5 builds an empty default
         # tokenizer for some types (OPT), which would then be copied into the output.
@@ -1171,7 +1176,7 @@ def prune_streaming(
         report["params_after"] = count_parameters(shape_model)
         report["planned_widths"] = _planned_widths(all_group_sets, kept_counts)
 
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, (model_dir,), overwrite, expected) as tmp:
         # Output tensors: the checkpoint's own names (tied heads stay absent) and the biases compensation adds, with
         # the planned shapes, in writing order.
         pruned_layout = {name: (t.dtype, tuple(t.shape)) for name, t in shape_model.state_dict().items()}

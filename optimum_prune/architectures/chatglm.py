@@ -43,6 +43,8 @@ import re
 
 import torch
 
+from ..evaluation import checkpoint_bytes
+from ..output_dir import atomic_directory, check_output_directory
 from .base import register_checkpoint_converter
 
 
@@ -367,10 +369,12 @@ def convert_chatglm_checkpoint(
     allow_pickle: bool = False,
     rope_ratio_mode: str | None = None,
     dtype=None,
+    overwrite: bool = False,
 ) -> str:
     """Write a stock `glm` checkpoint (config.json + safetensors, no remote code) for a ChatGLM2/3 / GLM-4 one.
 
-    The tokenizer is not copied: ChatGLM's tokenizers are themselves remote code.
+    The tokenizer is not copied: ChatGLM's tokenizers are themselves remote code. `dst_dir` is written atomically
+    and never replaces a non-empty directory unless `overwrite=True` (see `output_dir.py`).
 
     Example:
 
@@ -380,8 +384,10 @@ def convert_chatglm_checkpoint(
     'chatglm3-6b-glm'
     ```
     """
+    check_output_directory(dst_dir, (src_dir,), overwrite)  # before the conversion reads anything
     model = load_chatglm_checkpoint(src_dir, allow_pickle=allow_pickle, rope_ratio_mode=rope_ratio_mode, dtype=dtype)
-    model.save_pretrained(dst_dir)
+    with atomic_directory(dst_dir, (src_dir,), overwrite, checkpoint_bytes(model)) as tmp:
+        model.save_pretrained(tmp)
     return os.fspath(dst_dir)
 
 

@@ -16,6 +16,12 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Local directory or Hub id of a causal LM.")
     parser.add_argument("--output", required=True, help="Directory to write the pruned checkpoint to.")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Write into a non-empty --output that is not an optimum-prune checkpoint (only its checkpoint files are "
+        "replaced).",
+    )
+    parser.add_argument(
         "--pruning-ratio",
         type=float,
         default=DEFAULTS["pruning_ratio"],
@@ -195,8 +201,11 @@ def run_prune(args: argparse.Namespace) -> int:
 
     from ..auto import AutoPruner
     from ..evaluation import count_parameters, summary_table
+    from ..output_dir import check_output_directory
 
     config = build_pruner_config(args)
+    if not args.dry_run:  # before any work: never the input's folder, a non-empty foreign one, or unwritable
+        check_output_directory(args.output, _input_paths(args), args.overwrite)
     if not args.streaming:
         streaming_config = _auto_streaming(args, config)
         if streaming_config is not None:
@@ -240,10 +249,15 @@ def run_prune(args: argparse.Namespace) -> int:
     after = {"parameters": count_parameters(model)}
     if args.eval:
         after["perplexity"] = pruner.evaluate(args.eval, args.eval_seq_len, args.eval_windows)
-    pruner.save_pretrained(args.output)
+    pruner.save_pretrained(args.output, overwrite=args.overwrite)
     print(summary_table(before, after))
     print(f"Saved to {args.output} ({model.config.model_type}).")
     return 0
+
+
+def _input_paths(args: argparse.Namespace) -> list:
+    """Every path the run reads: none of them, nor a folder holding one, may become the output."""
+    return [getattr(args, name, None) for name in ("model", "calibration", "eval", "plan", "config", "train")]
 
 
 def _offloaded_to_disk(model) -> bool:
@@ -257,7 +271,13 @@ def _write_from_shards(args: argparse.Namespace, pruner, plan, before: dict) -> 
     from ..streaming import prune_streaming
 
     report = prune_streaming(
-        args.model, pruner.config, None, args.output, max_shard_size=args.max_shard_size, plan=plan
+        args.model,
+        pruner.config,
+        None,
+        args.output,
+        max_shard_size=args.max_shard_size,
+        plan=plan,
+        overwrite=args.overwrite,
     )
     print(summary_table(before, {"parameters": report["params_after"]}))
     print(f"Saved to {args.output} (written layer by layer from the checkpoint's shards).")
@@ -342,6 +362,7 @@ def _run_streaming(args: argparse.Namespace, config) -> int:
         trust_remote_code=args.trust_remote_code,
         offload_hidden_states=args.offload_hidden_states,
         plan=args.plan,
+        overwrite=args.overwrite,
     )
     print(format_dry_run(report))
     if not args.dry_run:

@@ -16,6 +16,12 @@ def add_recover_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="A pruned checkpoint directory (written by `prune`).")
     parser.add_argument("--train", required=True, help="Training text: a .txt or .jsonl file.")
     parser.add_argument("--output", required=True, help="Directory to write the recovered (merged) checkpoint to.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Write into a non-empty --output that is not an optimum-prune checkpoint (only its checkpoint files are "
+        "replaced).",
+    )
     parser.add_argument("--eval", default=None, help="Text file for perplexity before and after recovery.")
     parser.add_argument("--max-steps", type=int, default=60, help="Optimizer steps.")
     parser.add_argument("--batch-size", type=int, default=8, help="Blocks per device and step.")
@@ -45,12 +51,15 @@ def run_recover(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation import format_table
+    from ..output_dir import check_output_directory
     from ..pruner import Pruner
     from ..recovery import DEFAULT_LORA_DROPOUT, build_training_arguments, lora_target_modules
 
     for name in ("max_steps", "batch_size", "block_size", "lora_r", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive integer, got {getattr(args, name)}.")
+    inputs = (args.model, args.train, args.eval)
+    check_output_directory(args.output, inputs, args.overwrite)  # before training, not after it
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     pruner = Pruner.from_pruned(args.model, dtype=dtype)
     from peft import LoraConfig
@@ -90,7 +99,7 @@ def run_recover(args: argparse.Namespace) -> int:
         )
     if training_args.process_index != 0:
         return 0  # the main process writes the checkpoint; the others hold identical merged weights
-    pruner.save_pretrained(args.output)
+    pruner.save_pretrained(args.output, overwrite=args.overwrite)
     rows = [[name, f"{value:.4f}"] for name, value in report.items() if isinstance(value, float)]
     print(format_table(["", "value"], rows))
     print(f"Saved to {args.output} ({pruner.model.config.model_type}).")
