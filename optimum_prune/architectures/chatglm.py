@@ -43,6 +43,7 @@ import re
 
 import torch
 
+from ..utils.safe_weights import pickle_refusal
 from .base import register_checkpoint_converter
 
 
@@ -263,10 +264,7 @@ def read_chatglm_state_dict(path, allow_pickle: bool = False, **hub_kwargs) -> d
         if not files:
             continue
         if pickled and not allow_pickle:
-            raise ValueError(
-                f"{path} has only pickled weights ({os.path.basename(files[0])}); loading a pickle can execute code. "
-                "Pass `allow_pickle=True` if you trust this checkpoint, or convert it to safetensors."
-            )
+            raise pickle_refusal(path, os.path.basename(files[0]))
         state_dict = {}
         for file in files:
             if pickled:
