@@ -43,6 +43,7 @@ class AutoPruner:
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         pruner_config: PrunerConfig | None = None,
+        *,
         allow_pickle: bool = False,
         **kwargs,
     ) -> Pruner:

@@ -675,7 +675,7 @@ class Pruner:
         return report
 
     @classmethod
-    def from_pruned(cls, path: str | os.PathLike, allow_pickle: bool = False, **kwargs) -> Pruner:
+    def from_pruned(cls, path: str | os.PathLike, *, allow_pickle: bool = False, **kwargs) -> Pruner:
         """Reload a saved pruned checkpoint as a pruned [`Pruner`] (to recover, re-save or push it).
 
         kwargs go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, ...). The base's parameter and MAC
