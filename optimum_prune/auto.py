@@ -15,6 +15,7 @@ from .architectures.base import (
 )
 from .configuration import PrunerConfig
 from .pruner import Pruner
+from .utils.safe_weights import weights_loading_kwargs
 
 
 logger = logging.getLogger(__name__)
@@ -39,10 +40,19 @@ class AutoPruner:
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, pruner_config: PrunerConfig | None = None, **kwargs
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        pruner_config: PrunerConfig | None = None,
+        *,
+        allow_pickle: bool = False,
+        **kwargs,
     ) -> Pruner:
         """Load a causal LM (kwargs go to `AutoModelForCausalLM.from_pretrained`: dtype, device_map, max_memory,
         offload_folder, revision, token, trust_remote_code) and its tokenizer, and return a [`Pruner`] for it.
+
+        A checkpoint whose only weights are pickled (`pytorch_model*.bin`, `*.pt`, ...) is refused before anything is
+        read, because unpickling can execute code: pass `allow_pickle=True` for one you trust (see
+        `optimum_prune.utils.safe_weights`). Otherwise only safetensors weights are loaded.
 
         With `device_map="auto"` and `max_memory`, the model is spread over the GPUs, the CPU and the disk
         (`offload_folder`); every criterion runs on the dispatched model and the pruned model is dispatched again with
@@ -62,15 +72,18 @@ class AutoPruner:
                 "`optimum_prune.streaming.prune_streaming(model_dir, pruner_config, calibration_data, output_dir)`."
             )
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "trust_remote_code", "cache_dir") if k in kwargs}
+        safe_kwargs = weights_loading_kwargs(
+            pretrained_model_name_or_path, allow_pickle, **hub_kwargs, **_local_files_only(kwargs)
+        )
         converter = CHECKPOINT_CONVERTERS.get(_checkpoint_model_type(pretrained_model_name_or_path, hub_kwargs))
         if converter is not None:
-            model = converter(pretrained_model_name_or_path, **kwargs)
+            model = converter(pretrained_model_name_or_path, allow_pickle=allow_pickle, **kwargs)
             # Without an explicit choice, AutoTokenizer would read the checkpoint's `auto_map` and prompt to run it.
             hub_kwargs.setdefault("trust_remote_code", False)
         else:
             model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
             get_architecture(model_config.model_type)  # fail before loading weights
-            model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **{**kwargs, **safe_kwargs})
         try:
             tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         except (OSError, ValueError) as err:
@@ -110,6 +123,10 @@ class AutoPruner:
     @staticmethod
     def supported_model_types() -> list[str]:
         return sorted(ARCHITECTURE_REGISTRY)
+
+
+def _local_files_only(kwargs: dict) -> dict:
+    return {"local_files_only": kwargs["local_files_only"]} if "local_files_only" in kwargs else {}
 
 
 def _checkpoint_model_type(path, hub_kwargs: dict) -> str | None:

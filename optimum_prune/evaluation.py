@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .offload import input_device
+from .utils.safe_weights import weights_loading_kwargs
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -122,12 +123,18 @@ def _default_device() -> str:
 
 
 def load_for_evaluation(
-    path: str | os.PathLike, *, dtype="auto", device: str | None = None, trust_remote_code: bool = False
+    path: str | os.PathLike,
+    *,
+    dtype="auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ):
     """Load a checkpoint (pruned or not) and its tokenizer for evaluation, as `(model, tokenizer)` in eval mode.
 
     Importing `optimum_prune.modeling` first registers the pruned model types (`pruned_llama`, ...), so non-uniform
-    checkpoints load without `trust_remote_code`; lm-eval's own loader would not know those types.
+    checkpoints load without `trust_remote_code`; lm-eval's own loader would not know those types. Pickled weights
+    are refused unless `allow_pickle=True` (unpickling can execute code).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,7 +142,8 @@ def load_for_evaluation(
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    safe_kwargs = weights_loading_kwargs(path, allow_pickle)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **safe_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.to(device or _default_device()).eval(), tokenizer
 

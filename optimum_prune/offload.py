@@ -277,10 +277,12 @@ def apply_plan_dispatched(model: nn.Module, plan, spec, offload_folder: str | No
     offloaded part of the model once, in CPU RAM; tensors already on a device stay there), the model is pruned, and the
     smaller model is dispatched again with every module on the device it had (renumbered for removed layers), so it
     fits the `max_memory` the original fitted. Weights placed on `"disk"` are written to a new folder inside
-    `offload_folder` (a temporary folder without one). A model without hooks is pruned as it is.
+    `offload_folder` (a temporary folder without one). A model without hooks is pruned as it is. A plan that does
+    not fit the model is refused before anything changes (`surgery.check_plan`).
     """
-    from .surgery import apply_plan
+    from .surgery import apply_plan, check_plan
 
+    check_plan(model, plan, spec)  # before the hooks come off: a plan that does not fit leaves the model as it was
     device_map = getattr(model, "hf_device_map", None)
     if not is_dispatched(model):
         apply_plan(model, plan, spec)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
+
+from .architectures.base import ATTENTION_HEADS, HIDDEN_CHANNELS, MLP_CHANNELS, QUERY_HEADS
 
 
 PLAN_NAME = "pruning_plan.json"
@@ -12,6 +15,8 @@ PLAN_FORMAT_VERSION = 2  # the newest format this version reads
 # Plans without bias compensation are written as format 1, so older optimum-prune versions still read them; a plan
 # with `bias_means` is format 2: an older reader would otherwise drop the compensation silently.
 _BIAS_FORMAT_VERSION = 2
+# Structures with one plan entry per decoder layer (`"<structure>.<layer>"`); hidden channels have one model-wide entry.
+LAYER_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS)
 
 
 @dataclass
@@ -44,24 +49,33 @@ class PruningPlan:
     format_version: int = 1
 
     def __post_init__(self):
-        self.kept = {k: sorted(int(i) for i in v) for k, v in self.kept.items()}
-        self.removed_layers = sorted(int(i) for i in self.removed_layers)
+        # Strict: a tampered or hand-edited plan is refused, never coerced ("12" is not [1, 2], 1.7 is not 1).
+        if not isinstance(self.model_type, str) or not self.model_type:
+            raise ValueError(f"`model_type` must be a non-empty string, got {self.model_type!r}.")
+        _check_int("num_layers", self.num_layers, minimum=1)
+        _check_int("format_version", self.format_version, minimum=1)
+        _check_dict("unit_counts", self.unit_counts)
+        for key, total in self.unit_counts.items():
+            check_plan_key(key, self.num_layers)
+            _check_int(f"unit_counts[{key!r}]", total, minimum=1)
+        _check_dict("kept", self.kept)
         for key, kept in self.kept.items():
-            total = self.unit_counts.get(key)
-            if total is None:
-                raise ValueError(f"Plan entry {key!r} has no unit count.")
+            if key not in self.unit_counts:
+                raise ValueError(f"Plan entry {key!r} has no unit count in `unit_counts`.")
+            _check_indices(f"kept[{key!r}]", kept, self.unit_counts[key])
             if not kept:
                 raise ValueError(f"Plan entry {key!r} keeps no unit; at least one must remain.")
-            if kept[-1] >= total or kept[0] < 0 or len(set(kept)) != len(kept):
-                raise ValueError(f"Plan entry {key!r} has indices outside [0, {total}) or duplicates.")
-        if any(not 0 <= i < self.num_layers for i in self.removed_layers):
-            raise ValueError(f"`removed_layers` must be in [0, {self.num_layers}), got {self.removed_layers}.")
+        _check_indices("removed_layers", self.removed_layers, self.num_layers)
         if len(self.removed_layers) >= self.num_layers:
             raise ValueError("A plan cannot remove every decoder layer.")
-        self.bias_means = {k: {n: [float(x) for x in v] for n, v in m.items()} for k, m in self.bias_means.items()}
-        for key in self.bias_means:
+        _check_dict("bias_means", self.bias_means)
+        for key, means in self.bias_means.items():
             if key not in self.kept:
                 raise ValueError(f"`bias_means` has entry {key!r}, which the plan does not prune.")
+            _check_dict(f"bias_means[{key!r}]", means)
+            for name, values in means.items():
+                _check_numbers(f"bias_means[{key!r}][{name!r}]", values)
+        self.bias_means = {k: {n: [float(x) for x in v] for n, v in m.items()} for k, m in self.bias_means.items()}
         if self.bias_means:
             self.format_version = max(self.format_version, _BIAS_FORMAT_VERSION)
 
@@ -73,9 +87,15 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningPlan:
+        if not isinstance(data, dict):
+            raise ValueError(f"A pruning plan is a JSON object, got {_kind(data)}.")
         version = data.get("format_version", PLAN_FORMAT_VERSION)
+        _check_int("format_version", version, minimum=1)
         if version > PLAN_FORMAT_VERSION:
             raise ValueError(f"Plan format {version} is newer than this optimum-prune understands.")
+        missing = [k for k in ("model_type", "num_layers") if k not in data]
+        if missing:
+            raise ValueError(f"A pruning plan needs {missing} (it has {sorted(data)}).")
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -86,9 +106,18 @@ class PruningPlan:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> PruningPlan:
         """Read `pruning_plan.json` from a directory (or the file itself)."""
-        file = path if str(path).endswith(".json") else os.path.join(path, PLAN_NAME)
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        file = os.fspath(path) if str(path).endswith(".json") else os.path.join(path, PLAN_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"No pruning plan at {file!r}.")
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"The pruning plan {file!r} is not valid JSON ({err}).") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"The pruning plan {file!r} is invalid: {err}") from None
 
     def kept_widths(self, structure: str) -> dict[int, int]:
         """Kept unit count per layer for `structure` (pruned layers only)."""
@@ -96,7 +125,72 @@ class PruningPlan:
         return {int(k[len(prefix) :]): len(v) for k, v in self.kept.items() if k.startswith(prefix)}
 
     def apply(self, model):
-        """Prune `model` in place exactly as this plan says and return it (see [`surgery.apply_plan`])."""
+        """Prune `model` in place exactly as this plan says and return it (see [`surgery.apply_plan`]). A plan that
+        does not fit the model (type, layers, unit counts, tied groups, bias means) is refused with a ValueError
+        before any tensor changes."""
         from .surgery import apply_plan
 
         return apply_plan(model, self)
+
+
+def check_plan_key(key, num_layers: int) -> None:
+    """A `unit_counts`/`kept` key is `"hidden_channels"` or `"<per-layer structure>.<layer>"` with the layer written
+    as a plain decimal in [0, num_layers)."""
+    if key == HIDDEN_CHANNELS:
+        return
+    structure, dot, layer = str(key).partition(".")
+    if (
+        not isinstance(key, str)
+        or not dot
+        or structure not in LAYER_STRUCTURES
+        or not layer.isascii()
+        or not layer.isdigit()
+        or layer != str(int(layer))
+    ):
+        raise ValueError(
+            f"Plan key {key!r} is not '{HIDDEN_CHANNELS}' or '<structure>.<layer>' with a structure among "
+            f"{list(LAYER_STRUCTURES)} and a layer number."
+        )
+    if int(layer) >= num_layers:
+        raise ValueError(f"Plan key {key!r} names layer {layer}; the plan has {num_layers} decoder layers.")
+
+
+def _kind(value) -> str:
+    return f"{type(value).__name__} {value!r}" if len(repr(value)) <= 40 else type(value).__name__
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {_kind(value)}.")
+
+
+def _check_dict(name: str, value) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"`{name}` must be an object (a dict), got {_kind(value)}.")
+
+
+def _check_indices(name: str, value, bound: int) -> None:
+    """A list of distinct integers in [0, bound), ascending."""
+    if not isinstance(value, list):
+        raise ValueError(f"`{name}` must be a list of integers, got {_kind(value)}.")
+    for position, index in enumerate(value):
+        if not _is_int(index):
+            raise ValueError(f"`{name}` must hold integers only, got {_kind(index)} at position {position}.")
+        if not 0 <= index < bound:
+            raise ValueError(f"`{name}` has index {index}, outside [0, {bound}).")
+        if position and index <= value[position - 1]:
+            raise ValueError(
+                f"`{name}` must be sorted ascending without duplicates; {index} follows {value[position - 1]}."
+            )
+
+
+def _check_numbers(name: str, value) -> None:
+    if not isinstance(value, list):
+        raise ValueError(f"`{name}` must be a list of numbers, got {_kind(value)}.")
+    for position, x in enumerate(value):
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+            raise ValueError(f"`{name}` must hold finite numbers only, got {_kind(x)} at position {position}.")

@@ -38,6 +38,7 @@ from .offload import apply_plan_dispatched, is_offloaded, keep_tied_weights
 from .output_dir import atomic_directory
 from .plan import PruningPlan
 from .utils.compat import fails_transformers_5_validation, make_checkpoint_portable
+from .utils.safe_weights import weights_loading_kwargs
 
 
 logger = logging.getLogger(__name__)
@@ -679,11 +680,12 @@ class Pruner:
         return report
 
     @classmethod
-    def from_pruned(cls, path: str | os.PathLike, **kwargs) -> Pruner:
+    def from_pruned(cls, path: str | os.PathLike, *, allow_pickle: bool = False, **kwargs) -> Pruner:
         """Reload a saved pruned checkpoint as a pruned [`Pruner`] (to recover, re-save or push it).
 
         kwargs go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, ...). The base's parameter and MAC
-        counts and the measured perplexities come back from `pruning_results.json`.
+        counts and the measured perplexities come back from `pruning_results.json`. Pickled weights are refused
+        unless `allow_pickle=True` (unpickling can execute code).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -693,7 +695,8 @@ class Pruner:
 
         if not os.path.isfile(os.path.join(path, PLAN_NAME)):
             raise ValueError(f"{path} is not a pruned checkpoint (no {PLAN_NAME}); prune it with `AutoPruner` first.")
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        safe_kwargs = weights_loading_kwargs(path, allow_pickle)
+        model = AutoModelForCausalLM.from_pretrained(path, **{**kwargs, **safe_kwargs})
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError):

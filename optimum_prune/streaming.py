@@ -74,6 +74,7 @@ from .plan import PruningPlan
 from .surgery import (
     add_missing_biases,
     apply_plan,
+    check_plan,
     compensate_biases,
     consumer_modules,
     prune_group_set,
@@ -185,21 +186,9 @@ def check_plan_streamable(plan: PruningPlan, pruner_config: PrunerConfig, model_
 
 
 def _plan_group_sets(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan) -> dict[str, GroupSet]:
-    """The group sets a given plan prunes, checked against the checkpoint's shapes (as `apply_plan` checks them)."""
-    if len(model.get_submodule(spec.layers)) != plan.num_layers:
-        raise ValueError(
-            f"The plan is for {plan.num_layers} decoder layers; this checkpoint has "
-            f"{len(model.get_submodule(spec.layers))}."
-        )
-    structures = sorted({key.split(".")[0] for key in plan.unit_counts} & set(STREAMING_STRUCTURES))
-    group_sets = build_group_sets(model, spec, structures)
-    for key, expected in plan.unit_counts.items():
-        if key in group_sets and group_sets[key].num_units != expected:
-            raise ValueError(
-                f"The plan expects {expected} units in {key!r}; this checkpoint has {group_sets[key].num_units}. "
-                "A plan applies only to a model of the same shape as the one it was made for."
-            )
-    return group_sets
+    """The group sets a given plan prunes, checked against the checkpoint's shapes as `apply_plan` checks them
+    (`surgery.check_plan`), before any layer is read."""
+    return check_plan(model, plan, spec, what="checkpoint")
 
 
 def declared_model_type(model_dir: str) -> str | None:

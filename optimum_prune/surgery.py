@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .architectures.base import HIDDEN_CHANNELS, LAYERS, ArchitectureSpec, get_architecture
+from .architectures.base import HEAD_STRUCTURES, HIDDEN_CHANNELS, ArchitectureSpec, get_architecture
 from .groups import (
     GroupSet,
     build_group_sets,
@@ -309,21 +309,91 @@ def _stock_config_expresses(model: nn.Module) -> bool:
     return expected == actual
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec | None = None) -> nn.Module:
-    """Prune `model` in place as `plan` says: widths first (original layer indices), then hidden channels, then
-    removed layers; then write the config. Returns the model."""
-    spec = spec or get_architecture(getattr(model.config, "base_model_type", None) or model.config.model_type)
+def check_plan(
+    model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec, what: str = "model"
+) -> dict[str, GroupSet]:
+    """Refuse, with a ValueError and before any tensor changes, a plan that does not fit `model`: another model type,
+    another layer count, a structure the family cannot prune, unit counts that differ, both head structures at once,
+    tied groups (query heads per KV group) kept unevenly, or `bias_means` for weights that are not the entry's
+    consumers or with the wrong number of values. Returns the group sets of every `unit_counts` key.
+
+    `what` names the target in messages ("checkpoint" for streaming)."""
+    config = model.config
+    if plan.model_type not in (config.model_type, getattr(config, "base_model_type", None)):
+        raise ValueError(f"The plan was made for a {plan.model_type!r} model; this {what} is {config.model_type!r}.")
     num_layers = len(decoder_layers(model, spec))
     if num_layers != plan.num_layers:
-        raise ValueError(f"The plan is for {plan.num_layers} decoder layers; this model has {num_layers}.")
-    structures = {key.split(".")[0] for key in plan.kept}
-    groups = build_group_sets(model, spec, sorted(structures - {LAYERS}))
+        raise ValueError(f"The plan is for {plan.num_layers} decoder layers; this {what} has {num_layers}.")
+    structures = sorted({key.split(".")[0] for key in plan.unit_counts})
+    unsupported = [s for s in structures if s not in spec.supported_structures]
+    if unsupported:
+        raise ValueError(
+            f"The plan prunes {unsupported}, which {config.model_type!r} models do not have (they have "
+            f"{list(spec.supported_structures)})."
+        )
+    heads = [s for s in HEAD_STRUCTURES if any(key.split(".")[0] == s for key in plan.kept)]
+    if len(heads) > 1:
+        raise ValueError(f"The plan prunes both {heads[0]!r} and {heads[1]!r}; they slice the same tensors.")
+    groups = build_group_sets(model, spec, structures)
     for key, expected in plan.unit_counts.items():
-        if key in groups and groups[key].num_units != expected:
+        if groups[key].num_units != expected:
             raise ValueError(
-                f"The plan expects {expected} units in {key!r}; this model has {groups[key].num_units}. "
+                f"The plan expects {expected} units in {key!r}; this {what} has {groups[key].num_units}. "
                 "A plan applies only to a model of the same shape as the one it was made for."
             )
+    for key, kept in plan.kept.items():
+        _check_tied_groups(groups[key], kept)
+    for key, means in plan.bias_means.items():
+        _check_bias_means(model, spec, groups[key], plan.kept[key], means)
+    return groups
+
+
+def _check_tied_groups(group_set: GroupSet, kept: list[int]) -> None:
+    """Every tied group (the query heads of one KV head) must keep the same number of units, at least one."""
+    if group_set.num_groups == 1:
+        return
+    per_group = [0] * group_set.num_groups
+    for unit in kept:
+        per_group[unit // group_set.units_per_group] += 1
+    if len(set(per_group)) > 1 or not per_group[0]:
+        raise ValueError(
+            f"Plan entry {group_set.key!r} keeps {per_group} units in its {group_set.num_groups} tied groups; every "
+            "group must keep the same number, at least one."
+        )
+
+
+def _check_bias_means(model: nn.Module, spec: ArchitectureSpec, group_set: GroupSet, kept, means: dict) -> None:
+    """`bias_means` of one entry: only the entry's consumer weights, each with one mean per removed channel, on a
+    Linear that has a bias or that the family's pruned type can give one."""
+    params = dict(model.named_parameters())
+    consumers = {s.name: (s, module_path) for s, module_path in consumer_modules(spec, group_set)}
+    for name, values in means.items():
+        if name not in consumers:
+            raise ValueError(
+                f"`bias_means[{group_set.key!r}]` names {name!r}, which is not a consumer of {group_set.key!r} in "
+                f"this model (consumers: {sorted(consumers)})."
+            )
+        slice_, module_path = consumers[name]
+        removed = removed_channels(group_set, slice_, group_set.num_units, kept, params[name].shape[1])
+        if len(values) != removed.numel():
+            raise ValueError(
+                f"`bias_means` of {name!r} has {len(values)} values; the plan removes {removed.numel()} channels."
+            )
+        module, _ = _owner(model, name)
+        if module.bias is None and module_path not in spec.bias_fields:
+            raise ValueError(
+                f"Bias compensation needs a bias on {module_path!r}, which this family builds without one and "
+                "whose registered pruned type cannot add (no `bias_fields` entry); set `bias_compensation=False`."
+            )
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec | None = None) -> nn.Module:
+    """Prune `model` in place as `plan` says: widths first (original layer indices), then hidden channels, then
+    removed layers; then write the config. Returns the model.
+
+    The plan is checked against the model first ([`check_plan`]); a plan that does not fit leaves it untouched."""
+    spec = spec or get_architecture(getattr(model.config, "base_model_type", None) or model.config.model_type)
+    groups = check_plan(model, plan, spec)
     added_biases: set[str] = set()
     for key, kept in plan.kept.items():
         if key != HIDDEN_CHANNELS:

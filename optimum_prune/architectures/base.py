@@ -220,7 +220,8 @@ def register_checkpoint_converter(model_type: str, converter: Callable[..., Any]
     """Register `converter(path, **kwargs) -> PreTrainedModel` for checkpoints whose config.json has `model_type`.
 
     The converter returns a model of a registered architecture (the pruner then works on that model); it must not
-    execute code shipped with the checkpoint. Duplicates raise unless `exist_ok`.
+    execute code shipped with the checkpoint, and it receives `allow_pickle` (refuse pickled weights without it, with
+    `optimum_prune.utils.safe_weights.pickle_refusal`). Duplicates raise unless `exist_ok`.
     """
     if not callable(converter):
         raise TypeError(f"`converter` must be callable, got {type(converter).__name__}.")

@@ -45,6 +45,7 @@ import torch
 
 from ..evaluation import checkpoint_bytes
 from ..output_dir import atomic_directory, check_output_directory
+from ..utils.safe_weights import pickle_refusal
 from .base import register_checkpoint_converter
 
 
@@ -265,10 +266,7 @@ def read_chatglm_state_dict(path, allow_pickle: bool = False, **hub_kwargs) -> d
         if not files:
             continue
         if pickled and not allow_pickle:
-            raise ValueError(
-                f"{path} has only pickled weights ({os.path.basename(files[0])}); loading a pickle can execute code. "
-                "Pass `allow_pickle=True` if you trust this checkpoint, or convert it to safetensors."
-            )
+            raise pickle_refusal(path, os.path.basename(files[0]))
         state_dict = {}
         for file in files:
             if pickled:

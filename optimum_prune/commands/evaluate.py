@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .prune import add_allow_pickle_arg
+
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of `eval` (the same for both command-line entry points); defaults = `evaluate_tasks`'s."""
@@ -36,6 +38,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1. Default: cuda when available.")
     parser.add_argument("--trust-remote-code", action="store_true")
+    add_allow_pickle_arg(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -63,7 +66,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.tasks:
         _import_lm_eval()  # fail on a missing extra before loading the model
     model, tokenizer = load_for_evaluation(
-        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
     )
     results = {"model": args.model}
     if args.tasks:

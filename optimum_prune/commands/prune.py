@@ -63,6 +63,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--offload-folder", default=None, help="With --device-map: folder for disk-offloaded weights.")
     parser.add_argument("--trust-remote-code", action="store_true")
+    add_allow_pickle_arg(parser)
     allocation = parser.add_argument_group("allocation (see PrunerConfig)")
     allocation.add_argument(
         "--attention-layers", type=_layers, default=None, help="e.g. 4:29 (end exclusive) or 1,2,3."
@@ -112,6 +113,16 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--config", default=None, help="A pruner_config.json to start from (e.g. from a published checkpoint)."
+    )
+
+
+def add_allow_pickle_arg(parser: argparse.ArgumentParser) -> None:
+    """`--allow-pickle`, shared by every command that loads a checkpoint."""
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="Load pickled weights (pytorch_model*.bin, *.pt) when the checkpoint has no safetensors. Unpickling can "
+        "execute code: only for checkpoints you trust.",
     )
 
 
@@ -230,7 +241,12 @@ def run_prune(args: argparse.Namespace) -> int:
     elif args.max_memory is not None or args.offload_folder is not None:
         raise ValueError("`--max-memory` and `--offload-folder` apply with `--device-map` (e.g. `--device-map auto`).")
     pruner = AutoPruner.from_pretrained(
-        args.model, pruner_config=config, dtype=dtype, trust_remote_code=args.trust_remote_code, **placement
+        args.model,
+        pruner_config=config,
+        allow_pickle=args.allow_pickle,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        **placement,
     )
     if args.device:
         pruner.model.to(args.device)

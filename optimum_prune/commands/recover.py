@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from .prune import add_allow_pickle_arg
+
 
 def add_recover_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of `recover` (the same for both command-line entry points); defaults = `recovery.py`'s."""
@@ -42,6 +44,7 @@ def add_recover_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    add_allow_pickle_arg(parser)
 
 
 def run_recover(args: argparse.Namespace) -> int:
@@ -61,7 +64,7 @@ def run_recover(args: argparse.Namespace) -> int:
     inputs = (args.model, args.train, args.eval)
     check_output_directory(args.output, inputs, args.overwrite)  # before training, not after it
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    pruner = Pruner.from_pruned(args.model, dtype=dtype)
+    pruner = Pruner.from_pruned(args.model, allow_pickle=args.allow_pickle, dtype=dtype)
     from peft import LoraConfig
 
     lora_config = LoraConfig(
