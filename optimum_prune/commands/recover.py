@@ -45,12 +45,15 @@ def run_recover(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation import format_table
+    from ..inputs import check_data_file
     from ..pruner import Pruner
     from ..recovery import DEFAULT_LORA_DROPOUT, build_training_arguments, lora_target_modules
 
     for name in ("max_steps", "batch_size", "block_size", "lora_r", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive integer, got {getattr(args, name)}.")
+    check_data_file(args.train, "--train")
+    check_data_file(args.eval, "--eval")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     pruner = Pruner.from_pruned(args.model, dtype=dtype)
     from peft import LoraConfig
