@@ -170,8 +170,8 @@ def _layer_ratios(text: str) -> list | dict:
     """A JSON list of per-layer ratios, or a JSON object `{"layer": ratio}`."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as err:
-        value = err
+    except json.JSONDecodeError:
+        value = None
     if not isinstance(value, (list, dict)):
         raise argparse.ArgumentTypeError(
             f"expected a JSON list of ratios such as '[0.1, 0.3]' or an object such as '{{\"2\": 0.5}}', got {text!r}"
