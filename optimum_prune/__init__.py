@@ -4,6 +4,7 @@ from . import architectures, importance, modeling
 from .architectures.chatglm import convert_chatglm_checkpoint
 from .auto import AutoPruner
 from .configuration import PrunerConfig
+from .errors import PruneInputError
 from .evaluation import count_parameters, perplexity
 from .importance import Importance, register_importance
 from .plan import PruningPlan
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoPruner",
     "Importance",
+    "PruneInputError",
     "Pruner",
     "PrunerConfig",
     "PruningPlan",

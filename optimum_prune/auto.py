@@ -14,6 +14,7 @@ from .architectures.base import (
     register_architecture,
 )
 from .configuration import PrunerConfig
+from .inputs import check_model_config, check_model_source, check_safetensors, load_causal_lm, read_config_json
 from .pruner import Pruner
 from .utils.safe_weights import weights_loading_kwargs
 
@@ -64,7 +65,7 @@ class AutoPruner:
         arguments, see `optimum_prune.architectures.chatglm.load_chatglm_checkpoint`). The tokenizer is still loaded
         with `AutoTokenizer` and the `trust_remote_code` you pass.
         """
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         if pruner_config is not None and pruner_config.streaming:
             raise ValueError(
@@ -72,18 +73,29 @@ class AutoPruner:
                 "`optimum_prune.streaming.prune_streaming(model_dir, pruner_config, calibration_data, output_dir)`."
             )
         hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "trust_remote_code", "cache_dir") if k in kwargs}
+        local = check_model_source(pretrained_model_name_or_path, kwargs.get("revision"), kwargs.get("cache_dir"))
         safe_kwargs = weights_loading_kwargs(
             pretrained_model_name_or_path, allow_pickle, **hub_kwargs, **_local_files_only(kwargs)
         )
-        converter = CHECKPOINT_CONVERTERS.get(_checkpoint_model_type(pretrained_model_name_or_path, hub_kwargs))
+        declared = read_config_json(local) if local is not None else None
+        if declared is not None:
+            model_type = declared["model_type"]
+            check_safetensors(local)
+        else:
+            model_type = _checkpoint_model_type(pretrained_model_name_or_path, hub_kwargs)
+        converter = CHECKPOINT_CONVERTERS.get(model_type)
         if converter is not None:
             model = converter(pretrained_model_name_or_path, allow_pickle=allow_pickle, **kwargs)
             # Without an explicit choice, AutoTokenizer would read the checkpoint's `auto_map` and prompt to run it.
             hub_kwargs.setdefault("trust_remote_code", False)
         else:
+            if declared is not None:  # fail before any config class (or remote code) is loaded
+                check_model_config(declared, get_architecture(model_type))
             model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-            get_architecture(model_config.model_type)  # fail before loading weights
-            model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, **{**kwargs, **safe_kwargs})
+            spec = get_architecture(model_config.model_type)  # fail before loading weights
+            if declared is None:
+                check_model_config(model_config.to_dict(), spec)
+            model = load_causal_lm(pretrained_model_name_or_path, **{**kwargs, **safe_kwargs})
         try:
             tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         except (OSError, ValueError) as err:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import PruneInputError
 from .importance.base import ACTIVATIONS, BLOCK_LOSS, FISHER, FORWARD_LOSS, GRADIENTS, WEIGHTS
 from .offload import (
     OffloadAwareParameters,
@@ -32,20 +33,43 @@ from .offload import (
 logger = logging.getLogger(__name__)
 
 
-def _read_text_file(path: str) -> str:
-    if path.endswith(".jsonl"):
-        texts = []
+def read_text_file(path: str) -> str:
+    """The text of a .txt file, or of a .jsonl file's records' `text` fields joined by blank lines. A file that is
+    not UTF-8 text, a line that is not a JSON object, or a `text` that is not a string is refused, naming the file
+    (and the line)."""
+    try:
         with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if "text" not in record:
-                    raise ValueError(f"{path}:{line_no}: every jsonl record needs a 'text' field.")
-                texts.append(record["text"])
-        return "\n\n".join(texts)
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise PruneInputError(
+            f"{path} is not UTF-8 text (byte {err.start} cannot be decoded); give a UTF-8 .txt or .jsonl file."
+        ) from None
+    if "\x00" in text:
+        raise PruneInputError(f"{path} holds NUL bytes, so it is binary, not text; give a UTF-8 .txt or .jsonl file.")
+    if not path.endswith(".jsonl"):
+        return text
+    texts = []
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            texts.append(_jsonl_text(path, line_no, line))
+    return "\n\n".join(texts)
+
+
+def _jsonl_text(path: str, line_no: int, line: str) -> str:
+    """The `text` string of one .jsonl record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise PruneInputError(
+            f"{path}:{line_no}: not valid JSON ({err.msg}); each line must be a JSON object."
+        ) from None
+    if not isinstance(record, dict) or "text" not in record:
+        raise PruneInputError(f"{path}:{line_no}: every jsonl record needs a 'text' field.")
+    if not isinstance(record["text"], str):
+        raise PruneInputError(
+            f"{path}:{line_no}: the 'text' field must be a string, got {type(record['text']).__name__}."
+        )
+    return record["text"]
 
 
 def _token_stream(data, tokenizer) -> torch.Tensor | list[torch.Tensor]:
@@ -58,7 +82,7 @@ def _token_stream(data, tokenizer) -> torch.Tensor | list[torch.Tensor]:
         path = os.fspath(data)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Calibration file {path!r} does not exist (expected a .txt or .jsonl file).")
-        text = _read_text_file(path)
+        text = read_text_file(path)
     elif hasattr(data, "column_names"):  # datasets.Dataset
         if "input_ids" in data.column_names:
             return [torch.tensor(row, dtype=torch.long) for row in data["input_ids"]]

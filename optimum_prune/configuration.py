@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from transformers.utils import PushToHubMixin
 
 from .architectures.base import HEAD_STRUCTURES, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, STRUCTURES
+from .errors import PruneInputError
 
 
 logger = logging.getLogger(__name__)
@@ -396,6 +397,8 @@ class PrunerConfig(PushToHubMixin):
     @classmethod
     def from_dict(cls, data: dict) -> PrunerConfig:
         """Build from a dict; keys this version does not know are ignored with a warning (newer files)."""
+        if not isinstance(data, dict):
+            raise PruneInputError(f"A PrunerConfig is built from a dict of its fields, got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -424,5 +427,15 @@ class PrunerConfig(PushToHubMixin):
                 raise FileNotFoundError(f"No {CONFIG_NAME} in {path}.")
         else:
             file = cached_file(path, CONFIG_NAME, **kwargs)
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PruneInputError(
+                f"Pruner config {file} is not valid JSON ({err}); give a pruner_config.json (a JSON object)."
+            ) from None
+        if not isinstance(data, dict):
+            raise PruneInputError(
+                f"Pruner config {file} holds a JSON {type(data).__name__}, not an object of PrunerConfig fields."
+            )
+        return cls.from_dict(data)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import PruneInputError
 from .offload import input_device
 from .utils.safe_weights import weights_loading_kwargs
 
@@ -24,12 +25,29 @@ def checkpoint_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+def names_a_file(data: str) -> bool:
+    """Whether the string `data` is meant as a file path rather than text: one line that ends in .txt/.jsonl, or that
+    holds a path separator and no space (text such as "and/or" has spaces around it)."""
+    if "\n" in data:
+        return False
+    return data.endswith(TEXT_FILE_SUFFIXES) or (("/" in data or os.sep in data) and " " not in data.strip())
+
+
 def _eval_ids(data, tokenizer) -> torch.Tensor:
+    from .calibration import read_text_file
+
     if isinstance(data, torch.Tensor):
         return data.long().flatten()
     if isinstance(data, (str, os.PathLike)) and os.path.isfile(data):
-        with open(data, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text_file(os.fspath(data))
+    elif isinstance(data, os.PathLike) or (isinstance(data, str) and names_a_file(data)):
+        raise PruneInputError(
+            f"Evaluation file {os.fspath(data)!r} does not exist; give an existing .txt or .jsonl file (or the text "
+            "itself, which is not read as a path when it spans lines or has no path separator or file ending)."
+        )
     elif isinstance(data, str):
         text = data
     else:
@@ -136,14 +154,16 @@ def load_for_evaluation(
     checkpoints load without `trust_remote_code`; lm-eval's own loader would not know those types. Pickled weights
     are refused unless `allow_pickle=True` (unpickling can execute code).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import modeling  # noqa: F401 - registers the pruned model types with the Auto classes
+    from .inputs import check_device, load_causal_lm
 
+    check_device(device)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     safe_kwargs = weights_loading_kwargs(path, allow_pickle)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **safe_kwargs)
+    model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code, **safe_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model.to(device or _default_device()).eval(), tokenizer
 

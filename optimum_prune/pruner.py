@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import (
+    CHANNEL_STRUCTURES,
     TOLERANCE,
     ParameterModel,
     allocate_widths,
@@ -22,6 +23,7 @@ from .allocation import (
 from .architectures.base import ATTENTION_HEADS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
 from .calibration import collect_statistics, prepare_calibration
 from .configuration import PrunerConfig
+from .errors import PruneInputError
 from .evaluation import checkpoint_bytes, count_parameters
 from .groups import GroupSet, Slice, build_group_sets, check_tied_groups, decoder_layers, layer_prefix, width_of
 from .hub import (
@@ -34,6 +36,7 @@ from .hub import (
     write_results,
 )
 from .importance.base import ACTIVATIONS
+from .inputs import check_model_source, check_seq_len, load_causal_lm
 from .offload import apply_plan_dispatched, is_offloaded, keep_tied_weights
 from .output_dir import atomic_directory
 from .plan import PruningPlan
@@ -75,6 +78,7 @@ class Pruner:
         self.model = model
         self.spec = spec
         self.config = pruner_config
+        self._check_round_to()
         self._resolve_bias_compensation()
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path or getattr(model, "name_or_path", None) or None
@@ -118,6 +122,18 @@ class Pruner:
             raise ValueError(
                 f"`bias_compensation=True` needs an output bias on {missing}, which {self.model.config.model_type!r} "
                 "builds without one and its registered type cannot add; set `bias_compensation=False`."
+            )
+
+    def _check_round_to(self) -> None:
+        """A `round_to` above every channel width it rounds leaves nothing to prune; say so before calibration."""
+        structures = [s for s in self.config.structures if s in CHANNEL_STRUCTURES]
+        if self.config.round_to == 1 or not structures:
+            return
+        widest = max(gs.num_units for gs in build_group_sets(self.model, self.spec, structures).values())
+        if self.config.round_to > widest:
+            raise PruneInputError(
+                f"`round_to={self.config.round_to}` is larger than any width it rounds ({', '.join(structures)}: at "
+                f"most {widest} channels); use a `round_to` of at most {widest}."
             )
 
     @property
@@ -185,6 +201,7 @@ class Pruner:
                 f"The {name!r} criterion needs calibration data (`calibration_data=`); "
                 "'magnitude' and 'random' need none."
             )
+        check_seq_len(self.config.calibration_seq_len, self.model.config)
         return prepare_calibration(
             calibration_data,
             self.tokenizer,
@@ -687,16 +704,17 @@ class Pruner:
         counts and the measured perplexities come back from `pruning_results.json`. Pickled weights are refused
         unless `allow_pickle=True` (unpickling can execute code).
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from . import modeling  # noqa: F401 - registers the pruned model types
         from .architectures.base import get_architecture
         from .plan import PLAN_NAME
 
+        check_model_source(path)
         if not os.path.isfile(os.path.join(path, PLAN_NAME)):
             raise ValueError(f"{path} is not a pruned checkpoint (no {PLAN_NAME}); prune it with `AutoPruner` first.")
         safe_kwargs = weights_loading_kwargs(path, allow_pickle)
-        model = AutoModelForCausalLM.from_pretrained(path, **{**kwargs, **safe_kwargs})
+        model = load_causal_lm(path, **{**kwargs, **safe_kwargs})
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError):

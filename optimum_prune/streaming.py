@@ -70,6 +70,14 @@ from .configuration import PrunerConfig
 from .evaluation import count_parameters
 from .groups import GroupSet, build_group_sets, decoder_layers, layer_prefix
 from .importance.base import ACTIVATIONS, BLOCK_LOSS, WEIGHTS
+from .inputs import (
+    check_model_config,
+    check_model_source,
+    check_safetensors,
+    check_seq_len,
+    parse_size,
+    read_config_json,
+)
 from .plan import PruningPlan
 from .surgery import (
     add_missing_biases,
@@ -284,18 +292,6 @@ class CheckpointReader:
                 for name in file_names:
                     tensors[name] = f.get_tensor(self.stored.get(name, name))
         return tensors
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes of `size`: an int, or a string such as "500MB" / "2GB" / "1GiB"."""
-    if isinstance(size, int):
-        return size
-    text = size.strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for suffix, factor in units.items():
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * factor)
-    return int(text)
 
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()} | {
@@ -1036,12 +1032,17 @@ def prune_streaming(
     from .utils.compat import make_checkpoint_portable
 
     model_dir = os.fspath(model_dir)
-    if not os.path.isdir(model_dir):
+    if check_model_source(model_dir) is None:
         raise ValueError(f"Streaming pruning reads a local checkpoint directory; {model_dir!r} is not one.")
+    declared = read_config_json(model_dir)
+    declared_type = declared["model_type"]
+    if declared_type not in CHECKPOINT_CONVERTERS:
+        check_model_config(declared, get_architecture(declared_type))  # an unknown family names the supported ones
     if plan is not None and not isinstance(plan, PruningPlan):
         plan = PruningPlan.from_pretrained(plan)
     check = check_streaming_config if plan is None else functools.partial(check_plan_streamable, plan)
-    check(pruner_config, declared_model_type(model_dir))  # before any remote code could be needed
+    check(pruner_config, declared_type)  # before any remote code could be needed
+    check_safetensors(model_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     check(pruner_config, config.model_type)
     spec = get_architecture(config.model_type)
@@ -1116,6 +1117,7 @@ def prune_streaming(
         if calibration_data is None:
             name = importance.name if importance.needs_data else "bias compensation"
             raise ValueError(f"{name!r} needs calibration data (`calibration_data=`).")
+        check_seq_len(pruner_config.calibration_seq_len, config)
         batches = prepare_calibration(
             calibration_data,
             tokenizer,

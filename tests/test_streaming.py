@@ -179,7 +179,7 @@ def test_refuses_untested_families_and_non_safetensors(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="supported for model types"):
+    with pytest.raises(ValueError, match="no architecture spec for model_type .gpt2.. Supported"):
         prune_streaming(tmp_path / "gpt2", _config("magnitude"), None, tmp_path / "out")
     tiny_llama().save_pretrained(tmp_path / "bin")
     os.remove(tmp_path / "bin" / "model.safetensors")

@@ -11,8 +11,15 @@ from .prune import add_prune_args, run_prune
 from .recover import add_recover_args, run_recover
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad option in the one line every other input error gets (subcommand parsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"optimum-prune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("optimum-prune", description="Structured pruning for Hugging Face causal LMs.")
+    parser = _Parser("optimum-prune", description="Structured pruning for Hugging Face causal LMs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     prune = subparsers.add_parser("prune", help="Prune a model and save an ordinary checkpoint.")
     add_prune_args(prune)
@@ -31,9 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, ModuleNotFoundError) as err:
-        print(f"optimum-prune: error: {err}", file=sys.stderr)
+    except _input_errors() as err:
+        message = " ".join(str(err).split())  # one line, also for Transformers' multi-line OSErrors
+        print(f"optimum-prune: error: {message}", file=sys.stderr)
         return 2
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises: our `PruneInputError` (a ValueError) and other ValueErrors, OSErrors (missing or
+    unreadable files; Transformers' "does not appear to have a file named config.json"), safetensors' errors for
+    corrupt files and a missing optional extra. Genuine bugs (AttributeError, RuntimeError, ...) keep their
+    traceback."""
+    from safetensors import SafetensorError
+
+    return (ValueError, OSError, TypeError, ModuleNotFoundError, SafetensorError)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,12 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    from ..inputs import check_data_file, check_device, check_model_source
+
     for path in args.ppl_data or []:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--ppl-data file {path!r} does not exist.")
+        check_data_file(path, "--ppl-data")
+    check_device(args.device)
+    check_model_source(args.model)
 
     from ..evaluation import _import_lm_eval, evaluate_tasks, format_table, load_for_evaluation, perplexity
 

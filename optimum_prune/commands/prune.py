@@ -31,7 +31,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         "--importance", default=DEFAULTS["importance"], help="Importance criterion (e.g. taylor, magnitude)."
     )
     parser.add_argument(
-        "--importance-kwargs", type=json.loads, default={}, help="Criterion variant as JSON, e.g. '{\"p\": 1}'."
+        "--importance-kwargs", type=_json_object, default={}, help="Criterion variant as JSON, e.g. '{\"p\": 1}'."
     )
     parser.add_argument(
         "--structures",
@@ -52,6 +52,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="Device to prune on (cpu, cuda, cuda:1). Default: cpu.")
     parser.add_argument(
         "--device-map",
+        type=_device_map,
         default=None,
         help="Spread the model with accelerate: auto, balanced, sequential, or a JSON {module: device} map.",
     )
@@ -69,7 +70,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         "--attention-layers", type=_layers, default=None, help="e.g. 4:29 (end exclusive) or 1,2,3."
     )
     allocation.add_argument("--mlp-layers", type=_layers, default=None, help="e.g. 4:29 (end exclusive) or 1,2,3.")
-    allocation.add_argument("--layer-ratios", type=json.loads, default=None, help='JSON list or {"layer": ratio}.')
+    allocation.add_argument("--layer-ratios", type=_layer_ratios, default=None, help='JSON list or {"layer": ratio}.')
     allocation.add_argument("--global-ranking", action="store_true", default=None, help="One threshold per structure.")
     allocation.add_argument("--global-normalization", choices=["mean", "none"], default=None)
     allocation.add_argument("--uniform", action="store_true", default=None, help="Same widths in every layer.")
@@ -104,7 +105,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         help="With --streaming: apply this pruning_plan.json (or a folder holding one) instead of scoring; any "
         "criterion may have made it.",
     )
-    parser.add_argument("--max-shard-size", default="5GB", help="With --streaming: output shard size.")
+    parser.add_argument(
+        "--max-shard-size", type=_shard_size, default="5GB", help="With --streaming: output shard size (e.g. 500MB)."
+    )
     parser.add_argument(
         "--offload-hidden-states",
         default=None,
@@ -167,6 +170,69 @@ def _layers(text: str) -> list[int]:
         ) from None
 
 
+def _json_object(text: str) -> dict:
+    """A JSON object, e.g. `{"p": 1}`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"p\": 1}}', got {text!r} ({err})"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"p\": 1}}', got {text!r}")
+    return value
+
+
+def _layer_ratios(text: str) -> list | dict:
+    """A JSON list of per-layer ratios, or a JSON object `{"layer": ratio}`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, (list, dict)):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON list of ratios such as '[0.1, 0.3]' or an object such as '{{\"2\": 0.5}}', got {text!r}"
+        )
+    return value
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map(text: str) -> str | dict:
+    """A strategy accelerate knows, one device for the whole model (cpu, cuda:1), or a JSON `{module: device}` map."""
+    import torch
+
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    try:
+        torch.device(text)
+        return text
+    except RuntimeError:
+        pass
+    try:
+        value = json.loads(text) if text.lstrip().startswith("{") else None
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, cuda:0) or a JSON object such as "
+            f'\'{{"model.layers.0": 0, "lm_head": "cpu"}}\', got {text!r}'
+        )
+    return value
+
+
+def _shard_size(text: str) -> str:
+    """A size `save_pretrained` takes (e.g. 5GB, 500MB); kept as given."""
+    from ..inputs import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _max_memory(text: str) -> dict:
     """`cpu=2GiB,0=20GiB` -> `{"cpu": "2GiB", 0: "20GiB"}` (GPU indices and plain byte counts as ints, as accelerate
     expects)."""
@@ -215,6 +281,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from ..output_dir import check_output_directory
 
     config = build_pruner_config(args)
+    _check_inputs(args, config)
     if not args.dry_run:  # before any work: never the input's folder, a non-empty foreign one, or unwritable
         check_output_directory(args.output, _input_paths(args), args.overwrite)
     if not args.streaming:
@@ -235,8 +302,11 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.device_map is not None:
         if args.device:
             raise ValueError("`--device` and `--device-map` both place the model; give one of them.")
-        device_map = json.loads(args.device_map) if args.device_map.lstrip().startswith("{") else args.device_map
-        placement = {"device_map": device_map, "max_memory": args.max_memory, "offload_folder": args.offload_folder}
+        placement = {
+            "device_map": args.device_map,
+            "max_memory": args.max_memory,
+            "offload_folder": args.offload_folder,
+        }
         placement = {k: v for k, v in placement.items() if v is not None}
     elif args.max_memory is not None or args.offload_folder is not None:
         raise ValueError("`--max-memory` and `--offload-folder` apply with `--device-map` (e.g. `--device-map auto`).")
@@ -274,6 +344,35 @@ def run_prune(args: argparse.Namespace) -> int:
 def _input_paths(args: argparse.Namespace) -> list:
     """Every path the run reads: none of them, nor a folder holding one, may become the output."""
     return [getattr(args, name, None) for name in ("model", "calibration", "eval", "plan", "config", "train")]
+
+
+def _check_inputs(args: argparse.Namespace, config) -> None:
+    """What can be checked without loading the model, before any work: the device, the model path (or Hub id), its
+    config.json, architecture and safetensors files, the data files, and the calibration window against the model's
+    positions."""
+    from ..architectures.base import CHECKPOINT_CONVERTERS, get_architecture
+    from ..inputs import (
+        check_data_file,
+        check_device,
+        check_model_config,
+        check_model_source,
+        check_safetensors,
+        check_seq_len,
+        read_config_json,
+    )
+
+    check_device(args.device)
+    check_data_file(args.calibration, "--calibration")
+    check_data_file(args.eval, "--eval")
+    local = check_model_source(args.model)
+    if local is None:
+        return  # a Hub id: `AutoPruner.from_pretrained` checks what it downloads
+    model_config = read_config_json(local)
+    if model_config["model_type"] not in CHECKPOINT_CONVERTERS:
+        check_model_config(model_config, get_architecture(model_config["model_type"]))
+    if args.calibration is not None:
+        check_seq_len(config.calibration_seq_len, model_config)
+    check_safetensors(local)
 
 
 def _offloaded_to_disk(model) -> bool:

@@ -54,6 +54,7 @@ def run_recover(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation import format_table
+    from ..inputs import check_data_file
     from ..output_dir import check_output_directory
     from ..pruner import Pruner
     from ..recovery import DEFAULT_LORA_DROPOUT, build_training_arguments, lora_target_modules
@@ -61,6 +62,8 @@ def run_recover(args: argparse.Namespace) -> int:
     for name in ("max_steps", "batch_size", "block_size", "lora_r", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive integer, got {getattr(args, name)}.")
+    check_data_file(args.train, "--train")
+    check_data_file(args.eval, "--eval")
     inputs = (args.model, args.train, args.eval)
     check_output_directory(args.output, inputs, args.overwrite)  # before training, not after it
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
