@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -206,6 +207,79 @@ def _ratio(after, before) -> str:
     return "" if after is None or not before else f" (x{after / before:.2f})"
 
 
+def prune_command(base_model: str, pruner_config, calibration: str | None = None) -> str:
+    """The `optimum-prune prune` command line that makes the same plan from `base_model` (every PrunerConfig field that
+    differs from its default, in the parser's syntax, shell-quoted; the output folder is `OUT`).
+
+    `calibration` is written when it names a file; data given in Python (a string, token ids, a dataset) has no path,
+    so the command says `CALIBRATION_FILE` where the user must put it.
+    """
+    from .commands.prune import config_to_args
+
+    args = ["optimum-prune", "prune", "--model", base_model, *config_to_args(pruner_config)]
+    if calibration:
+        args += ["--calibration", _file_or(calibration, "CALIBRATION_FILE")]
+    return shlex.join([*args, "--output", "OUT"])
+
+
+def _file_or(data: str | None, placeholder: str) -> str:
+    """`data` when it names a file, else `placeholder`: a command cannot pass data given in Python (a string, token ids,
+    a dataset), which cards describe in words."""
+    return data if data and os.path.isfile(data) else placeholder
+
+
+def describe_allocation(pruner_config, plan=None) -> str:
+    """How widths were chosen per layer, in words, for the card's "allocation" row (every allocation field set).
+
+    `plan` gives the number of whole layers removed when the config leaves it to the target."""
+    config = pruner_config
+    if config.allocation == "flap":
+        parts = ["FLAP adaptive: one threshold over the heads and MLP channels of every layer"]
+    elif config.global_ranking:
+        normalization = "raw scores"
+        if config.global_normalization == "mean":
+            normalization = "each layer's scores divided by their mean"
+        parts = [f"global ranking: one threshold per structure across layers ({normalization})"]
+    elif config.layer_ratios is not None:
+        parts = [f"per-layer ratios {config.layer_ratios} (scaled by one common factor where they miss the target)"]
+    elif config.uniform or not config.non_uniform:
+        parts = ["uniform: the same widths in every layer"]
+    else:
+        parts = ["same ratio in every prunable layer"]
+    for name, what in (("attention_layers", "attention heads"), ("mlp_layers", "MLP channels")):
+        layers = getattr(config, name)
+        if layers is not None:
+            parts.append(f"{what} pruned only in layers {_layer_ranges(layers)}")
+    if config.min_heads > 1:
+        parts.append(f"at least {config.min_heads} query heads per pruned layer")
+    if config.min_channels > 1:
+        parts.append(f"at least {config.min_channels} MLP channels per pruned layer")
+    if config.round_to > 1:
+        parts.append(f"channel widths multiples of {config.round_to}")
+    if "layers" in config.structures:
+        removed = len(plan.removed_layers) if plan is not None else config.num_layers_to_remove
+        count = "whole layers" if removed is None else f"{removed} whole layer{'' if removed == 1 else 's'}"
+        parts.append(f"{count} removed, scored by `{config.layer_importance or config.importance}`")
+    if config.iterative_steps > 1:
+        parts.append(f"{config.iterative_steps} steps, re-scored between steps")
+    if config.bias_compensation:
+        parts.append("bias compensation (removed channels' mean contribution folded into output biases)")
+    if config.streaming:
+        parts.append("layer by layer from the checkpoint's shards (streaming)")
+    return "; ".join(parts)
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    """`[0, 1, 2, 5]` as `0-2, 5`."""
+    ranges: list[list[int]] = []
+    for i in layers:
+        if ranges and i == ranges[-1][-1] + 1:
+            ranges[-1].append(i)
+        else:
+            ranges.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in ranges)
+
+
 def build_model_card(
     *,
     base_model: str | None,
@@ -278,24 +352,18 @@ def build_model_card(
         eval_results=eval_results,
     )
 
-    command = command or (
-        f"optimum-prune prune --model {base_name} --pruning-ratio {pruner_config.pruning_ratio} "
-        f"--importance {importance} --structures {' '.join(pruner_config.structures)}"
-        f"{' --calibration ' + calibration if calibration else ''} "
-        f"--num-calibration-samples {pruner_config.num_calibration_samples} "
-        f"--calibration-seq-len {pruner_config.calibration_seq_len} --round-to {pruner_config.round_to} "
-        f"--seed {pruner_config.seed} --output OUT"
-    )
+    command = command or prune_command(base_name, pruner_config, calibration)
     eval_flags = ""
     if evaluation.get("eval_data") and os.path.isfile(str(evaluation["eval_data"])):
-        eval_flags = (
-            f" --eval {evaluation['eval_data']} --eval-seq-len {evaluation.get('eval_seq_len')} "
-            f"--eval-windows {evaluation.get('eval_windows')}"
+        eval_flags = " " + shlex.join(
+            ["--eval", str(evaluation["eval_data"]), "--eval-seq-len", str(evaluation.get("eval_seq_len"))]
+            + ["--eval-windows", str(evaluation.get("eval_windows"))]
         )
         command += eval_flags
     if recovery:
+        train = shlex.quote(_file_or(recovery.get("train_data"), "TRAIN_FILE"))
         command += (
-            f"\noptimum-prune recover --model OUT --train {recovery.get('train_data') or 'TRAIN.txt'} "
+            f"\noptimum-prune recover --model OUT --train {train} "
             f"--max-steps {recovery['max_steps']} "
             f"--batch-size {recovery.get('per_device_train_batch_size', recovery['batch_size'])} "
             f"--gradient-accumulation-steps {recovery.get('gradient_accumulation_steps', 1)} "
@@ -347,9 +415,9 @@ def build_model_card(
         base_model=base_name,
         base_model_url=f"https://huggingface.co/{hub_id}" if hub_id else None,
         importance=importance,
-        importance_kwargs=pruner_config.importance_kwargs,
+        importance_kwargs=json.dumps(pruner_config.importance_kwargs) if pruner_config.importance_kwargs else None,
         structures=", ".join(f"`{s}`" for s in pruner_config.structures),
-        allocation=getattr(pruner_config, "allocation", None) or "uniform",
+        allocation=describe_allocation(pruner_config, plan),
         removed_layers=list(plan.removed_layers) if plan is not None else [],
         pruning_ratio=f"{pruner_config.pruning_ratio:.1%}",
         achieved_ratio=f"{1 - params_after / params_before:.2%}",

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+
+
+logger = logging.getLogger(__name__)
 
 
 def add_prune_args(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +159,74 @@ ALLOCATION_ARGS = (
     "bias_compensation",
     "iterative_steps",
 )
+
+
+# PrunerConfig fields that `prune` has no option for (`config_to_args` cannot write them); every other field must have
+# an option whose `dest` is the field's name (tests/test_model_card_run.py checks both).
+NOT_CLI_FIELDS: tuple[str, ...] = ()
+# Written even at their default, so that a card's command shows the settings a reader looks for first.
+ALWAYS_WRITTEN = (
+    "pruning_ratio",
+    "importance",
+    "structures",
+    "num_calibration_samples",
+    "calibration_seq_len",
+    "round_to",
+    "seed",
+)
+
+
+def config_to_args(config) -> list[str]:
+    """The `prune` options that rebuild `config` (the inverse of `build_pruner_config`), one field at a time.
+
+    The option of each field is looked up in the parser itself (by `dest`), so a new option is written in the
+    parser's own syntax and a field without an option is noticed. Fields at their PrunerConfig default are left out,
+    except `ALWAYS_WRITTEN`.
+    """
+    from dataclasses import MISSING, fields
+
+    parser = argparse.ArgumentParser()
+    add_prune_args(parser)
+    actions = {action.dest: action for action in parser._actions}
+    args = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in NOT_CLI_FIELDS or value is None:
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if f.name == "bias_compensation" and config.importance != "flap":
+            default = False  # what an unset value resolves to for every criterion but flap (see Pruner)
+        if value == default and f.name not in ALWAYS_WRITTEN:
+            continue
+        if f.name not in actions:  # a programming error (the tests check every field); the card must still be saved
+            logger.warning("PrunerConfig field %r has no `prune` option: the command cannot set it.", f.name)
+            continue
+        args += _option_tokens(actions[f.name], value)
+    return args
+
+
+def _option_tokens(action: argparse.Action, value) -> list[str]:
+    """`value` as the command-line tokens of `action` (the syntax its parser reads back)."""
+    flag = action.option_strings[0]
+    if action.nargs == 0:  # store_true, or --x/--no-x
+        if value:
+            return [flag]
+        negative = [s for s in action.option_strings if s.startswith("--no-")]
+        return negative[:1]
+    if action.nargs in ("+", "*"):
+        return [flag, *(str(v) for v in value)]
+    if action.type is _layers:
+        return [flag, _layer_spec(value)]
+    if isinstance(value, (dict, list)):
+        return [flag, json.dumps(value)]
+    return [flag, str(value)]
+
+
+def _layer_spec(layers: list[int]) -> str:
+    """`4:29` for consecutive layers (end exclusive), else `1,3,5`: what `_layers` reads back."""
+    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}:{layers[-1] + 1}"
+    return ",".join(str(i) for i in layers)
 
 
 def _layers(text: str) -> list[int]:
