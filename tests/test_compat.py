@@ -18,7 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, skip_layers, tiny_bloom, tiny_llama, tiny_opt, word_tokenizer
+from testing_utils import (
+    VOCAB,
+    input_ids,
+    logits,
+    skip_layers,
+    tiny_bloom,
+    tiny_glm,
+    tiny_llama,
+    tiny_opt,
+    word_tokenizer,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from optimum_prune import AutoPruner, PrunerConfig
@@ -316,6 +326,10 @@ def _check_ort_matches_pytorch(onnx_dir: Path, pytorch_model):
 
     ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir)
     _check_ort_logits(ort_model, pytorch_model)
+    _check_ort_generates_like_pytorch(ort_model, pytorch_model)
+
+
+def _check_ort_generates_like_pytorch(ort_model, pytorch_model):
     prompt = input_ids()[:1, :6]
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert torch.equal(ort_model.generate(prompt, **kwargs), pytorch_model.generate(prompt, **kwargs))
@@ -440,6 +454,7 @@ ORT_KINDS = {
     "llama-layers": (functools.partial(tiny_llama, num_hidden_layers=6), ["layers"], 0.31, {}, "llama"),  # 6 -> 4
     "opt-heads": (tiny_opt, ["attention_heads", "mlp_channels"], 0.3, {}, "pruned_opt"),
     "bloom-heads": (tiny_bloom, ["attention_heads", "mlp_channels"], 0.3, {}, "pruned_bloom"),
+    "glm-heads": (tiny_glm, ["attention_heads", "mlp_channels"], 0.3, {}, "glm"),
 }
 
 
@@ -494,6 +509,22 @@ def test_head_pruned_stock_checkpoint_exports_with_optimum_cli(tmp_path):
     pruner.save_pretrained(tmp_path / "out")
     onnx_dir = _export_onnx(tmp_path / "out", tmp_path / "onnx")
     _check_ort_matches_pytorch(onnx_dir, pruner.model.eval())
+
+
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_per_layer_checkpoint_exports_from_pretrained_with_io_binding(tmp_path):
+    """`ORTModelForCausalLM.from_pretrained(..., export=True, use_io_binding=True)` (IO binding is the default on
+    CUDA) on per-layer head counts: each layer's returned cache is allocated with its own head count."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    pruner = _prune_for_ort("pruned-llama-per-layer")
+    pruner.save_pretrained(tmp_path / "out")
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "out", export=True, use_io_binding=True)
+    assert ort_model.use_io_binding
+    pytorch_model = pruner.model.eval()
+    _check_ort_logits(ort_model, pytorch_model)
+    _check_ort_generates_like_pytorch(ort_model, pytorch_model)
 
 
 IMPORT_ORDER = """

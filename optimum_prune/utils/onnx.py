@@ -211,6 +211,7 @@ def align_ort_cache_shapes(model):
         model.num_key_value_heads, model.embed_size_per_head = num_key_value_heads, head_dim
     if len({shape[1] for shape in shapes.values()}) > 1:  # per-layer head counts: per-layer empty caches
         _give_per_layer_empty_caches(model, shapes)
+        _give_per_layer_output_shapes(model)
     return model
 
 
@@ -232,6 +233,29 @@ def _give_per_layer_empty_caches(model, shapes: dict) -> None:
         return forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
 
     model.forward = per_layer_forward
+
+
+def _give_per_layer_output_shapes(model) -> None:
+    """Wrap `model._prepare_io_binding` so that, with IO binding, each layer's returned cache is allocated with that
+    layer's head count (the model passes one global shape for every `present.*` output)."""
+    graph_shapes = {
+        node.name: node.shape  # [batch, kv_heads, total_len, head_dim]
+        for node in model.session.get_outputs()
+        if node.name.startswith("present.") and len(node.shape) == 4
+    }
+    prepare = model._prepare_io_binding
+
+    def per_layer_prepare(model_inputs, *args, known_output_shapes=None, **kwargs):
+        if known_output_shapes:
+            known_output_shapes = {
+                name: (shape[0], graph_shapes[name][1], shape[2], graph_shapes[name][3])
+                if name in graph_shapes
+                else shape
+                for name, shape in known_output_shapes.items()
+            }
+        return prepare(model_inputs, *args, known_output_shapes=known_output_shapes, **kwargs)
+
+    model._prepare_io_binding = per_layer_prepare
 
 
 def _size_caches_from_graph(ort_model_class) -> None:
