@@ -9,9 +9,13 @@ from .evaluation import count_parameters, perplexity
 from .importance import Importance, register_importance
 from .plan import PruningPlan
 from .pruner import Pruner
+from .utils.onnx import install_onnx_integration
 
 
 __version__ = "0.1.0"
+
+# With optimum-onnx installed, its ONNX export and ORT models then handle every checkpoint this package writes.
+install_onnx_integration()
 
 __all__ = [
     "AutoPruner",

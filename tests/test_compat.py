@@ -8,6 +8,7 @@ The cross-version tests write checkpoints with the default 5.x interpreter (`OPT
 """
 
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -17,7 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import VOCAB, input_ids, logits, skip_layers, tiny_bloom, tiny_llama, tiny_opt, word_tokenizer
+from testing_utils import (
+    VOCAB,
+    input_ids,
+    logits,
+    skip_layers,
+    tiny_bloom,
+    tiny_glm,
+    tiny_llama,
+    tiny_opt,
+    word_tokenizer,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from optimum_prune import AutoPruner, PrunerConfig
@@ -290,20 +301,36 @@ def _export_onnx(model_dir: Path, output: Path, *extra: str) -> Path:
     return output
 
 
-def _check_ort_matches_pytorch(onnx_dir: Path, pytorch_model, align: bool = False):
-    """`ORTModelForCausalLM` logits within 1e-4 of PyTorch's, and the same greedy continuation (KV cache in use)."""
+def _check_ort_logits(ort_model, pytorch_model):
+    """ORT logits within 1e-4 of PyTorch's without the KV cache (one call over the sequence) and with it (a prefix,
+    then the rest of the sequence fed on top of the prefix's returned cache)."""
+    ids = input_ids()
+    expected = logits(pytorch_model, ids)
+    uncached = ort_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    torch.testing.assert_close(uncached, expected, atol=1e-4, rtol=0)
+    split = 7
+    prefix = ort_model(input_ids=ids[:, :split], attention_mask=torch.ones_like(ids[:, :split]), use_cache=True)
+    rest = ort_model(
+        input_ids=ids[:, split:],
+        attention_mask=torch.ones_like(ids),
+        past_key_values=prefix.past_key_values,
+        use_cache=True,
+    )
+    torch.testing.assert_close(torch.cat([prefix.logits, rest.logits], dim=1), expected, atol=1e-4, rtol=0)
+
+
+def _check_ort_matches_pytorch(onnx_dir: Path, pytorch_model):
+    """`ORTModelForCausalLM` logits within 1e-4 of PyTorch's with and without the KV cache, and the same greedy
+    continuation."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from optimum_prune.utils.onnx import align_ort_cache_shapes
-
     ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir)
-    if align:
-        align_ort_cache_shapes(ort_model)
-    ids = input_ids()
-    mask = torch.ones_like(ids)
-    expected = logits(pytorch_model, ids)
-    torch.testing.assert_close(ort_model(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-4, rtol=0)
-    prompt = ids[:1, :6]
+    _check_ort_logits(ort_model, pytorch_model)
+    _check_ort_generates_like_pytorch(ort_model, pytorch_model)
+
+
+def _check_ort_generates_like_pytorch(ort_model, pytorch_model):
+    prompt = input_ids()[:1, :6]
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert torch.equal(ort_model.generate(prompt, **kwargs), pytorch_model.generate(prompt, **kwargs))
 
@@ -323,11 +350,8 @@ def _check_pipeline_matches_pytorch(generator, pytorch_model):
 @pytest.mark.compat
 @NEEDS_COMPAT_ENV
 def test_stock_config_output_exports_to_onnx_and_runs_in_ort(tmp_path):
-    """MLP-only pruning keeps the stock `llama` type: `optimum-cli export onnx` and ORT need nothing from us.
-
-    `hidden_size = heads * head_dim` here because optimum-onnx 0.1.0 sizes the ORT cache as
-    `hidden_size // num_attention_heads`; other shapes need `align_ort_cache_shapes` (tested below).
-    """
+    """MLP-only pruning keeps the stock `llama` type and `hidden_size = heads * head_dim`: the case optimum-onnx
+    handles on its own (`test_every_pruned_checkpoint_runs_in_ort` has the others)."""
     from optimum.pipelines import pipeline
 
     pruner = _pruned(["mlp_channels"], 0.2, hidden_size=64)
@@ -367,25 +391,20 @@ def test_register_onnx_configs_adds_pruned_types():
 def test_registered_type_exports_to_onnx_and_runs_in_ort(v5_checkpoints, tmp_path):
     """A `pruned_llama` checkpoint (hidden channels 48 -> 41, not a multiple of 8 heads) written under 5.x.
 
-    `optimum-cli` registers the ONNX config through `optimum.commands.register.register_prune`. The export needs
-    `--trust-remote-code`: optimum-onnx infers the library from the model class's module, and only the remote-code
-    class (`transformers_modules.*`) passes that check.
+    `optimum-cli` registers the ONNX config through `optimum.commands.register.register_prune`; with the package
+    imported neither the export nor the pipeline needs `trust_remote_code` or any call of ours.
     """
     from optimum.pipelines import pipeline
 
-    from optimum_prune.utils.onnx import align_ort_cache_shapes, register_onnx_configs
-
     out, _ = v5_checkpoints
     model_dir = out / "registered"
-    onnx_dir = _export_onnx(model_dir, tmp_path / "onnx", "--trust-remote-code")
+    onnx_dir = _export_onnx(model_dir, tmp_path / "onnx")
     pytorch_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     assert type(pytorch_model).__name__ == "PrunedLlamaForCausalLM"
     torch.testing.assert_close(logits(pytorch_model, input_ids()), torch.load(out / "registered.logits.pt"))
-    _check_ort_matches_pytorch(onnx_dir, pytorch_model, align=True)
+    _check_ort_matches_pytorch(onnx_dir, pytorch_model)
 
-    register_onnx_configs()
-    generator = pipeline("text-generation", model=str(model_dir), accelerator="ort", trust_remote_code=True)
-    align_ort_cache_shapes(generator.model)
+    generator = pipeline("text-generation", model=str(model_dir), accelerator="ort")
     _check_pipeline_matches_pytorch(generator, pytorch_model)
 
 
@@ -403,7 +422,8 @@ def test_registered_type_exports_to_onnx_and_runs_in_ort(v5_checkpoints, tmp_pat
 )
 def test_per_layer_widths_export_with_the_kv_cache(tmp_path, build, structures):
     """Per-layer widths export with the KV cache and run in ONNX Runtime as in PyTorch: the registered ONNX config
-    draws each layer's dummy cache with its own head count, `align_ort_cache_shapes` gives per-layer empty caches."""
+    draws each layer's dummy cache with its own head count, and `ORTModelForCausalLM` gets per-layer empty caches
+    (`align_ort_cache_shapes`, applied by `import optimum_prune`)."""
     from optimum_prune.utils.onnx import cache_heads_per_layer
 
     config = PrunerConfig(importance="random", pruning_ratio=0.2, structures=structures, layer_ratios=[0.1, 0.5, 0.3])
@@ -413,5 +433,131 @@ def test_per_layer_widths_export_with_the_kv_cache(tmp_path, build, structures):
     heads = cache_heads_per_layer(pruner.model.config)
     assert (len(set(heads)) > 1) == ("attention_heads" in structures)
     pruner.save_pretrained(tmp_path / "out")
-    onnx_dir = _export_onnx(tmp_path / "out", tmp_path / "onnx", "--trust-remote-code")
-    _check_ort_matches_pytorch(onnx_dir, pruner.model.eval(), align=True)
+    onnx_dir = _export_onnx(tmp_path / "out", tmp_path / "onnx")
+    _check_ort_matches_pytorch(onnx_dir, pruner.model.eval())
+
+
+# kind: (model builder, structures, ratio, other PrunerConfig fields, the model type written). Each has a cache head
+# size other than `hidden_size // num_attention_heads` or per-layer head counts, and the registered types a model
+# class outside `transformers`: optimum-onnx 0.1.0 alone fails on every one.
+ORT_KINDS = {
+    "llama-heads": (tiny_llama, ["attention_heads", "mlp_channels"], 0.5, {}, "llama"),  # 8 -> 4 heads of 8
+    "pruned-llama-per-layer": (
+        tiny_llama,
+        ["attention_heads", "mlp_channels"],
+        0.2,
+        {"layer_ratios": [0.1, 0.5, 0.3]},
+        "pruned_llama",
+    ),
+    "llama-hidden": (tiny_llama, ["hidden_channels"], 0.17, {"round_to": 8}, "llama"),  # hidden 48 -> 40
+    "pruned-llama-hidden": (tiny_llama, ["hidden_channels"], 0.15, {}, "pruned_llama"),  # hidden 48 -> 41
+    "llama-layers": (functools.partial(tiny_llama, num_hidden_layers=6), ["layers"], 0.31, {}, "llama"),  # 6 -> 4
+    "opt-heads": (tiny_opt, ["attention_heads", "mlp_channels"], 0.3, {}, "pruned_opt"),
+    "bloom-heads": (tiny_bloom, ["attention_heads", "mlp_channels"], 0.3, {}, "pruned_bloom"),
+    "glm-heads": (tiny_glm, ["attention_heads", "mlp_channels"], 0.3, {}, "glm"),
+}
+
+
+def _prune_for_ort(kind: str):
+    build, structures, ratio, extra, model_type = ORT_KINDS[kind]
+    config = PrunerConfig(importance="magnitude", pruning_ratio=ratio, structures=structures, **extra)
+    pruner = AutoPruner.from_model(build(), config, tokenizer=_tokenizer())
+    pruner.prune()
+    assert pruner.model.config.model_type == model_type
+    assert _optimum_onnx_sizes_the_cache_wrongly(pruner.model.config)
+    return pruner
+
+
+def _optimum_onnx_sizes_the_cache_wrongly(config) -> bool:
+    """Whether optimum-onnx 0.1.0 alone would size this model's empty KV cache wrongly (`hidden_size //
+    num_attention_heads` as the head size, one head count for every layer)."""
+    from optimum_prune.utils.onnx import cache_heads_per_layer
+
+    heads = cache_heads_per_layer(config) or []
+    head_dim = getattr(config, "head_dim", None)
+    return len(set(heads)) > 1 or (
+        head_dim is not None and head_dim != config.hidden_size // config.num_attention_heads
+    )
+
+
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+@pytest.mark.parametrize("kind", ORT_KINDS)
+def test_every_pruned_checkpoint_runs_in_the_ort_pipeline(tmp_path, kind):
+    """`optimum.pipelines.pipeline(..., accelerator="ort")` on the saved checkpoint, with nothing but
+    `import optimum_prune`: ORT (exported by `ORTModelForCausalLM.from_pretrained(..., export=True)` inside the
+    pipeline) matches PyTorch's logits with and without the KV cache, and the pipeline's greedy text the
+    Transformers pipeline's."""
+    from optimum.pipelines import pipeline
+
+    pruner = _prune_for_ort(kind)
+    pruner.save_pretrained(tmp_path / "out")
+    pytorch_model = pruner.model.eval()
+
+    generator = pipeline("text-generation", model=str(tmp_path / "out"), accelerator="ort")
+    _check_ort_logits(generator.model, pytorch_model)
+    _check_pipeline_matches_pytorch(generator, pytorch_model)
+
+
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_head_pruned_stock_checkpoint_exports_with_optimum_cli(tmp_path):
+    """`optimum-cli export onnx`, then `ORTModelForCausalLM.from_pretrained(onnx_dir)`, for a stock `llama` whose
+    `head_dim` (8) is not `hidden_size // num_attention_heads` (12)."""
+    pruner = _prune_for_ort("llama-heads")
+    assert (pruner.model.config.hidden_size, pruner.model.config.num_attention_heads) == (48, 4)
+    pruner.save_pretrained(tmp_path / "out")
+    onnx_dir = _export_onnx(tmp_path / "out", tmp_path / "onnx")
+    _check_ort_matches_pytorch(onnx_dir, pruner.model.eval())
+
+
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+def test_per_layer_checkpoint_exports_from_pretrained_with_io_binding(tmp_path):
+    """`ORTModelForCausalLM.from_pretrained(..., export=True, use_io_binding=True)` (IO binding is the default on
+    CUDA) on per-layer head counts: each layer's returned cache is allocated with its own head count."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    pruner = _prune_for_ort("pruned-llama-per-layer")
+    pruner.save_pretrained(tmp_path / "out")
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "out", export=True, use_io_binding=True)
+    assert ort_model.use_io_binding
+    pytorch_model = pruner.model.eval()
+    _check_ort_logits(ort_model, pytorch_model)
+    _check_ort_generates_like_pytorch(ort_model, pytorch_model)
+
+
+IMPORT_ORDER = """
+import sys
+{before}
+import optimum_prune
+adapted = ("onnxruntime", "optimum.onnxruntime.modeling_decoder", "optimum.exporters.onnx.model_configs")
+loaded = sorted(m for m in adapted if m in sys.modules)
+print("loaded", loaded)
+from optimum.pipelines import pipeline
+generator = pipeline("text-generation", model={model_dir!r}, accelerator="ort")
+print("text", generator({prompt!r}, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0]["generated_text"])
+"""
+
+
+@pytest.mark.compat
+@NEEDS_COMPAT_ENV
+@pytest.mark.parametrize("optimum_first", [False, True], ids=["package-first", "optimum-first"])
+def test_ort_integration_whatever_is_imported_first(tmp_path, optimum_first):
+    """`import optimum_prune` loads neither ONNX Runtime nor the exporters (they are adapted when Optimum imports
+    them), and adapts them as well when Optimum was imported first: a fresh process gets the Transformers text."""
+    from transformers import pipeline
+
+    pruner = _prune_for_ort("llama-heads")
+    pruner.save_pretrained(tmp_path / "out")
+    before = (
+        "import optimum.exporters.onnx.model_configs, optimum.onnxruntime.modeling_decoder" if optimum_first else ""
+    )
+    code = IMPORT_ORDER.format(before=before, model_dir=str(tmp_path / "out"), prompt=PROMPT)
+    result = _run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("loaded ", "text ")))
+    expected_loaded = ["onnxruntime", "optimum.exporters.onnx.model_configs", "optimum.onnxruntime.modeling_decoder"]
+    assert lines["loaded"] == str(expected_loaded if optimum_first else [])
+    reference = pipeline("text-generation", model=pruner.model.eval(), tokenizer=_tokenizer())
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert lines["text"] == reference(PROMPT, **kwargs)[0]["generated_text"]
