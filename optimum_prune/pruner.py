@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 
 import torch
@@ -12,20 +11,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import (
-    CHANNEL_STRUCTURES,
-    TOLERANCE,
     ParameterModel,
-    allocate_widths,
-    layer_allocation,
-    select_top,
-    uniform_allocation,
 )
-from .architectures.base import ATTENTION_HEADS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
+from .architectures.base import LAYERS, ArchitectureSpec
 from .calibration import collect_statistics, prepare_calibration
 from .configuration import PrunerConfig
-from .errors import PruneInputError
 from .evaluation import checkpoint_bytes, count_parameters
-from .groups import GroupSet, Slice, build_group_sets, check_tied_groups, decoder_layers, layer_prefix, width_of
+from .groups import GroupSet, build_group_sets, decoder_layers
 from .hub import (
     CHART_NAME,
     build_model_card,
@@ -40,7 +32,8 @@ from .inputs import check_model_source, check_seq_len, load_causal_lm
 from .offload import apply_plan_dispatched, is_offloaded, keep_tied_weights
 from .output_dir import atomic_directory
 from .plan import PruningPlan
-from .utils.compat import fails_transformers_5_validation, make_checkpoint_portable
+from .planner import Planner
+from .utils.compat import make_checkpoint_portable
 from .utils.safe_weights import weights_loading_kwargs
 
 
@@ -68,18 +61,11 @@ class Pruner:
         name_or_path=None,
         offload_folder: str | None = None,
     ):
-        unsupported = [s for s in pruner_config.structures if s not in spec.supported_structures]
-        if unsupported:
-            raise ValueError(
-                f"{model.config.model_type} supports structures {list(spec.supported_structures)}, got {unsupported}."
-            )
         keep_tied_weights(model)  # an offloaded model's forward unties them (see `offload.keep_tied_weights`)
-        check_tied_groups(model, spec, pruner_config.structures)
+        self.planner = Planner(model, spec, pruner_config)  # validates the config against the model
         self.model = model
         self.spec = spec
         self.config = pruner_config
-        self._check_round_to()
-        self._resolve_bias_compensation()
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path or getattr(model, "name_or_path", None) or None
         self.plan: PruningPlan | None = None
@@ -91,50 +77,6 @@ class Pruner:
         self.recovery: dict | None = None  # LoRA settings and training figures once `recover` ran
         # Under `device_map` with "disk" modules, the pruned model's offloaded weights go to a folder inside this one.
         self.offload_folder = offload_folder
-
-    def _resolve_bias_compensation(self) -> None:
-        """`bias_compensation=None` becomes `True` for the `flap` criterion where every consumer (o_proj, down_proj)
-        has a bias or the registered type can add one (`spec.bias_fields`), unless the family defaults it off
-        (`spec.bias_compensation_default`); an explicit `True` where it cannot work fails here, before calibration."""
-        config = self.config
-        structures = [s for s in config.structures if s in self.spec.structures]
-        layers = decoder_layers(self.model, self.spec)
-        missing = []
-        for structure in structures:
-            for member in self.spec.structures[structure].members:
-                if member.consumer and member.dim == 1:
-                    path = member.name.rpartition(".")[0]
-                    module = layers[0].get_submodule(path) if layers else None
-                    if (
-                        module is not None
-                        and getattr(module, "bias", None) is None
-                        and path not in self.spec.bias_fields
-                    ):
-                        missing.append(path)
-        if config.bias_compensation is None:
-            config.bias_compensation = (
-                config.importance == "flap"
-                and bool(structures)
-                and not missing
-                and self.spec.bias_compensation_default
-            )
-        elif config.bias_compensation and missing:
-            raise ValueError(
-                f"`bias_compensation=True` needs an output bias on {missing}, which {self.model.config.model_type!r} "
-                "builds without one and its registered type cannot add; set `bias_compensation=False`."
-            )
-
-    def _check_round_to(self) -> None:
-        """A `round_to` above every channel width it rounds leaves nothing to prune; say so before calibration."""
-        structures = [s for s in self.config.structures if s in CHANNEL_STRUCTURES]
-        if self.config.round_to == 1 or not structures:
-            return
-        widest = max(gs.num_units for gs in build_group_sets(self.model, self.spec, structures).values())
-        if self.config.round_to > widest:
-            raise PruneInputError(
-                f"`round_to={self.config.round_to}` is larger than any width it rounds ({', '.join(structures)}: at "
-                f"most {widest} channels); use a `round_to` of at most {widest}."
-            )
 
     @property
     def is_pruned(self) -> bool:
@@ -261,62 +203,32 @@ class Pruner:
         return LAYERS in self.config.structures and self.config.layer_scorer().needs_data
 
     def make_plan(self, importance, batches) -> PruningPlan:
-        """Score every group set and allocate widths (and whole layers); the model is left untouched."""
-        config = self.config
-        if config.non_uniform:
-            self._check_per_layer_support()
-        num_layers = len(decoder_layers(self.model, self.spec))
-        width_structures = [s for s in config.structures if s != LAYERS]
-        params = dict(self.model.named_parameters())
+        """Score every group set and let the planner allocate widths (and whole layers); the model is untouched."""
+        planner = self.planner
+        if self.config.non_uniform:
+            planner.check_per_layer_support()
+        width_structures = planner.width_structures
         removed: list[int] = []
-        if LAYERS in config.structures:
-            removed = self._choose_layers(batches, params, num_layers, bool(width_structures))
+        if LAYERS in self.config.structures:
+            removed = self._choose_layers(batches, bool(width_structures))
             if not width_structures:
-                return PruningPlan(self.model.config.model_type, num_layers, removed_layers=removed)
-        all_group_sets = build_group_sets(self.model, self.spec, width_structures)
-        group_sets = self._prunable(all_group_sets, num_layers, set(removed))
-        means: dict[str, torch.Tensor] | None = {} if config.bias_compensation else None
+                return PruningPlan(self.model.config.model_type, planner.num_layers, removed_layers=removed)
+        all_group_sets = planner.group_sets()
+        group_sets = planner.prunable(all_group_sets, removed)
+        means: dict[str, torch.Tensor] | None = {} if self.config.bias_compensation else None
         scores = self._score(importance, group_sets, batches, means)
-        kept_counts = self._kept_counts(params, group_sets, scores, removed, width_structures)
-        kept = {
-            key: select_top(scores[key], k, group_sets[key].num_groups)
-            for key, k in kept_counts.items()
-            if k < group_sets[key].num_units
-        }
-        counts = {key: gs.num_units for key, gs in all_group_sets.items()}
-        bias_means = self._bias_means(group_sets, kept, means) if means is not None else {}
-        return PruningPlan(
-            self.model.config.model_type,
-            num_layers,
-            unit_counts=counts,
-            kept=kept,
-            removed_layers=removed,
-            bias_means=bias_means,
-        )
+        kept_counts = planner.kept_counts(group_sets, scores, removed)
+        return planner.plan(all_group_sets, group_sets, scores, kept_counts, removed, means)
 
-    def _kept_counts(self, params, group_sets, scores, removed, width_structures) -> dict[str, int]:
-        """Kept units per prunable group set: the allocation `config` asks for (scores are read only by
-        `global_ranking` and `allocation="flap"`; the streaming path calls this with `scores=None` otherwise)."""
-        config = self.config
-        if config.non_uniform or config.uniform or removed or config.min_heads > 1 or config.min_channels > 1:
-            return self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
-        return uniform_allocation(params, group_sets, width_structures, config.pruning_ratio, config.round_to)
-
-    def _bias_means(self, group_sets, kept, means) -> dict[str, dict[str, list[float]]]:
-        """Calibration means of the removed input channels of every consumer (the plan's `bias_means`)."""
-        from .surgery import consumer_modules, removed_channels
-
-        params = dict(self.model.named_parameters())
-        out = {}
-        for key, units in kept.items():
-            gs = group_sets[key]
-            entry = {}
-            for s, _ in consumer_modules(self.spec, gs):
-                index = removed_channels(gs, s, gs.num_units, units, params[s.name].shape[1])
-                entry[s.name] = means[s.name][index].tolist()
-            if entry:
-                out[key] = entry
-        return out
+    def _choose_layers(self, batches, with_width: bool) -> list[int]:
+        """Score every decoder layer with `layer_importance`; the planner picks the layers to remove."""
+        scorer = self.config.layer_scorer()
+        if scorer.needs_data and batches is None:
+            raise ValueError(f"The layer criterion {scorer.name!r} needs calibration data (`calibration_data=`).")
+        scores = self._score(scorer, self.planner.layer_group_sets(), batches)
+        removed = self.planner.layers_to_remove(scores, with_width)
+        logger.info("Removing decoder layers %s (scored by %s).", removed, scorer.name)
+        return removed
 
     def _score(self, importance, group_sets: dict[str, GroupSet], batches, means=None) -> dict[str, torch.Tensor]:
         """Scores per group set. With a `means` dict, also the per-channel calibration mean of every consumer's input
@@ -337,151 +249,6 @@ class Pruner:
         del stats
         gc.collect()
         return scores
-
-    def _choose_layers(self, batches, params, num_layers: int, with_width: bool) -> list[int]:
-        """Whole layers to remove, lowest `layer_importance` first. Alone they meet the target; with width
-        structures `num_layers_to_remove` of them (default: closest to half the target) go first."""
-        layer_sets = self._layer_group_sets()
-        scorer = self.config.layer_scorer()
-        if scorer.needs_data and batches is None:
-            raise ValueError(f"The layer criterion {scorer.name!r} needs calibration data (`calibration_data=`).")
-        scores = self._score(scorer, layer_sets, batches)
-        costs = [gs.unit_cost(params) for gs in layer_sets.values()]
-        total = ParameterModel(params, {}).total
-        n = self.config.num_layers_to_remove
-        if not with_width:
-            n = layer_allocation(costs, total, self.config.pruning_ratio)
-        elif n is None:
-            n = int(round(self.config.pruning_ratio * total / 2 / (sum(costs) / num_layers)))
-        if n >= num_layers or sum(sorted(costs)[:n]) / total > self.config.pruning_ratio + TOLERANCE:
-            raise ValueError(
-                f"Removing {n} of {num_layers} layers removes more than `pruning_ratio={self.config.pruning_ratio}` "
-                "of the parameters (or every layer); lower `num_layers_to_remove`."
-            )
-        layer_scores = torch.stack([scores[f"{LAYERS}.{i}"][0] for i in range(num_layers)])
-        removed = sorted(set(range(num_layers)) - set(select_top(layer_scores, num_layers - n)))
-        logger.info("Removing decoder layers %s (scored by %s).", removed, scorer.name)
-        return removed
-
-    def _prunable(self, group_sets: dict[str, GroupSet], num_layers: int, removed: set[int]) -> dict[str, GroupSet]:
-        """The group sets that may lose units: in `attention_layers` / `mlp_layers`, not in removed layers."""
-        allowed = {}
-        options = [(s, "attention_layers") for s in HEAD_STRUCTURES] + [(MLP_CHANNELS, "mlp_layers")]
-        for structure, name in options:
-            layers = getattr(self.config, name)
-            if layers is not None and layers[-1] >= num_layers:
-                raise ValueError(f"`{name}` names layer {layers[-1]}, but the model has {num_layers} layers.")
-            allowed[structure] = set(range(num_layers) if layers is None else layers)
-        return {
-            key: gs
-            for key, gs in group_sets.items()
-            if gs.layer is None
-            or (gs.layer not in removed and gs.layer in allowed.get(gs.structure, range(num_layers)))
-        }
-
-    def _allocate_non_uniform(self, params, group_sets, scores, removed, structures) -> dict[str, int]:
-        config = self.config
-        num_layers = len(decoder_layers(self.model, self.spec))
-        floors = {}
-        for key, gs in group_sets.items():
-            if gs.structure in HEAD_STRUCTURES:
-                attention = self.spec.structures[gs.structure]
-                prefix = layer_prefix(self.spec, gs.layer)
-                heads = max(width_of(params, self.model.config, w, prefix) for w in attention.widths)
-                if config.min_heads > heads:
-                    raise ValueError(f"`min_heads={config.min_heads}` exceeds the model's {heads} heads per layer.")
-                # Whole units (KV groups), and for tied query heads whole steps of one head per KV group.
-                units = math.ceil(config.min_heads / (heads // gs.num_units))
-                floors[key] = math.ceil(units / gs.num_groups) * gs.num_groups
-            else:
-                floors[key] = min(gs.num_units, math.ceil(config.min_channels / config.round_to) * config.round_to)
-        ratios = config.layer_ratios
-        if isinstance(ratios, list):
-            if len(ratios) != num_layers:
-                raise ValueError(f"`layer_ratios` has {len(ratios)} values; the model has {num_layers} layers.")
-            ratios = dict(enumerate(ratios))
-        if ratios is not None and max(ratios) >= num_layers:
-            raise ValueError(f"`layer_ratios` names layer {max(ratios)}, but the model has {num_layers} layers.")
-        if config.allocation == "flap":
-            mode = "flap"
-        else:
-            mode = "global" if config.global_ranking else "ratios" if ratios is not None else "uniform"
-        described = [
-            f"{name}={getattr(config, name)}"
-            for name in ("attention_layers", "mlp_layers", "layer_ratios")
-            if getattr(config, name) is not None
-        ]
-        described += [f"removed layers {removed}"] if removed else []
-        described += [f"min_heads={config.min_heads}", f"min_channels={config.min_channels}"]
-        prefixes = tuple(layer_prefix(self.spec, i) for i in removed)
-        allowed = None
-        heads = next((s for s in HEAD_STRUCTURES if s in structures), None)
-        if config.uniform and heads is not None:
-            allowed = {heads: self._stock_unit_counts(group_sets, heads)}
-            head_floor = max(floors[k] for k, gs in group_sets.items() if gs.structure == heads)
-            if max(allowed[heads], default=0) < head_floor:
-                raise ValueError(
-                    f"`uniform=True`: no head count of at least `min_heads={config.min_heads}` gives a shape that "
-                    f"the stock {type(self.model.config).__name__} accepts; lower `min_heads` or set `uniform=False`."
-                )
-        return allocate_widths(
-            params,
-            group_sets,
-            structures,
-            config.pruning_ratio,
-            mode=mode,
-            scores=scores,
-            layer_ratios=ratios,
-            normalization=config.global_normalization,
-            floors=floors,
-            round_to=config.round_to,
-            removed_params=frozenset(n for n in params if prefixes and n.startswith(prefixes)),
-            allowed=allowed,
-            constraints=f" with {', '.join(described)}",
-        )
-
-    def _layer_group_sets(self) -> dict[str, GroupSet]:
-        """Each decoder layer as one unit that owns all of its parameters (for layer-level criteria)."""
-        group_sets = {}
-        for i, layer in enumerate(decoder_layers(self.model, self.spec)):
-            prefix = layer_prefix(self.spec, i)
-            slices = [Slice(prefix + name, 0) for name, _ in layer.named_parameters()]
-            group_sets[f"{LAYERS}.{i}"] = GroupSet(LAYERS, i, 1, slices)
-        return group_sets
-
-    def _check_per_layer_support(self) -> None:
-        """Fail before calibration when the family's registered type cannot store per-layer widths."""
-        from .modeling import PRUNED_MODEL_CLASSES
-
-        entry = PRUNED_MODEL_CLASSES.get(self.spec.pruned_model_type)
-        if entry is None or not hasattr(entry[0], "per_layer_overrides"):
-            supported = sorted(t for t, (c, _) in PRUNED_MODEL_CLASSES.items() if hasattr(c, "per_layer_overrides"))
-            raise ValueError(
-                f"Per-layer widths (`attention_layers`, `mlp_layers`, `layer_ratios`, `global_ranking`) need a "
-                f"registered type with `per_layer_config`; {self.model.config.model_type!r} has none (supported: "
-                f"{supported}). Use uniform allocation for this family."
-            )
-
-    def _stock_unit_counts(self, group_sets: dict[str, GroupSet], structure: str = ATTENTION_HEADS) -> list[int]:
-        """Unit counts of head structure `structure` whose widths the model's stock config class accepts
-        (`uniform=True` keeps a stock config: LLaMA's, for one, rejects head counts that do not divide
-        `hidden_size`). Tied query heads count only in whole steps of one head per KV group."""
-        config = self.model.config
-        attention = self.spec.structures[structure]
-        first = next(gs for gs in group_sets.values() if gs.structure == structure)
-        units = first.num_units
-        data = {k: v for k, v in config.to_dict().items() if k != "model_type"}
-        allowed = []
-        for k in range(first.num_groups, units + 1, first.num_groups):
-            widths = {w.field: getattr(config, w.field) * k // units for w in attention.widths}
-            try:
-                candidate = type(config)(**{**data, **widths})
-            except Exception:  # noqa: BLE001 - any refusal (strict validation) means "not a stock shape"
-                continue
-            if fails_transformers_5_validation(candidate):  # under 4.x: a shape that 5.x would refuse
-                continue
-            allowed.append(k)
-        return allowed
 
     @property
     def stage(self) -> str:

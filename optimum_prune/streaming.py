@@ -68,7 +68,7 @@ from .architectures.base import (
 from .calibration import Statistics, hook_linear_inputs, layer_output, prepare_calibration
 from .configuration import PrunerConfig
 from .evaluation import count_parameters
-from .groups import GroupSet, build_group_sets, decoder_layers, layer_prefix
+from .groups import GroupSet, decoder_layers, layer_prefix
 from .importance.base import ACTIVATIONS, BLOCK_LOSS, WEIGHTS
 from .inputs import (
     check_model_config,
@@ -79,6 +79,7 @@ from .inputs import (
     read_config_json,
 )
 from .plan import PruningPlan
+from .planner import Planner
 from .surgery import (
     add_missing_biases,
     apply_plan,
@@ -634,49 +635,41 @@ def _sync_layer_attrs(
         adopt(decoder_layers(model, spec)[layer_index], layer_index)
 
 
-def _planner(model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig):
-    """The in-memory [`Pruner`] around the meta skeleton, for its allocation code (prunable layers, floors, per-layer
-    ratios, global and FLAP allocation, bias means): all of it needs only shapes and scores, so the streaming plan is
-    made by the same code as the in-memory one.
+def _planner(model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig) -> Planner:
+    """The [`Planner`] of the meta skeleton (prunable layers, floors, per-layer ratios, global and FLAP allocation,
+    bias means): it needs only shapes and scores, so the streaming plan is made by the same code as the in-memory one.
 
     Building it resolves `bias_compensation` as the in-memory path does. Only the two-pass allocations can compensate
     (their statistics are the unpruned model's, as in memory); a one-pass run plans with it off and leaves
     `pruner_config` untouched (an explicit `True` was refused by `check_streaming_config`).
     """
-    from .pruner import Pruner
-
     if not needs_global_scores(pruner_config):
         pruner_config = copy.copy(pruner_config)
         pruner_config.bias_compensation = False
-    planner = Pruner(model, spec, pruner_config)
-    if pruner_config.non_uniform:
-        planner._check_per_layer_support()
     # The parameters allocation counts, taken now: materialising the embeddings later unties a tied LM head, which
     # `named_parameters` would then list (and count) twice.
-    planner.shape_params = dict(model.named_parameters())
+    planner = Planner(model, spec, pruner_config, params=dict(model.named_parameters()))
+    if pruner_config.non_uniform:
+        planner.check_per_layer_support()
     return planner
 
 
-def _prunable_group_sets(planner) -> tuple[dict[str, GroupSet], dict[str, GroupSet]]:
+def _prunable_group_sets(planner: Planner) -> tuple[dict[str, GroupSet], dict[str, GroupSet]]:
     """Every width group set of the model (the plan's `unit_counts`) and the prunable ones (`attention_layers`,
     `mlp_layers`)."""
-    model, spec, config = planner.model, planner.spec, planner.config
-    all_group_sets = build_group_sets(model, spec, config.structures)
-    num_layers = len(model.get_submodule(spec.layers))
-    return all_group_sets, planner._prunable(all_group_sets, num_layers, set())
-
-
-def _kept_counts(planner, group_sets: dict[str, GroupSet], scores=None) -> dict[str, int]:
-    """Kept units per prunable group set, by the in-memory allocation (`scores` only for the two-pass modes)."""
-    config = planner.config
-    params = planner.shape_params
-    return planner._kept_counts(params, group_sets, scores, [], list(config.structures))
+    all_group_sets = planner.group_sets()
+    return all_group_sets, planner.prunable(all_group_sets)
 
 
 def _shape_plan(model, group_sets, kept_counts) -> PruningPlan:
-    """A plan with the planned widths (the first units of each group set): what the pruned shapes will be."""
+    """A plan with the planned widths (the first units of each group set, of each KV group for query heads): what
+    the pruned shapes will be."""
     counts = {key: gs.num_units for key, gs in group_sets.items()}
-    kept = {key: list(range(k)) for key, k in kept_counts.items() if k < group_sets[key].num_units}
+    kept = {
+        key: select_top(torch.zeros(group_sets[key].num_units), k, group_sets[key].num_groups)
+        for key, k in kept_counts.items()
+        if k < group_sets[key].num_units
+    }
     num_layers = len(model.get_submodule(get_architecture(model.config.model_type).layers))
     return PruningPlan(model.config.model_type, num_layers, unit_counts=counts, kept=kept)
 
@@ -788,7 +781,7 @@ def sequential_plan(model: nn.Module, pruner_config: PrunerConfig, batches: torc
     work = copy.deepcopy(model).eval()
     planner = _planner(work, spec, pruner_config)
     all_group_sets, group_sets = _prunable_group_sets(planner)
-    kept_counts = _kept_counts(planner, group_sets)
+    kept_counts = planner.kept_counts(group_sets)
     shape_model = apply_plan(
         build_skeleton(copy.deepcopy(work.config), work.dtype), _shape_plan(work, all_group_sets, kept_counts), spec
     )
@@ -871,7 +864,7 @@ def _uniform_estimate(planner, group_sets) -> dict[str, int] | None:
     config = planner.config
     try:
         return uniform_allocation(
-            planner.shape_params,
+            planner.params,
             group_sets,
             list(config.structures),
             config.pruning_ratio,
@@ -1082,7 +1075,7 @@ def prune_streaming(
         params_after = round(params_before * (1 - pruner_config.pruning_ratio))  # the target; widths come later
         planned = _planned_widths(all_group_sets, estimate) if estimate is not None else {}
     elif not given_plan:
-        kept_counts = _kept_counts(planner, group_sets)
+        kept_counts = planner.kept_counts(group_sets)
         shape_model = apply_plan(copy.deepcopy(model), _shape_plan(model, all_group_sets, kept_counts), spec)
         params_after = count_parameters(shape_model)
         planned = _planned_widths(all_group_sets, kept_counts)
@@ -1154,14 +1147,8 @@ def prune_streaming(
         if hidden_file is not None:  # pass 2 needs no hidden states
             hidden_file.close()
             hidden_file = None
-        kept_counts = _kept_counts(planner, group_sets, scores)
-        kept = {
-            key: select_top(scores[key], k, group_sets[key].num_groups)
-            for key, k in kept_counts.items()
-            if k < group_sets[key].num_units
-        }
-        bias_means = planner._bias_means(group_sets, kept, means) if means is not None else {}
-        plan = PruningPlan(config.model_type, len(layers), unit_counts=counts, kept=kept, bias_means=bias_means)
+        kept_counts = planner.kept_counts(group_sets, scores)
+        plan = planner.plan(all_group_sets, group_sets, scores, kept_counts, means=means)
         shape_model = _shape_model(model, spec, plan, all_group_sets)
         bias_paths = _compensated_modules(model, spec, plan, all_group_sets)
         report["params_after"] = count_parameters(shape_model)

@@ -366,7 +366,7 @@ def test_uniform_true_keeps_a_stock_llama_config():
     config = PrunerConfig(importance="magnitude", pruning_ratio=ratio, structures=["query_heads"], uniform=True)
     pruner = AutoPruner.from_model(model, config)
     group_sets = build_group_sets(model, get_architecture("llama"), ["query_heads"])
-    assert pruner._stock_unit_counts(group_sets, "query_heads") == [3, 6, 12]
+    assert pruner.planner.stock_unit_counts(group_sets, "query_heads") == [3, 6, 12]
     pruned = pruner.prune()
     assert pruned.config.model_type == "llama" and pruned.config.num_attention_heads == 6
     _check_pruned_shape(original, pruned, pruner.plan)
