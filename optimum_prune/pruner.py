@@ -19,13 +19,8 @@ from .configuration import PrunerConfig
 from .evaluation import checkpoint_bytes, count_parameters
 from .groups import GroupSet, build_group_sets, decoder_layers
 from .hub import (
-    CHART_NAME,
-    build_model_card,
     count_macs_per_token,
-    plan_is_uniform,
-    plot_layer_widths,
     read_results,
-    write_results,
 )
 from .importance.base import ACTIVATIONS
 from .inputs import check_model_source, check_seq_len, load_causal_lm
@@ -33,8 +28,8 @@ from .offload import apply_plan_dispatched, is_offloaded, keep_tied_weights
 from .output_dir import atomic_directory
 from .plan import PruningPlan
 from .planner import Planner
-from .utils.compat import make_checkpoint_portable
 from .utils.safe_weights import weights_loading_kwargs
+from .writer import describe_data, run_summary, summary_card, write_run_files
 
 
 logger = logging.getLogger(__name__)
@@ -129,7 +124,7 @@ class Pruner:
 
     def _calibration_batches(self, importance, calibration_data) -> torch.Tensor | None:
         """The calibration token windows, when the criterion, the layer scorer or bias compensation needs them."""
-        self.calibration_source = _describe_data(calibration_data)
+        self.calibration_source = describe_data(calibration_data)
         if not (importance.needs_data or self._layer_scorer_needs_data() or self.config.bias_compensation):
             return None
         if calibration_data is None:
@@ -263,7 +258,7 @@ class Pruner:
         """
         from .evaluation import perplexity
 
-        setup = {"eval_data": _describe_data(eval_data), "eval_seq_len": seq_len, "eval_windows": max_windows}
+        setup = {"eval_data": describe_data(eval_data), "eval_seq_len": seq_len, "eval_windows": max_windows}
         if any(self.evaluation.get(k) != v for k, v in setup.items()):
             self.evaluation = dict(setup)
         value = perplexity(self.model, eval_data, self.tokenizer, seq_len=seq_len, max_windows=max_windows)
@@ -274,37 +269,21 @@ class Pruner:
     def model_card(self, repo_or_path: str = "path/to/pruned-model", results=None, license=None, chart=None):
         """The [`huggingface_hub.ModelCard`] saved as README.md (see `hub.build_model_card`)."""
         self._check_pruned()
-        return build_model_card(
-            base_model=self.name_or_path,
-            pruner_config=self.config,
-            plan=self.plan,
-            model_config=self.model.config,
-            params_before=self.params_before,
-            params_after=self.params_after,
-            macs_before=self.macs_before,
-            macs_after=count_macs_per_token(self.model),
-            evaluation=self.evaluation,
-            recovery=self.recovery,
-            results=results,
-            repo_or_path=repo_or_path,
-            calibration=self.calibration_source,
-            license=license,
-            chart=chart,
+        return summary_card(
+            self.summary(), self.config, self.plan, self.model.config, repo_or_path, results, license, chart
         )
 
     def summary(self) -> dict:
         """What `pruning_results.json` holds: the base, the sizes, the measured perplexities and the recovery."""
         self._check_pruned()
-        return {
-            "base_model": self.name_or_path,
-            "calibration_data": self.calibration_source,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "macs_per_token_before": self.macs_before,
-            "macs_per_token_after": count_macs_per_token(self.model),
-            "evaluation": self.evaluation,
-            "recovery": self.recovery,
-        }
+        return run_summary(
+            self.name_or_path,
+            self.calibration_source,
+            (self.params_before, self.params_after),
+            (self.macs_before, count_macs_per_token(self.model)),
+            self.evaluation,
+            self.recovery,
+        )
 
     def save_pretrained(
         self,
@@ -328,17 +307,16 @@ class Pruner:
         inputs = (self.name_or_path, getattr(self.model, "name_or_path", None))
         with atomic_directory(save_directory, inputs, overwrite, expected_bytes=checkpoint_bytes(self.model)) as tmp:
             self.model.save_pretrained(tmp, **kwargs)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            make_checkpoint_portable(tmp)  # loads under Transformers 4.57 too
-            self.config.save_pretrained(tmp)
-            self.plan.save_pretrained(tmp)
-            write_results(tmp, self.summary())
-            chart = None
-            if not plan_is_uniform(self.plan) and plot_layer_widths(self.plan, os.path.join(tmp, CHART_NAME)):
-                chart = CHART_NAME
-            card = self.model_card(repo_or_path=repo_or_path or str(save_directory), results=results, chart=chart)
-            card.save(os.path.join(tmp, "README.md"))
+            write_run_files(
+                tmp,
+                tokenizer=self.tokenizer,
+                pruner_config=self.config,
+                plan=self.plan,
+                summary=self.summary(),
+                model_config=self.model.config,
+                repo_or_path=repo_or_path or str(save_directory),
+                results=results,
+            )
 
     def push_to_hub(
         self,
@@ -439,7 +417,7 @@ class Pruner:
             )
         if eval_data is not None and (
             self.evaluation.get("perplexity_pruned") is None
-            or self.evaluation.get("eval_data") != _describe_data(eval_data)
+            or self.evaluation.get("eval_data") != describe_data(eval_data)
         ):
             self.evaluate(eval_data, eval_seq_len, eval_windows)
         self.model, info = recover_model(
@@ -451,7 +429,7 @@ class Pruner:
             training_args=training_args,
             block_size=block_size,
         )
-        info["train_data"] = _describe_data(train_data)
+        info["train_data"] = describe_data(train_data)
         self.recovery = info
         if eval_data is not None:
             self.evaluate(eval_data, eval_seq_len, eval_windows)
@@ -503,20 +481,3 @@ class Pruner:
     def _check_pruned(self):
         if not self.is_pruned:
             raise RuntimeError("Call `prune()` first.")
-
-
-def _describe_data(data) -> str | None:
-    """A short, human-readable name for user data (a file path as given, else its kind and size) for cards."""
-    if data is None:
-        return None
-    if isinstance(data, (str, os.PathLike)) and os.path.isfile(data):
-        return os.fspath(data)
-    if isinstance(data, str):
-        return f"a string of {len(data)} characters"
-    if isinstance(data, torch.Tensor):
-        return f"token ids {list(data.shape)}"
-    if hasattr(data, "column_names"):
-        return f"a datasets.Dataset of {len(data)} rows"
-    if isinstance(data, (list, tuple)):
-        return f"a list of {len(data)} texts"
-    return type(data).__name__

@@ -69,6 +69,7 @@ from .calibration import Statistics, hook_linear_inputs, layer_output, prepare_c
 from .configuration import PrunerConfig
 from .evaluation import count_parameters
 from .groups import GroupSet, decoder_layers, layer_prefix
+from .hub import count_macs_per_token
 from .importance.base import ACTIVATIONS, BLOCK_LOSS, WEIGHTS
 from .inputs import (
     check_model_config,
@@ -78,6 +79,7 @@ from .inputs import (
     parse_size,
     read_config_json,
 )
+from .output_dir import atomic_directory, check_output_directory
 from .plan import PruningPlan
 from .planner import Planner
 from .surgery import (
@@ -90,6 +92,7 @@ from .surgery import (
     sync_module_attrs,
     write_unit_records,
 )
+from .writer import describe_data, run_summary, write_run_files
 
 
 logger = logging.getLogger(__name__)
@@ -1012,17 +1015,6 @@ def prune_streaming(
     from transformers import AutoConfig, AutoTokenizer
 
     from . import modeling  # noqa: F401 - registers the pruned model types that the pruned config may need
-    from .hub import (
-        CHART_NAME,
-        build_model_card,
-        count_macs_per_token,
-        plan_is_uniform,
-        plot_layer_widths,
-        write_results,
-    )
-    from .output_dir import atomic_directory, check_output_directory
-    from .pruner import _describe_data
-    from .utils.compat import make_checkpoint_portable
 
     model_dir = os.fspath(model_dir)
     if check_model_source(model_dir) is None:
@@ -1201,39 +1193,21 @@ def prune_streaming(
         generation = os.path.join(model_dir, "generation_config.json")
         if os.path.isfile(generation):
             shutil.copy(generation, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        make_checkpoint_portable(tmp)
-        planner.config.save_pretrained(tmp)
-        plan.save_pretrained(tmp)
-        summary = {
-            "base_model": model_dir,
-            "calibration_data": _describe_data(calibration_data),
-            "params_before": report["params_before"],
-            "params_after": report["params_after"],
-            "macs_per_token_before": macs_before,
-            "macs_per_token_after": count_macs_per_token(shape_model),
-            "evaluation": {},
-            "recovery": None,
-        }
-        write_results(tmp, summary)
-        chart = None
-        if not plan_is_uniform(plan) and plot_layer_widths(plan, os.path.join(tmp, CHART_NAME)):
-            chart = CHART_NAME
-        card = build_model_card(
-            base_model=model_dir,
+        summary = run_summary(
+            model_dir,
+            describe_data(calibration_data),
+            (report["params_before"], report["params_after"]),
+            (macs_before, count_macs_per_token(shape_model)),
+        )
+        write_run_files(
+            tmp,
+            tokenizer=tokenizer,
             pruner_config=planner.config,
             plan=plan,
+            summary=summary,
             model_config=pruned_config,
-            params_before=summary["params_before"],
-            params_after=summary["params_after"],
-            macs_before=summary["macs_per_token_before"],
-            macs_after=summary["macs_per_token_after"],
             repo_or_path=os.fspath(output_dir),
-            calibration=summary["calibration_data"],
-            chart=chart,
         )
-        card.save(os.path.join(tmp, "README.md"))
     report["plan"] = plan
     return report
 

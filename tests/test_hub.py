@@ -157,12 +157,12 @@ def test_chart_is_skipped_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_saved_chart_is_referenced_from_card(tmp_path, monkeypatch):
-    import optimum_prune.pruner as pruner_module
+    import optimum_prune.writer as writer_module
 
     pruner = AutoPruner.from_model(tiny_llama(), PrunerConfig(pruning_ratio=0.3, importance="magnitude"))
     pruner.prune()
     # Surgery only produces uniform widths so far; pretend the plan is not, to check the save path end to end.
-    monkeypatch.setattr(pruner_module, "plan_is_uniform", lambda plan: False)
+    monkeypatch.setattr(writer_module, "plan_is_uniform", lambda plan: False)
     pruner.save_pretrained(tmp_path / "out")
     assert (tmp_path / "out" / CHART_NAME).read_bytes()[:4] == b"\x89PNG"
     assert f"]({CHART_NAME})" in (tmp_path / "out" / "README.md").read_text()
@@ -174,10 +174,10 @@ _PUSH_CODE = """
 import json, logging, os, torch
 logging.basicConfig(level=logging.DEBUG)
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-import optimum_prune.pruner as pruner_module
+import optimum_prune.writer as writer_module
 from optimum_prune import AutoPruner, PrunerConfig
 
-pruner_module.plan_is_uniform = lambda plan: False  # so the chart is part of the upload
+writer_module.plan_is_uniform = lambda plan: False  # so the chart is part of the upload
 model = AutoModelForCausalLM.from_pretrained({base!r})
 tokenizer = PreTrainedTokenizerFast.from_pretrained({base!r})
 pruner = AutoPruner.from_model(model, PrunerConfig(pruning_ratio=0.3, importance="magnitude"), tokenizer, {base!r})
