@@ -129,7 +129,8 @@ class AutoPruner:
 
     @staticmethod
     def register(model_type: str, spec: ArchitectureSpec, exist_ok: bool = False) -> None:
-        """Register the spec of a new family under its `model_type`."""
+        """Register the spec of a new family under its `model_type` (in memory and dispatched pruning); declare that it
+        streams, or give it a checkpoint converter, with `optimum_prune.architectures.register_family`."""
         register_architecture(model_type, spec, exist_ok=exist_ok)
 
     @staticmethod

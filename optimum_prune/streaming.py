@@ -24,9 +24,10 @@ Two flows, chosen by the allocation:
   The plan, bias compensation included, is exactly the in-memory plan; per-layer widths are saved as the registered
   pruned type with `per_layer_config`, as in memory.
 
-Families (`STREAMING_MODEL_TYPES`): LLaMA, Mistral, Qwen2, OPT, BLOOM, GLM and GLM-4. What a family computes before its
-first layer (OPT's learned positions and `project_in`, BLOOM's embedding LayerNorm and ALiBi tensor, rotary tables, the
-causal mask) is computed by the family's own forward and captured at the first layer. After pruning, a layer is made
+Families: those registered with `register_family(..., streaming=True)`, listed by `STREAMING_MODEL_TYPES` (LLaMA,
+Mistral, Qwen2, OPT, BLOOM, GLM and GLM-4). What a family computes before its first layer (OPT's learned positions and
+`project_in`, BLOOM's embedding LayerNorm and ALiBi tensor, rotary tables, the causal mask) is computed by the family's
+own forward and captured at the first layer. After pruning, a layer is made
 to compute what it computes in the pruned checkpoint from the spec alone (`_sync_layer_attrs`): the module attributes
 surgery syncs, the config records (BLOOM's original ALiBi heads), and the pruned type's layer class where it has one.
 ChatGLM remote-code checkpoints are refused: convert them to `glm` once first (`convert_chatglm_checkpoint`).
@@ -64,6 +65,7 @@ from .architectures.base import (
     QUERY_HEADS,
     ArchitectureSpec,
     get_architecture,
+    streaming_model_types,
 )
 from .calibration import Statistics, hook_linear_inputs, layer_output, prepare_calibration
 from .configuration import PrunerConfig
@@ -99,8 +101,6 @@ logger = logging.getLogger(__name__)
 
 # Structures a single layer can be scored and pruned for on its own.
 STREAMING_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS)
-# Families whose decoder layers the streaming path has been checked against the in-memory model on.
-STREAMING_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "bloom", "glm", "glm4")
 # What a layer-local criterion may need: its layer's weights, the activations of its layer's inputs, and forward passes
 # of its layer alone (mini_llm's block-local loss).
 LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS, BLOCK_LOSS})
@@ -112,6 +112,13 @@ SAFETENSORS_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
+
+
+def __getattr__(name: str):
+    """`STREAMING_MODEL_TYPES`, read from the family registry when asked for, so families registered later count."""
+    if name == "STREAMING_MODEL_TYPES":
+        return streaming_model_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def layer_local_criteria() -> list[str]:
@@ -175,9 +182,9 @@ def check_streaming_family(model_type: str | None) -> None:
             "`optimum_prune.convert_chatglm_checkpoint(src, dst)` (this loads the model in memory), then stream the "
             "converted checkpoint; or prune it in memory with `AutoPruner.from_pretrained`, which converts it."
         )
-    if model_type is not None and model_type not in STREAMING_MODEL_TYPES:
+    if model_type is not None and model_type not in streaming_model_types():
         raise ValueError(
-            f"Streaming pruning is supported for model types {list(STREAMING_MODEL_TYPES)}, got {model_type!r}; "
+            f"Streaming pruning is supported for model types {list(streaming_model_types())}, got {model_type!r}; "
             "prune it in memory (without `streaming`)."
         )
 
@@ -1244,7 +1251,7 @@ def format_dry_run(report: dict) -> str:
 
 
 __all__ = [
-    "STREAMING_MODEL_TYPES",
+    "STREAMING_MODEL_TYPES",  # noqa: F822 - served by the module `__getattr__`
     "STREAMING_STRUCTURES",
     "available_memory_bytes",
     "check_streaming_config",

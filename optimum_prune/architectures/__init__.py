@@ -1,10 +1,12 @@
-"""Architecture specs, one file per family; importing this package registers them."""
+"""Architecture specs, one file per family; importing this package registers them (one `register_family` call per
+`model_type`, at the end of each file)."""
 
 from . import bloom, chatglm, glm, llama, opt
 from .base import (
     ARCHITECTURE_REGISTRY,
     ATTENTION_HEADS,
     CHECKPOINT_CONVERTERS,
+    FAMILY_REGISTRY,
     HEAD_STRUCTURES,
     HIDDEN_CHANNELS,
     LAYERS,
@@ -13,6 +15,7 @@ from .base import (
     STRUCTURES,
     ArchitectureSpec,
     ConfigWriter,
+    Family,
     Member,
     NormSpec,
     StructureSpec,
@@ -20,6 +23,8 @@ from .base import (
     get_architecture,
     register_architecture,
     register_checkpoint_converter,
+    register_family,
+    streaming_model_types,
 )
 
 
@@ -27,6 +32,7 @@ __all__ = [
     "ARCHITECTURE_REGISTRY",
     "ATTENTION_HEADS",
     "CHECKPOINT_CONVERTERS",
+    "FAMILY_REGISTRY",
     "HEAD_STRUCTURES",
     "HIDDEN_CHANNELS",
     "LAYERS",
@@ -35,6 +41,7 @@ __all__ = [
     "STRUCTURES",
     "ArchitectureSpec",
     "ConfigWriter",
+    "Family",
     "Member",
     "NormSpec",
     "StructureSpec",
@@ -47,4 +54,6 @@ __all__ = [
     "opt",
     "register_architecture",
     "register_checkpoint_converter",
+    "register_family",
+    "streaming_model_types",
 ]

@@ -7,8 +7,8 @@ modules instead of coding them per model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -186,11 +186,116 @@ class ArchitectureSpec:
         return (*self.structures, HIDDEN_CHANNELS, LAYERS)
 
 
-ARCHITECTURE_REGISTRY: dict[str, ArchitectureSpec] = {}
+@dataclass(frozen=True)
+class Family:
+    """Everything optimum-prune knows about one `model_type`, registered once with [`register_family`].
+
+    Args:
+        model_type (`str`): the `model_type` of `config.json` (lowercase).
+        spec (`ArchitectureSpec`, *optional*): where the prunable structures live; its `pruned_model_type` names the
+            registered type (in `optimum_prune.modeling`) for shapes the stock config cannot express. `None` for a
+            type that is only converted (ChatGLM's remote-code `chatglm`).
+        streaming (`bool`, *optional*, defaults to `False`): whether its decoder layers have been checked to run one at
+            a time from the shards against the in-memory model (`prune_streaming` refuses the others).
+        converter (`Callable`, *optional*): `converter(path, **kwargs) -> PreTrainedModel` for checkpoints of this
+            type that Transformers cannot load without remote code; it returns a model of a family with a spec, and
+            `AutoPruner.from_pretrained` calls it before `AutoConfig`, so the remote code never runs.
+    """
+
+    model_type: str
+    spec: ArchitectureSpec | None = None
+    streaming: bool = False
+    converter: Callable[..., Any] | None = None
+
+    def __post_init__(self):
+        if self.spec is not None and not isinstance(self.spec, ArchitectureSpec):
+            raise TypeError(f"`spec` must be an ArchitectureSpec, got {type(self.spec).__name__}.")
+        if self.converter is not None and not callable(self.converter):
+            raise TypeError(f"`converter` must be callable, got {type(self.converter).__name__}.")
+        if self.spec is None and self.converter is None:
+            raise ValueError(f"Family {self.model_type!r} needs a `spec`, a `converter` or both.")
+        if self.streaming and self.spec is None:
+            raise ValueError(f"Family {self.model_type!r} streams, which needs a `spec` of its decoder layers.")
+
+    @property
+    def pruned_model_type(self) -> str | None:
+        return None if self.spec is None else self.spec.pruned_model_type
+
+
+# The one registry: `model_type` -> Family. The older names below are views of it.
+FAMILY_REGISTRY: dict[str, Family] = {}
+
+
+def register_family(
+    model_type: str,
+    spec: ArchitectureSpec | None = None,
+    *,
+    streaming: bool = False,
+    converter: Callable[..., Any] | None = None,
+    exist_ok: bool = False,
+) -> Family:
+    """Register a family under `model_type` (lowercase, as in `config.json`), like `AutoConfig.register`.
+
+    Variants of a family are `dataclasses.replace` of its spec, each registered under its own type. Duplicates raise
+    unless `exist_ok`, which replaces the whole record.
+    """
+    family = Family(model_type.lower(), spec, streaming, converter)
+    if family.model_type in FAMILY_REGISTRY and not exist_ok:
+        raise ValueError(f"Family {family.model_type!r} is already registered; pass `exist_ok=True` to replace it.")
+    FAMILY_REGISTRY[family.model_type] = family
+    return family
+
+
+def streaming_model_types() -> tuple[str, ...]:
+    """The registered types that `prune_streaming` accepts (`streaming=True`), sorted."""
+    return tuple(sorted(key for key, family in FAMILY_REGISTRY.items() if family.streaming))
+
+
+class FamilyFieldView(MutableMapping):
+    """One field of every registered family that has it, as a `model_type`-keyed mapping (`ARCHITECTURE_REGISTRY`,
+    `CHECKPOINT_CONVERTERS`). Writing sets that field of the family (adding the family if new) and keeps the others,
+    so code and tests that edit the old dicts (`monkeypatch.setitem`) edit the one registry."""
+
+    def __init__(self, field_name: str):
+        self._field = field_name
+
+    def __getitem__(self, model_type: str):
+        value = getattr(FAMILY_REGISTRY.get(model_type), self._field, None)
+        if value is None:
+            raise KeyError(model_type)
+        return value
+
+    def __setitem__(self, model_type: str, value) -> None:
+        family = FAMILY_REGISTRY.get(model_type)
+        changes = {self._field: value}
+        FAMILY_REGISTRY[model_type] = Family(model_type, **changes) if family is None else replace(family, **changes)
+
+    def __delitem__(self, model_type: str) -> None:
+        """Clear the field; the family goes when nothing is left (a family without a spec does not stream)."""
+        if model_type not in self:
+            raise KeyError(model_type)
+        family = FAMILY_REGISTRY.pop(model_type)
+        rest = {"spec": family.spec, "converter": family.converter, self._field: None}
+        if rest["spec"] is not None or rest["converter"] is not None:
+            streaming = family.streaming and rest["spec"] is not None
+            FAMILY_REGISTRY[model_type] = replace(family, **rest, streaming=streaming)
+
+    def __iter__(self):
+        return (key for key, family in FAMILY_REGISTRY.items() if getattr(family, self._field) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+ARCHITECTURE_REGISTRY: MutableMapping[str, ArchitectureSpec] = FamilyFieldView("spec")
 
 
 def register_architecture(model_type: str, spec: ArchitectureSpec, exist_ok: bool = False) -> None:
-    """Register `spec` for `model_type` (lowercase, as in `config.json`). Duplicates raise unless `exist_ok`."""
+    """Register `spec` for `model_type` (lowercase, as in `config.json`), keeping the rest of an existing family.
+    Duplicates raise unless `exist_ok`. `register_family` also declares streaming and a converter."""
     if not isinstance(spec, ArchitectureSpec):
         raise TypeError(f"`spec` must be an ArchitectureSpec, got {type(spec).__name__}.")
     key = model_type.lower()
@@ -213,7 +318,7 @@ def get_architecture(model_type: str) -> ArchitectureSpec:
 # Checkpoint converters: a `model_type` that Transformers cannot load without remote code (ChatGLM's `chatglm`) can
 # map exactly onto a registered native family. `AutoPruner.from_pretrained` looks the type up here before it touches
 # `AutoConfig`, so the remote code is never run; each converter reads config.json and the weights itself.
-CHECKPOINT_CONVERTERS: dict[str, Callable[..., Any]] = {}
+CHECKPOINT_CONVERTERS: MutableMapping[str, Callable[..., Any]] = FamilyFieldView("converter")
 
 
 def register_checkpoint_converter(model_type: str, converter: Callable[..., Any], exist_ok: bool = False) -> None:
@@ -221,7 +326,8 @@ def register_checkpoint_converter(model_type: str, converter: Callable[..., Any]
 
     The converter returns a model of a registered architecture (the pruner then works on that model); it must not
     execute code shipped with the checkpoint, and it receives `allow_pickle` (refuse pickled weights without it, with
-    `optimum_prune.utils.safe_weights.pickle_refusal`). Duplicates raise unless `exist_ok`.
+    `optimum_prune.utils.safe_weights.pickle_refusal`). Duplicates raise unless `exist_ok`. `register_family` is the
+    same with the family's other fields.
     """
     if not callable(converter):
         raise TypeError(f"`converter` must be callable, got {type(converter).__name__}.")

@@ -23,7 +23,7 @@ from .base import (
     NormSpec,
     StructureSpec,
     Width,
-    register_architecture,
+    register_family,
 )
 
 
@@ -107,4 +107,4 @@ BLOOM_SPEC = ArchitectureSpec(
     ),
 )
 
-register_architecture("bloom", BLOOM_SPEC)
+register_family("bloom", BLOOM_SPEC, streaming=True)

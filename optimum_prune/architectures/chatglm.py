@@ -46,7 +46,7 @@ import torch
 from ..evaluation import checkpoint_bytes
 from ..output_dir import atomic_directory, check_output_directory
 from ..utils.safe_weights import pickle_refusal
-from .base import register_checkpoint_converter
+from .base import register_family
 
 
 logger = logging.getLogger(__name__)
@@ -389,4 +389,5 @@ def convert_chatglm_checkpoint(
     return os.fspath(dst_dir)
 
 
-register_checkpoint_converter(CHATGLM_MODEL_TYPE, load_chatglm_checkpoint)
+# No spec of its own: pruned as `glm` once converted, and not streamed (its shards are not `glm`'s).
+register_family(CHATGLM_MODEL_TYPE, converter=load_chatglm_checkpoint)

@@ -12,6 +12,8 @@
   the hidden dimension, so hidden-channel pruning slices and compensates them like the other norms.
 """
 
+import dataclasses
+
 from .base import (
     ATTENTION_HEADS,
     MLP_CHANNELS,
@@ -21,7 +23,7 @@ from .base import (
     NormSpec,
     StructureSpec,
     Width,
-    register_architecture,
+    register_family,
 )
 from .llama import LLAMA_ATTENTION, LLAMA_HIDDEN, LLAMA_LAYER_MODULE_ATTRS, LLAMA_QUERY_HEADS
 
@@ -75,17 +77,12 @@ GLM_SPEC = ArchitectureSpec(
     bias_compensation_default=False,
 )
 
-GLM4_SPEC = ArchitectureSpec(
+# GLM-4 differs in its two extra per-layer norms (compensated like the others) and in its registered pruned type.
+GLM4_SPEC = dataclasses.replace(
+    GLM_SPEC,
     model_types=("glm4",),
-    layers="model.layers",
-    structures={ATTENTION_HEADS: LLAMA_ATTENTION, QUERY_HEADS: LLAMA_QUERY_HEADS, MLP_CHANNELS: _MLP},
-    hidden=LLAMA_HIDDEN,
-    hidden_layer_members=_HIDDEN_LAYER_MEMBERS,
-    norm=NormSpec(
-        kind="rms",
-        eps_field="rms_norm_eps",
-        eps_attr="variance_epsilon",
-        modules=("model.norm",),
+    norm=dataclasses.replace(
+        GLM_SPEC.norm,
         layer_modules=(
             "input_layernorm",
             "post_self_attn_layernorm",
@@ -93,13 +90,8 @@ GLM4_SPEC = ArchitectureSpec(
             "post_mlp_layernorm",
         ),
     ),
-    layer_index_attrs=("self_attn.layer_idx",),
-    layer_module_attrs=LLAMA_LAYER_MODULE_ATTRS,
-    lora_target_modules=_LORA_TARGETS,
     pruned_model_type="pruned_glm4",
-    bias_fields=GLM_BIAS_FIELDS,
-    bias_compensation_default=False,
 )
 
-register_architecture("glm", GLM_SPEC)
-register_architecture("glm4", GLM4_SPEC)
+register_family("glm", GLM_SPEC, streaming=True)
+register_family("glm4", GLM4_SPEC, streaming=True)

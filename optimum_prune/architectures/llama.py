@@ -10,8 +10,11 @@ Two attention structures, one chosen per run:
   query heads inside every group is a finer step. `num_attention_heads = num_key_value_heads * kept_per_group`, and
   `num_key_value_groups` of every attention module follows (`layer_module_attrs`).
 
-Qwen2's q/k/v biases and LLaMA's optional `attention_bias`/`mlp_bias` are optional members.
+Qwen2's q/k/v biases and LLaMA's optional `attention_bias`/`mlp_bias` are optional members, so Mistral and Qwen2 are
+LLaMA's spec under their own `model_types`.
 """
+
+import dataclasses
 
 from .base import (
     ATTENTION_HEADS,
@@ -22,7 +25,7 @@ from .base import (
     NormSpec,
     StructureSpec,
     Width,
-    register_architecture,
+    register_family,
 )
 
 
@@ -98,7 +101,7 @@ _HIDDEN_LAYER_MEMBERS = (
 )
 
 LLAMA_SPEC = ArchitectureSpec(
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama",),
     layers="model.layers",
     structures={ATTENTION_HEADS: LLAMA_ATTENTION, QUERY_HEADS: LLAMA_QUERY_HEADS, MLP_CHANNELS: _MLP},
     hidden=LLAMA_HIDDEN,
@@ -117,5 +120,9 @@ LLAMA_SPEC = ArchitectureSpec(
     lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
 
-for _model_type in LLAMA_SPEC.model_types:
-    register_architecture(_model_type, LLAMA_SPEC)
+MISTRAL_SPEC = dataclasses.replace(LLAMA_SPEC, model_types=("mistral",))
+QWEN2_SPEC = dataclasses.replace(LLAMA_SPEC, model_types=("qwen2",))
+
+register_family("llama", LLAMA_SPEC, streaming=True)
+register_family("mistral", MISTRAL_SPEC, streaming=True)
+register_family("qwen2", QWEN2_SPEC, streaming=True)

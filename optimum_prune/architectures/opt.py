@@ -23,7 +23,7 @@ from .base import (
     NormSpec,
     StructureSpec,
     Width,
-    register_architecture,
+    register_family,
 )
 
 
@@ -105,4 +105,4 @@ OPT_SPEC = ArchitectureSpec(
     structure_requirements={HIDDEN_CHANNELS: (("word_embed_proj_dim", "hidden_size"),)},
 )
 
-register_architecture("opt", OPT_SPEC)
+register_family("opt", OPT_SPEC, streaming=True)
