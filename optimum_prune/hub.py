@@ -2,7 +2,7 @@
 
 Everything a pruned checkpoint carries is written by one code path ([`Pruner.save_pretrained`], atomic), and
 [`Pruner.push_to_hub`] uploads that same folder in one commit, so a local save and a Hub upload hold the same files.
-The card is built from `model_cards/pruned_model.md` with `huggingface_hub.ModelCard`, so its metadata (base model,
+The card is built from the package's `templates/pruned_model.md` with `huggingface_hub.ModelCard`, so its metadata (base model,
 tags, licence, `model-index`) is the YAML the Hub parses.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "pruned_model.md"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "pruned_model.md"  # package data
 RESULTS_NAME = "pruning_results.json"
 CHART_NAME = "layer_widths.png"
 
@@ -299,7 +299,7 @@ def build_model_card(
     license: str | None = None,
     chart: str | None = None,
 ) -> ModelCard:
-    """A model card from `model_cards/pruned_model.md` with Hub metadata (base model, tags, licence, model-index).
+    """A model card from `templates/pruned_model.md` with Hub metadata (base model, tags, licence, model-index).
 
     Args:
         evaluation (`dict`, *optional*):
