@@ -4,11 +4,13 @@ from . import architectures, importance, modeling
 from .architectures.chatglm import convert_chatglm_checkpoint
 from .auto import AutoPruner
 from .configuration import PrunerConfig
+from .engines import choose_engine, prune_checkpoint
 from .errors import PruneInputError
 from .evaluation import count_parameters, perplexity
 from .importance import Importance, register_importance
 from .plan import PruningPlan
 from .pruner import Pruner
+from .streaming import prune_streaming
 from .utils.onnx import install_onnx_integration
 
 
@@ -26,10 +28,13 @@ __all__ = [
     "PruningPlan",
     "__version__",
     "architectures",
+    "choose_engine",
     "convert_chatglm_checkpoint",
     "count_parameters",
     "importance",
     "modeling",
     "perplexity",
+    "prune_checkpoint",
+    "prune_streaming",
     "register_importance",
 ]

@@ -343,215 +343,43 @@ def build_pruner_config(args: argparse.Namespace):
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    """Prune as `args` say, save, and print a before/after table. Returns the exit code."""
-    import os
-
+    """Prune as `args` say (`engines.prune_checkpoint`), and print a before/after table. Returns the exit code."""
     import torch
 
-    from ..auto import AutoPruner
-    from ..evaluation import count_parameters, summary_table
-    from ..output_dir import check_output_directory
-
-    config = build_pruner_config(args)
-    _check_inputs(args, config)
-    if not args.dry_run:  # before any work: never the input's folder, a non-empty foreign one, or unwritable
-        check_output_directory(args.output, _input_paths(args), args.overwrite)
-    if not args.streaming:
-        streaming_config = _auto_streaming(args, config)
-        if streaming_config is not None:
-            args.streaming, config = True, streaming_config
-    if args.streaming:
-        return _run_streaming(args, config)
-    if args.dry_run:
-        raise ValueError("`--dry-run` plans a streaming run from the config alone; add `--streaming`.")
-    if args.plan:
-        raise ValueError(
-            "`--plan` applies a plan layer by layer from the checkpoint's shards; add `--streaming` (in Python, "
-            "`PruningPlan.from_pretrained(path).apply(model)` applies it to a loaded model)."
-        )
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    placement = {}
-    if args.device_map is not None:
-        if args.device:
-            raise ValueError("`--device` and `--device-map` both place the model; give one of them.")
-        placement = {
-            "device_map": args.device_map,
-            "max_memory": args.max_memory,
-            "offload_folder": args.offload_folder,
-        }
-        placement = {k: v for k, v in placement.items() if v is not None}
-    elif args.max_memory is not None or args.offload_folder is not None:
-        raise ValueError("`--max-memory` and `--offload-folder` apply with `--device-map` (e.g. `--device-map auto`).")
-    pruner = AutoPruner.from_pretrained(
-        args.model,
-        pruner_config=config,
-        allow_pickle=args.allow_pickle,
-        dtype=dtype,
-        trust_remote_code=args.trust_remote_code,
-        **placement,
-    )
-    if args.device:
-        pruner.model.to(args.device)
-    before = {"parameters": count_parameters(pruner.model)}
-    if args.eval:
-        # Recorded on the pruner, so the card's results table and `model-index` carry the measured values.
-        before["perplexity"] = pruner.evaluate(args.eval, args.eval_seq_len, args.eval_windows)
-    if _offloaded_to_disk(pruner.model) and os.path.isdir(args.model) and not args.eval:
-        # Score where the model is; write layer by layer from the shards when streaming can apply the plan.
-        plan = pruner.compute_plan(calibration_data=args.calibration)
-        if _streamable(plan, pruner, args.model):
-            return _write_from_shards(args, pruner, plan, before)
-        model = pruner.apply_plan(plan)
-    else:
-        model = pruner.prune(calibration_data=args.calibration)
-    after = {"parameters": count_parameters(model)}
-    if args.eval:
-        after["perplexity"] = pruner.evaluate(args.eval, args.eval_seq_len, args.eval_windows)
-    pruner.save_pretrained(args.output, overwrite=args.overwrite)
-    print(summary_table(before, after))
-    print(f"Saved to {args.output} ({model.config.model_type}).")
-    return 0
-
-
-def _input_paths(args: argparse.Namespace) -> list:
-    """Every path the run reads: none of them, nor a folder holding one, may become the output."""
-    return [getattr(args, name, None) for name in ("model", "calibration", "eval", "plan", "config", "train")]
-
-
-def _check_inputs(args: argparse.Namespace, config) -> None:
-    """What can be checked without loading the model, before any work: the device, the model path (or Hub id), its
-    config.json, architecture and safetensors files, the data files, and the calibration window against the model's
-    positions."""
-    from ..architectures.base import CHECKPOINT_CONVERTERS, get_architecture
-    from ..inputs import (
-        check_data_file,
-        check_device,
-        check_model_config,
-        check_model_source,
-        check_safetensors,
-        check_seq_len,
-        read_config_json,
-    )
-
-    check_device(args.device)
-    check_data_file(args.calibration, "--calibration")
-    check_data_file(args.eval, "--eval")
-    local = check_model_source(args.model)
-    if local is None:
-        return  # a Hub id: `AutoPruner.from_pretrained` checks what it downloads
-    model_config = read_config_json(local)
-    if model_config["model_type"] not in CHECKPOINT_CONVERTERS:
-        check_model_config(model_config, get_architecture(model_config["model_type"]))
-    if args.calibration is not None:
-        check_seq_len(config.calibration_seq_len, model_config)
-    check_safetensors(local)
-
-
-def _offloaded_to_disk(model) -> bool:
-    return "disk" in (getattr(model, "hf_device_map", None) or {}).values()
-
-
-def _write_from_shards(args: argparse.Namespace, pruner, plan, before: dict) -> int:
-    """Write the pruned checkpoint from the original shards layer by layer, as `plan` says (`prune_streaming(plan=)`),
-    instead of loading a disk-offloaded model into RAM for surgery."""
+    from ..engines import DISPATCHED, prune_checkpoint
     from ..evaluation import summary_table
-    from ..streaming import prune_streaming
+    from ..streaming import format_dry_run
 
-    report = prune_streaming(
+    result = prune_checkpoint(
         args.model,
-        pruner.config,
-        None,
+        build_pruner_config(args),
         args.output,
-        max_shard_size=args.max_shard_size,
-        plan=plan,
-        overwrite=args.overwrite,
-    )
-    print(summary_table(before, {"parameters": report["params_after"]}))
-    print(f"Saved to {args.output} (written layer by layer from the checkpoint's shards).")
-    return 0
-
-
-def _streamable(plan, pruner, model_dir: str) -> bool:
-    """Whether streaming can apply `plan` to the checkpoint in `model_dir` as its shards are (not, say, a ChatGLM
-    checkpoint that was converted when loaded)."""
-    from ..streaming import check_plan_streamable, declared_model_type
-
-    try:
-        check_plan_streamable(plan, pruner.config, declared_model_type(model_dir))
-    except ValueError:
-        return False
-    return True
-
-
-def _auto_streaming(args: argparse.Namespace, config):
-    """The streaming version of `config` when the local checkpoint would not fit in the available memory once loaded
-    (at `--dtype`) and streaming can prune it; else None (load it in memory as asked)."""
-    import logging
-    import os
-
-    import torch
-
-    from .. import streaming
-    from ..configuration import PrunerConfig
-
-    logger = logging.getLogger(__name__)
-    if not os.path.isdir(args.model) or args.eval or args.device or args.dtype not in ("float32", "auto"):
-        return None  # a Hub id (streaming reads local shards), or options that only the in-memory path has
-    available = streaming.available_memory_bytes()
-    if available is None:
-        return None
-    try:
-        needed = streaming.in_memory_bytes(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype))
-    except ValueError:
-        return None  # no safetensors checkpoint: streaming cannot read it either
-    if needed <= available:
-        return None
-    try:
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).model_type
-        streaming_config = PrunerConfig.from_dict({**config.to_dict(), "streaming": True})
-        streaming.check_streaming_config(streaming_config, model_type)
-    except ValueError as err:
-        logger.warning(
-            "The checkpoint needs about %.2f GiB loaded and %.2f GiB are available, but it cannot be pruned layer by "
-            "layer (%s); loading it in memory.",
-            needed / 2**30,
-            available / 2**30,
-            err,
-        )
-        return None
-    logger.warning(
-        "The checkpoint needs about %.2f GiB loaded and only %.2f GiB are available: pruning layer by layer from its "
-        "shards (--streaming).",
-        needed / 2**30,
-        available / 2**30,
-    )
-    return streaming_config
-
-
-def _run_streaming(args: argparse.Namespace, config) -> int:
-    """`--streaming`: prune from the shards layer by layer (or, with `--dry-run`, only print the plan)."""
-    from ..streaming import format_dry_run, prune_streaming
-
-    if args.eval or args.device or args.device_map or args.dtype not in ("float32", "auto"):
-        raise ValueError(
-            "`--streaming` keeps the checkpoint's dtype, runs on the CPU and does not evaluate; drop --eval, --device, "
-            "--device-map and --dtype."
-        )
-    report = prune_streaming(
-        args.model,
-        config,
         args.calibration,
-        args.output,
+        eval_data=args.eval,
+        eval_seq_len=args.eval_seq_len,
+        eval_windows=args.eval_windows,
+        dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype),
+        device=args.device,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+        streaming_asked=args.streaming,
+        plan=args.plan,
         dry_run=args.dry_run,
         max_shard_size=args.max_shard_size,
-        trust_remote_code=args.trust_remote_code,
         offload_hidden_states=args.offload_hidden_states,
-        plan=args.plan,
-        overwrite=args.overwrite,
     )
-    print(format_dry_run(report))
-    if not args.dry_run:
-        print(f"Saved to {args.output}.")
+    if "streaming" in result and result["engine"] != DISPATCHED:
+        print(format_dry_run(result["streaming"]))
+        if not args.dry_run:
+            print(f"Saved to {args.output}.")
+        return 0
+    print(summary_table(result["before"], result["after"]))
+    if result["engine"] == DISPATCHED and "streaming" in result:
+        print(f"Saved to {args.output} (written layer by layer from the checkpoint's shards).")
+    else:
+        print(f"Saved to {args.output} ({result['model_type']}).")
     return 0
