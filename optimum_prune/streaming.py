@@ -969,6 +969,245 @@ def _apply_layer_plan(model, spec, layer_index, plan, group_sets, bias_paths) ->
             module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The phases of a streaming run: open the checkpoint, plan the shapes, capture the calibration inputs, (two passes:
+# score every layer and plan), prune and write each layer, write the rest.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What one streaming run carries from phase to phase."""
+
+    model_dir: str
+    pruner_config: PrunerConfig
+    config: object  # the checkpoint's Transformers config
+    spec: ArchitectureSpec
+    reader: CheckpointReader
+    model: nn.Module  # the weightless skeleton; one layer at a time is materialised
+    tied: set[str]
+    plan: PruningPlan | None  # given, or made by the two-pass allocation
+    importance: object = None
+    planner: Planner | None = None
+    two_pass: bool = False
+    compensate: bool = False
+    all_group_sets: dict = dataclasses.field(default_factory=dict)
+    group_sets: dict = dataclasses.field(default_factory=dict)
+    kept_counts: dict | None = None
+    shape_model: nn.Module | None = None  # the pruned model on the meta device: shapes and config
+    bias_paths: set[str] = dataclasses.field(default_factory=set)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.spec.layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def unit_counts(self) -> dict[str, int]:
+        return {key: gs.num_units for key, gs in self.all_group_sets.items()}
+
+
+def _open_checkpoint(model_dir: str, pruner_config: PrunerConfig, plan, trust_remote_code: bool) -> _Run:
+    """Check the checkpoint and the config (before any remote code could be needed), build the skeleton and match
+    the checkpoint's tensor names against it."""
+    from transformers import AutoConfig
+
+    if check_model_source(model_dir) is None:
+        raise ValueError(f"Streaming pruning reads a local checkpoint directory; {model_dir!r} is not one.")
+    declared = read_config_json(model_dir)
+    declared_type = declared["model_type"]
+    if declared_type not in CHECKPOINT_CONVERTERS:
+        check_model_config(declared, get_architecture(declared_type))  # an unknown family names the supported ones
+    if plan is not None and not isinstance(plan, PruningPlan):
+        plan = PruningPlan.from_pretrained(plan)
+    check = check_streaming_config if plan is None else functools.partial(check_plan_streamable, plan)
+    check(pruner_config, declared_type)
+    check_safetensors(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    check(pruner_config, config.model_type)
+    reader = CheckpointReader(model_dir)
+    model = build_skeleton(config, reader.dtype(), trust_remote_code)
+    expected = set(model.state_dict())
+    reader.add_prefix(f"{model.base_model_prefix}.", expected)  # checkpoints saved from the base model
+    tied = output_embedding_names(model) if getattr(model.config, "tie_word_embeddings", False) else set()
+    unknown = sorted(set(reader.keys()) - expected)
+    absent = sorted(expected - set(reader.keys()) - tied)
+    if unknown or absent:
+        raise ValueError(
+            f"The checkpoint's tensor names do not match {type(model).__name__}: unexpected {unknown[:4]}, missing "
+            f"{absent[:4]}. Streaming needs a checkpoint saved by Transformers for this architecture."
+        )
+    spec = get_architecture(config.model_type)
+    return _Run(model_dir, pruner_config, config, spec, reader, model, tied, plan, pruner_config.build_importance())
+
+
+def _plan_shapes(run: _Run) -> None:
+    """The planned widths before any weight is read: the given plan's, the allocation's (one pass), or the uniform
+    estimate (two passes, whose widths follow from the scores)."""
+    model, spec = run.model, run.spec
+    if run.plan is not None:
+        run.all_group_sets = _plan_group_sets(model, spec, run.plan)
+        _set_shape_model(run)
+        run.kept_counts = {key: len(units) for key, units in run.plan.kept.items()}
+        return
+    run.planner = _planner(model, spec, run.pruner_config)  # resolves `bias_compensation` for two-pass configs
+    run.pruner_config = run.planner.config
+    run.compensate = bool(run.pruner_config.bias_compensation)
+    run.all_group_sets, run.group_sets = _prunable_group_sets(run.planner)
+    run.two_pass = needs_global_scores(run.pruner_config)
+    if run.two_pass:
+        run.kept_counts = _uniform_estimate(run.planner, run.group_sets)
+        return
+    run.kept_counts = run.planner.kept_counts(run.group_sets)
+    run.shape_model = apply_plan(copy.deepcopy(model), _shape_plan(model, run.all_group_sets, run.kept_counts), spec)
+
+
+def _set_shape_model(run: _Run) -> None:
+    run.shape_model = _shape_model(run.model, run.spec, run.plan, run.all_group_sets)
+    run.bias_paths = _compensated_modules(run.model, run.spec, run.plan, run.all_group_sets)
+
+
+def _report(run: _Run, needs_data: bool, offload: bool) -> dict:
+    """Sizes, planned widths and the peak-memory estimate: all a dry run returns."""
+    params_before = count_parameters(run.model)
+    if run.two_pass:  # the target; the widths come from the scores
+        params_after = round(params_before * (1 - run.pruner_config.pruning_ratio))
+    else:
+        params_after = count_parameters(run.shape_model)
+    tied_bytes = _tensor_bytes(p for n, p in run.model.named_parameters() if n in run.tied)
+    return {
+        "params_before": params_before,
+        "params_after": params_after,
+        "planned_widths": {} if run.kept_counts is None else _planned_widths(run.all_group_sets, run.kept_counts),
+        "widths_from_scores": run.two_pass,
+        "plan_given": run.planner is None,
+        "estimated_peak_bytes": estimate_peak_bytes(run.model, run.spec, run.pruner_config, needs_data, offload),
+        "checkpoint_bytes": _tensor_bytes(run.model.state_dict().values()) - tied_bytes,
+    }
+
+
+def _checkpoint_tokenizer(model_dir: str):
+    """The tokenizer the checkpoint ships, or None: for a folder without one, Transformers 5 builds an empty default
+    tokenizer for some types (OPT), which would then be copied into the output."""
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _calibration_batches(run: _Run, calibration_data, tokenizer) -> torch.Tensor:
+    config = run.pruner_config
+    if calibration_data is None:
+        name = run.importance.name if run.importance.needs_data else "bias compensation"
+        raise ValueError(f"{name!r} needs calibration data (`calibration_data=`).")
+    check_seq_len(config.calibration_seq_len, run.config)
+    return prepare_calibration(
+        calibration_data, tokenizer, config.num_calibration_samples, config.calibration_seq_len, seed=config.seed
+    )
+
+
+def _capture_calibration_inputs(run: _Run, batches, offload_hidden_states):
+    """The first decoder layer's inputs for `batches` (and their file when offloaded); only what runs before the first
+    layer is materialised for it (embeddings, rotary tables; not the LM head)."""
+    if batches is None:
+        return None, None
+    layer_names = run.spec.layers + "."
+    head = output_embedding_names(run.model)
+    tensors = list(run.model.named_parameters()) + list(run.model.named_buffers())
+    prefix_modules = sorted(
+        {name.rpartition(".")[0] for name, _ in tensors if not name.startswith(layer_names) and name not in head}
+    )
+    for name in prefix_modules:
+        materialize(run.model, name, run.reader, recurse=False)
+    captured = capture_inputs(run.model, run.spec, batches, offload_hidden_states)
+    for name in prefix_modules:
+        release(run.model.get_submodule(name))
+    return captured
+
+
+def _plan_from_scores(run: _Run, inputs, progress) -> None:
+    """Pass 1 of a two-pass run: score every layer on the unpruned model's activations, then allocate and plan."""
+    means = {} if run.compensate else None
+    scores = _score_all_layers(
+        run.model, run.spec, run.reader, run.importance, run.group_sets, inputs, means, progress
+    )
+    run.kept_counts = run.planner.kept_counts(run.group_sets, scores)
+    run.plan = run.planner.plan(run.all_group_sets, run.group_sets, scores, run.kept_counts, means=means)
+    _set_shape_model(run)
+
+
+def _close(hidden_file) -> None:
+    """Close the offloaded hidden states (if any); returns None for the `inputs` they backed."""
+    if hidden_file is not None:
+        hidden_file.close()
+    gc.collect()
+
+
+def _output_layout(run: _Run) -> dict:
+    """Output tensors: the checkpoint's own names (tied heads stay absent) and the biases compensation adds, with the
+    planned shapes, in writing order (decoder layers first)."""
+    layer_names = run.spec.layers + "."
+    pruned = {name: (t.dtype, tuple(t.shape)) for name, t in run.shape_model.state_dict().items()}
+    source = run.reader.layout()
+    names = list(source) + [n for n in pruned if n not in source and n not in run.tied]
+    order = sorted(names, key=lambda n: (not n.startswith(layer_names), _layer_index(n, layer_names), n))
+    return {n: (source[n][0] if n in source else pruned[n][0], pruned[n][1]) for n in order}
+
+
+def _write_layers(run: _Run, writer: ShardWriter, inputs, progress) -> dict[str, list[int]]:
+    """Read, prune and write each decoder layer; returns the kept units of a one-pass run (scored layer by layer on
+    the pruned model's activations)."""
+    model, spec, layers = run.model, run.spec, run.layers
+    kept = {}
+    for i in range(len(layers)):
+        layer_name = f"{spec.layers}.{i}"
+        materialize(model, layer_name, run.reader)
+        if run.plan is not None:
+            _apply_layer_plan(model, spec, i, run.plan, run.all_group_sets, run.bias_paths)
+        else:
+            kept.update(prune_layer(model, spec, i, run.importance, run.group_sets, run.kept_counts, inputs))
+            _sync_layer_attrs(model, spec, i, run.shape_model, kept)
+            if inputs is not None and i + 1 < len(layers):
+                advance_inputs(layers[i], inputs)
+        for name, tensor in layers[i].state_dict().items():
+            writer.add(f"{layer_name}.{name}", tensor)
+        release(layers[i])
+        logger.info("Layer %d/%d pruned%s.", i + 1, len(layers), " (pass 2 of 2)" if run.two_pass else "")
+        if progress is not None:
+            progress(i + 1, len(layers))
+    return kept
+
+
+def _copy_other_tensors(run: _Run, writer: ShardWriter) -> None:
+    """Everything outside the decoder layers is unchanged: copied one tensor at a time; then the index."""
+    layer_names = run.spec.layers + "."
+    for name in run.reader.keys():
+        if not name.startswith(layer_names):
+            writer.add(name, run.reader.load([name])[name])
+    writer.close()
+
+
+def _write_config(run: _Run, directory: str) -> None:
+    """The pruned config (and, for a registered type, its modeling files) and the checkpoint's generation config."""
+    pruned_config = run.shape_model.config
+    pruned_config.architectures = [type(run.shape_model).__name__]
+    if getattr(run.shape_model, "_auto_class", None) is not None:
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(run.shape_model, directory, config=pruned_config)
+    pruned_config.save_pretrained(directory)
+    generation = os.path.join(run.model_dir, "generation_config.json")
+    if os.path.isfile(generation):
+        shutil.copy(generation, directory)
+
+
 def prune_streaming(
     model_dir: str | os.PathLike,
     pruner_config: PrunerConfig,
@@ -1019,203 +1258,51 @@ def prune_streaming(
         `dict` with `params_before`, `params_after`, `planned_widths`, `widths_from_scores` (True for two-pass
         configs), `estimated_peak_bytes` and, unless `dry_run`, `plan` (the [`PruningPlan`]).
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     from . import modeling  # noqa: F401 - registers the pruned model types that the pruned config may need
 
-    model_dir = os.fspath(model_dir)
-    if check_model_source(model_dir) is None:
-        raise ValueError(f"Streaming pruning reads a local checkpoint directory; {model_dir!r} is not one.")
-    declared = read_config_json(model_dir)
-    declared_type = declared["model_type"]
-    if declared_type not in CHECKPOINT_CONVERTERS:
-        check_model_config(declared, get_architecture(declared_type))  # an unknown family names the supported ones
-    if plan is not None and not isinstance(plan, PruningPlan):
-        plan = PruningPlan.from_pretrained(plan)
-    check = check_streaming_config if plan is None else functools.partial(check_plan_streamable, plan)
-    check(pruner_config, declared_type)  # before any remote code could be needed
-    check_safetensors(model_dir)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    check(pruner_config, config.model_type)
-    spec = get_architecture(config.model_type)
-    importance = pruner_config.build_importance()
-    reader = CheckpointReader(model_dir)
-    dtype = reader.dtype()
-    model = build_skeleton(config, dtype, trust_remote_code)
-    expected = set(model.state_dict())
-    reader.add_prefix(f"{model.base_model_prefix}.", expected)  # checkpoints saved from the base model
-    tied = output_embedding_names(model) if getattr(model.config, "tie_word_embeddings", False) else set()
-    unknown = sorted(set(reader.keys()) - expected)
-    absent = sorted(expected - set(reader.keys()) - tied)
-    if unknown or absent:
-        raise ValueError(
-            f"The checkpoint's tensor names do not match {type(model).__name__}: unexpected {unknown[:4]}, missing "
-            f"{absent[:4]}. Streaming needs a checkpoint saved by Transformers for this architecture."
-        )
-    given_plan = plan is not None
-    two_pass = needs_global_scores(pruner_config) and not given_plan
-    layers = model.get_submodule(spec.layers)
-    params_before = count_parameters(model)
-    if given_plan:
-        planner = SimpleNamespace(config=pruner_config)
-        compensate = False  # the plan carries its means
-        all_group_sets = _plan_group_sets(model, spec, plan)
-        shape_model = _shape_model(model, spec, plan, all_group_sets)
-        bias_paths = _compensated_modules(model, spec, plan, all_group_sets)
-        params_after = count_parameters(shape_model)
-        planned = _planned_widths(all_group_sets, {key: len(units) for key, units in plan.kept.items()})
-    else:
-        planner = _planner(model, spec, pruner_config)  # resolves `bias_compensation` for two-pass configs
-        compensate = bool(planner.config.bias_compensation)
-        all_group_sets, group_sets = _prunable_group_sets(planner)
-    if two_pass:
-        estimate = _uniform_estimate(planner, group_sets)
-        kept_counts = None
-        params_after = round(params_before * (1 - pruner_config.pruning_ratio))  # the target; widths come later
-        planned = _planned_widths(all_group_sets, estimate) if estimate is not None else {}
-    elif not given_plan:
-        kept_counts = planner.kept_counts(group_sets)
-        shape_model = apply_plan(copy.deepcopy(model), _shape_plan(model, all_group_sets, kept_counts), spec)
-        params_after = count_parameters(shape_model)
-        planned = _planned_widths(all_group_sets, kept_counts)
-    needs_data = (importance.needs_data or compensate) and not given_plan
-    report = {
-        "params_before": params_before,
-        "params_after": params_after,
-        "planned_widths": planned,
-        "widths_from_scores": two_pass,
-        "plan_given": given_plan,
-        "estimated_peak_bytes": estimate_peak_bytes(
-            model, spec, pruner_config, needs_data, offload_hidden_states is not None
-        ),
-        "checkpoint_bytes": _tensor_bytes(model.state_dict().values())
-        - _tensor_bytes(p for n, p in model.named_parameters() if n in tied),
-    }
+    run = _open_checkpoint(os.fspath(model_dir), pruner_config, plan, trust_remote_code)
+    _plan_shapes(run)
+    needs_data = (run.importance.needs_data or run.compensate) and run.plan is None
+    report = _report(run, needs_data, offload_hidden_states is not None)
     if dry_run:
         return report
     if output_dir is None:
         raise ValueError("`output_dir` is required unless `dry_run=True`.")
     expected = round(report["checkpoint_bytes"] * report["params_after"] / max(report["params_before"], 1))
-    check_output_directory(output_dir, (model_dir,), overwrite, expected)  # before the layers are read
-    if tokenizer is None and any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
-        # Only a tokenizer the checkpoint ships: for a folder without one, Transformers 5 builds an empty default
-        # tokenizer for some types (OPT), which would then be copied into the output.
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None
-    batches = None
-    if needs_data:
-        if calibration_data is None:
-            name = importance.name if importance.needs_data else "bias compensation"
-            raise ValueError(f"{name!r} needs calibration data (`calibration_data=`).")
-        check_seq_len(pruner_config.calibration_seq_len, config)
-        batches = prepare_calibration(
-            calibration_data,
-            tokenizer,
-            pruner_config.num_calibration_samples,
-            pruner_config.calibration_seq_len,
-            seed=pruner_config.seed,
-        )
-    macs_before = count_macs_per_token(model)
-
-    layer_names = spec.layers + "."
-    inputs, hidden_file = None, None
-    if batches is not None:
-        # Only what runs before the first layer is materialised (embeddings, rotary tables; not the LM head).
-        head = output_embedding_names(model)
-        prefix_modules = sorted(
-            {
-                name.rpartition(".")[0]
-                for name, _ in list(model.named_parameters()) + list(model.named_buffers())
-                if not name.startswith(layer_names) and name not in head
-            }
-        )
-        for name in prefix_modules:
-            materialize(model, name, reader, recurse=False)
-        inputs, hidden_file = capture_inputs(model, spec, batches, offload_hidden_states)
-        for name in prefix_modules:
-            release(model.get_submodule(name))
-
-    counts = {key: gs.num_units for key, gs in all_group_sets.items()}
-    kept = {}
-    if two_pass:
-        means = {} if compensate else None
-        scores = _score_all_layers(model, spec, reader, importance, group_sets, inputs, means, progress)
-        inputs = None
-        if hidden_file is not None:  # pass 2 needs no hidden states
-            hidden_file.close()
-            hidden_file = None
-        kept_counts = planner.kept_counts(group_sets, scores)
-        plan = planner.plan(all_group_sets, group_sets, scores, kept_counts, means=means)
-        shape_model = _shape_model(model, spec, plan, all_group_sets)
-        bias_paths = _compensated_modules(model, spec, plan, all_group_sets)
-        report["params_after"] = count_parameters(shape_model)
-        report["planned_widths"] = _planned_widths(all_group_sets, kept_counts)
-
-    with atomic_directory(output_dir, (model_dir,), overwrite, expected) as tmp:
-        # Output tensors: the checkpoint's own names (tied heads stay absent) and the biases compensation adds, with
-        # the planned shapes, in writing order.
-        pruned_layout = {name: (t.dtype, tuple(t.shape)) for name, t in shape_model.state_dict().items()}
-        source = reader.layout()
-        names = list(source) + [n for n in pruned_layout if n not in source and n not in tied]
-        order = sorted(names, key=lambda n: (not n.startswith(layer_names), _layer_index(n, layer_names), n))
-        layout = {n: (source[n][0] if n in source else pruned_layout[n][0], pruned_layout[n][1]) for n in order}
-        writer = ShardWriter(tmp, layout, max_shard_size)
-        for i in range(len(layers)):
-            layer_name = f"{spec.layers}.{i}"
-            materialize(model, layer_name, reader)
-            if two_pass or given_plan:
-                _apply_layer_plan(model, spec, i, plan, all_group_sets, bias_paths)
-            else:
-                kept.update(prune_layer(model, spec, i, importance, group_sets, kept_counts, inputs))
-                _sync_layer_attrs(model, spec, i, shape_model, kept)
-                if inputs is not None and i + 1 < len(layers):
-                    advance_inputs(layers[i], inputs)
-            for name, tensor in layers[i].state_dict().items():
-                writer.add(f"{layer_name}.{name}", tensor)
-            release(layers[i])
-            logger.info("Layer %d/%d pruned%s.", i + 1, len(layers), " (pass 2 of 2)" if two_pass else "")
-            if progress is not None:
-                progress(i + 1, len(layers))
-        inputs = None
-        if hidden_file is not None:
-            hidden_file.close()
-            hidden_file = None
-        gc.collect()
-        for name in reader.keys():  # everything outside the decoder layers is unchanged: copied one at a time
-            if not name.startswith(layer_names):
-                writer.add(name, reader.load([name])[name])
-        writer.close()
-
-        if not (two_pass or given_plan):
-            plan = PruningPlan(config.model_type, len(layers), unit_counts=counts, kept=kept)
-        pruned_config = shape_model.config
-        pruned_config.architectures = [type(shape_model).__name__]
-        if getattr(shape_model, "_auto_class", None) is not None:
-            from transformers.dynamic_module_utils import custom_object_save
-
-            custom_object_save(shape_model, tmp, config=pruned_config)
-        pruned_config.save_pretrained(tmp)
-        generation = os.path.join(model_dir, "generation_config.json")
-        if os.path.isfile(generation):
-            shutil.copy(generation, tmp)
+    check_output_directory(output_dir, (run.model_dir,), overwrite, expected)  # before the layers are read
+    tokenizer = tokenizer if tokenizer is not None else _checkpoint_tokenizer(run.model_dir)
+    batches = _calibration_batches(run, calibration_data, tokenizer) if needs_data else None
+    macs_before = count_macs_per_token(run.model)
+    inputs, hidden_file = _capture_calibration_inputs(run, batches, offload_hidden_states)
+    if run.two_pass:
+        _plan_from_scores(run, inputs, progress)
+        inputs = _close(hidden_file)  # pass 2 needs no hidden states
+        report["params_after"] = count_parameters(run.shape_model)
+        report["planned_widths"] = _planned_widths(run.all_group_sets, run.kept_counts)
+    with atomic_directory(output_dir, (run.model_dir,), overwrite, expected) as tmp:
+        writer = ShardWriter(tmp, _output_layout(run), max_shard_size)
+        kept = _write_layers(run, writer, inputs, progress)
+        inputs = _close(hidden_file)
+        _copy_other_tensors(run, writer)
+        if run.plan is None:  # one pass: the plan is what each layer kept
+            run.plan = PruningPlan(run.config.model_type, run.num_layers, unit_counts=run.unit_counts, kept=kept)
+        _write_config(run, tmp)
         summary = run_summary(
-            model_dir,
+            run.model_dir,
             describe_data(calibration_data),
             (report["params_before"], report["params_after"]),
-            (macs_before, count_macs_per_token(shape_model)),
+            (macs_before, count_macs_per_token(run.shape_model)),
         )
         write_run_files(
             tmp,
             tokenizer=tokenizer,
-            pruner_config=planner.config,
-            plan=plan,
+            pruner_config=run.pruner_config,
+            plan=run.plan,
             summary=summary,
-            model_config=pruned_config,
+            model_config=run.shape_model.config,
             repo_or_path=os.fspath(output_dir),
         )
-    report["plan"] = plan
+    report["plan"] = run.plan
     return report
 
 
