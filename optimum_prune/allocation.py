@@ -328,33 +328,9 @@ def allocate_widths(
     if not order:
         raise ValueError(f"No layer may be pruned for {structures}{constraints}; allow some layers.")
     ratios = dict(layer_ratios or {})
-    joint_order = None
-    if mode == "flap":
-        if HIDDEN_CHANNELS in order:
-            raise ValueError(
-                "`mode='flap'` ranks per-layer heads and channels; it does not apply to 'hidden_channels'."
-            )
-        joint_order = flap_removal_order(group_sets, scores, floors)
-    per_structure = []
-    for s in order:
-        keys = [k for k, gs in group_sets.items() if gs.structure == s]
-        step = {k: unit_step(s, round_to, group_sets[k].num_groups) for k in keys}
-        structure_mode = "uniform" if s == HIDDEN_CHANNELS else mode  # hidden channels are shared by every layer
-        per_structure.append(
-            _StructureWidths(
-                s,
-                keys,
-                group_sets,
-                floors,
-                step,
-                structure_mode,
-                ratios,
-                scores,
-                normalization,
-                (allowed or {}).get(s),
-                joint_order,
-            )
-        )
+    per_structure = _structure_widths(
+        order, group_sets, mode, scores, ratios, normalization, floors, round_to, allowed or {}
+    )
     f_max = 1.0
     if mode == "ratios":
         positive = [r for r in ratios.values() if r > 0]
@@ -376,6 +352,55 @@ def allocate_widths(
     if mode == "ratios" and abs(achieved(kept_at(1.0)) - pruning_ratio) <= TOLERANCE:
         return kept_at(1.0)  # the ratios as given meet the target: use them exactly
 
+    kept = _closest(per_structure, model, target, f_max, removed_params, achieved, pruning_ratio)
+    reached = achieved(kept)
+    if abs(reached - pruning_ratio) > TOLERANCE:
+        raise ValueError(
+            f"Pruning {order}{constraints} with round_to={round_to} reaches {reached:.1%} of the parameters, not "
+            f"{pruning_ratio:.1%} ±1 point: the units are too coarse. Add 'mlp_channels', lower `round_to` or allow "
+            "more layers."
+        )
+    return kept
+
+
+def _structure_widths(order, group_sets, mode, scores, ratios, normalization, floors, round_to, allowed):
+    """One `_StructureWidths` per structure in allocation order (FLAP: one removal order over all of them)."""
+    joint_order = None
+    if mode == "flap":
+        if HIDDEN_CHANNELS in order:
+            raise ValueError(
+                "`mode='flap'` ranks per-layer heads and channels; it does not apply to 'hidden_channels'."
+            )
+        joint_order = flap_removal_order(group_sets, scores, floors)
+    per_structure = []
+    for s in order:
+        keys = [k for k, gs in group_sets.items() if gs.structure == s]
+        step = {k: unit_step(s, round_to, group_sets[k].num_groups) for k in keys}
+        structure_mode = "uniform" if s == HIDDEN_CHANNELS else mode  # hidden channels are shared by every layer
+        widths = _StructureWidths(
+            s,
+            keys,
+            group_sets,
+            floors,
+            step,
+            structure_mode,
+            ratios,
+            scores,
+            normalization,
+            allowed.get(s),
+            joint_order,
+        )
+        per_structure.append(widths)
+    return per_structure
+
+
+def _closest(per_structure, model, target, f_max, removed_params, achieved, pruning_ratio) -> dict[str, int]:
+    """The kept counts closest to the target: bisect the shared pruning level of every structure, then fix the
+    coarse ones and bisect the finest (last) one alone to absorb their rounding."""
+
+    def kept_at(f: float, widths) -> dict[str, int]:
+        return {k: v for w in widths for k, v in w.kept(f).items()}
+
     def bisect(widths, fixed: dict[str, int]) -> list[dict[str, int]]:
         """The two candidates around the target for the pruning level of `widths` (others `fixed`)."""
         lo, hi = 0.0, f_max
@@ -387,19 +412,12 @@ def allocate_widths(
                 hi = mid
         return [{**fixed, **kept_at(lo, widths)}, {**fixed, **kept_at(hi, widths)}]
 
+    finest = set(per_structure[-1].keys)
     candidates = []
     for joint in bisect(per_structure, {}):
-        coarse = {k: v for k, v in joint.items() if group_sets[k].structure != order[-1]}
-        candidates += bisect(per_structure[-1:], coarse) if len(order) > 1 else [joint]
-    kept = min(candidates, key=lambda c: abs(achieved(c) - pruning_ratio))
-    reached = achieved(kept)
-    if abs(reached - pruning_ratio) > TOLERANCE:
-        raise ValueError(
-            f"Pruning {order}{constraints} with round_to={round_to} reaches {reached:.1%} of the parameters, not "
-            f"{pruning_ratio:.1%} ±1 point: the units are too coarse. Add 'mlp_channels', lower `round_to` or allow "
-            "more layers."
-        )
-    return kept
+        coarse = {k: v for k, v in joint.items() if k not in finest}
+        candidates += bisect(per_structure[-1:], coarse) if len(per_structure) > 1 else [joint]
+    return min(candidates, key=lambda c: abs(achieved(c) - pruning_ratio))
 
 
 def select_top(scores: torch.Tensor, k: int, groups: int = 1) -> list[int]:

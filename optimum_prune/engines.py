@@ -172,10 +172,7 @@ def prune_checkpoint(
     if not dry_run:  # before any work: never the input's folder, a non-empty foreign one, or unwritable
         inputs = (model, calibration_data, eval_data, plan)
         check_output_directory(output_dir, [i for i in inputs if isinstance(i, (str, os.PathLike))], overwrite)
-    if device_map is not None and device:
-        raise ValueError("`--device` and `--device-map` both place the model; give one of them.")
-    if device_map is None and (max_memory is not None or offload_folder is not None):
-        raise ValueError("`--max-memory` and `--offload-folder` apply with `--device-map` (e.g. `--device-map auto`).")
+    _check_placement(device, device_map, max_memory, offload_folder)
     loaded_only = bool(eval_data) or bool(device)
     choice = choose_engine(
         pruner_config,
@@ -186,23 +183,23 @@ def prune_checkpoint(
         needs_loaded_model=loaded_only,
         trust_remote_code=trust_remote_code,
     )
-    streaming_kwargs = {"max_shard_size": max_shard_size, "overwrite": overwrite}
+    writing = {"max_shard_size": max_shard_size, "overwrite": overwrite}
     if choice.engine == STREAMING:
         if loaded_only or device_map is not None or dtype not in (torch.float32, "auto"):
             raise ValueError(
                 "`--streaming` keeps the checkpoint's dtype, runs on the CPU and does not evaluate; drop --eval, "
                 "--device, --device-map and --dtype."
             )
+        streaming_options = {"trust_remote_code": trust_remote_code, "offload_hidden_states": offload_hidden_states}
         report = streaming.prune_streaming(
             model,
             choice.config,
             calibration_data,
             output_dir,
             dry_run=dry_run,
-            trust_remote_code=trust_remote_code,
-            offload_hidden_states=offload_hidden_states,
             plan=plan,
-            **streaming_kwargs,
+            **streaming_options,
+            **writing,
         )
         return _streaming_result(report)
     if dry_run:
@@ -223,25 +220,38 @@ def prune_checkpoint(
     )
     if device:
         pruner.model.to(device)
+    evaluation = (eval_data, eval_seq_len, eval_windows)
+    return {"engine": choice.engine, **_prune_loaded(pruner, model, output_dir, calibration_data, evaluation, writing)}
+
+
+def _check_placement(device, device_map, max_memory, offload_folder) -> None:
+    if device_map is not None and device:
+        raise ValueError("`--device` and `--device-map` both place the model; give one of them.")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("`--max-memory` and `--offload-folder` apply with `--device-map` (e.g. `--device-map auto`).")
+
+
+def _prune_loaded(pruner, model_dir, output_dir, calibration_data, evaluation: tuple, writing: dict) -> dict:
+    """The in-memory and dispatched engines: prune the loaded model (measuring perplexity around it when asked) and
+    save; a model offloaded to disk is written layer by layer from the original shards instead, as its plan says."""
+    eval_data = evaluation[0]
     before = {"parameters": count_parameters(pruner.model)}
     if eval_data:  # recorded on the pruner, so the card's results table and `model-index` carry the measured values
-        before["perplexity"] = pruner.evaluate(eval_data, eval_seq_len, eval_windows)
-    if offloaded_to_disk(pruner.model) and os.path.isdir(model) and not eval_data:
+        before["perplexity"] = pruner.evaluate(*evaluation)
+    if offloaded_to_disk(pruner.model) and os.path.isdir(model_dir) and not eval_data:
         # Score where the model is; write layer by layer from the shards when streaming can apply the plan.
         computed = pruner.compute_plan(calibration_data=calibration_data)
-        if shards_can_apply(computed, pruner.config, model):
-            report = streaming.prune_streaming(
-                model, pruner.config, None, output_dir, plan=computed, **streaming_kwargs
-            )
+        if shards_can_apply(computed, pruner.config, model_dir):
+            report = streaming.prune_streaming(model_dir, pruner.config, None, output_dir, plan=computed, **writing)
             return {**_streaming_result(report), "engine": DISPATCHED, "before": before}
         pruner.apply_plan(computed)
     else:
         pruner.prune(calibration_data=calibration_data)
     after = {"parameters": count_parameters(pruner.model)}
     if eval_data:
-        after["perplexity"] = pruner.evaluate(eval_data, eval_seq_len, eval_windows)
-    pruner.save_pretrained(output_dir, overwrite=overwrite)
-    return {"engine": choice.engine, "before": before, "after": after, "model_type": pruner.model.config.model_type}
+        after["perplexity"] = pruner.evaluate(*evaluation)
+    pruner.save_pretrained(output_dir, overwrite=writing["overwrite"])
+    return {"before": before, "after": after, "model_type": pruner.model.config.model_type}
 
 
 def _streaming_result(report: dict) -> dict:

@@ -313,101 +313,24 @@ def build_model_card(
     importance = pruner_config.importance
     evaluation = evaluation or {}
     hub_id = hub_base_model(base_model)
-    license = license or base_model_license(base_model)
     model_type = model_config.model_type
     base_model_type = getattr(model_config, "base_model_type", None) or model_type
-    needs_package = model_type != base_model_type
     base_name = base_model or "BASE_MODEL"
     model_name = f"{Path(str(base_model or 'model')).name}-pruned-{round(100 * pruner_config.pruning_ratio)}"
     if recovery:
         model_name += "-recovered"
-
-    final_ppl = evaluation.get("perplexity_recovered") or evaluation.get("perplexity_pruned")
-    eval_results = None
-    eval_desc = None
-    if evaluation.get("eval_data"):
-        eval_desc = (
-            f"`{evaluation['eval_data']}`, {evaluation.get('eval_windows', '?')} windows of "
-            f"{evaluation.get('eval_seq_len', '?')} tokens"
-        )
-    if final_ppl is not None:
-        eval_results = [
-            EvalResult(
-                task_type="text-generation",
-                task_name="Language modelling",
-                dataset_type="text",
-                dataset_name=Path(str(evaluation.get("eval_data") or "held-out text")).name,
-                metric_type="perplexity",
-                metric_name="perplexity",
-                metric_value=round(float(final_ppl), 4),
-            )
-        ]
     card_data = ModelCardData(
         model_name=model_name,
         base_model=hub_id,
         library_name="transformers",
         pipeline_tag="text-generation",
-        license=license,
+        license=license or base_model_license(base_model),
         tags=list(dict.fromkeys(["pruned", "structured-pruning", "optimum-prune", importance])),
-        eval_results=eval_results,
+        eval_results=_eval_results(evaluation),
     )
-
-    command = command or prune_command(base_name, pruner_config, calibration)
-    eval_flags = ""
-    if evaluation.get("eval_data") and os.path.isfile(str(evaluation["eval_data"])):
-        eval_flags = " " + shlex.join(
-            ["--eval", str(evaluation["eval_data"]), "--eval-seq-len", str(evaluation.get("eval_seq_len"))]
-            + ["--eval-windows", str(evaluation.get("eval_windows"))]
-        )
-        command += eval_flags
-    if recovery:
-        train = shlex.quote(_file_or(recovery.get("train_data"), "TRAIN_FILE"))
-        command += (
-            f"\noptimum-prune recover --model OUT --train {train} "
-            f"--max-steps {recovery['max_steps']} "
-            f"--batch-size {recovery.get('per_device_train_batch_size', recovery['batch_size'])} "
-            f"--gradient-accumulation-steps {recovery.get('gradient_accumulation_steps', 1)} "
-            f"--block-size {recovery['block_size']} --learning-rate {recovery['learning_rate']} "
-            f"--lora-r {recovery['r']} --lora-alpha {recovery['lora_alpha']}{eval_flags} --output OUT-recovered"
-        )
-
-    rows = [
-        {"name": "parameters", "before": f"{params_before:,}", "after": f"{params_after:,}"},
-    ]
-    if macs_before and macs_after:
-        rows.append(
-            {
-                "name": "MACs per token (linear layers)",
-                "before": f"{macs_before:,}",
-                "after": f"{macs_after:,} (x{macs_after / macs_before:.2f})",
-            }
-        )
-    base_ppl = evaluation.get("perplexity_base")
-    if evaluation.get("perplexity_pruned") is not None or base_ppl is not None:
-        rows.append(
-            {
-                "name": "perplexity",
-                "before": _fmt_ppl(base_ppl),
-                "after": _fmt_ppl(evaluation.get("perplexity_pruned"))
-                + _ratio(evaluation.get("perplexity_pruned"), base_ppl),
-            }
-        )
-    if evaluation.get("perplexity_recovered") is not None:
-        rows.append(
-            {
-                "name": "perplexity after LoRA recovery",
-                "before": _fmt_ppl(base_ppl),
-                "after": _fmt_ppl(evaluation["perplexity_recovered"])
-                + _ratio(evaluation["perplexity_recovered"], base_ppl),
-            }
-        )
-    rows.extend(results or [])
-
     keys = list(CRITERION_CITATIONS.get(importance, ()))
     if recovery:
         keys += ["llm_pruner", "lora"]
-    citations = [BIBTEX[k] for k in dict.fromkeys(keys)]
-
     return ModelCard.from_template(
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
@@ -425,18 +348,84 @@ def build_model_card(
             f"{pruner_config.num_calibration_samples} x {pruner_config.calibration_seq_len} tokens"
             + (f" from `{calibration}`" if calibration else "")
         ),
-        rows=rows,
-        eval_desc=eval_desc,
+        rows=_result_rows((params_before, params_after), (macs_before, macs_after), evaluation) + list(results or []),
+        eval_desc=_eval_description(evaluation),
         recovery=recovery,
         chart=chart,
-        needs_package=needs_package,
+        needs_package=model_type != base_model_type,
         model_type=model_type,
         base_model_type=base_model_type,
         repo_or_path=repo_or_path,
         is_hub_repo=hub_base_model(repo_or_path) is not None,
-        command=command,
-        citations=citations,
+        command=command or _reproduce_commands(base_name, pruner_config, calibration, evaluation, recovery),
+        citations=[BIBTEX[k] for k in dict.fromkeys(keys)],
     )
+
+
+def _eval_description(evaluation: dict) -> str | None:
+    if not evaluation.get("eval_data"):
+        return None
+    return (
+        f"`{evaluation['eval_data']}`, {evaluation.get('eval_windows', '?')} windows of "
+        f"{evaluation.get('eval_seq_len', '?')} tokens"
+    )
+
+
+def _eval_results(evaluation: dict) -> list[EvalResult] | None:
+    """The final model's perplexity as `model-index` metadata (None when none was measured)."""
+    final_ppl = evaluation.get("perplexity_recovered") or evaluation.get("perplexity_pruned")
+    if final_ppl is None:
+        return None
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Language modelling",
+            dataset_type="text",
+            dataset_name=Path(str(evaluation.get("eval_data") or "held-out text")).name,
+            metric_type="perplexity",
+            metric_name="perplexity",
+            metric_value=round(float(final_ppl), 4),
+        )
+    ]
+
+
+def _reproduce_commands(base_name: str, pruner_config, calibration, evaluation: dict, recovery) -> str:
+    """The `prune` command that makes the same plan (and the `recover` command, after a recovery)."""
+    command = prune_command(base_name, pruner_config, calibration)
+    eval_flags = ""
+    if evaluation.get("eval_data") and os.path.isfile(str(evaluation["eval_data"])):
+        eval_flags = " " + shlex.join(
+            ["--eval", str(evaluation["eval_data"]), "--eval-seq-len", str(evaluation.get("eval_seq_len"))]
+            + ["--eval-windows", str(evaluation.get("eval_windows"))]
+        )
+        command += eval_flags
+    if recovery:
+        train = shlex.quote(_file_or(recovery.get("train_data"), "TRAIN_FILE"))
+        command += (
+            f"\noptimum-prune recover --model OUT --train {train} "
+            f"--max-steps {recovery['max_steps']} "
+            f"--batch-size {recovery.get('per_device_train_batch_size', recovery['batch_size'])} "
+            f"--gradient-accumulation-steps {recovery.get('gradient_accumulation_steps', 1)} "
+            f"--block-size {recovery['block_size']} --learning-rate {recovery['learning_rate']} "
+            f"--lora-r {recovery['r']} --lora-alpha {recovery['lora_alpha']}{eval_flags} --output OUT-recovered"
+        )
+    return command
+
+
+def _result_rows(params: tuple[int, int], macs: tuple, evaluation: dict) -> list[dict]:
+    """The card's before/after table: parameters, MACs per token and the measured perplexities."""
+    rows = [{"name": "parameters", "before": f"{params[0]:,}", "after": f"{params[1]:,}"}]
+    if macs[0] and macs[1]:
+        after = f"{macs[1]:,} (x{macs[1] / macs[0]:.2f})"
+        rows.append({"name": "MACs per token (linear layers)", "before": f"{macs[0]:,}", "after": after})
+    base_ppl = evaluation.get("perplexity_base")
+    stages = [("perplexity", "perplexity_pruned"), ("perplexity after LoRA recovery", "perplexity_recovered")]
+    for name, key in stages:
+        value = evaluation.get(key)
+        if value is None and not (key == "perplexity_pruned" and base_ppl is not None):
+            continue
+        rows.append({"name": name, "before": _fmt_ppl(base_ppl), "after": _fmt_ppl(value) + _ratio(value, base_ppl)})
+    return rows
 
 
 def push_folder_to_hub(

@@ -15,6 +15,17 @@ logger = logging.getLogger(__name__)
 
 def add_prune_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of `prune` (the same for both command-line entry points)."""
+    _add_run_args(parser)
+    _add_placement_args(parser)
+    _add_allocation_args(parser)
+    _add_streaming_args(parser)
+    parser.add_argument(
+        "--config", default=None, help="A pruner_config.json to start from (e.g. from a published checkpoint)."
+    )
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The model, the output, the criterion, the data."""
     from ..architectures.base import STRUCTURES
 
     parser.add_argument("--model", required=True, help="Local directory or Hub id of a causal LM.")
@@ -52,6 +63,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", default=None, help="Text file for perplexity before and after.")
     parser.add_argument("--eval-seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=64)
+
+
+def _add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model is loaded."""
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     parser.add_argument("--device", default=None, help="Device to prune on (cpu, cuda, cuda:1). Default: cpu.")
     parser.add_argument(
@@ -69,6 +84,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-folder", default=None, help="With --device-map: folder for disk-offloaded weights.")
     parser.add_argument("--trust-remote-code", action="store_true")
     add_allow_pickle_arg(parser)
+
+
+def _add_allocation_args(parser: argparse.ArgumentParser) -> None:
+    """How the widths are allocated (see `PrunerConfig`)."""
     allocation = parser.add_argument_group("allocation (see PrunerConfig)")
     allocation.add_argument(
         "--attention-layers", type=_layers, default=None, help="e.g. 4:29 (end exclusive) or 1,2,3."
@@ -92,6 +111,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Fold removed channels' mean contribution into output biases (default: on for flap).",
     )
+
+
+def _add_streaming_args(parser: argparse.ArgumentParser) -> None:
+    """Layer-by-layer pruning from the checkpoint's shards."""
     parser.add_argument(
         "--streaming",
         action="store_true",
@@ -117,9 +140,6 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR",
         help="With --streaming: keep the calibration hidden states in a memory-mapped file under DIR, not in RAM.",
-    )
-    parser.add_argument(
-        "--config", default=None, help="A pruner_config.json to start from (e.g. from a published checkpoint)."
     )
 
 
