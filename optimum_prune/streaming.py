@@ -87,8 +87,8 @@ from .planner import Planner
 from .surgery import (
     add_missing_biases,
     apply_plan,
+    apply_width_units,
     check_plan,
-    compensate_biases,
     consumer_modules,
     prune_group_set,
     sync_module_attrs,
@@ -955,13 +955,7 @@ def _apply_layer_plan(model, spec, layer_index, plan, group_sets, bias_paths) ->
     from the plan's means first, as `surgery.apply_plan` does; consumers that compensation gives a bias get a zero
     one in layers it does not touch (the bias field is per model)."""
     prefix = layer_prefix(spec, layer_index)
-    for key, units in plan.kept.items():
-        gs = group_sets[key]
-        if gs.layer != layer_index:
-            continue
-        if key in plan.bias_means:
-            compensate_biases(model, spec, gs, units, plan.bias_means[key])
-        prune_group_set(model, gs, units)
+    apply_width_units(model, spec, plan, group_sets, layer=layer_index)
     for path in sorted(bias_paths):
         module = model.get_submodule(prefix + path)
         if module.bias is None:

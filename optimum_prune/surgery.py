@@ -387,6 +387,20 @@ def _check_bias_means(model: nn.Module, spec: ArchitectureSpec, group_set: Group
             )
 
 
+def apply_width_units(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan, groups, layer=None) -> set[str]:
+    """Slice the per-layer width units `plan` keeps (every decoder layer's, or only `layer`'s), compensating biases
+    from the plan's means first; returns the layer-relative paths of the consumers compensation gave a bias. The one
+    loop both whole-model surgery and the streaming engine's layer pass run."""
+    added_biases: set[str] = set()
+    for key, kept in plan.kept.items():
+        if key == HIDDEN_CHANNELS or (layer is not None and groups[key].layer != layer):
+            continue
+        if key in plan.bias_means:  # before slicing: the removed columns are still there
+            added_biases |= compensate_biases(model, spec, groups[key], kept, plan.bias_means[key])
+        prune_group_set(model, groups[key], kept)
+    return added_biases
+
+
 def apply_plan(model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec | None = None) -> nn.Module:
     """Prune `model` in place as `plan` says: widths first (original layer indices), then hidden channels, then
     removed layers; then write the config. Returns the model.
@@ -394,12 +408,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec | Non
     The plan is checked against the model first ([`check_plan`]); a plan that does not fit leaves it untouched."""
     spec = spec or get_architecture(getattr(model.config, "base_model_type", None) or model.config.model_type)
     groups = check_plan(model, plan, spec)
-    added_biases: set[str] = set()
-    for key, kept in plan.kept.items():
-        if key != HIDDEN_CHANNELS:
-            if key in plan.bias_means:  # before slicing: the removed columns are still there
-                added_biases |= compensate_biases(model, spec, groups[key], kept, plan.bias_means[key])
-            prune_group_set(model, groups[key], kept)
+    added_biases = apply_width_units(model, spec, plan, groups)
     add_missing_biases(model, spec, added_biases)  # before hidden-channel pruning, which slices these biases too
     if HIDDEN_CHANNELS in plan.kept:
         hidden = build_group_sets(model, spec, [HIDDEN_CHANNELS])[HIDDEN_CHANNELS]
