@@ -18,8 +18,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures.base import get_architecture
 from .errors import PruneInputError
-from .importance.base import ACTIVATIONS, BLOCK_LOSS, FISHER, FORWARD_LOSS, GRADIENTS, WEIGHTS
+from .groups import decoder_layers, layer_prefix
+from .importance.base import (
+    ACTIVATIONS,
+    BLOCK_LOSS,
+    FISHER,
+    FORWARD_LOSS,
+    GRADIENTS,
+    SPSA_DISTRIBUTIONS,
+    SPSA_ESTIMATORS,
+    WEIGHTS,
+)
 from .offload import (
     OffloadAwareParameters,
     OffloadedGradients,
@@ -188,8 +199,6 @@ class ActivationStatistics:
         return (self.sum_sq / n - mean * mean).clamp_min(0).float().cpu()
 
 
-SPSA_DISTRIBUTIONS = ("gaussian", "rademacher")
-SPSA_ESTIMATORS = ("multiply", "divide")
 SPSA_LOSSES = ("lm", "block")
 
 
@@ -225,8 +234,6 @@ class Statistics:
     def spec(self):
         """The architecture spec of the model (looked up by `model_type`), for criteria that couple structures."""
         if self._spec is None:
-            from .architectures import get_architecture
-
             self._spec = get_architecture(self.model.config.model_type)
         return self._spec
 
@@ -493,8 +500,6 @@ def block_spsa_projected_gradients(
     inputs): a forward hook on each such layer re-runs it on the same inputs with W ± εz_k for every k (2 ·
     `num_perturbations` layer forwards per batch). Sums are float64: L+ - L- is ~ε times smaller than L.
     """
-    from .groups import decoder_layers, layer_prefix
-
     _check_spsa_settings(num_perturbations, eps, distribution)
     layers = decoder_layers(model, spec)
     owned = {i: [n for n in param_names if n.startswith(layer_prefix(spec, i))] for i in range(len(layers))}
@@ -587,8 +592,6 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
     ]
     handles = hook_linear_inputs(stats, linears)
     try:
-        from .groups import decoder_layers
-
         layers = decoder_layers(model, stats.spec)
     except ValueError:
         layers = []  # no registered spec for this model: no block influence

@@ -11,6 +11,8 @@ from transformers.utils import PushToHubMixin
 
 from .architectures.base import HEAD_STRUCTURES, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, STRUCTURES
 from .errors import PruneInputError
+from .importance import IMPORTANCE_REGISTRY, get_importance
+from .streaming_checks import check_streaming_config
 
 
 logger = logging.getLogger(__name__)
@@ -201,8 +203,6 @@ class PrunerConfig(PushToHubMixin):
     iterative_steps: int = field(default=1, metadata={"help": "Prune in this many re-scored steps."})
 
     def __post_init__(self):
-        from .importance import IMPORTANCE_REGISTRY
-
         if isinstance(self.pruning_ratio, bool) or not isinstance(self.pruning_ratio, (int, float)):
             raise TypeError(f"`pruning_ratio` must be a number in [0, 1), got {self.pruning_ratio!r}.")
         if not 0 <= self.pruning_ratio < 1:
@@ -236,8 +236,6 @@ class PrunerConfig(PushToHubMixin):
         if not isinstance(self.streaming, bool):
             raise ValueError(f"`streaming` must be True or False, got {self.streaming!r}.")
         if self.streaming:
-            from .streaming import check_streaming_config
-
             check_streaming_config(self)
         # Fail now, not after calibration, on bad criterion arguments or structures it cannot score.
         importance = self.build_importance()
@@ -373,13 +371,9 @@ class PrunerConfig(PushToHubMixin):
         """The criterion for whole layers (`layer_importance`, else `importance`)."""
         if self.layer_importance is None or self.layer_importance == self.importance:
             return self.build_importance()
-        from .importance import get_importance
-
         return get_importance(self.layer_importance)
 
     def build_importance(self):
-        from .importance import get_importance
-
         kwargs = dict(self.importance_kwargs)
         if self.importance == "random":
             kwargs.setdefault("seed", self.seed)

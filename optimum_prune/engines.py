@@ -24,7 +24,6 @@ from . import streaming
 from .architectures.base import CHECKPOINT_CONVERTERS, get_architecture
 from .auto import AutoPruner
 from .configuration import PrunerConfig
-from .evaluation import count_parameters
 from .inputs import (
     check_data_file,
     check_device,
@@ -34,6 +33,7 @@ from .inputs import (
     check_seq_len,
     read_config_json,
 )
+from .metrics import count_parameters
 from .output_dir import check_output_directory
 
 

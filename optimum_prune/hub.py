@@ -17,6 +17,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
+from .cli_args import config_to_args
+
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +216,6 @@ def prune_command(base_model: str, pruner_config, calibration: str | None = None
     `calibration` is written when it names a file; data given in Python (a string, token ids, a dataset) has no path,
     so the command says `CALIBRATION_FILE` where the user must put it.
     """
-    from .commands.prune import config_to_args
-
     args = ["optimum-prune", "prune", "--model", base_model, *config_to_args(pruner_config)]
     if calibration:
         args += ["--calibration", _file_or(calibration, "CALIBRATION_FILE")]

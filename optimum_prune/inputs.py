@@ -10,6 +10,7 @@ import logging
 import os
 import re
 
+from .architectures.base import ATTENTION_HEADS
 from .errors import PruneInputError
 
 
@@ -129,8 +130,6 @@ def check_model_config(config: dict, spec) -> None:
     """Refuse a config.json (as a dict) whose attention shape the family cannot build: query heads that are no
     multiple of the key/value heads, or, without an explicit `head_dim`, a `hidden_size` the heads do not divide.
     Checked on the file's own fields, before a config class derives `head_dim` from them."""
-    from .architectures.base import ATTENTION_HEADS
-
     heads = spec.structures.get(ATTENTION_HEADS)
     if heads is None:
         return

@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from .surgery import apply_plan, check_plan
+
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +282,6 @@ def apply_plan_dispatched(model: nn.Module, plan, spec, offload_folder: str | No
     `offload_folder` (a temporary folder without one). A model without hooks is pruned as it is. A plan that does
     not fit the model is refused before anything changes (`surgery.check_plan`).
     """
-    from .surgery import apply_plan, check_plan
-
     check_plan(model, plan, spec)  # before the hooks come off: a plan that does not fit leaves the model as it was
     device_map = getattr(model, "hf_device_map", None)
     if not is_dispatched(model):

@@ -297,6 +297,12 @@ def _make_temporary(target: Path) -> Path:
     return tmp
 
 
+def checkpoint_bytes(model) -> int:
+    """Bytes the parameters of `model` (an `nn.Module`) take in a safetensors checkpoint (tied tensors once): the
+    free space a save needs (`expected_bytes`), known before writing anything."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 @contextlib.contextmanager
 def atomic_directory(
     save_directory: str | os.PathLike,

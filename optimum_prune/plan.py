@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from .architectures.base import ATTENTION_HEADS, HIDDEN_CHANNELS, MLP_CHANNELS, QUERY_HEADS
+from .surgery import apply_plan
 
 
 PLAN_NAME = "pruning_plan.json"
@@ -128,8 +129,6 @@ class PruningPlan:
         """Prune `model` in place exactly as this plan says and return it (see [`surgery.apply_plan`]). A plan that
         does not fit the model (type, layers, unit counts, tied groups, bias means) is refused with a ValueError
         before any tensor changes."""
-        from .surgery import apply_plan
-
         return apply_plan(model, self)
 
 

@@ -26,6 +26,7 @@ from .architectures.base import ATTENTION_HEADS, HEAD_STRUCTURES, LAYERS, MLP_CH
 from .configuration import PrunerConfig
 from .errors import PruneInputError
 from .groups import GroupSet, Slice, build_group_sets, check_tied_groups, decoder_layers, layer_prefix, width_of
+from .modeling import PRUNED_MODEL_CLASSES
 from .plan import PruningPlan
 from .surgery import consumer_modules, removed_channels
 from .utils.compat import fails_transformers_5_validation
@@ -271,8 +272,6 @@ class Planner:
 
     def check_per_layer_support(self) -> None:
         """Fail before calibration when the family's registered type cannot store per-layer widths."""
-        from .modeling import PRUNED_MODEL_CLASSES
-
         entry = PRUNED_MODEL_CLASSES.get(self.spec.pruned_model_type)
         if entry is None or not hasattr(entry[0], "per_layer_overrides"):
             supported = sorted(t for t, (c, _) in PRUNED_MODEL_CLASSES.items() if hasattr(c, "per_layer_overrides"))

@@ -5,29 +5,30 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import tempfile
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
+from . import modeling  # noqa: F401 - registers the pruned model types (`from_pruned` loads them)
 from .allocation import (
     ParameterModel,
 )
-from .architectures.base import LAYERS, ArchitectureSpec
+from .architectures.base import LAYERS, ArchitectureSpec, get_architecture
 from .calibration import collect_statistics, prepare_calibration
 from .configuration import PrunerConfig
-from .evaluation import checkpoint_bytes, count_parameters
 from .groups import GroupSet, build_group_sets, decoder_layers
-from .hub import (
-    count_macs_per_token,
-    read_results,
-)
+from .hub import count_macs_per_token, push_folder_to_hub, read_results
 from .importance.base import ACTIVATIONS
 from .inputs import check_model_source, check_seq_len, load_causal_lm
+from .metrics import count_parameters, perplexity
 from .offload import apply_plan_dispatched, is_offloaded, keep_tied_weights
-from .output_dir import atomic_directory
-from .plan import PruningPlan
+from .output_dir import atomic_directory, checkpoint_bytes
+from .plan import PLAN_NAME, PruningPlan
 from .planner import Planner
+from .recovery import recover_model
 from .utils.safe_weights import weights_loading_kwargs
 from .writer import describe_data, run_summary, summary_card, write_run_files
 
@@ -256,8 +257,6 @@ class Pruner:
         Call it before `prune()` to record the base perplexity; the model card and [`Pruner.recover`] report every
         stage measured on the same text. Measuring on other text (or settings) starts a new record.
         """
-        from .evaluation import perplexity
-
         setup = {"eval_data": describe_data(eval_data), "eval_seq_len": seq_len, "eval_windows": max_windows}
         if any(self.evaluation.get(k) != v for k, v in setup.items()):
             self.evaluation = dict(setup)
@@ -347,10 +346,6 @@ class Pruner:
         >>> pruner.push_to_hub("me/tiny-llama-pruned-40", private=True)
         ```
         """
-        import tempfile
-
-        from .hub import push_folder_to_hub
-
         self._check_pruned()
         with tempfile.TemporaryDirectory(prefix="optimum-prune-push-") as tmp:
             folder = os.path.join(tmp, "model")
@@ -404,8 +399,6 @@ class Pruner:
         >>> pruner.recover("train.txt", eval_data="eval.txt", training_args={"max_steps": 60, "bf16": True})
         ```
         """
-        from .recovery import recover_model
-
         self._check_pruned()
         if self.recovery is not None:
             raise RuntimeError("This model was already recovered; build a new pruner to recover again.")
@@ -449,12 +442,6 @@ class Pruner:
         counts and the measured perplexities come back from `pruning_results.json`. Pickled weights are refused
         unless `allow_pickle=True` (unpickling can execute code).
         """
-        from transformers import AutoTokenizer
-
-        from . import modeling  # noqa: F401 - registers the pruned model types
-        from .architectures.base import get_architecture
-        from .plan import PLAN_NAME
-
         check_model_source(path)
         if not os.path.isfile(os.path.join(path, PLAN_NAME)):
             raise ValueError(f"{path} is not a pruned checkpoint (no {PLAN_NAME}); prune it with `AutoPruner` first.")

@@ -56,23 +56,21 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoTokenizer
 
+from . import modeling  # noqa: F401 - registers the pruned model types that the pruned config may need
 from .allocation import select_top, uniform_allocation
 from .architectures.base import (
-    ATTENTION_HEADS,
     CHECKPOINT_CONVERTERS,
-    MLP_CHANNELS,
-    QUERY_HEADS,
     ArchitectureSpec,
     get_architecture,
     streaming_model_types,
 )
 from .calibration import Statistics, hook_linear_inputs, layer_output, prepare_calibration
 from .configuration import PrunerConfig
-from .evaluation import count_parameters
 from .groups import GroupSet, decoder_layers, layer_prefix
 from .hub import count_macs_per_token
-from .importance.base import ACTIVATIONS, BLOCK_LOSS, WEIGHTS
+from .importance.base import BLOCK_LOSS
 from .inputs import (
     check_model_config,
     check_model_source,
@@ -81,9 +79,18 @@ from .inputs import (
     parse_size,
     read_config_json,
 )
+from .metrics import count_parameters
 from .output_dir import atomic_directory, check_output_directory
 from .plan import PruningPlan
 from .planner import Planner
+from .streaming_checks import (
+    LAYER_LOCAL_NEEDS,
+    STREAMING_STRUCTURES,
+    check_streaming_config,
+    check_streaming_family,
+    layer_local_criteria,
+    needs_global_scores,
+)
 from .surgery import (
     add_missing_biases,
     apply_plan,
@@ -99,11 +106,6 @@ from .writer import describe_data, run_summary, write_run_files
 
 logger = logging.getLogger(__name__)
 
-# Structures a single layer can be scored and pruned for on its own.
-STREAMING_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS)
-# What a layer-local criterion may need: its layer's weights, the activations of its layer's inputs, and forward passes
-# of its layer alone (mini_llm's block-local loss).
-LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS, BLOCK_LOSS})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 BATCH_SIZE = 4  # calibration windows per forward, as `collect_statistics`
 SAFETENSORS_DTYPES = {
@@ -119,74 +121,6 @@ def __getattr__(name: str):
     if name == "STREAMING_MODEL_TYPES":
         return streaming_model_types()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def layer_local_criteria() -> list[str]:
-    """Registered criteria that need nothing beyond one layer's weights and inputs and score per-layer structures; a
-    criterion whose default is not layer-local but has a variant that is (mini_llm's block-local loss) is listed with
-    that variant's `importance_kwargs`."""
-    from .importance import IMPORTANCE_REGISTRY
-
-    names = []
-    for name, cls in sorted(IMPORTANCE_REGISTRY.items()):
-        if cls.structures is not None and not set(cls.structures) & set(STREAMING_STRUCTURES):
-            continue
-        if cls().needs <= LAYER_LOCAL_NEEDS:
-            names.append(name)
-        elif cls.layer_local_variant is not None and cls(**cls.layer_local_variant).needs <= LAYER_LOCAL_NEEDS:
-            names.append(f"{name} with importance_kwargs={cls.layer_local_variant}")
-    return names
-
-
-def needs_global_scores(pruner_config: PrunerConfig) -> bool:
-    """Whether the widths follow from every layer's scores (`global_ranking`, `allocation="flap"`): streaming then
-    reads the layers twice (scores first, then pruning)."""
-    return bool(pruner_config.global_ranking) or pruner_config.allocation == "flap"
-
-
-def check_streaming_config(pruner_config: PrunerConfig, model_type: str | None = None) -> None:
-    """Refuse what the layer-by-layer path cannot do, naming what it can.
-
-    Every allocation is supported: uniform and given widths (`layer_ratios`, `attention_layers`, `mlp_layers`,
-    `min_heads`, `min_channels`, `uniform`) in one pass, `global_ranking` and `allocation="flap"` in two.
-    """
-    importance = pruner_config.build_importance()
-    if not importance.needs <= LAYER_LOCAL_NEEDS:
-        raise ValueError(
-            f"Streaming pruning scores one layer at a time, and the {importance.name!r} criterion needs "
-            f"{sorted(importance.needs - LAYER_LOCAL_NEEDS)} of the whole model. Use a layer-local criterion: "
-            f"{', '.join(layer_local_criteria())}."
-        )
-    other = [s for s in pruner_config.structures if s not in STREAMING_STRUCTURES]
-    if other:
-        raise ValueError(
-            f"Streaming pruning supports the per-layer structures {list(STREAMING_STRUCTURES)}, got {other} "
-            "(hidden channels and layer removal need every layer at once); prune them in memory."
-        )
-    if pruner_config.bias_compensation and not needs_global_scores(pruner_config):
-        raise ValueError(
-            "Streaming compensates biases only with the two-pass allocations (`allocation='flap'` or "
-            "`global_ranking=True`), which measure the unpruned model as the in-memory path does; uniform or given "
-            "widths stream in one pass on the pruned model's activations. Set `bias_compensation=False` or use one "
-            "of those allocations."
-        )
-    check_streaming_family(model_type)
-
-
-def check_streaming_family(model_type: str | None) -> None:
-    """Refuse checkpoints the layer-by-layer path has not been checked on (ChatGLM until converted)."""
-    if model_type in CHECKPOINT_CONVERTERS:
-        raise ValueError(
-            f"{model_type!r} checkpoints are converted to a native family when loaded (ChatGLM to `glm`), and "
-            "streaming reads a checkpoint's shards as they are. Convert it once first, e.g. "
-            "`optimum_prune.convert_chatglm_checkpoint(src, dst)` (this loads the model in memory), then stream the "
-            "converted checkpoint; or prune it in memory with `AutoPruner.from_pretrained`, which converts it."
-        )
-    if model_type is not None and model_type not in streaming_model_types():
-        raise ValueError(
-            f"Streaming pruning is supported for model types {list(streaming_model_types())}, got {model_type!r}; "
-            "prune it in memory (without `streaming`)."
-        )
 
 
 def check_plan_streamable(plan: PruningPlan, pruner_config: PrunerConfig, model_type: str | None = None) -> None:
@@ -1007,8 +941,6 @@ class _Run:
 def _open_checkpoint(model_dir: str, pruner_config: PrunerConfig, plan, trust_remote_code: bool) -> _Run:
     """Check the checkpoint and the config (before any remote code could be needed), build the skeleton and match
     the checkpoint's tensor names against it."""
-    from transformers import AutoConfig
-
     if check_model_source(model_dir) is None:
         raise ValueError(f"Streaming pruning reads a local checkpoint directory; {model_dir!r} is not one.")
     declared = read_config_json(model_dir)
@@ -1086,8 +1018,6 @@ def _report(run: _Run, needs_data: bool, offload: bool) -> dict:
 def _checkpoint_tokenizer(model_dir: str):
     """The tokenizer the checkpoint ships, or None: for a folder without one, Transformers 5 builds an empty default
     tokenizer for some types (OPT), which would then be copied into the output."""
-    from transformers import AutoTokenizer
-
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
         return None
     try:
@@ -1252,8 +1182,6 @@ def prune_streaming(
         `dict` with `params_before`, `params_after`, `planned_widths`, `widths_from_scores` (True for two-pass
         configs), `estimated_peak_bytes` and, unless `dry_run`, `plan` (the [`PruningPlan`]).
     """
-    from . import modeling  # noqa: F401 - registers the pruned model types that the pruned config may need
-
     run = _open_checkpoint(os.fspath(model_dir), pruner_config, plan, trust_remote_code)
     _plan_shapes(run)
     needs_data = (run.importance.needs_data or run.compensate) and run.plan is None
@@ -1332,10 +1260,12 @@ def format_dry_run(report: dict) -> str:
 
 
 __all__ = [
+    "LAYER_LOCAL_NEEDS",
     "STREAMING_MODEL_TYPES",  # noqa: F822 - served by the module `__getattr__`
     "STREAMING_STRUCTURES",
     "available_memory_bytes",
     "check_streaming_config",
+    "check_streaming_family",
     "format_dry_run",
     "in_memory_bytes",
     "layer_local_criteria",

@@ -3,6 +3,9 @@
 It takes a `PruningPlan` and knows nothing of criteria. Every change to a weight is an index selection along one
 dimension, so the pruned model computes exactly what the original computes with the removed units zeroed (hidden
 channels: with norm statistics compensated, see `NormSpec`).
+
+`plan.py` imports this module (`PruningPlan.apply`), so the plan arguments here are duck-typed (`kept`,
+`unit_counts`, `removed_layers`, `bias_means`, `num_layers`, `model_type`) rather than annotated with the class.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .groups import (
     layer_prefix,
     width_of,
 )
-from .plan import PruningPlan
+from .modeling import PRUNED_MODEL_CLASSES
 from .utils.compat import fails_transformers_5_validation
 
 
@@ -160,7 +163,7 @@ def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: i
         setattr(model.config, spec.norm.eps_field, getattr(model.config, spec.norm.eps_field) * old / new)
 
 
-def write_unit_records(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan) -> None:
+def write_unit_records(model: nn.Module, spec: ArchitectureSpec, plan) -> None:
     """Keep the spec's `config_writers` fields (original indices of the kept units, per layer) in line with `plan`.
 
     Runs before `write_config`, while `units_field` still holds the unpruned count. A field is written only when its
@@ -239,8 +242,6 @@ def _per_layer_overrides(per_layer: list[dict[str, int]]) -> tuple[dict[str, int
 def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
     """Write the widths read from the tensors into `model.config`, switching to the registered pruned type when
     the stock config class cannot express them (per-layer widths always need it: they go to `per_layer_config`)."""
-    from .modeling import PRUNED_MODEL_CLASSES
-
     config = model.config
     params = dict(model.named_parameters())
     for w in spec.hidden.widths:
@@ -309,9 +310,7 @@ def _stock_config_expresses(model: nn.Module) -> bool:
     return expected == actual
 
 
-def check_plan(
-    model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec, what: str = "model"
-) -> dict[str, GroupSet]:
+def check_plan(model: nn.Module, plan, spec: ArchitectureSpec, what: str = "model") -> dict[str, GroupSet]:
     """Refuse, with a ValueError and before any tensor changes, a plan that does not fit `model`: another model type,
     another layer count, a structure the family cannot prune, unit counts that differ, both head structures at once,
     tied groups (query heads per KV group) kept unevenly, or `bias_means` for weights that are not the entry's
@@ -387,7 +386,7 @@ def _check_bias_means(model: nn.Module, spec: ArchitectureSpec, group_set: Group
             )
 
 
-def apply_width_units(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan, groups, layer=None) -> set[str]:
+def apply_width_units(model: nn.Module, spec: ArchitectureSpec, plan, groups, layer=None) -> set[str]:
     """Slice the per-layer width units `plan` keeps (every decoder layer's, or only `layer`'s), compensating biases
     from the plan's means first; returns the layer-relative paths of the consumers compensation gave a bias. The one
     loop both whole-model surgery and the streaming engine's layer pass run."""
@@ -401,7 +400,7 @@ def apply_width_units(model: nn.Module, spec: ArchitectureSpec, plan: PruningPla
     return added_biases
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan, spec: ArchitectureSpec | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan, spec: ArchitectureSpec | None = None) -> nn.Module:
     """Prune `model` in place as `plan` says: widths first (original layer indices), then hidden channels, then
     removed layers; then write the config. Returns the model.
 

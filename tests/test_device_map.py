@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from optimum_prune import AutoPruner, PrunerConfig, PruningPlan
 from optimum_prune.calibration import collect_statistics
+from optimum_prune.cli_args import _max_memory
 from optimum_prune.commands.cli import main as cli_main
-from optimum_prune.commands.prune import _max_memory
 from optimum_prune.offload import OffloadAwareParameters, _renumber_device_map, is_offloaded, offloaded_parameters
 
 

@@ -43,8 +43,7 @@ import re
 
 import torch
 
-from ..evaluation import checkpoint_bytes
-from ..output_dir import atomic_directory, check_output_directory
+from ..output_dir import atomic_directory, check_output_directory, checkpoint_bytes
 from ..utils.safe_weights import pickle_refusal
 from .base import register_family
 

@@ -22,9 +22,17 @@ Selection follows the paper when allocation is uniform (each layer keeps its top
 
 import torch
 
-from ..calibration import SPSA_DISTRIBUTIONS, SPSA_ESTIMATORS
 from ..groups import GroupSet
-from .base import ACTIVATIONS, BLOCK_LOSS, FORWARD_LOSS, WEIGHTS, Importance, register_importance
+from .base import (
+    ACTIVATIONS,
+    BLOCK_LOSS,
+    FORWARD_LOSS,
+    SPSA_DISTRIBUTIONS,
+    SPSA_ESTIMATORS,
+    WEIGHTS,
+    Importance,
+    register_importance,
+)
 
 
 MINI_LLM_LOSSES = ("lm", "block")

@@ -25,6 +25,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+from ..modeling import PRUNED_MODEL_CLASSES
+
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +70,6 @@ def register_onnx_configs() -> list[str]:
         return []
     import optimum.exporters.onnx.model_configs  # noqa: F401 - registers the stock families' ONNX configs
     from optimum.exporters.tasks import TasksManager
-
-    from ..modeling import PRUNED_MODEL_CLASSES
 
     supported = TasksManager._SUPPORTED_MODEL_TYPE  # model_type -> {exporter: {task: constructor}}
     register = TasksManager.create_register("onnx")
