@@ -155,3 +155,20 @@ def test_every_module_imports_on_its_own():
     assert result.returncode == 0, result.stderr
     failures = json.loads(result.stdout.strip().splitlines()[-1])
     assert failures == {}, "\n".join(f"{name}:\n{trace}" for name, trace in failures.items())
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def test_no_function_longer_than_a_screen_outside_modeling():
+    """Functions fit on a screen (docstrings included); the self-contained modeling files mirror Transformers'."""
+    too_long = []
+    for path in _package_files():
+        if "modeling" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(f"{_module_name(path)}.{node.name}: {lines} lines")
+    assert not too_long, too_long
