@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_table import FAMILIES
 from testing_utils import (
     VOCAB,
     input_ids,
     logits,
-    skip_layers,
     tiny_bloom,
     tiny_glm,
     tiny_llama,
@@ -114,30 +114,6 @@ def test_saved_checkpoint_carries_the_4x_spelling(tmp_path):
 # ---------------------------------------------------------------- 1. pruning under Transformers 4.57
 
 
-def _zeroed_reference(model, plan):
-    """The original with every removed unit zeroed (widths) or skipped (layers): needs no pruning code."""
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for key, kept in plan.kept.items():
-            structure, _, layer_index = key.partition(".")
-            removed = sorted(set(range(plan.unit_counts[key])) - set(kept))
-            if structure == "hidden_channels":
-                reference.model.embed_tokens.weight[:, removed] = 0
-                for layer in reference.model.layers:
-                    for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                        linear.weight[removed] = 0
-                        if linear.bias is not None:
-                            linear.bias[removed] = 0
-                continue
-            layer = reference.model.layers[int(layer_index)]
-            consumer = layer.self_attn.o_proj if structure == "attention_heads" else layer.mlp.down_proj
-            block = consumer.in_features // plan.unit_counts[key]  # a KV group's query heads, or one channel
-            for unit in removed:
-                consumer.weight[:, unit * block : (unit + 1) * block] = 0
-    skip_layers(reference, plan.removed_layers)
-    return reference
-
-
 @pytest.mark.parametrize("importance", ["magnitude", "taylor"])
 @pytest.mark.parametrize(
     ("structures", "ratio", "model_kwargs"),
@@ -170,7 +146,10 @@ def test_prunes_exactly_under_transformers_4_57(importance, structures, ratio, m
     assert pruner.params_after < pruner.params_before
     ids = input_ids()
     torch.testing.assert_close(
-        logits(pruned, ids), logits(_zeroed_reference(reference, pruner.plan), ids), atol=1e-5, rtol=0
+        logits(pruned, ids),
+        logits(FAMILIES["llama"].zeroed_reference(reference, pruner.plan)[0], ids),
+        atol=1e-5,
+        rtol=0,
     )
     out = pruned.generate(ids[:1, :5], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)

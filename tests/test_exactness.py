@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from testing_utils import input_ids, logits, skip_layers, tiny_llama
+from family_table import FAMILIES
+from testing_utils import input_ids, logits, tiny_llama
 
 from optimum_prune import AutoPruner, PrunerConfig
 
@@ -21,19 +22,20 @@ def _removed(kept, total):
     return sorted(set(range(total)) - set(kept))
 
 
+def _reference(original, plan):
+    """The untouched original with the plan's units zeroed and its layers skipped (no pruning code)."""
+    return FAMILIES["llama"].zeroed_reference(original, plan)[0]
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_attention_kv_groups_equal_zeroed_original(bias):
     model = tiny_llama(bias=bias)
     reference = copy.deepcopy(model)
     ids = input_ids()
     pruned, plan = _prune(model, pruning_ratio=0.19, structures=["attention_heads"])
-    n_rep, head_dim = 2, 8
     assert plan.kept, "nothing was pruned"
-    with torch.no_grad():
-        for key, kept in plan.kept.items():
-            layer = reference.model.layers[int(key.split(".")[1])]
-            for group in _removed(kept, 4):
-                layer.self_attn.o_proj.weight[:, group * n_rep * head_dim : (group + 1) * n_rep * head_dim] = 0
+    assert set(plan.unit_counts.values()) == {4}  # a unit is a KV group (2 query heads of 8 channels)
+    reference = _reference(reference, plan)
     assert pruned.config.num_attention_heads == 2 * pruned.config.num_key_value_heads
     torch.testing.assert_close(logits(pruned, ids), logits(reference, ids), atol=ATOL, rtol=0)
 
@@ -44,10 +46,7 @@ def test_mlp_channels_equal_zeroed_original(bias):
     reference = copy.deepcopy(model)
     ids = input_ids()
     pruned, plan = _prune(model, pruning_ratio=0.3, structures=["mlp_channels"])
-    with torch.no_grad():
-        for key, kept in plan.kept.items():
-            layer = reference.model.layers[int(key.split(".")[1])]
-            layer.mlp.down_proj.weight[:, _removed(kept, 80)] = 0
+    reference = _reference(reference, plan)
     assert pruned.config.intermediate_size < 80
     torch.testing.assert_close(logits(pruned, ids), logits(reference, ids), atol=ATOL, rtol=0)
 
@@ -62,12 +61,7 @@ def test_hidden_channels_equal_zeroed_residual_stream(tie):
     pruned, plan = _prune(model, pruning_ratio=0.2, structures=["hidden_channels"])
     removed = _removed(plan.kept["hidden_channels"], 48)
     assert removed
-    with torch.no_grad():
-        reference.model.embed_tokens.weight[:, removed] = 0
-        for layer in reference.model.layers:
-            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                linear.weight[removed] = 0
-                linear.bias[removed] = 0
+    reference = _reference(reference, plan)
     assert pruned.config.hidden_size == 48 - len(removed)
     if tie:
         assert pruned.lm_head.weight is pruned.model.embed_tokens.weight
@@ -82,7 +76,7 @@ def test_layers_equal_skipped_original():
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     pruned, plan = _prune(model, pruning_ratio=round(2 * per_layer / total, 3), structures=["layers"])
     assert len(plan.removed_layers) == 2
-    skip_layers(reference, plan.removed_layers)
+    reference = _reference(reference, plan)
     assert pruned.config.num_hidden_layers == 4
     assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1, 2, 3]
     torch.testing.assert_close(logits(pruned, ids), logits(reference, ids), atol=ATOL, rtol=0)

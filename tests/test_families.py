@@ -2,7 +2,8 @@
 (with the package, and with `trust_remote_code=True` without it), `generate`, and every registered criterion.
 
 The references only zero weights (or skip layers, or patch norms) of an untouched copy of the original model; they
-never call optimum-prune. Each family row says how a removed unit is zeroed in *its* layout.
+never call optimum-prune. Each family row names its layout (`family_table`), which says where a removed unit is
+zeroed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from family_table import BLOOM_LAYOUT, LLAMA_LAYOUT, OPT_LAYOUT, Layout, layer_ratio, zeroed_reference
 from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_bloom, tiny_glm, tiny_opt
-from torch import nn
 
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.architectures import get_architecture
@@ -34,193 +35,46 @@ def _removed(kept, total):
 
 @dataclass
 class Family:
-    """How to build a tiny model of one family and how to zero a removed unit in the untouched original.
-
-    `zero_attention(model, layer, units)` / `zero_mlp(model, layer, channels)` zero the consumer side of removed
-    units; `hidden_reference(model, channels)` turns the original into the computation with those hidden channels
-    removed (zeroed residual writes, and for LayerNorm families norms whose statistics skip them) and returns hook
-    handles to keep alive.
-    """
+    """How to build a tiny model of one family (or variant) and where its layout keeps what the reference zeroes
+    (`family_table.Layout`)."""
 
     build: Callable
-    layers: str
-    zero_attention: Callable
-    zero_mlp: Callable
-    hidden_reference: Callable
+    layout: Layout
     ratios: dict
     stock_type: str
     pruned_type: str | None = None
     unsupported: tuple = ()  # structures refused with a ValueError that names the reason
 
 
-# GLM ---------------------------------------------------------------------------------------------------------------
-
-
-def _glm_zero_attention(model, layer, units, n_rep=2, head_dim=8):
-    o_proj = model.model.layers[layer].self_attn.o_proj
-    for u in units:  # a unit is a KV group: the n_rep query heads that read it
-        o_proj.weight[:, u * n_rep * head_dim : (u + 1) * n_rep * head_dim] = 0
-
-
-def _glm_zero_mlp(model, layer, channels):
-    model.model.layers[layer].mlp.down_proj.weight[:, channels] = 0
-
-
-def _glm_hidden_reference(model, channels):
-    """RMSNorm is scale-free on the kept channels once the removed ones are zero everywhere in the residual stream."""
-    model.model.embed_tokens.weight[:, channels] = 0
-    for layer in model.model.layers:
-        layer.self_attn.o_proj.weight[channels] = 0
-        layer.mlp.down_proj.weight[channels] = 0
-    return []
-
-
-def _masked_layer_norm(kept):
-    """A forward hook making a LayerNorm compute mean and variance over the `kept` channels only and output zero on
-    the others: what a LayerNorm over the kept channels computes, embedded back in the full width."""
-
-    def hook(module, args, output):
-        x = args[0][..., kept]
-        mean = x.mean(-1, keepdim=True)
-        var = x.var(-1, unbiased=False, keepdim=True)
-        y = (x - mean) / torch.sqrt(var + module.eps)
-        if module.weight is not None:
-            y = y * module.weight[kept]
-        if module.bias is not None:
-            y = y + module.bias[kept]
-        out = torch.zeros_like(output)
-        out[..., kept] = y
-        return out
-
-    return hook
-
-
-def _layer_norm_reference(model, channels):
-    kept = sorted(set(range(model.config.hidden_size)) - set(channels))
-    return [m.register_forward_hook(_masked_layer_norm(kept)) for m in model.modules() if isinstance(m, nn.LayerNorm)]
-
-
-# OPT ---------------------------------------------------------------------------------------------------------------
-
-
-def _opt_zero_attention(model, layer, heads, head_dim=8):
-    out_proj = model.model.decoder.layers[layer].self_attn.out_proj
-    for h in heads:
-        out_proj.weight[:, h * head_dim : (h + 1) * head_dim] = 0
-
-
-def _opt_zero_mlp(model, layer, channels):
-    # fc2 columns, not fc1 rows: relu(0 * x + bias) would leak fc1's bias.
-    model.model.decoder.layers[layer].fc2.weight[:, channels] = 0
-
-
-def _opt_hidden_reference(model, channels):
-    decoder = model.model.decoder
-    decoder.embed_tokens.weight[:, channels] = 0  # also the tied lm_head
-    decoder.embed_positions.weight[:, channels] = 0
-    if not model.config.tie_word_embeddings:
-        model.lm_head.weight[:, channels] = 0
-    for layer in decoder.layers:
-        for linear in (layer.self_attn.out_proj, layer.fc2):
-            linear.weight[channels] = 0
-            linear.bias[channels] = 0
-    return _layer_norm_reference(model, channels)
-
-
-_OPT_RATIOS = {"attention_heads": 0.08, "mlp_channels": 0.2, "hidden_channels": 0.2}
-
-# BLOOM -------------------------------------------------------------------------------------------------------------
-
-
-def _bloom_zero_attention(model, layer, heads, head_dim=8):
-    dense = model.transformer.h[layer].self_attention.dense
-    for h in heads:
-        dense.weight[:, h * head_dim : (h + 1) * head_dim] = 0
-
-
-def _bloom_zero_mlp(model, layer, channels):
-    model.transformer.h[layer].mlp.dense_4h_to_h.weight[:, channels] = 0
-
-
-def _bloom_hidden_reference(model, channels):
-    model.transformer.word_embeddings.weight[:, channels] = 0  # also the tied lm_head
-    for layer in model.transformer.h:
-        for linear in (layer.self_attention.dense, layer.mlp.dense_4h_to_h):
-            linear.weight[channels] = 0
-            linear.bias[channels] = 0
-    return _layer_norm_reference(model, channels)
-
-
 _GLM_RATIOS = {"attention_heads": 0.1, "mlp_channels": 0.2, "hidden_channels": 0.2}
+_OPT_RATIOS = {"attention_heads": 0.08, "mlp_channels": 0.2, "hidden_channels": 0.2}
+_BLOOM_RATIOS = {"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2}
 
 FAMILIES = {
-    "glm": Family(
-        build=tiny_glm,
-        layers="model.layers",
-        zero_attention=_glm_zero_attention,
-        zero_mlp=_glm_zero_mlp,
-        hidden_reference=_glm_hidden_reference,
-        ratios=_GLM_RATIOS,
-        stock_type="glm",
-        pruned_type="pruned_glm",
-    ),
+    "glm": Family(tiny_glm, LLAMA_LAYOUT, _GLM_RATIOS, stock_type="glm", pruned_type="pruned_glm"),
     "glm4": Family(
-        build=lambda **kw: tiny_glm(glm4=True, **kw),
-        layers="model.layers",
-        zero_attention=_glm_zero_attention,
-        zero_mlp=_glm_zero_mlp,
-        hidden_reference=_glm_hidden_reference,
-        ratios=_GLM_RATIOS,
-        stock_type="glm4",
-        pruned_type="pruned_glm4",
+        lambda **kw: tiny_glm(glm4=True, **kw), LLAMA_LAYOUT, _GLM_RATIOS, stock_type="glm4", pruned_type="pruned_glm4"
     ),
-    "bloom": Family(
-        build=tiny_bloom,
-        layers="transformer.h",
-        zero_attention=_bloom_zero_attention,
-        zero_mlp=_bloom_zero_mlp,
-        hidden_reference=_bloom_hidden_reference,
-        ratios={"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2},
-        stock_type="bloom",
-        pruned_type="pruned_bloom",
-    ),
+    "bloom": Family(tiny_bloom, BLOOM_LAYOUT, _BLOOM_RATIOS, stock_type="bloom", pruned_type="pruned_bloom"),
     "bloom-post-ln-residual": Family(
-        build=lambda **kw: tiny_bloom(apply_residual_connection_post_layernorm=True, **kw),
-        layers="transformer.h",
-        zero_attention=_bloom_zero_attention,
-        zero_mlp=_bloom_zero_mlp,
-        hidden_reference=_bloom_hidden_reference,
-        ratios={"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2},
+        lambda **kw: tiny_bloom(apply_residual_connection_post_layernorm=True, **kw),
+        BLOOM_LAYOUT,
+        _BLOOM_RATIOS,
         stock_type="bloom",
         pruned_type="pruned_bloom",
     ),
-    "opt": Family(
-        build=tiny_opt,
-        layers="model.decoder.layers",
-        zero_attention=_opt_zero_attention,
-        zero_mlp=_opt_zero_mlp,
-        hidden_reference=_opt_hidden_reference,
-        ratios=_OPT_RATIOS,
-        stock_type="opt",
-        pruned_type="pruned_opt",
-    ),
+    "opt": Family(tiny_opt, OPT_LAYOUT, _OPT_RATIOS, stock_type="opt", pruned_type="pruned_opt"),
     "opt-post-ln": Family(
-        build=lambda **kw: tiny_opt(do_layer_norm_before=False, tie_word_embeddings=False, **kw),
-        layers="model.decoder.layers",
-        zero_attention=_opt_zero_attention,
-        zero_mlp=_opt_zero_mlp,
-        hidden_reference=_opt_hidden_reference,
-        ratios=_OPT_RATIOS,
+        lambda **kw: tiny_opt(do_layer_norm_before=False, tie_word_embeddings=False, **kw),
+        OPT_LAYOUT,
+        _OPT_RATIOS,
         stock_type="opt",
         pruned_type="pruned_opt",
     ),
     "opt-projected": Family(
-        build=lambda **kw: tiny_opt(word_embed_proj_dim=32, **kw),
-        layers="model.decoder.layers",
-        zero_attention=_opt_zero_attention,
-        zero_mlp=_opt_zero_mlp,
-        hidden_reference=_opt_hidden_reference,
-        ratios=_OPT_RATIOS,
+        lambda **kw: tiny_opt(word_embed_proj_dim=32, **kw),
+        OPT_LAYOUT,
+        _OPT_RATIOS,
         stock_type="opt",
         pruned_type="pruned_opt",
         unsupported=("hidden_channels",),
@@ -229,16 +83,6 @@ FAMILIES = {
 
 
 # The matrix --------------------------------------------------------------------------------------------------------
-
-
-def _skip_layers(model, path, layers):
-    """Decoder layers that pass their input through unchanged (forward hooks): the reference for layer removal."""
-
-    def hook(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    return [model.get_submodule(path)[i].register_forward_hook(hook, with_kwargs=True) for i in layers]
 
 
 @dataclass
@@ -264,26 +108,18 @@ def _case(family_name: str, structure: str) -> Case:
     reference = copy.deepcopy(model)
     ratio = family.ratios.get(structure)
     if structure == "layers":  # exactly one decoder layer's share of the parameters
-        per_layer = sum(p.numel() for p in model.get_submodule(family.layers)[0].parameters())
-        ratio = round(per_layer / sum(p.numel() for p in model.parameters()), 3)
+        ratio = layer_ratio(model, family.layout)
     config = PrunerConfig(importance="random", pruning_ratio=ratio, structures=[structure])
     pruner = AutoPruner.from_model(model, config)
     pruned = pruner.prune()
     plan = pruner.plan
-    handles = []
-    with torch.no_grad():
-        if structure == "layers":
-            assert plan.removed_layers, "no layer was removed"
-            handles = _skip_layers(reference, family.layers, plan.removed_layers)
-        elif structure == "hidden_channels":
-            removed = _removed(plan.kept["hidden_channels"], plan.unit_counts["hidden_channels"])
-            assert removed, "no hidden channel was removed"
-            handles = family.hidden_reference(reference, removed)
-        else:
-            assert plan.kept, f"no {structure} unit was removed"
-            zero = family.zero_attention if structure == "attention_heads" else family.zero_mlp
-            for group_key, kept in plan.kept.items():
-                zero(reference, int(group_key.split(".")[1]), _removed(kept, plan.unit_counts[group_key]))
+    if structure == "layers":
+        assert plan.removed_layers, "no layer was removed"
+    elif structure == "hidden_channels":
+        assert _removed(plan.kept["hidden_channels"], plan.unit_counts["hidden_channels"]), "no channel was removed"
+    else:
+        assert plan.kept, f"no {structure} unit was removed"
+    reference, handles = zeroed_reference(family.layout, reference, plan)
     _CASES[key] = Case(family, pruned, reference, plan, pruner, handles)
     return _CASES[key]
 
@@ -432,11 +268,7 @@ def _per_layer_case(family_name: str):
     )
     pruner = AutoPruner.from_model(model, config)
     pruned = pruner.prune()
-    with torch.no_grad():
-        for key, kept in pruner.plan.kept.items():
-            structure, layer = key.split(".")
-            zero = family.zero_attention if structure == "attention_heads" else family.zero_mlp
-            zero(reference, int(layer), _removed(kept, pruner.plan.unit_counts[key]))
+    reference, _ = zeroed_reference(family.layout, reference, pruner.plan)
     return pruner, pruned, reference
 
 
@@ -447,7 +279,7 @@ def test_per_layer_widths_equal_reference(family_name):
     overrides = pruned.config.per_layer_overrides
     assert len({tuple(sorted(v.items())) for v in overrides.values()}) >= 2  # the layers really differ
     for key, kept in pruner.plan.kept.items():  # each layer's modules have that layer's widths
-        layer = pruned.get_submodule(FAMILIES[family_name].layers)[int(key.split(".")[1])]
+        layer = pruned.get_submodule(FAMILIES[family_name].layout.layers)[int(key.split(".")[1])]
         attention = getattr(layer, "self_attn", None) or layer.self_attention
         if key.startswith("attention_heads") and hasattr(attention, "num_heads"):  # OPT, BLOOM: one head per unit
             assert attention.num_heads == len(kept)

@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 import torch
-from testing_utils import input_ids, logits, skip_layers, tiny_glm, tiny_llama
+from family_table import FAMILIES
+from testing_utils import input_ids, logits, tiny_glm, tiny_llama
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import optimum_prune
@@ -18,7 +19,7 @@ from optimum_prune import AutoPruner, PrunerConfig, PruningPlan, count_parameter
 
 
 ATOL = 1e-5
-N_REP, HEAD_DIM = 2, 8  # tiny_llama: 8 query heads in 4 KV groups of head_dim 8
+HEAD_DIM = 8  # tiny_llama: 8 query heads in 4 KV groups of head_dim 8
 WIDTHS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
@@ -27,21 +28,6 @@ def _prune(model, importance="random", **kwargs):
     pruner = AutoPruner.from_model(model, PrunerConfig(importance=importance, **kwargs))
     pruner.prune()
     return pruner
-
-
-def _zero_removed_units(reference, plan):
-    """The original with the plan's removed KV groups and MLP channels zeroed on their consumer side (no pruning code)."""
-    with torch.no_grad():
-        for key, kept in plan.kept.items():
-            structure, layer = key.split(".")
-            layer = reference.model.layers[int(layer)]
-            if structure == "attention_heads":
-                for group in sorted(set(range(4)) - set(kept)):
-                    width = N_REP * HEAD_DIM
-                    layer.self_attn.o_proj.weight[:, group * width : (group + 1) * width] = 0
-            else:
-                removed = sorted(set(range(layer.mlp.down_proj.weight.shape[1])) - set(kept))
-                layer.mlp.down_proj.weight[:, removed] = 0
 
 
 def _layer_widths(model):
@@ -115,13 +101,13 @@ def test_invalid_allocation_options(kwargs, message):
 )
 def test_non_uniform_equals_zeroed_original(options):
     model = tiny_llama(bias=True)
-    reference = copy.deepcopy(model)
+    original = copy.deepcopy(model)
     ids = input_ids()
     pruner = _prune(model, pruning_ratio=0.3, **options)
     widths = _layer_widths(pruner.model)
     assert len(set(widths)) > 1, widths  # really non-uniform
     assert _config_widths(pruner.model.config) == widths
-    _zero_removed_units(reference, pruner.plan)
+    reference, _ = FAMILIES["llama"].zeroed_reference(original, pruner.plan)
     torch.testing.assert_close(logits(pruner.model, ids), logits(reference, ids), atol=ATOL, rtol=0)
     if "attention_layers" in options:  # unlisted layers keep every unit
         assert widths[0][:2] == (8, 4) and widths[2] == (8, 4, 80)
@@ -129,7 +115,7 @@ def test_non_uniform_equals_zeroed_original(options):
 
 def test_layer_removal_with_width_equals_skipped_zeroed_original():
     model = tiny_llama(num_hidden_layers=6)
-    reference = copy.deepcopy(model)
+    original = copy.deepcopy(model)
     ids = input_ids()
     pruner = _prune(
         model, pruning_ratio=0.45, structures=["layers", "attention_heads", "mlp_channels"], num_layers_to_remove=2
@@ -137,8 +123,7 @@ def test_layer_removal_with_width_equals_skipped_zeroed_original():
     plan = pruner.plan
     assert len(plan.removed_layers) == 2 and plan.kept
     assert not any(int(key.split(".")[1]) in plan.removed_layers for key in plan.kept)
-    _zero_removed_units(reference, plan)
-    skip_layers(reference, plan.removed_layers)
+    reference, _ = FAMILIES["llama"].zeroed_reference(original, plan)
     assert pruner.model.config.num_hidden_layers == 4
     assert [layer.self_attn.layer_idx for layer in pruner.model.model.layers] == [0, 1, 2, 3]
     torch.testing.assert_close(logits(pruner.model, ids), logits(reference, ids), atol=ATOL, rtol=0)

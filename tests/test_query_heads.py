@@ -11,8 +11,9 @@ import json
 
 import pytest
 import torch
-from testing_utils import VOCAB, _randomize, fresh_process_logits, input_ids, logits, tiny_glm, tiny_llama
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from family_table import LLAMA_LAYOUT, zeroed_reference
+from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_glm, tiny_llama, tiny_qwen2
+from transformers import AutoModelForCausalLM
 
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.allocation import select_top, uniform_allocation
@@ -25,28 +26,11 @@ ATOL = 1e-5
 HEAD_DIM = 8
 
 
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    """3-layer Qwen2, 16 query heads in 4 KV groups of head_dim 8 (q/k/v biases, o_proj without), hidden 48."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=3,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-    )
-    return _randomize(Qwen2ForCausalLM(config).eval())
-
-
 # name -> (builder, stock model_type); every model has 4 query heads per KV group, so 1-3 per group can go.
 FAMILIES = {
     "llama": (lambda: tiny_llama(num_attention_heads=16, num_key_value_heads=4), "llama"),
     "llama-bias": (lambda: tiny_llama(bias=True, num_attention_heads=16, num_key_value_heads=4), "llama"),
-    "qwen2": (tiny_qwen2, "qwen2"),
+    "qwen2": (lambda: tiny_qwen2(num_attention_heads=16), "qwen2"),
     "glm": (lambda: tiny_glm(num_attention_heads=12, num_key_value_heads=3), "glm"),
 }
 
@@ -69,18 +53,7 @@ def _ratio_removing(model, heads_per_group: int) -> float:
 
 def _reference(model, plan):
     """The original with every removed query head's o_proj columns (and removed MLP channels) zeroed."""
-    reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for key, kept in plan.kept.items():
-            structure, layer = key.split(".")
-            block = reference.model.layers[int(layer)]
-            removed = _removed(kept, plan.unit_counts[key])
-            if structure == "query_heads":
-                for h in removed:
-                    block.self_attn.o_proj.weight[:, h * HEAD_DIM : (h + 1) * HEAD_DIM] = 0
-            else:
-                block.mlp.down_proj.weight[:, removed] = 0
-    return reference
+    return zeroed_reference(LLAMA_LAYOUT, model, plan)[0]
 
 
 def _check_pruned_shape(original, pruned, plan):
@@ -128,7 +101,7 @@ def test_query_heads_equal_zeroed_original(family, heads_per_group):
 def test_per_head_slices_are_the_head_blocks():
     """Criteria reduce over `GroupSet` slices: query head h owns q_proj rows, q bias entries and o_proj columns
     [h * head_dim, (h + 1) * head_dim), and nothing of k_proj / v_proj."""
-    model = tiny_qwen2()
+    model = tiny_qwen2(num_attention_heads=16)
     groups = build_group_sets(model, get_architecture("qwen2"), ["query_heads"])
     gs = groups["query_heads.1"]
     assert (gs.num_units, gs.num_groups, gs.units_per_group) == (16, 4, 4)

@@ -5,15 +5,17 @@ import os
 
 import pytest
 import torch
+from family_table import FAMILIES
 from testing_utils import (
     VOCAB,
     input_ids,
     logits,
     sequential_reference,
     tiny_llama,
+    tiny_mistral,
+    tiny_qwen2,
     word_text,
     word_tokenizer,
-    zero_grouped_units,
 )
 from transformers import AutoModelForCausalLM
 
@@ -87,7 +89,7 @@ def test_data_criteria_match_sequential_reference(llama_dir, tmp_path, importanc
     config = _config(importance, importance_kwargs=kwargs)
     report = prune_streaming(llama_dir, config, DATA, tmp_path / "out")
     plan = report["plan"]
-    assert plan.kept == sequential_reference(_load(llama_dir), config, _batches(config), zero_grouped_units)
+    assert plan.kept == sequential_reference(_load(llama_dir), config, _batches(config), FAMILIES["llama"].zero_units)
     assert plan.kept == sequential_plan(_load(llama_dir), config, _batches(config)).kept
     # Layer 0 sees the same inputs in both paths, so it matches the in-memory (non-sequential) plan.
     in_memory = AutoPruner.from_model(_load(llama_dir), config)
@@ -116,27 +118,9 @@ def test_text_calibration_tokenizer_and_output_shards(llama_dir, tmp_path):
     assert torch.equal(logits(streamed, input_ids()), logits(report["plan"].apply(_load(tied_dir)), input_ids()))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_other_llama_layout_families(tmp_path, family):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config_class, model_class = {
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-    }[family]
-    torch.manual_seed(0)
-    model_config = config_class(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=8,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    path = _save(model_class(model_config).eval(), tmp_path / family)
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_mistral], ids=["qwen2", "mistral"])
+def test_other_llama_layout_families(tmp_path, build):
+    path = _save(build(), tmp_path / "model")
     config = _config("wanda_sp")
     report = prune_streaming(path, config, DATA, tmp_path / "out")
     assert report["plan"].kept == sequential_plan(_load(path), config, _batches(config)).kept

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from family_table import FAMILIES
 from safetensors.torch import load_file, save_file
 from testing_utils import (
     VOCAB,
@@ -23,7 +24,6 @@ from testing_utils import (
     tiny_bloom,
     tiny_glm,
     tiny_opt,
-    zero_grouped_units,
 )
 from transformers import AutoModelForCausalLM
 
@@ -38,12 +38,7 @@ SAMPLES, SEQ_LEN = 6, 16
 DATA = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(3))
 ATOL = 1e-5
 
-BUILD = {
-    "opt": tiny_opt,
-    "bloom": tiny_bloom,
-    "glm": tiny_glm,
-    "glm4": lambda: tiny_glm(glm4=True),
-}
+BUILD = {family: FAMILIES[family].build for family in ("opt", "bloom", "glm", "glm4")}
 # What the pruned checkpoint's config.json says (OPT and BLOOM heads need the registered types).
 PRUNED_TYPE = {"opt": "pruned_opt", "bloom": "pruned_bloom", "glm": "glm", "glm4": "glm4"}
 
@@ -71,30 +66,6 @@ def checkpoints(tmp_path_factory):
         build().save_pretrained(paths[family], max_shard_size="20KB")
         assert os.path.isfile(paths[family] / "model.safetensors.index.json")
     return paths
-
-
-# Removing units with no pruning code: zero the consumer columns that read them ------------------------------------
-
-
-def _zero_opt(model, layer, structure, removed):
-    layer = model.model.decoder.layers[layer]
-    if structure == "attention_heads":  # 6 heads of 8
-        for h in removed:
-            layer.self_attn.out_proj.weight[:, h * 8 : (h + 1) * 8] = 0
-    else:
-        layer.fc2.weight[:, removed] = 0
-
-
-def _zero_bloom(model, layer, structure, removed):
-    layer = model.transformer.h[layer]
-    if structure == "attention_heads":  # 6 heads of 8
-        for h in removed:
-            layer.self_attention.dense.weight[:, h * 8 : (h + 1) * 8] = 0
-    else:
-        layer.mlp.dense_4h_to_h.weight[:, removed] = 0
-
-
-ZERO = {"opt": _zero_opt, "bloom": _zero_bloom, "glm": zero_grouped_units, "glm4": zero_grouped_units}
 
 
 # The tests ---------------------------------------------------------------------------------------------------------
@@ -154,7 +125,7 @@ def test_data_criteria_match_sequential_reference(checkpoints, tmp_path, family,
     plan = report["plan"]
     assert plan.kept == sequential_plan(_load(path), config, _batches(config)).kept
     if importance == "wanda_sp":
-        assert plan.kept == sequential_reference(_load(path), config, _batches(config), ZERO[family])
+        assert plan.kept == sequential_reference(_load(path), config, _batches(config), FAMILIES[family].zero_units)
     streamed = _load(tmp_path / "out")
     assert streamed.config.model_type == PRUNED_TYPE[family]
     reference = plan.apply(_load(path))

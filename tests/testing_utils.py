@@ -17,8 +17,12 @@ from transformers import (
     GlmForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 
@@ -61,6 +65,23 @@ def word_text(num_words: int = 2000) -> str:
 
 def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False, **overrides) -> LlamaForCausalLM:
     """A 3-layer GQA LLaMA (8 query heads in 4 KV groups, head_dim 8, hidden 48, MLP 80) in float32, eval mode."""
+    overrides = {"tie_word_embeddings": tie, "attention_bias": bias, "mlp_bias": bias, **overrides}
+    return _tiny_llama_layout(LlamaConfig, LlamaForCausalLM, seed, overrides)
+
+
+def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    """`tiny_llama`'s shape as Qwen2 (q/k/v biases, o_proj and MLP without)."""
+    return _tiny_llama_layout(Qwen2Config, Qwen2ForCausalLM, seed, overrides)
+
+
+def tiny_mistral(seed: int = 0, **overrides) -> MistralForCausalLM:
+    """`tiny_llama`'s shape as Mistral (no biases)."""
+    return _tiny_llama_layout(MistralConfig, MistralForCausalLM, seed, overrides)
+
+
+def _tiny_llama_layout(config_class, model_class, seed: int, overrides: dict):
+    """A 3-layer model of the LLaMA layout (8 query heads in 4 KV groups, head_dim 8, hidden 48, MLP 80), untied
+    unless `overrides` say so, float32, eval mode."""
     torch.manual_seed(seed)
     kwargs = dict(
         vocab_size=VOCAB,
@@ -71,13 +92,11 @@ def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False, **overrides
         num_key_value_heads=4,
         head_dim=8,
         max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        attention_bias=bias,
-        mlp_bias=bias,
+        tie_word_embeddings=False,
         rms_norm_eps=1e-6,
     )
     kwargs.update(overrides)
-    return _randomize(LlamaForCausalLM(LlamaConfig(**kwargs)).eval())
+    return _randomize(model_class(config_class(**kwargs)).eval())
 
 
 def _randomize(model):
@@ -124,17 +143,15 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def skip_layers(model, layers: list[int]):
-    """Make decoder layers pass their input through unchanged (forward hooks; the reference for layer removal)."""
-    handles = []
-    for i in layers:
+def skip_layers(model, layers: list[int], path: str = "model.layers"):
+    """Make decoder layers (the ModuleList at `path`) pass their input through unchanged (forward hooks; the
+    reference for layer removal). Returns the hook handles."""
 
-        def hook(module, args, kwargs, output):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    def hook(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-        handles.append(model.model.layers[i].register_forward_hook(hook, with_kwargs=True))
-    return handles
+    return [model.get_submodule(path)[i].register_forward_hook(hook, with_kwargs=True) for i in layers]
 
 
 def tiny_opt(seed: int = 0, **overrides) -> OPTForCausalLM:
@@ -202,23 +219,11 @@ def fresh_process_logits(paths, ids: torch.Tensor, *, trust_remote_code: bool, i
     return torch.load(out)
 
 
-def zero_grouped_units(model, layer, structure, removed):
-    """Remove units of a LLaMA-layout layer (LLaMA, GLM) with no pruning code: zero the o_proj columns of removed KV
-    groups (2 query heads of 8 channels each in the tiny models) or the down_proj columns of removed MLP channels."""
-    layer = model.model.layers[layer]
-    with torch.no_grad():
-        if structure == "attention_heads":
-            for g in removed:
-                layer.self_attn.o_proj.weight[:, g * 16 : (g + 1) * 16] = 0
-        else:
-            layer.mlp.down_proj.weight[:, removed] = 0
-
-
 def sequential_reference(model, config, batches, zero_units) -> dict:
     """The plan of one-pass streaming, computed with the in-memory statistics code: layer i is scored by
     `collect_statistics` on a copy of the whole model in which the units removed from the layers before it are zeroed
-    by `zero_units(model, layer, structure, removed)` (which computes what the pruned layers do, through the family's
-    own forward). Returns the kept units per pruned group set."""
+    by `zero_units(model, layer, structure, removed)` (`family_table.FamilyCase.zero_units`: what the pruned layers do,
+    through the family's own forward). Returns the kept units per pruned group set."""
     import copy
 
     from optimum_prune.allocation import select_top, uniform_allocation
