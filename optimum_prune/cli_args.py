@@ -37,12 +37,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     """The model, the output, the criterion, the data."""
     parser.add_argument("--model", required=True, help="Local directory or Hub id of a causal LM.")
     parser.add_argument("--output", required=True, help="Directory to write the pruned checkpoint to.")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Write into a non-empty --output that is not an optimum-prune checkpoint (only its checkpoint files are "
-        "replaced).",
-    )
+    add_overwrite_arg(parser)
     parser.add_argument(
         "--pruning-ratio",
         type=float,
@@ -147,6 +142,16 @@ def _add_streaming_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR",
         help="With --streaming: keep the calibration hidden states in a memory-mapped file under DIR, not in RAM.",
+    )
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    """`--overwrite`, shared by every command that writes a checkpoint."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Write into a non-empty --output that is not an optimum-prune checkpoint (only its checkpoint files are "
+        "replaced).",
     )
 
 

@@ -12,6 +12,7 @@ from transformers.utils import PushToHubMixin
 from .architectures.base import HEAD_STRUCTURES, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, STRUCTURES
 from .errors import PruneInputError
 from .importance import IMPORTANCE_REGISTRY, get_importance
+from .inputs import read_json_object
 from .streaming_checks import check_streaming_config
 
 
@@ -421,15 +422,5 @@ class PrunerConfig(PushToHubMixin):
                 raise FileNotFoundError(f"No {CONFIG_NAME} in {path}.")
         else:
             file = cached_file(path, CONFIG_NAME, **kwargs)
-        try:
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise PruneInputError(
-                f"Pruner config {file} is not valid JSON ({err}); give a pruner_config.json (a JSON object)."
-            ) from None
-        if not isinstance(data, dict):
-            raise PruneInputError(
-                f"Pruner config {file} holds a JSON {type(data).__name__}, not an object of PrunerConfig fields."
-            )
+        data = read_json_object(file, "give a pruner_config.json (a JSON object of PrunerConfig fields)")
         return cls.from_dict(data)

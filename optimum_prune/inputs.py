@@ -76,19 +76,22 @@ def check_model_source(name_or_path, revision: str | None = None, cache_dir: str
     return None
 
 
-def read_config_json(directory: str) -> dict:
-    """The checkpoint's config.json as a dict; refuses a file that is not a JSON object."""
-    file = os.path.join(directory, CONFIG_FILE)
+def read_json_object(file: str | os.PathLike, what: str) -> dict:
+    """The JSON object in `file`, or one line naming the file and saying what it should hold (`what`)."""
     try:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PruneInputError(
-            f"{file} is not valid JSON ({err}); a checkpoint's config.json is a JSON object written by "
-            "`save_pretrained`."
-        ) from None
+        raise PruneInputError(f"{file} is not valid JSON ({err}); {what}.") from None
     if not isinstance(data, dict):
-        raise PruneInputError(f"{file} holds a JSON {type(data).__name__}, not an object of config fields.")
+        raise PruneInputError(f"{file} holds a JSON {type(data).__name__}, not an object; {what}.")
+    return data
+
+
+def read_config_json(directory: str) -> dict:
+    """The checkpoint's config.json as a dict; refuses a file that is not a JSON object."""
+    file = os.path.join(directory, CONFIG_FILE)
+    data = read_json_object(file, "a checkpoint's config.json is a JSON object written by `save_pretrained`")
     if not isinstance(data.get("model_type"), str):
         raise PruneInputError(f"{file} has no `model_type` string, so its architecture is unknown.")
     return data

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .prune import add_allow_pickle_arg
+from ..cli_args import add_allow_pickle_arg, add_overwrite_arg
 
 
 def add_recover_args(parser: argparse.ArgumentParser) -> None:
@@ -18,12 +18,7 @@ def add_recover_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="A pruned checkpoint directory (written by `prune`).")
     parser.add_argument("--train", required=True, help="Training text: a .txt or .jsonl file.")
     parser.add_argument("--output", required=True, help="Directory to write the recovered (merged) checkpoint to.")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Write into a non-empty --output that is not an optimum-prune checkpoint (only its checkpoint files are "
-        "replaced).",
-    )
+    add_overwrite_arg(parser)
     parser.add_argument("--eval", default=None, help="Text file for perplexity before and after recovery.")
     parser.add_argument("--max-steps", type=int, default=60, help="Optimizer steps.")
     parser.add_argument("--batch-size", type=int, default=8, help="Blocks per device and step.")
