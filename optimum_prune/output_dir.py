@@ -161,32 +161,26 @@ def _check_writable(target: Path, expected_bytes: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ one writer a target
-_HELD_LOCKS: dict[Path, list] = {}  # target -> [fd, depth]; re-entrant within a process
+_HELD_LOCKS: set[Path] = set()  # targets this process holds the lock of: re-entrant within a process
 
 
 @contextlib.contextmanager
 def output_lock(save_directory: str | os.PathLike):
     """Hold the advisory lock of `save_directory` (a `.NAME.lock` file beside it) or fail at once if another process
-    holds it. Re-entrant within one process; the lock file is removed when released."""
+    holds it. Re-entrant within one process (an inner call holds nothing more); the lock file is removed when the
+    outermost holder releases it."""
     target = Path(os.path.expanduser(os.fspath(save_directory))).resolve()
-    held = _HELD_LOCKS.get(target)
-    if held is not None or fcntl is None:
-        if held is not None:
-            held[1] += 1
-        try:
-            yield target
-        finally:
-            if held is not None:
-                held[1] -= 1
+    if target in _HELD_LOCKS or fcntl is None:
+        yield target
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
     fd = _acquire(lock_path, target)
-    _HELD_LOCKS[target] = [fd, 1]
+    _HELD_LOCKS.add(target)
     try:
         yield target
     finally:
-        del _HELD_LOCKS[target]
+        _HELD_LOCKS.discard(target)
         with contextlib.suppress(OSError):
             os.unlink(lock_path)
         os.close(fd)
