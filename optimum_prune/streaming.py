@@ -1067,8 +1067,8 @@ def _plan_from_scores(run: _Run, inputs, progress) -> None:
     _set_shape_model(run)
 
 
-def _close(hidden_file) -> None:
-    """Close the offloaded hidden states (if any); returns None for the `inputs` they backed."""
+def _release_hidden_states(hidden_file) -> None:
+    """Free the calibration hidden states once their `inputs` are dropped (closing the offloaded file, if any)."""
     if hidden_file is not None:
         hidden_file.close()
     gc.collect()
@@ -1198,13 +1198,15 @@ def prune_streaming(
     inputs, hidden_file = _capture_calibration_inputs(run, batches, offload_hidden_states)
     if run.two_pass:
         _plan_from_scores(run, inputs, progress)
-        inputs = _close(hidden_file)  # pass 2 needs no hidden states
+        inputs = None  # pass 2 needs no hidden states
+        _release_hidden_states(hidden_file)
         report["params_after"] = count_parameters(run.shape_model)
         report["planned_widths"] = _planned_widths(run.all_group_sets, run.kept_counts)
     with atomic_directory(output_dir, (run.model_dir,), overwrite, expected) as tmp:
         writer = ShardWriter(tmp, _output_layout(run), max_shard_size)
         kept = _write_layers(run, writer, inputs, progress)
-        inputs = _close(hidden_file)
+        inputs = None
+        _release_hidden_states(hidden_file)
         _copy_other_tensors(run, writer)
         if run.plan is None:  # one pass: the plan is what each layer kept
             run.plan = PruningPlan(run.config.model_type, run.num_layers, unit_counts=run.unit_counts, kept=kept)
