@@ -80,11 +80,12 @@ class AutoPruner:
         declared = read_config_json(local) if local is not None else None
         if declared is not None:
             model_type = declared["model_type"]
-            check_safetensors(local)
         else:
             model_type = _checkpoint_model_type(pretrained_model_name_or_path, hub_kwargs)
         converter = CHECKPOINT_CONVERTERS.get(model_type)
         if converter is not None:
+            if local is not None:
+                check_safetensors(local)  # `load_causal_lm` checks them on the other path
             model = converter(pretrained_model_name_or_path, allow_pickle=allow_pickle, **kwargs)
             # Without an explicit choice, AutoTokenizer would read the checkpoint's `auto_map` and prompt to run it.
             hub_kwargs.setdefault("trust_remote_code", False)
