@@ -8,15 +8,18 @@ Three engines run the one pipeline (the [`Planner`] plans from shapes and scores
   written layer by layer from the original shards, so the offloaded part is never loaded for surgery;
 - `streaming`: layer by layer from the safetensors shards ([`prune_streaming`]), for layer-local criteria.
 
-[`choose_engine`] is the one place that decides, for the Python API and the CLI alike (the CLI only parses arguments
-and calls [`prune_checkpoint`]).
+Each is an [`Engine`] (`check` what it cannot run, then `run` a checked [`PruneJob`]), registered in `ENGINES`.
+[`choose_engine`] is the one place that decides which, for the Python API and the CLI alike (the CLI only parses
+arguments and calls [`prune_checkpoint`]).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -134,6 +137,155 @@ def shards_can_apply(plan, config: PrunerConfig, model_dir) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class PruneJob:
+    """One run, checked: the checkpoint, the config it runs with, where it goes, and how it is loaded, evaluated and
+    written. What an [`Engine`] runs."""
+
+    model: str | os.PathLike
+    config: PrunerConfig
+    output_dir: str | os.PathLike | None
+    calibration_data: object = None
+    eval_data: object = None
+    eval_seq_len: int = 256
+    eval_windows: int | None = 64
+    loading: dict = field(default_factory=dict)  # dtype, device, placement, trust_remote_code, allow_pickle
+    writing: dict = field(default_factory=dict)  # max_shard_size, overwrite
+    plan: object = None
+    dry_run: bool = False
+    offload_hidden_states: str | os.PathLike | None = None
+
+    @property
+    def evaluation(self) -> tuple:
+        return self.eval_data, self.eval_seq_len, self.eval_windows
+
+    @property
+    def needs_loaded_model(self) -> bool:
+        """Evaluation and a device exist only for a loaded model."""
+        return bool(self.eval_data) or bool(self.loading.get("device"))
+
+
+class Engine(Protocol):
+    """How a checkpoint is pruned into an output folder. Every engine plans with the [`Planner`], collects the
+    statistics a criterion `needs` with the same accumulators (`calibration.Statistics`), applies plans with
+    `surgery`, and writes with `writer.py`; they differ only in where the layers are while that happens."""
+
+    name: str
+
+    def check(self, job: PruneJob) -> None:
+        """Refuse, with one line, what this engine cannot run, before any work."""
+
+    def run(self, job: PruneJob) -> dict:
+        """Prune and write; returns `before`, `after` and `model_type` (see [`prune_checkpoint`])."""
+
+
+class MemoryEngine:
+    """The model loaded with `AutoModelForCausalLM.from_pretrained` ([`Pruner`]): every criterion, evaluation, devices
+    and dtypes."""
+
+    name = MEMORY
+
+    def check(self, job: PruneJob) -> None:
+        if job.dry_run:
+            raise ValueError("`--dry-run` plans a streaming run from the config alone; add `--streaming`.")
+        if job.plan is not None:
+            raise ValueError(
+                "`--plan` applies a plan layer by layer from the checkpoint's shards; add `--streaming` (in Python, "
+                "`PruningPlan.from_pretrained(path).apply(model)` applies it to a loaded model)."
+            )
+
+    def load(self, job: PruneJob):
+        loading = dict(job.loading)
+        device = loading.pop("device", None)
+        placement = {k: loading.pop(k, None) for k in ("device_map", "max_memory", "offload_folder")}
+        pruner = AutoPruner.from_pretrained(
+            job.model, pruner_config=job.config, **loading, **{k: v for k, v in placement.items() if v is not None}
+        )
+        if device:
+            pruner.model.to(device)
+        return pruner
+
+    def run(self, job: PruneJob) -> dict:
+        pruner = self.load(job)
+        before = self.measure(pruner, job)
+        pruner.prune(calibration_data=job.calibration_data)
+        return self.save(pruner, job, before)
+
+    @staticmethod
+    def measure(pruner, job: PruneJob) -> dict:
+        measured = {"parameters": count_parameters(pruner.model)}
+        if job.eval_data:  # recorded on the pruner, so the card's results table and `model-index` carry the values
+            measured["perplexity"] = pruner.evaluate(*job.evaluation)
+        return measured
+
+    def save(self, pruner, job: PruneJob, before: dict) -> dict:
+        after = self.measure(pruner, job)
+        pruner.save_pretrained(job.output_dir, overwrite=job.writing.get("overwrite", False))
+        return {"engine": self.name, "before": before, "after": after, "model_type": pruner.model.config.model_type}
+
+
+class DispatchedEngine(MemoryEngine):
+    """The loaded model spread with `device_map` over devices, CPU and disk. A disk-offloaded model is scored where it
+    is and its plan written layer by layer from the original shards, so the offloaded part is never loaded for
+    surgery."""
+
+    name = DISPATCHED
+
+    def run(self, job: PruneJob) -> dict:
+        pruner = self.load(job)
+        before = self.measure(pruner, job)
+        if not (offloaded_to_disk(pruner.model) and os.path.isdir(job.model) and not job.eval_data):
+            pruner.prune(calibration_data=job.calibration_data)
+            return self.save(pruner, job, before)
+        computed = pruner.compute_plan(calibration_data=job.calibration_data)
+        if not shards_can_apply(computed, pruner.config, job.model):
+            pruner.apply_plan(computed)
+            return self.save(pruner, job, before)
+        report = streaming.prune_streaming(
+            job.model, pruner.config, None, job.output_dir, plan=computed, **job.writing
+        )
+        return {**_streaming_result(report), "engine": self.name, "before": before}
+
+
+class StreamingEngine:
+    """Layer by layer from the safetensors shards ([`prune_streaming`]), for layer-local criteria: the checkpoint's
+    dtype, on the CPU, no evaluation."""
+
+    name = STREAMING
+
+    def check(self, job: PruneJob) -> None:
+        loading = job.loading
+        if job.needs_loaded_model or loading.get("device_map") is not None or not _keeps_dtype(loading):
+            raise ValueError(
+                "`--streaming` keeps the checkpoint's dtype, runs on the CPU and does not evaluate; drop --eval, "
+                "--device, --device-map and --dtype."
+            )
+
+    def run(self, job: PruneJob) -> dict:
+        options = {"trust_remote_code": job.loading.get("trust_remote_code", False)}
+        report = streaming.prune_streaming(
+            job.model,
+            job.config,
+            job.calibration_data,
+            job.output_dir,
+            dry_run=job.dry_run,
+            plan=job.plan,
+            offload_hidden_states=job.offload_hidden_states,
+            **options,
+            **job.writing,
+        )
+        return _streaming_result(report)
+
+
+ENGINES: dict[str, Engine] = {
+    engine.name: engine for engine in (MemoryEngine(), DispatchedEngine(), StreamingEngine())
+}
+
+
+def _keeps_dtype(loading: dict) -> bool:
+    return loading.get("dtype", torch.float32) in (torch.float32, "auto")
+
+
 def prune_checkpoint(
     model: str | os.PathLike,
     pruner_config: PrunerConfig,
@@ -173,55 +325,35 @@ def prune_checkpoint(
         inputs = (model, calibration_data, eval_data, plan)
         check_output_directory(output_dir, [i for i in inputs if isinstance(i, (str, os.PathLike))], overwrite)
     _check_placement(device, device_map, max_memory, offload_folder)
-    loaded_only = bool(eval_data) or bool(device)
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    loading = {"dtype": dtype, "device": device, **placement}
+    job = PruneJob(
+        model,
+        pruner_config,
+        output_dir,
+        calibration_data,
+        eval_data,
+        eval_seq_len,
+        eval_windows,
+        loading={**loading, "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
+        writing={"max_shard_size": max_shard_size, "overwrite": overwrite},
+        plan=plan,
+        dry_run=dry_run,
+        offload_hidden_states=offload_hidden_states,
+    )
     choice = choose_engine(
         pruner_config,
         model,
         streaming_asked=streaming_asked,
         device_map=device_map,
         dtype=dtype,
-        needs_loaded_model=loaded_only,
+        needs_loaded_model=job.needs_loaded_model,
         trust_remote_code=trust_remote_code,
     )
-    writing = {"max_shard_size": max_shard_size, "overwrite": overwrite}
-    if choice.engine == STREAMING:
-        if loaded_only or device_map is not None or dtype not in (torch.float32, "auto"):
-            raise ValueError(
-                "`--streaming` keeps the checkpoint's dtype, runs on the CPU and does not evaluate; drop --eval, "
-                "--device, --device-map and --dtype."
-            )
-        streaming_options = {"trust_remote_code": trust_remote_code, "offload_hidden_states": offload_hidden_states}
-        report = streaming.prune_streaming(
-            model,
-            choice.config,
-            calibration_data,
-            output_dir,
-            dry_run=dry_run,
-            plan=plan,
-            **streaming_options,
-            **writing,
-        )
-        return _streaming_result(report)
-    if dry_run:
-        raise ValueError("`--dry-run` plans a streaming run from the config alone; add `--streaming`.")
-    if plan is not None:
-        raise ValueError(
-            "`--plan` applies a plan layer by layer from the checkpoint's shards; add `--streaming` (in Python, "
-            "`PruningPlan.from_pretrained(path).apply(model)` applies it to a loaded model)."
-        )
-    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
-    pruner = AutoPruner.from_pretrained(
-        model,
-        pruner_config=choice.config,
-        allow_pickle=allow_pickle,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        **{k: v for k, v in placement.items() if v is not None},
-    )
-    if device:
-        pruner.model.to(device)
-    evaluation = (eval_data, eval_seq_len, eval_windows)
-    return {"engine": choice.engine, **_prune_loaded(pruner, model, output_dir, calibration_data, evaluation, writing)}
+    engine = ENGINES[choice.engine]
+    job = dataclasses.replace(job, config=choice.config)
+    engine.check(job)
+    return engine.run(job)
 
 
 def _check_placement(device, device_map, max_memory, offload_folder) -> None:
@@ -229,29 +361,6 @@ def _check_placement(device, device_map, max_memory, offload_folder) -> None:
         raise ValueError("`--device` and `--device-map` both place the model; give one of them.")
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise ValueError("`--max-memory` and `--offload-folder` apply with `--device-map` (e.g. `--device-map auto`).")
-
-
-def _prune_loaded(pruner, model_dir, output_dir, calibration_data, evaluation: tuple, writing: dict) -> dict:
-    """The in-memory and dispatched engines: prune the loaded model (measuring perplexity around it when asked) and
-    save; a model offloaded to disk is written layer by layer from the original shards instead, as its plan says."""
-    eval_data = evaluation[0]
-    before = {"parameters": count_parameters(pruner.model)}
-    if eval_data:  # recorded on the pruner, so the card's results table and `model-index` carry the measured values
-        before["perplexity"] = pruner.evaluate(*evaluation)
-    if offloaded_to_disk(pruner.model) and os.path.isdir(model_dir) and not eval_data:
-        # Score where the model is; write layer by layer from the shards when streaming can apply the plan.
-        computed = pruner.compute_plan(calibration_data=calibration_data)
-        if shards_can_apply(computed, pruner.config, model_dir):
-            report = streaming.prune_streaming(model_dir, pruner.config, None, output_dir, plan=computed, **writing)
-            return {**_streaming_result(report), "engine": DISPATCHED, "before": before}
-        pruner.apply_plan(computed)
-    else:
-        pruner.prune(calibration_data=calibration_data)
-    after = {"parameters": count_parameters(pruner.model)}
-    if eval_data:
-        after["perplexity"] = pruner.evaluate(*evaluation)
-    pruner.save_pretrained(output_dir, overwrite=writing["overwrite"])
-    return {"before": before, "after": after, "model_type": pruner.model.config.model_type}
 
 
 def _streaming_result(report: dict) -> dict:

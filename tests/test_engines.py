@@ -75,3 +75,26 @@ def test_prune_checkpoint_dry_run_writes_nothing(llama_dir, tmp_path):
     result = prune_checkpoint(llama_dir, MAGNITUDE, tmp_path / "out", streaming_asked=True, dry_run=True)
     assert result["engine"] == "streaming" and result["streaming"]["params_after"] < result["before"]["parameters"]
     assert not (tmp_path / "out").exists()
+
+
+def test_every_engine_is_registered_and_checks_before_work(llama_dir, tmp_path):
+    from optimum_prune.engines import ENGINES, PruneJob
+
+    assert set(ENGINES) == {"memory", "dispatched", "streaming"}
+    assert all(name == engine.name for name, engine in ENGINES.items())
+    with pytest.raises(ValueError, match="add `--streaming`"):
+        ENGINES["memory"].check(PruneJob(llama_dir, MAGNITUDE, tmp_path / "out", dry_run=True))
+    evaluated = PruneJob(llama_dir, MAGNITUDE, tmp_path / "out", eval_data="eval.txt")
+    with pytest.raises(ValueError, match="does not evaluate"):
+        ENGINES["streaming"].check(evaluated)
+    ENGINES["memory"].check(evaluated)  # the loaded model evaluates
+    assert not (tmp_path / "out").exists()
+
+
+def test_dispatched_engine_prunes_like_the_memory_engine(llama_dir, tmp_path):
+    dispatched = prune_checkpoint(llama_dir, MAGNITUDE, tmp_path / "dispatched", device_map={"": "cpu"})
+    memory = prune_checkpoint(llama_dir, MAGNITUDE, tmp_path / "memory")
+    assert dispatched["engine"] == "dispatched" and memory["engine"] == "memory"
+    assert dispatched["after"] == memory["after"]
+    plans = [json.loads((tmp_path / d / "pruning_plan.json").read_text()) for d in ("dispatched", "memory")]
+    assert plans[0] == plans[1]
