@@ -83,7 +83,7 @@ def _jsonl_text(path: str, line_no: int, line: str) -> str:
     return record["text"]
 
 
-def _token_stream(data, tokenizer) -> torch.Tensor | list[torch.Tensor]:
+def token_stream(data, tokenizer) -> torch.Tensor | list[torch.Tensor]:
     """A 1-D token stream, or a list of rows when the data already holds fixed token windows."""
     if isinstance(data, torch.Tensor):
         if data.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
@@ -118,7 +118,7 @@ def _token_stream(data, tokenizer) -> torch.Tensor | list[torch.Tensor]:
 def prepare_calibration(data, tokenizer, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """`num_samples` windows of `seq_len` tokens ([num_samples, seq_len]), drawn at seeded random offsets the way
     LLM-Pruner samples its calibration examples."""
-    stream = _token_stream(data, tokenizer)
+    stream = token_stream(data, tokenizer)
     generator = torch.Generator().manual_seed(seed)
     if isinstance(stream, list):  # fixed rows: take the first seq_len tokens of each long-enough row
         rows = [row[:seq_len] for row in stream if row.numel() >= seq_len]

@@ -56,7 +56,7 @@ LM_EVAL_INSTALL_HINT = (
 )
 
 
-def _import_lm_eval():
+def import_lm_eval():
     """lm-eval's entry points, imported on first use: the package is an optional extra and slow to import."""
     try:
         import lm_eval
@@ -198,7 +198,7 @@ def evaluate_tasks(
     >>> evaluate_tasks("out/", ["arc_easy", "piqa"], limit=100)["arc_easy"]["acc"]["value"]
     ```
     """
-    lm_eval, hflm_class, task_manager_class = _import_lm_eval()
+    lm_eval, hflm_class, task_manager_class = import_lm_eval()
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t.strip()]
     tasks = [t.strip() for t in tasks]

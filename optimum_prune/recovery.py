@@ -17,7 +17,7 @@ import tempfile
 import torch
 from torch import nn
 
-from .calibration import _token_stream
+from .calibration import token_stream
 
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class TokenBlocks(torch.utils.data.Dataset):
 def prepare_train_blocks(data, tokenizer, block_size: int = DEFAULT_BLOCK_SIZE) -> TokenBlocks:
     """Training data (the same inputs as calibration: a .txt/.jsonl path, a list of strings, a `datasets.Dataset`
     with `text` or `input_ids`, or token ids) -> [`TokenBlocks`] of `block_size` tokens."""
-    stream = _token_stream(data, tokenizer)
+    stream = token_stream(data, tokenizer)
     if isinstance(stream, list):  # rows of token ids: concatenate, then re-chunk
         stream = torch.cat([row.flatten() for row in stream]) if stream else torch.empty(0, dtype=torch.long)
     num_blocks = stream.numel() // block_size

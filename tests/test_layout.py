@@ -172,3 +172,14 @@ def test_no_function_longer_than_a_screen_outside_modeling():
                 if lines > MAX_FUNCTION_LINES:
                     too_long.append(f"{_module_name(path)}.{node.name}: {lines} lines")
     assert not too_long, too_long
+
+
+def test_no_private_names_imported_across_modules():
+    """A name with a leading underscore is its module's business: another module that needs it needs a public API."""
+    offenders = []
+    for path in _package_files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PACKAGE.name)):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                offenders += [f"{path.relative_to(PACKAGE)}: {name}" for name in private]
+    assert not offenders, offenders

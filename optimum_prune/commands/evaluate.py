@@ -64,10 +64,10 @@ def run_eval(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_model_source(args.model)
 
-    from ..evaluation import _import_lm_eval, evaluate_tasks, format_table, load_for_evaluation, perplexity
+    from ..evaluation import evaluate_tasks, format_table, import_lm_eval, load_for_evaluation, perplexity
 
     if args.tasks:
-        _import_lm_eval()  # fail on a missing extra before loading the model
+        import_lm_eval()  # fail on a missing extra before loading the model
     model, tokenizer = load_for_evaluation(
         args.model,
         dtype=args.dtype,
