@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -14,7 +13,14 @@ from .architectures.base import (
     register_architecture,
 )
 from .configuration import PrunerConfig
-from .inputs import check_model_config, check_model_source, check_safetensors, load_causal_lm, read_config_json
+from .inputs import (
+    check_model_config,
+    check_model_source,
+    check_safetensors,
+    declared_model_type,
+    load_causal_lm,
+    read_config_json,
+)
 from .pruner import Pruner
 from .utils.safe_weights import weights_loading_kwargs
 
@@ -157,10 +163,7 @@ def _checkpoint_model_type(path, hub_kwargs: dict) -> str | None:
             _raise_exceptions_for_connection_errors=False,
             **kwargs,
         )
-        if config_file is None:
-            return None
-        with open(config_file) as f:
-            return json.load(f).get("model_type")
     except (OSError, ValueError) as err:
-        logger.debug("Could not read config.json of %s as JSON: %s", path, err)
+        logger.debug("Could not find config.json of %s: %s", path, err)
         return None
+    return None if config_file is None else declared_model_type(config_file)

@@ -34,6 +34,7 @@ from .inputs import (
     check_model_source,
     check_safetensors,
     check_seq_len,
+    declared_model_type,
     read_config_json,
 )
 from .metrics import count_parameters
@@ -131,7 +132,7 @@ def shards_can_apply(plan, config: PrunerConfig, model_dir) -> bool:
     """Whether streaming can apply `plan` to the checkpoint in `model_dir` as its shards are (not, say, a ChatGLM
     checkpoint that was converted when loaded)."""
     try:
-        streaming.check_plan_streamable(plan, config, streaming.declared_model_type(model_dir))
+        streaming.check_plan_streamable(plan, config, declared_model_type(model_dir))
     except ValueError:
         return False
     return True

@@ -14,6 +14,8 @@ from .architectures.base import ATTENTION_HEADS
 from .errors import PruneInputError
 
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -95,6 +97,20 @@ def read_config_json(directory: str) -> dict:
     if not isinstance(data.get("model_type"), str):
         raise PruneInputError(f"{file} has no `model_type` string, so its architecture is unknown.")
     return data
+
+
+def declared_model_type(config_file: str | os.PathLike) -> str | None:
+    """`model_type` as a config.json (a file, or the directory holding it) states it, read as plain JSON so that no
+    `auto_map` code runs (ChatGLM's config class is remote code); None when it cannot be read."""
+    if os.path.isdir(config_file):
+        config_file = os.path.join(config_file, CONFIG_FILE)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        logger.debug("Could not read %s as a JSON object: %s", config_file, err)
+        return None
+    return model_type if isinstance(model_type, str) else None
 
 
 def check_safetensors(directory: str) -> None:

@@ -144,15 +144,6 @@ def _plan_group_sets(model: nn.Module, spec: ArchitectureSpec, plan: PruningPlan
     return check_plan(model, plan, spec, what="checkpoint")
 
 
-def declared_model_type(model_dir: str) -> str | None:
-    """`model_type` as config.json states it, read without Transformers (ChatGLM's config class is remote code)."""
-    try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            return json.load(f).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Reading and writing safetensors shards
 # --------------------------------------------------------------------------------------------------------------------
