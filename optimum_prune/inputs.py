@@ -113,25 +113,32 @@ def declared_model_type(config_file: str | os.PathLike) -> str | None:
     return model_type if isinstance(model_type, str) else None
 
 
+def safetensors_weight_map(directory: str | os.PathLike) -> dict[str, str] | None:
+    """Tensor name -> shard path from the checkpoint's `model.safetensors.index.json`; None without an index. Refuses
+    an index that is not one, or that lists a shard that does not exist."""
+    index = os.path.join(directory, SAFETENSORS_INDEX)
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = {name: os.path.join(directory, file) for name, file in json.load(f)["weight_map"].items()}
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise PruneInputError(
+            f"{index} is not a safetensors index (a JSON object with a `weight_map`): {err!r}."
+        ) from None
+    missing = sorted(file for file in set(weight_map.values()) if not os.path.isfile(file))
+    if missing:
+        raise PruneInputError(f"{index} lists {missing[0]}, which does not exist; the checkpoint is incomplete.")
+    return weight_map
+
+
 def check_safetensors(directory: str) -> None:
     """Open the header of every safetensors file the checkpoint in `directory` consists of (cheap: no tensor is
     read), so that a truncated or corrupt file is named before loading starts."""
     from safetensors import SafetensorError, safe_open
 
-    index = os.path.join(directory, SAFETENSORS_INDEX)
-    files = [os.path.join(directory, SAFETENSORS_FILE)]
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise PruneInputError(
-                f"{index} is not a safetensors index (a JSON object with a `weight_map`): {err!r}."
-            ) from None
-        missing = [file for file in files if not os.path.isfile(file)]
-        if missing:
-            raise PruneInputError(f"{index} lists {missing[0]}, which does not exist; the checkpoint is incomplete.")
+    weight_map = safetensors_weight_map(directory)
+    files = [os.path.join(directory, SAFETENSORS_FILE)] if weight_map is None else sorted(set(weight_map.values()))
     for file in files:
         if not os.path.isfile(file):
             continue

@@ -78,6 +78,7 @@ from .inputs import (
     check_seq_len,
     parse_size,
     read_config_json,
+    safetensors_weight_map,
 )
 from .metrics import count_parameters
 from .output_dir import atomic_directory, check_output_directory
@@ -158,12 +159,10 @@ class CheckpointReader:
 
     def __init__(self, model_dir: str | os.PathLike):
         self.model_dir = os.fspath(model_dir)
-        index = os.path.join(self.model_dir, "model.safetensors.index.json")
         single = os.path.join(self.model_dir, "model.safetensors")
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            self.files = {name: os.path.join(self.model_dir, file) for name, file in weight_map.items()}
+        weight_map = safetensors_weight_map(self.model_dir)
+        if weight_map is not None:
+            self.files = weight_map
         elif os.path.isfile(single):
             from safetensors import safe_open
 
