@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from .offload import register_inner_forward_hooks
+from .offload import offloaded_parameters, register_inner_forward_hooks
 
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class ComputeIn:
     def __init__(self, model: nn.Module, units: list[nn.Module], dtype: torch.dtype):
         self.model, self.dtype = model, dtype
         self.embedding = model.get_input_embeddings()
-        self.units = [u for u in units if u is not self.embedding and _floating_params(u, dtype)]
+        self.units = [u for u in units if u is not self.embedding and _casts_to(u, dtype)]
         self._saved: dict[int, list[tuple[nn.Module, str, nn.Parameter]]] = {}
         self._copies: dict[int, nn.Parameter] = {}  # copy's storage address -> its weight, during the unit's forward
         self._handles: list = []
@@ -153,7 +153,7 @@ class ComputeIn:
         return packed.make() if isinstance(packed, _RecastView) else packed
 
     def __enter__(self) -> ComputeIn:
-        if not self.units and (self.embedding is None or not _floating_params(self.embedding, self.dtype)):
+        if not self.units and (self.embedding is None or not _casts_to(self.embedding, self.dtype)):
             return self
         logger.info("Calibration computes in %s, one layer at a time.", self.dtype)
         for unit in self.units:
@@ -188,21 +188,30 @@ class _RecastView:
         return self.param.detach().to(self.dtype).as_strided(self.size, self.stride, self.offset)
 
 
+def _casts_to(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether `module` has floating-point parameters (offloaded ones included) in another dtype than `dtype`."""
+    return any(p.is_floating_point() and p.dtype != dtype for p in module.parameters())
+
+
 def _floating_params(module: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """(owner, attribute, parameter) of every floating-point parameter in `module` not already in `dtype`."""
+    """(owner, attribute, parameter) of every floating-point parameter in `module` not already in `dtype`. Offloaded
+    ones (meta tensors until their own module's accelerate hook loads them) are left to that module's unit."""
     return [
         (owner, attr, p)
         for owner in module.modules()
         for attr, p in owner._parameters.items()
-        if p is not None and p.is_floating_point() and p.dtype != dtype
+        if p is not None and p.is_floating_point() and p.dtype != dtype and not p.is_meta
     ]
 
 
 def compute_units(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
-    """The decoder layers and every module outside them that owns parameters: what [`ComputeIn`] copies at once."""
+    """What [`ComputeIn`] copies at once: the decoder layers, every module outside them that owns parameters, and,
+    under `device_map`, every module whose accelerate hook loads offloaded weights (its copies are made inside the
+    hook, once the weights are there; a layer's own unit skips them)."""
     inside = {id(m) for layer in layers for m in layer.modules()}
     others = [m for m in model.modules() if id(m) not in inside and any(True for _ in m.parameters(recurse=False))]
-    return list(layers) + others
+    loading = [module for module, _, _ in offloaded_parameters(model).values()]
+    return list({id(m): m for m in [*layers, *others, *loading]}.values())
 
 
 def compute_in(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> ComputeIn:

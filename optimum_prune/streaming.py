@@ -67,7 +67,7 @@ from .architectures.base import (
     streaming_model_types,
 )
 from .calibration import Statistics, hook_linear_inputs, layer_output, prepare_calibration
-from .compute_dtype import cast_floating, resolve_compute_dtype, upcast
+from .compute_dtype import cast_floating, compute_in, resolve_compute_dtype, upcast
 from .configuration import PrunerConfig
 from .groups import GroupSet, decoder_layers, layer_prefix
 from .hub import count_macs_per_token
@@ -742,14 +742,16 @@ def sequential_plan(model: nn.Module, pruner_config: PrunerConfig, batches: torc
     shape_model = apply_plan(
         build_skeleton(copy.deepcopy(work.config), work.dtype), _shape_plan(work, all_group_sets, kept_counts), spec
     )
-    inputs = capture_layer_inputs(work, spec, batches) if importance.needs_data else None
     layers = work.get_submodule(spec.layers)
+    dtype = resolve_compute_dtype(pruner_config.compute_dtype, work.dtype, "cpu")
     kept = {}
-    for i in range(len(layers)):
-        kept.update(prune_layer(work, spec, i, importance, group_sets, kept_counts, inputs))
-        _sync_layer_attrs(work, spec, i, shape_model, kept)
-        if inputs is not None and i + 1 < len(layers):
-            advance_inputs(layers[i], inputs)
+    with compute_in(work, layers, dtype):  # as streaming computes: a layer at a time in the compute dtype
+        inputs = capture_layer_inputs(work, spec, batches) if importance.needs_data else None
+        for i in range(len(layers)):
+            kept.update(prune_layer(work, spec, i, importance, group_sets, kept_counts, inputs))
+            _sync_layer_attrs(work, spec, i, shape_model, kept)
+            if inputs is not None and i + 1 < len(layers):
+                advance_inputs(layers[i], inputs)
     counts = {key: gs.num_units for key, gs in all_group_sets.items()}
     return PruningPlan(model.config.model_type, len(layers), unit_counts=counts, kept=kept)
 

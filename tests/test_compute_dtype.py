@@ -11,7 +11,8 @@ from testing_utils import VOCAB, sharded_checkpoint, tiny_llama
 
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune import compute_dtype as compute
-from optimum_prune.streaming import format_dry_run, prune_streaming
+from optimum_prune.calibration import prepare_calibration
+from optimum_prune.streaming import format_dry_run, prune_streaming, sequential_plan
 
 
 SAMPLES, SEQ_LEN = 6, 16
@@ -55,6 +56,10 @@ def test_streaming_float32_compute_of_bf16_checkpoint_gives_the_float32_plan(che
     assert report["plan"].kept == reference.kept
     assert report["plan"].bias_means == reference.bias_means  # float64 means, equal to the last bit
     assert _stored_dtypes(tmp_path / "out") == {"BF16"}
+    if name == "wanda_sp":  # the in-memory reference of one-pass streaming computes as streaming does
+        config = _config(name, compute_dtype="float32")
+        batches = prepare_calibration(DATA, None, SAMPLES, SEQ_LEN, config.seed)
+        assert sequential_plan(_bf16_model(), config, batches).kept == reference.kept
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -161,3 +166,27 @@ def test_cli_compute_dtype(checkpoints, tmp_path, capsys):
     assert main([*args, "--compute-dtype", "float32", "--streaming"]) == 0
     assert json.loads((tmp_path / "out" / "pruner_config.json").read_text())["compute_dtype"] == "float32"
     assert "--compute-dtype float32" in (tmp_path / "out" / "README.md").read_text()
+
+
+def _dispatched(path, config, dtype):
+    """Layers 0 and 2, the final norm and the LM head on disk; the embedding and layer 1 in memory."""
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu"}
+    device_map |= {"model.layers.2": "disk", "model.norm": "disk", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    offload = str(path.parent / f"offload-{path.name}")
+    return AutoPruner.from_pretrained(
+        path, pruner_config=config, dtype=dtype, device_map=device_map, offload_folder=offload
+    )
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_dispatched_float32_compute_of_bf16_model_gives_the_float32_plan(tmp_path, name):
+    """Under `device_map` with layers on disk, each layer is cast once accelerate has loaded its weights; the plan is
+    that of the float32 copy dispatched the same way."""
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    copy.deepcopy(model).float().save_pretrained(tmp_path / "fp32")
+    reference = _dispatched(tmp_path / "fp32", _config(name), torch.float32).compute_plan(DATA)
+    pruner = _dispatched(tmp_path / "bf16", _config(name, compute_dtype="float32"), torch.bfloat16)
+    plan = pruner.compute_plan(DATA)
+    assert plan.kept == reference.kept and plan.bias_means == reference.bias_means
+    assert {p.dtype for p in pruner.model.parameters()} == {torch.bfloat16}
