@@ -142,6 +142,8 @@ def child(args) -> None:
                 pruner.save_pretrained(Path(out) / "pruned")
                 result["params_after"] = pruner.params_after
     result["wall_s"] = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # less sensitive than wall time to other load on the machine
     result["peak_rss_gib"] = peak_rss_bytes() / 2**30
     print(json.dumps(result))
 
@@ -223,9 +225,9 @@ def main() -> None:
     print(f"CPU: {capability}; {args.threads} threads; {args.samples} x {args.seq_len} calibration tokens\n")
     print(
         "| size | checkpoint (GiB) | mode | criterion | compute | peak RSS (GiB) | RSS / checkpoint | est. tensors (GiB) "
-        "| wall (s) |"
+        "| wall (s) | CPU (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(_table_row(r))
 
@@ -247,7 +249,8 @@ def _table_row(r: dict) -> str:
     ckpt = r.get("checkpoint_gib")
     ratio = f"{r['peak_rss_gib'] / ckpt:.2f}" if ckpt else "-"
     est = f"{r['estimated_peak_gib']:.2f}" if "estimated_peak_gib" in r else "-"
-    return f"{head} {r['peak_rss_gib']:.2f} | {ratio} | {est} | {r['wall_s']:.0f} |"
+    cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "-"
+    return f"{head} {r['peak_rss_gib']:.2f} | {ratio} | {est} | {r['wall_s']:.0f} | {cpu} |"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The dtype calibration arithmetic runs in (`PrunerConfig.compute_dtype`), and running a model's layers in it.
 
 Most checkpoints ship in bfloat16, and most CPUs have no native bfloat16: PyTorch's bfloat16 matmul there is a slow
-fallback (hundreds of times slower than float32 on AVX2). So on such CPUs the layers are computed in float32, one
-layer (or module) at a time, and the weights stay, and are written, in the checkpoint's dtype.
+fallback (on AVX2, 5x to 250x slower than float32 depending on the op and shape). So on such CPUs the layers are
+computed in float32, one layer (or module) at a time, and the weights stay, and are written, in the checkpoint's dtype.
 """
 
 from __future__ import annotations

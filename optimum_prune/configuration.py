@@ -160,7 +160,7 @@ class PrunerConfig(PushToHubMixin):
             the CPU computes it natively (bfloat16 with AVX512-BF16 or AMX, float16 with AMX-FP16, as PyTorch's
             `torch.cpu._is_avx512_bf16_supported()` / `_is_amx_tile_supported()` / `_is_amx_fp16_supported()`
             report; `torch.backends.cpu.get_cpu_capability()` names only `AVX2`/`AVX512`), else float32, since
-            PyTorch's bfloat16 matmul on other CPUs is a slow fallback (x100-x250 on AVX2). A dtype that would round
+            PyTorch's bfloat16 matmul on other CPUs is a slow fallback (x5-x250 on AVX2). A dtype that would round
             the weights (a float32 checkpoint computed in bfloat16) is not used: the checkpoint's dtype is.
 
     Example:
