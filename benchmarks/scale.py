@@ -11,6 +11,11 @@ Prints a Markdown table and appends JSON lines to `benchmarks/results/scale.json
     python benchmarks/scale.py                              # 0.5b and 1b, wanda_sp and bip, streaming and in-memory
     python benchmarks/scale.py --sizes 0.5b 0.5b-32l 3b --modes streaming --criteria wanda_sp
     python benchmarks/scale.py --sizes 0.5b --modes streaming --criteria flap --allocation flap   # two passes
+    python benchmarks/scale.py --sizes 0.5b --modes streaming --criteria wanda_sp --compute-dtype float32 bfloat16
+
+`--compute-dtype` runs each configuration once per compute dtype (`PrunerConfig.compute_dtype`; the checkpoints are
+bfloat16): on CPUs without native bfloat16, `float32` against `bfloat16` shows what computing layer by layer in float32
+saves. The table is headed by `torch.backends.cpu.get_cpu_capability()` and the native half types.
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     mode = args.mode if args.allocation == "uniform" or args.mode == "baseline" else f"{args.mode}, {args.allocation}"
     result = {"size": args.size, "mode": mode, "criterion": args.criterion, "allocation": args.allocation}
+    result["compute_dtype"] = args.compute_dtype
     if args.mode != "baseline":
         calibration = torch.randint(0, 32000, (args.samples * args.seq_len * 2,), generator=torch.Generator())
         importance, importance_kwargs = VARIANTS.get(args.criterion, (args.criterion, {}))
@@ -122,6 +128,7 @@ def child(args) -> None:
             num_calibration_samples=args.samples,
             calibration_seq_len=args.seq_len,
             streaming=args.mode == "streaming",
+            compute_dtype=args.compute_dtype,
             **ALLOCATIONS[args.allocation],
         )
         with tempfile.TemporaryDirectory(dir=CHECKPOINTS) as out:
@@ -135,13 +142,16 @@ def child(args) -> None:
                 pruner.save_pretrained(Path(out) / "pruned")
                 result["params_after"] = pruner.params_after
     result["wall_s"] = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # less sensitive than wall time to other load on the machine
     result["peak_rss_gib"] = peak_rss_bytes() / 2**30
     print(json.dumps(result))
 
 
-def _run_child(size, mode, criterion, model, args) -> dict:
+def _run_child(size, mode, criterion, model, args, compute_dtype: str = "auto") -> dict:
     command = [sys.executable, __file__, "--child", "--size", size, "--mode", mode, "--criterion", criterion]
     command += ["--model", str(model), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    command += ["--compute-dtype", compute_dtype]
     command += ["--threads", str(args.threads), "--allocation", args.allocation]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -164,6 +174,13 @@ def main() -> None:
     parser.add_argument(
         "--allocation", default="uniform", choices=sorted(ALLOCATIONS), help="global / flap: two streaming passes."
     )
+    parser.add_argument(
+        "--compute-dtype",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "float32", "bfloat16"],
+        help="Run each configuration once per compute dtype (PrunerConfig.compute_dtype), e.g. float32 bfloat16.",
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="Keep the random checkpoints on disk.")
     # Internal: one run in a child process.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -174,6 +191,7 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        args.compute_dtype = args.compute_dtype[0]
         child(args)
         return
     if args.build:
@@ -192,35 +210,47 @@ def main() -> None:
         checkpoint_gib = _checkpoint_bytes(path) / 2**30
         for mode in args.modes:
             for criterion in args.criteria:
-                row = _run_child(size, mode, criterion, path, args)
-                row["checkpoint_gib"] = checkpoint_gib
-                logging.info("%s", row)
-                rows.append(row)
+                for compute_dtype in args.compute_dtype:
+                    row = _run_child(size, mode, criterion, path, args, compute_dtype)
+                    row["checkpoint_gib"] = checkpoint_gib
+                    logging.info("%s", row)
+                    rows.append(row)
         if not args.keep_checkpoints:
             shutil.rmtree(path)
+    capability = _cpu_capability()
     with open(RESULTS / "scale.jsonl", "a", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps({**row, "samples": args.samples, "seq_len": args.seq_len}) + "\n")
+            extra = {"samples": args.samples, "seq_len": args.seq_len, "threads": args.threads, "cpu": capability}
+            f.write(json.dumps({**row, **extra}) + "\n")
+    print(f"CPU: {capability}; {args.threads} threads; {args.samples} x {args.seq_len} calibration tokens\n")
     print(
-        "| size | checkpoint (GiB) | mode | criterion | peak RSS (GiB) | RSS / checkpoint | est. tensors (GiB) | wall (s) |"
+        "| size | checkpoint (GiB) | mode | criterion | compute | peak RSS (GiB) | RSS / checkpoint | est. tensors (GiB) "
+        "| wall (s) | CPU (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "refused" in r:
-            print(
-                f"| {r['size']} | {r['checkpoint_gib']:.2f} | {r['mode']} | {r['criterion']} | refused: {r['refused']} |"
-            )
-            continue
-        ckpt = r.get("checkpoint_gib")
-        ratio = f"{r['peak_rss_gib'] / ckpt:.2f}" if ckpt else "-"
-        est = f"{r['estimated_peak_gib']:.2f}" if "estimated_peak_gib" in r else "-"
-        print(
-            f"| {r['size']} | {ckpt:.2f} | {r['mode']} | {r['criterion']} | {r['peak_rss_gib']:.2f} | {ratio} | {est} | "
-            f"{r['wall_s']:.0f} |"
-            if ckpt
-            else f"| {r['size']} | - | {r['mode']} | {r['criterion']} | {r['peak_rss_gib']:.2f} | - | - | "
-            f"{r['wall_s']:.0f} |"
-        )
+        print(_table_row(r))
+
+
+def _cpu_capability() -> str:
+    """`torch.backends.cpu.get_cpu_capability()` and the half types this CPU computes natively (in a child, so this
+    process never imports torch)."""
+    code = "from optimum_prune.compute_dtype import cpu_capability; print(cpu_capability())"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return done.stdout.strip()
+
+
+def _table_row(r: dict) -> str:
+    head = f"| {r['size']} | {r['checkpoint_gib']:.2f} |" if "checkpoint_gib" in r else f"| {r['size']} | - |"
+    head += f" {r['mode']} | {r['criterion']} | {r.get('compute_dtype', '-')} |"
+    if "refused" in r:
+        return f"{head} refused: {r['refused']} |"
+    ckpt = r.get("checkpoint_gib")
+    ratio = f"{r['peak_rss_gib'] / ckpt:.2f}" if ckpt else "-"
+    est = f"{r['estimated_peak_gib']:.2f}" if "estimated_peak_gib" in r else "-"
+    cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "-"
+    return f"{head} {r['peak_rss_gib']:.2f} | {ratio} | {est} | {r['wall_s']:.0f} | {cpu} |"
 
 
 if __name__ == "__main__":

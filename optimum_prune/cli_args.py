@@ -15,6 +15,7 @@ from dataclasses import MISSING, fields
 import torch
 
 from .architectures.base import STRUCTURES
+from .compute_dtype import COMPUTE_DTYPE_CHOICES
 from .configuration import PrunerConfig
 from .inputs import parse_size
 
@@ -70,6 +71,13 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
 def _add_placement_args(parser: argparse.ArgumentParser) -> None:
     """Where and how the model is loaded."""
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument(
+        "--compute-dtype",
+        default=None,
+        choices=COMPUTE_DTYPE_CHOICES,
+        help="dtype of the calibration arithmetic, one layer at a time; the output keeps the checkpoint's dtype. "
+        "Default auto: float32 on CPUs without native bfloat16/float16, the checkpoint's dtype on GPUs.",
+    )
     parser.add_argument("--device", default=None, help="Device to prune on (cpu, cuda, cuda:1). Default: cpu.")
     parser.add_argument(
         "--device-map",
@@ -361,6 +369,8 @@ def build_pruner_config(args: argparse.Namespace):
     if args.config:  # a config file wins over the parser's defaults, not over options given explicitly
         explicit = {k: v for k, v in explicit.items() if v != DEFAULTS.get(k)}
     explicit.update({k: getattr(args, k) for k in ALLOCATION_ARGS if getattr(args, k, None) is not None})
+    if getattr(args, "compute_dtype", None) is not None:
+        explicit["compute_dtype"] = args.compute_dtype
     if getattr(args, "streaming", False) and not getattr(args, "plan", None):  # a given plan: any criterion made it
         explicit["streaming"] = True
     return PrunerConfig.from_dict({**base, **explicit})

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from transformers.utils import PushToHubMixin
 
 from .architectures.base import HEAD_STRUCTURES, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, STRUCTURES
+from .compute_dtype import COMPUTE_DTYPE_CHOICES, check_compute_dtype
 from .errors import PruneInputError
 from .importance import IMPORTANCE_REGISTRY, get_importance
 from .inputs import read_json_object
@@ -151,6 +152,16 @@ class PrunerConfig(PushToHubMixin):
             re-scoring the already pruned model before each step. The saved plan still refers to the original model.
             Only for 'attention_heads' (or 'query_heads') and 'mlp_channels' without bias compensation and without `streaming`: whole
             layers, the shared hidden width and compensated biases would need re-planning across steps.
+        compute_dtype (`str`, *optional*, defaults to `"auto"`):
+            The dtype calibration computes in (statistics, scores, the layers' forwards): `"auto"`, `"float32"`,
+            `"bfloat16"` or `"float16"`. The weights keep, and the output is written in, the checkpoint's dtype; the
+            layers are cast one at a time (streaming: the one loaded layer; in memory: each layer during its forward),
+            never the whole model. `"auto"`: on CUDA the checkpoint's dtype; on the CPU the checkpoint's dtype where
+            the CPU computes it natively (bfloat16 with AVX512-BF16 or AMX, float16 with AMX-FP16, as PyTorch's
+            `torch.cpu._is_avx512_bf16_supported()` / `_is_amx_tile_supported()` / `_is_amx_fp16_supported()`
+            report; `torch.backends.cpu.get_cpu_capability()` names only `AVX2`/`AVX512`), else float32, since
+            PyTorch's bfloat16 matmul on other CPUs is a slow fallback (x5-x250 on AVX2). A dtype that would round
+            the weights (a float32 checkpoint computed in bfloat16) is not used: the checkpoint's dtype is.
 
     Example:
 
@@ -202,6 +213,9 @@ class PrunerConfig(PushToHubMixin):
     )
     streaming: bool = field(default=False, metadata={"help": "Prune layer by layer from the checkpoint's shards."})
     iterative_steps: int = field(default=1, metadata={"help": "Prune in this many re-scored steps."})
+    compute_dtype: str = field(
+        default="auto", metadata={"help": f"dtype calibration computes in: {list(COMPUTE_DTYPE_CHOICES)}."}
+    )
 
     def __post_init__(self):
         if isinstance(self.pruning_ratio, bool) or not isinstance(self.pruning_ratio, (int, float)):
@@ -234,6 +248,7 @@ class PrunerConfig(PushToHubMixin):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
         self._validate_allocation(IMPORTANCE_REGISTRY)
         self._validate_iterative()
+        check_compute_dtype(self.compute_dtype)
         if not isinstance(self.streaming, bool):
             raise ValueError(f"`streaming` must be True or False, got {self.streaming!r}.")
         if self.streaming:

@@ -18,13 +18,14 @@ from .allocation import (
 )
 from .architectures.base import LAYERS, ArchitectureSpec, get_architecture
 from .calibration import collect_statistics, prepare_calibration
+from .compute_dtype import compute_in, resolve_compute_dtype
 from .configuration import PrunerConfig
 from .groups import GroupSet, build_group_sets, decoder_layers
 from .hub import count_macs_per_token, push_folder_to_hub, read_results
 from .importance.base import ACTIVATIONS
 from .inputs import check_model_source, check_seq_len, load_causal_lm
 from .metrics import count_parameters, perplexity
-from .offload import apply_plan_dispatched, is_offloaded, keep_tied_weights
+from .offload import apply_plan_dispatched, input_device, is_offloaded, keep_tied_weights
 from .output_dir import atomic_directory, checkpoint_bytes
 from .plan import PLAN_NAME, PruningPlan
 from .planner import Planner
@@ -231,11 +232,12 @@ class Pruner:
         ([in_features], float64; bias compensation), collected in the same pass."""
         names = {s.name for gs in group_sets.values() for s in gs.slices}
         needs = set(importance.needs) | ({ACTIVATIONS} if means is not None else set())
-        stats = collect_statistics(self.model, batches, needs, param_names=names)
-        scores = {
-            key: importance.score(gs, stats).float()
-            for key, gs in tqdm(group_sets.items(), desc=f"Scoring ({importance.name})", leave=False)
-        }
+        with self._computing():  # forward-only criteria run their forwards while scoring (SPSA)
+            stats = collect_statistics(self.model, batches, needs, param_names=names)
+            scores = {
+                key: importance.score(gs, stats).float()
+                for key, gs in tqdm(group_sets.items(), desc=f"Scoring ({importance.name})", leave=False)
+            }
         if means is not None:
             for gs in group_sets.values():
                 for s in gs.slices:
@@ -245,6 +247,12 @@ class Pruner:
         del stats
         gc.collect()
         return scores
+
+    def _computing(self):
+        """Calibration forwards in `config.compute_dtype` (resolved for the model's dtype and device), one layer's
+        weights cast at a time; the model's own weights keep their dtype."""
+        dtype = resolve_compute_dtype(self.config.compute_dtype, self.model.dtype, input_device(self.model))
+        return compute_in(self.model, decoder_layers(self.model, self.spec), dtype)
 
     @property
     def stage(self) -> str:

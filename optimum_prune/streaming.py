@@ -67,6 +67,7 @@ from .architectures.base import (
     streaming_model_types,
 )
 from .calibration import Statistics, hook_linear_inputs, layer_output, prepare_calibration
+from .compute_dtype import cast_floating, compute_in, resolve_compute_dtype, upcast
 from .configuration import PrunerConfig
 from .groups import GroupSet, decoder_layers, layer_prefix
 from .hub import count_macs_per_token
@@ -303,6 +304,10 @@ class ShardWriter:
             f.write(memoryview(data))
         self.written.add(name)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype `name` is written in (the checkpoint's own, whatever dtype the run computed in)."""
+        return self.places[name][2]
+
     def close(self) -> None:
         """Check that every tensor was written and write the index (none for a single shard)."""
         missing = sorted(set(self.places) - self.written)
@@ -330,10 +335,16 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) 
     return model.eval()
 
 
-def materialize(model: nn.Module, module_name: str, reader: CheckpointReader, recurse: bool = True) -> None:
-    """Give `module_name` (and its children when `recurse`) real CPU tensors: persistent ones read from the checkpoint,
-    non-persistent buffers (rotary frequency tables, which checkpoints do not hold) recomputed by the model's own
-    `_init_weights`, as `from_pretrained` does."""
+def materialize(
+    model: nn.Module,
+    module_name: str,
+    reader: CheckpointReader,
+    recurse: bool = True,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Give `module_name` (and its children when `recurse`) real CPU tensors: persistent ones read from the checkpoint
+    (floating-point ones cast to `dtype`, the compute dtype, when given), non-persistent buffers (rotary frequency
+    tables, which checkpoints do not hold) recomputed by the model's own `_init_weights`, as `from_pretrained` does."""
     module = model.get_submodule(module_name) if module_name else model
     prefix = f"{module_name}." if module_name else ""
     modules = list(module.named_modules()) if recurse else [("", module)]
@@ -358,7 +369,9 @@ def materialize(model: nn.Module, module_name: str, reader: CheckpointReader, re
     for rel, full in local.items():
         owner_name, _, attr = rel.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        value = tensors[full]
+        value = tensors.pop(full)  # each stored tensor freed as soon as its cast exists
+        if dtype is not None:
+            value = upcast(value, dtype)
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:
@@ -719,14 +732,16 @@ def sequential_plan(model: nn.Module, pruner_config: PrunerConfig, batches: torc
     shape_model = apply_plan(
         build_skeleton(copy.deepcopy(work.config), work.dtype), _shape_plan(work, all_group_sets, kept_counts), spec
     )
-    inputs = capture_layer_inputs(work, spec, batches) if importance.needs_data else None
     layers = work.get_submodule(spec.layers)
+    dtype = resolve_compute_dtype(pruner_config.compute_dtype, work.dtype, "cpu")
     kept = {}
-    for i in range(len(layers)):
-        kept.update(prune_layer(work, spec, i, importance, group_sets, kept_counts, inputs))
-        _sync_layer_attrs(work, spec, i, shape_model, kept)
-        if inputs is not None and i + 1 < len(layers):
-            advance_inputs(layers[i], inputs)
+    with compute_in(work, layers, dtype):  # as streaming computes: a layer at a time in the compute dtype
+        inputs = capture_layer_inputs(work, spec, batches) if importance.needs_data else None
+        for i in range(len(layers)):
+            kept.update(prune_layer(work, spec, i, importance, group_sets, kept_counts, inputs))
+            _sync_layer_attrs(work, spec, i, shape_model, kept)
+            if inputs is not None and i + 1 < len(layers):
+                advance_inputs(layers[i], inputs)
     counts = {key: gs.num_units for key, gs in all_group_sets.items()}
     return PruningPlan(model.config.model_type, len(layers), unit_counts=counts, kept=kept)
 
@@ -741,19 +756,29 @@ def _tensor_bytes(tensors) -> int:
 
 
 def estimate_peak_bytes(
-    model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConfig, needs_data: bool, offload: bool = False
+    model: nn.Module,
+    spec: ArchitectureSpec,
+    pruner_config: PrunerConfig,
+    needs_data: bool,
+    offload: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, int]:
     """Rough peak memory of the tensors a streaming run holds (the Python/PyTorch runtime itself, ~0.3-0.5 GB, comes
     on top). The largest of: the input phase (modules before the first layer plus the hidden states), a layer step (the
-    unpruned layer, its largest tensor sliced and scored in float32, the hidden states, one batch's output and
-    activations) and the copy of the remaining tensors (the largest one). Output shards are written in place, never
-    buffered. With `offload` the hidden states are file-backed pages the kernel can drop; one batch of them is counted."""
+    unpruned layer, its `compute_dtype` copy when that is wider (`layer_compute_bytes`: the stored tensors and their
+    casts coexist while the layer is read), its largest tensor sliced and scored in float32, the hidden states, one
+    batch's output and activations) and the copy of the remaining tensors (the largest one). Output shards are written
+    in place, never buffered. With `offload` the hidden states are file-backed pages the kernel can drop; one batch of
+    them is counted. Hidden states and the layer forward are in `compute_dtype` (default: the checkpoint's)."""
     layers = model.get_submodule(spec.layers)
     layer_prefix_ = spec.layers + "."
     head = output_embedding_names(model)
-    element = next(model.parameters()).element_size()
+    stored_element = next(model.parameters()).element_size()
+    computing = needs_data and compute_dtype is not None
+    element = torch.empty((), dtype=compute_dtype).element_size() if computing else stored_element
     layer_bytes = max(_tensor_bytes(list(layer.parameters())) for layer in layers)
-    largest_in_layer = max(p.numel() * p.element_size() for p in layers[0].parameters())
+    layer_compute_bytes = layer_bytes * element // stored_element if element > stored_element else 0
+    largest_in_layer = max(p.numel() for p in layers[0].parameters()) * element
     outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(layer_prefix_)]
     prefix_bytes = _tensor_bytes(p for n, p in outside if n not in head)
     largest_outside = max((p.numel() * p.element_size() for _, p in outside), default=0)
@@ -776,10 +801,15 @@ def estimate_peak_bytes(
     scoring = largest_in_layer + 2 * largest_in_layer * 4 // element
     phases = {
         "inputs": prefix_bytes + resident + workspace,
-        "layer": layer_bytes + scoring + resident + batch_hidden + workspace,
+        "layer": layer_bytes + layer_compute_bytes + scoring + resident + batch_hidden + workspace,
         "copy": largest_outside,
     }
-    return {**{f"phase_{k}": v for k, v in phases.items()}, "peak": max(phases.values()), "layer_bytes": layer_bytes}
+    return {
+        **{f"phase_{k}": v for k, v in phases.items()},
+        "peak": max(phases.values()),
+        "layer_bytes": layer_bytes,
+        "layer_compute_bytes": layer_compute_bytes,
+    }
 
 
 def _layer_index(name: str, layer_names: str) -> int:
@@ -838,9 +868,10 @@ def in_memory_bytes(model_dir: str | os.PathLike, dtype: torch.dtype | None = No
     return total
 
 
-def _score_all_layers(model, spec, reader, importance, group_sets, inputs, means, progress=None):
+def _score_all_layers(model, spec, reader, importance, group_sets, inputs, means, progress=None, dtype=None):
     """Pass 1 of a two-pass run: every prunable group set's scores, each layer scored on the *unpruned* model's
-    activations (the layer is run unpruned to produce the next layer's inputs), as the in-memory path scores them.
+    activations (the layer is run unpruned, in `dtype`, to produce the next layer's inputs), as the in-memory path
+    scores them.
 
     Keeps only the score vectors and, with a `means` dict, each consumer's per-channel input mean (bias compensation):
     a few KB per layer. Returns `{key: Tensor[num_units]}`.
@@ -850,7 +881,7 @@ def _score_all_layers(model, spec, reader, importance, group_sets, inputs, means
     for i in range(len(layers)):
         keys = [key for key, gs in group_sets.items() if gs.layer == i]
         names = {s.name for key in keys for s in group_sets[key].slices}
-        materialize(model, f"{spec.layers}.{i}", reader)
+        materialize(model, f"{spec.layers}.{i}", reader, dtype=dtype if inputs is not None else None)
         if inputs is not None:
             stats = layer_statistics(model, i, spec, names, inputs)
         else:
@@ -914,6 +945,8 @@ class _Run:
     kept_counts: dict | None = None
     shape_model: nn.Module | None = None  # the pruned model on the meta device: shapes and config
     bias_paths: set[str] = dataclasses.field(default_factory=set)
+    checkpoint_dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype = torch.float32  # of the layers that run a forward; the output keeps checkpoint_dtype
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -945,7 +978,8 @@ def _open_checkpoint(model_dir: str, pruner_config: PrunerConfig, plan, trust_re
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     check(pruner_config, config.model_type)
     reader = CheckpointReader(model_dir)
-    model = build_skeleton(config, reader.dtype(), trust_remote_code)
+    checkpoint_dtype = reader.dtype()
+    model = build_skeleton(config, checkpoint_dtype, trust_remote_code)
     expected = set(model.state_dict())
     reader.add_prefix(f"{model.base_model_prefix}.", expected)  # checkpoints saved from the base model
     tied = output_embedding_names(model) if getattr(model.config, "tie_word_embeddings", False) else set()
@@ -957,7 +991,10 @@ def _open_checkpoint(model_dir: str, pruner_config: PrunerConfig, plan, trust_re
             f"{absent[:4]}. Streaming needs a checkpoint saved by Transformers for this architecture."
         )
     spec = get_architecture(config.model_type)
-    return _Run(model_dir, pruner_config, config, spec, reader, model, tied, plan, pruner_config.build_importance())
+    run = _Run(model_dir, pruner_config, config, spec, reader, model, tied, plan, pruner_config.build_importance())
+    run.checkpoint_dtype = checkpoint_dtype
+    run.compute_dtype = resolve_compute_dtype(pruner_config.compute_dtype, checkpoint_dtype, "cpu")
+    return run
 
 
 def _plan_shapes(run: _Run) -> None:
@@ -1000,9 +1037,17 @@ def _report(run: _Run, needs_data: bool, offload: bool) -> dict:
         "planned_widths": {} if run.kept_counts is None else _planned_widths(run.all_group_sets, run.kept_counts),
         "widths_from_scores": run.two_pass,
         "plan_given": run.planner is None,
-        "estimated_peak_bytes": estimate_peak_bytes(run.model, run.spec, run.pruner_config, needs_data, offload),
+        "estimated_peak_bytes": estimate_peak_bytes(
+            run.model, run.spec, run.pruner_config, needs_data, offload, run.compute_dtype
+        ),
+        "checkpoint_dtype": _dtype_name(run.checkpoint_dtype),
+        "compute_dtype": _dtype_name(run.compute_dtype if needs_data else run.checkpoint_dtype),
         "checkpoint_bytes": _tensor_bytes(run.model.state_dict().values()) - tied_bytes,
     }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _checkpoint_tokenizer(model_dir: str):
@@ -1028,8 +1073,8 @@ def _calibration_batches(run: _Run, calibration_data, tokenizer) -> torch.Tensor
 
 
 def _capture_calibration_inputs(run: _Run, batches, offload_hidden_states):
-    """The first decoder layer's inputs for `batches` (and their file when offloaded); only what runs before the first
-    layer is materialised for it (embeddings, rotary tables; not the LM head)."""
+    """The first decoder layer's inputs for `batches` (and their file when offloaded), in the compute dtype; only what
+    runs before the first layer is materialised for it (embeddings, rotary tables; not the LM head)."""
     if batches is None:
         return None, None
     layer_names = run.spec.layers + "."
@@ -1038,9 +1083,15 @@ def _capture_calibration_inputs(run: _Run, batches, offload_hidden_states):
     prefix_modules = sorted(
         {name.rpartition(".")[0] for name, _ in tensors if not name.startswith(layer_names) and name not in head}
     )
+    embedding = run.model.get_input_embeddings()
     for name in prefix_modules:
-        materialize(run.model, name, run.reader, recurse=False)
-    captured = capture_inputs(run.model, run.spec, batches, offload_hidden_states)
+        lookup = run.model.get_submodule(name) is embedding  # exact in any dtype: its output is cast instead
+        materialize(run.model, name, run.reader, recurse=False, dtype=None if lookup else run.compute_dtype)
+    handle = embedding.register_forward_hook(lambda module, args, output: cast_floating(output, run.compute_dtype))
+    try:  # the family's forward builds masks and rotary tables in the dtype of the embeddings' output
+        captured = capture_inputs(run.model, run.spec, batches, offload_hidden_states)
+    finally:
+        handle.remove()
     for name in prefix_modules:
         release(run.model.get_submodule(name))
     return captured
@@ -1050,7 +1101,7 @@ def _plan_from_scores(run: _Run, inputs, progress) -> None:
     """Pass 1 of a two-pass run: score every layer on the unpruned model's activations, then allocate and plan."""
     means = {} if run.compensate else None
     scores = _score_all_layers(
-        run.model, run.spec, run.reader, run.importance, run.group_sets, inputs, means, progress
+        run.model, run.spec, run.reader, run.importance, run.group_sets, inputs, means, progress, run.compute_dtype
     )
     run.kept_counts = run.planner.kept_counts(run.group_sets, scores)
     run.plan = run.planner.plan(run.all_group_sets, run.group_sets, scores, run.kept_counts, means=means)
@@ -1066,13 +1117,14 @@ def _release_hidden_states(hidden_file) -> None:
 
 def _output_layout(run: _Run) -> dict:
     """Output tensors: the checkpoint's own names (tied heads stay absent) and the biases compensation adds, with the
-    planned shapes, in writing order (decoder layers first)."""
+    planned shapes, in writing order (decoder layers first), in the checkpoint's dtypes (the skeleton's meta tensors
+    take the compute dtype of the layers that ran)."""
     layer_names = run.spec.layers + "."
-    pruned = {name: (t.dtype, tuple(t.shape)) for name, t in run.shape_model.state_dict().items()}
+    shapes = {name: tuple(t.shape) for name, t in run.shape_model.state_dict().items()}
     source = run.reader.layout()
-    names = list(source) + [n for n in pruned if n not in source and n not in run.tied]
+    names = list(source) + [n for n in shapes if n not in source and n not in run.tied]
     order = sorted(names, key=lambda n: (not n.startswith(layer_names), _layer_index(n, layer_names), n))
-    return {n: (source[n][0] if n in source else pruned[n][0], pruned[n][1]) for n in order}
+    return {n: (source[n][0] if n in source else run.checkpoint_dtype, shapes[n]) for n in order}
 
 
 def _write_layers(run: _Run, writer: ShardWriter, inputs, progress) -> dict[str, list[int]]:
@@ -1082,7 +1134,8 @@ def _write_layers(run: _Run, writer: ShardWriter, inputs, progress) -> dict[str,
     kept = {}
     for i in range(len(layers)):
         layer_name = f"{spec.layers}.{i}"
-        materialize(model, layer_name, run.reader)
+        computing = run.plan is None and inputs is not None  # a given plan or pass 2 only slices
+        materialize(model, layer_name, run.reader, dtype=run.compute_dtype if computing else None)
         if run.plan is not None:
             _apply_layer_plan(model, spec, i, run.plan, run.all_group_sets, run.bias_paths)
         else:
@@ -1091,7 +1144,7 @@ def _write_layers(run: _Run, writer: ShardWriter, inputs, progress) -> dict[str,
             if inputs is not None and i + 1 < len(layers):
                 advance_inputs(layers[i], inputs)
         for name, tensor in layers[i].state_dict().items():
-            writer.add(f"{layer_name}.{name}", tensor)
+            writer.add(f"{layer_name}.{name}", tensor.to(writer.dtype(f"{layer_name}.{name}")))
         release(layers[i])
         logger.info("Layer %d/%d pruned%s.", i + 1, len(layers), " (pass 2 of 2)" if run.two_pass else "")
         if progress is not None:
@@ -1244,9 +1297,18 @@ def format_dry_run(report: dict) -> str:
             widths = ", ".join(str(per_layer[k]) for k in sorted(per_layer, key=int))
             lines.append(f"{structure}: keep {widths} units in layers 0-{len(per_layer) - 1}")
     peak = report["estimated_peak_bytes"]
+    copy = (
+        f", its {report['compute_dtype']} copy {gib(peak['layer_compute_bytes'])}"
+        if peak["layer_compute_bytes"]
+        else ""
+    )
     lines.append(
         f"Checkpoint: {gib(report['checkpoint_bytes'])}; estimated peak tensor memory: {gib(peak['peak'])} "
-        f"(largest layer {gib(peak['layer_bytes'])}; plus the Python/PyTorch runtime)"
+        f"(largest layer {gib(peak['layer_bytes'])}{copy}; plus the Python/PyTorch runtime)"
+    )
+    lines.append(
+        f"Computing in {report['compute_dtype']}, one layer at a time; written in {report['checkpoint_dtype']} "
+        "(--compute-dtype)"
     )
     return "\n".join(lines)
 
