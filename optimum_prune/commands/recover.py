@@ -79,7 +79,7 @@ def run_recover(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation import format_table
-    from ..inputs import check_data_file
+    from ..inputs import check_data_file, check_model_source
     from ..output_dir import check_output_directory
     from ..pruner import Pruner
     from ..recovery import DistillationConfig, build_training_arguments
@@ -89,6 +89,8 @@ def run_recover(args: argparse.Namespace) -> int:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive integer, got {getattr(args, name)}.")
     check_data_file(args.train, "--train")
     check_data_file(args.eval, "--eval")
+    if args.teacher is not None:
+        check_model_source(args.teacher)  # before loading and training, not after
     inputs = (args.model, args.train, args.eval, args.teacher)
     check_output_directory(args.output, inputs, args.overwrite)  # before training, not after it
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
