@@ -425,6 +425,8 @@ class Pruner:
             distillation = DistillationConfig(**distillation)
         if method == "distill":
             teacher = self._distillation_teacher(teacher, teacher_kwargs, allow_pickle)
+        elif teacher is not None:
+            raise ValueError("A teacher is only used by `method='distill'` (`--method distill`); drop it or distil.")
         if is_offloaded(self.model):
             raise ValueError(
                 "LoRA recovery trains with the weights on its training devices, and this model has weights offloaded "

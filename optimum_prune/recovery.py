@@ -253,6 +253,41 @@ def _trainer_class():
     return DistillationTrainer
 
 
+def _build_trainer(train_model, args, dataset, teacher: nn.Module | None, distillation: DistillationConfig):
+    """The plain `Trainer` (LM loss), or the distillation one with the teacher in eval mode when there is one."""
+    from transformers import Trainer, default_data_collator
+
+    kwargs = {"model": train_model, "args": args, "train_dataset": dataset, "data_collator": default_data_collator}
+    if teacher is None:
+        return Trainer(**kwargs)
+    teacher.eval()  # no dropout; `no_grad` in the trainer keeps its weights out of the graph
+    return _trainer_class()(**kwargs, teacher=teacher, distillation=distillation)
+
+
+def _training_figures(trainer, output, block_size: int) -> dict:
+    """The batch geometry and the Trainer's figures recorded in `pruning_results.json`."""
+    args = trainer.args
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "max_steps": output.global_step,
+        "batch_size": args.per_device_train_batch_size * max(1, args.gradient_accumulation_steps) * args.world_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "block_size": block_size,
+        "learning_rate": args.learning_rate,
+        "train_loss": output.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "train_runtime": output.metrics.get("train_runtime"),
+        "world_size": args.world_size,
+        "distributed_backend": (
+            torch.distributed.get_backend()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else None
+        ),
+    }
+
+
 def recover_model(
     model: nn.Module,
     train_data,
@@ -274,8 +309,6 @@ def recover_model(
     parameter names. `info` holds the settings and the Trainer's figures (`train_loss`, the first and last logged
     losses, runtime).
     """
-    from transformers import Trainer, default_data_collator
-
     check_recovery_method(method)
     distillation = distillation or DistillationConfig()
     if method == "distill":
@@ -291,6 +324,7 @@ def recover_model(
         # The frozen embeddings give no grad to the checkpointed blocks' inputs; this lets LoRA's grads flow.
         model.enable_input_require_grads()
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    teacher_was_training = method == "distill" and teacher.training
     train_model = model.requires_grad_(True) if full_finetune else _require_peft().get_peft_model(model, lora_config)
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in train_model.parameters())
@@ -304,19 +338,10 @@ def recover_model(
         total,
         100 * trainable / total,
     )
-    trainer_kwargs = {"model": train_model, "args": args, "train_dataset": dataset}
-    if method == "distill":
-        trainer = _trainer_class()(**trainer_kwargs, data_collator=default_data_collator, teacher=teacher,
-                                   distillation=distillation)  # fmt: skip
-    else:
-        trainer = Trainer(**trainer_kwargs, data_collator=default_data_collator)
-    teacher_was_training = teacher is not None and teacher.training
-    if teacher is not None:
-        teacher.eval()  # no dropout; `no_grad` in the trainer keeps its weights out of the graph
+    trainer = _build_trainer(train_model, args, dataset, teacher if method == "distill" else None, distillation)
     output = trainer.train()
     if teacher_was_training:
         teacher.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     merged = train_model if full_finetune else train_model.merge_and_unload()
     if args.gradient_checkpointing:
         if not full_finetune:
@@ -335,22 +360,5 @@ def recover_model(
         )
     if method == "distill":
         info.update(asdict(distillation), teacher=getattr(teacher, "name_or_path", None) or None)
-    info.update(
-        max_steps=output.global_step,
-        batch_size=args.per_device_train_batch_size * max(1, args.gradient_accumulation_steps) * args.world_size,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        block_size=block_size,
-        learning_rate=args.learning_rate,
-        train_loss=output.training_loss,
-        first_logged_loss=losses[0] if losses else None,
-        last_logged_loss=losses[-1] if losses else None,
-        train_runtime=output.metrics.get("train_runtime"),
-        world_size=args.world_size,
-        distributed_backend=(
-            torch.distributed.get_backend()
-            if torch.distributed.is_available() and torch.distributed.is_initialized()
-            else None
-        ),
-    )
+    info.update(_training_figures(trainer, output, block_size))
     return merged, info

@@ -165,6 +165,7 @@ def test_bad_teachers_and_methods_are_refused_in_one_line(tmp_path):
     data = _learnable_ids()
     cases = [
         ({"method": "kd"}, "Unknown recovery method 'kd'; use 'lm'"),
+        ({"teacher": teacher}, "A teacher is only used by `method='distill'`"),
         ({"method": "distill"}, "does not know where its base model came from; pass the unpruned model"),
         ({"method": "distill", "teacher": tiny_llama(vocab_size=64)}, "The teacher's vocabulary (64 logits)"),
         ({"method": "distill", "teacher": pruner.model}, "The teacher is the pruned model itself"),
