@@ -348,9 +348,11 @@ def build_model_card(
             f"{pruner_config.num_calibration_samples} x {pruner_config.calibration_seq_len} tokens"
             + (f" from `{calibration}`" if calibration else "")
         ),
-        rows=_result_rows((params_before, params_after), (macs_before, macs_after), evaluation) + list(results or []),
+        rows=_result_rows((params_before, params_after), (macs_before, macs_after), evaluation, recovery)
+        + list(results or []),
         eval_desc=_eval_description(evaluation),
         recovery=recovery,
+        recovery_desc=describe_recovery(recovery) if recovery else None,
         chart=chart,
         needs_package=model_type != base_model_type,
         model_type=model_type,
@@ -360,6 +362,48 @@ def build_model_card(
         command=command or _reproduce_commands(base_name, pruner_config, calibration, evaluation, recovery),
         citations=[BIBTEX[k] for k in dict.fromkeys(keys)],
     )
+
+
+def describe_recovery(recovery: dict) -> str:
+    """The card's recovery row: the loss (LM or distillation from the teacher), what was trained, the data."""
+    if recovery.get("finetune", "lora") == "lora":
+        trained = f"LoRA r={recovery['r']}, alpha={recovery['lora_alpha']} on {', '.join(recovery['target_modules'])}"
+    else:
+        trained = "full fine-tuning"
+    if recovery.get("method", "lm") == "distill":
+        terms = [f"KL divergence of logits at T={recovery['temperature']}"]
+        terms += [f"{recovery['lm_weight']} x LM loss"] if recovery.get("lm_weight") else []
+        terms += [f"{recovery['hidden_weight']} x hidden-state loss"] if recovery.get("hidden_weight") else []
+        teacher = f" `{recovery['teacher']}`" if recovery.get("teacher") else ""
+        trained = f"distillation from the unpruned model{teacher} ({' + '.join(terms)}), {trained}"
+    data = f" from `{recovery['train_data']}`" if recovery.get("train_data") else ""
+    merged = "; merged into the weights" if recovery.get("finetune", "lora") == "lora" else ""
+    return (
+        f"{trained}; {recovery['max_steps']} steps of {recovery['batch_size']} x {recovery['block_size']} tokens"
+        f"{data}, lr {recovery['learning_rate']}{merged}"
+    )
+
+
+def _recovered_stage_name(recovery: dict | None) -> str:
+    if recovery and recovery.get("method") == "distill":
+        return "perplexity after distillation recovery"
+    if recovery and recovery.get("finetune") == "full":
+        return "perplexity after full fine-tuning recovery"
+    return "perplexity after LoRA recovery"
+
+
+def _recover_flags(recovery: dict) -> str:
+    """The `recover` options that reproduce the loss and what was trained (the LoRA default adds nothing)."""
+    flags = ""
+    if recovery.get("method") == "distill":
+        teacher = f" --teacher {shlex.quote(recovery['teacher'])}" if recovery.get("teacher") else ""
+        flags += (
+            f" --method distill{teacher} --temperature {recovery['temperature']} --lm-weight {recovery['lm_weight']}"
+            f" --hidden-weight {recovery['hidden_weight']}"
+        )
+    if recovery.get("finetune") == "full":
+        return flags + " --full-finetune"
+    return flags + f" --lora-r {recovery['r']} --lora-alpha {recovery['lora_alpha']}"
 
 
 def _eval_description(evaluation: dict) -> str | None:
@@ -407,19 +451,19 @@ def _reproduce_commands(base_name: str, pruner_config, calibration, evaluation: 
             f"--batch-size {recovery.get('per_device_train_batch_size', recovery['batch_size'])} "
             f"--gradient-accumulation-steps {recovery.get('gradient_accumulation_steps', 1)} "
             f"--block-size {recovery['block_size']} --learning-rate {recovery['learning_rate']} "
-            f"--lora-r {recovery['r']} --lora-alpha {recovery['lora_alpha']}{eval_flags} --output OUT-recovered"
+            f"{_recover_flags(recovery).lstrip()}{eval_flags} --output OUT-recovered"
         )
     return command
 
 
-def _result_rows(params: tuple[int, int], macs: tuple, evaluation: dict) -> list[dict]:
+def _result_rows(params: tuple[int, int], macs: tuple, evaluation: dict, recovery: dict | None = None) -> list[dict]:
     """The card's before/after table: parameters, MACs per token and the measured perplexities."""
     rows = [{"name": "parameters", "before": f"{params[0]:,}", "after": f"{params[1]:,}"}]
     if macs[0] and macs[1]:
         after = f"{macs[1]:,} (x{macs[1] / macs[0]:.2f})"
         rows.append({"name": "MACs per token (linear layers)", "before": f"{macs[0]:,}", "after": after})
     base_ppl = evaluation.get("perplexity_base")
-    stages = [("perplexity", "perplexity_pruned"), ("perplexity after LoRA recovery", "perplexity_recovered")]
+    stages = [("perplexity", "perplexity_pruned"), (_recovered_stage_name(recovery), "perplexity_recovered")]
     for name, key in stages:
         value = evaluation.get(key)
         if value is None and not (key == "perplexity_pruned" and base_ppl is not None):

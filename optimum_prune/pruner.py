@@ -29,7 +29,7 @@ from .offload import apply_plan_dispatched, input_device, is_offloaded, keep_tie
 from .output_dir import atomic_directory, checkpoint_bytes
 from .plan import PLAN_NAME, PruningPlan
 from .planner import Planner
-from .recovery import recover_model
+from .recovery import DistillationConfig, check_recovery_method, recover_model
 from .utils.safe_weights import weights_loading_kwargs
 from .writer import describe_data, run_summary, summary_card, write_run_files
 
@@ -382,8 +382,15 @@ class Pruner:
         block_size: int = 256,
         eval_seq_len: int = 256,
         eval_windows: int | None = 64,
+        method: str = "lm",
+        teacher=None,
+        distillation: DistillationConfig | dict | None = None,
+        full_finetune: bool = False,
+        teacher_kwargs: dict | None = None,
+        allow_pickle: bool = False,
     ) -> dict:
-        """LoRA recovery of the pruned model with the Transformers `Trainer`, merged back into plain weights.
+        """Recovery training of the pruned model with the Transformers `Trainer`: LoRA adapters merged back into plain
+        weights (or every weight, `full_finetune=True`), on the LM loss or by distillation from the unpruned model.
 
         Args:
             train_data: the same inputs as calibration data (a .txt/.jsonl path, a list of strings, a
@@ -395,6 +402,16 @@ class Pruner:
                 precision, gradient checkpointing and `accelerate launch` (DDP, FSDP, DeepSpeed) are configured here.
             eval_data (*optional*): text for perplexity after pruning and after recovery (and before pruning, when
                 [`Pruner.evaluate`] measured it on the same text).
+            method (`str`, defaults to `"lm"`): `"lm"` trains on the text's next tokens; `"distill"` matches the
+                teacher's temperature-softened logits (KL divergence, see [`~recovery.DistillationConfig`]).
+            teacher (*optional*): with `"distill"`, the unpruned model, or its path or Hub id; defaults to the model
+                this pruner pruned (`name_or_path`, also what `from_pruned` reads from `pruning_results.json`).
+            distillation (`DistillationConfig` or `dict`, *optional*): temperature, LM-loss and hidden-state weights.
+            full_finetune (`bool`, defaults to `False`): train every weight instead of LoRA adapters (lower the
+                learning rate, e.g. 5e-5).
+            teacher_kwargs (`dict`, *optional*): passed to `from_pretrained` when the teacher is loaded from a path,
+                e.g. `{"dtype": torch.bfloat16}` or `{"device_map": "auto"}` (an offloaded teacher stays offloaded).
+            allow_pickle (`bool`, defaults to `False`): load a teacher whose only weights are pickled.
 
         Returns:
             `dict` with `perplexity_base` (if known), `perplexity_pruned`, `perplexity_recovered` (with `eval_data`)
@@ -405,11 +422,19 @@ class Pruner:
         ```python
         >>> pruner.prune(calibration_data="calibration.txt")
         >>> pruner.recover("train.txt", eval_data="eval.txt", training_args={"max_steps": 60, "bf16": True})
+        >>> # or: pruner.recover("train.txt", method="distill", distillation={"temperature": 1.0})
         ```
         """
         self._check_pruned()
         if self.recovery is not None:
             raise RuntimeError("This model was already recovered; build a new pruner to recover again.")
+        check_recovery_method(method)
+        if isinstance(distillation, dict):
+            distillation = DistillationConfig(**distillation)
+        if method == "distill":
+            teacher = self._distillation_teacher(teacher, teacher_kwargs, allow_pickle)
+        elif teacher is not None:
+            raise ValueError("A teacher is only used by `method='distill'` (`--method distill`); drop it or distil.")
         if is_offloaded(self.model):
             raise ValueError(
                 "LoRA recovery trains with the weights on its training devices, and this model has weights offloaded "
@@ -429,6 +454,10 @@ class Pruner:
             lora_config=lora_config,
             training_args=training_args,
             block_size=block_size,
+            method=method,
+            teacher=teacher,
+            distillation=distillation,
+            full_finetune=full_finetune,
         )
         info["train_data"] = describe_data(train_data)
         self.recovery = info
@@ -441,6 +470,20 @@ class Pruner:
             ", ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, float)),
         )
         return report
+
+    def _distillation_teacher(self, teacher, teacher_kwargs: dict | None, allow_pickle: bool) -> nn.Module:
+        """The teacher as a model: given, or loaded (safetensors unless `allow_pickle`) from its path or this
+        pruner's base model."""
+        if isinstance(teacher, nn.Module):
+            return teacher
+        source = teacher if teacher is not None else self.name_or_path
+        if not source:
+            raise ValueError(
+                "Distillation needs the unpruned teacher and this pruner does not know where its base model came "
+                "from; pass the unpruned model or its path as `teacher=` (`--teacher DIR` on the command line)."
+            )
+        logger.info("Loading the teacher %s.", source)
+        return load_causal_lm(source, **{**(teacher_kwargs or {}), **weights_loading_kwargs(source, allow_pickle)})
 
     @classmethod
     def from_pruned(cls, path: str | os.PathLike, *, allow_pickle: bool = False, **kwargs) -> Pruner:

@@ -7,14 +7,21 @@ that saves and reloads like any pruned checkpoint; no `peft` is needed to use it
 
 The defaults follow shared/BENCHMARKS.md: r=8, alpha=16 on every attention and MLP projection, 60 steps of 8 x 256
 tokens at lr 1e-3 (on LLM-Pruner's 40% tiny-llama this took perplexity from x3.03 to x1.26 of the unpruned model).
+
+`method="distill"` trains the same adapters (or every weight, `full_finetune=True`) to match the unpruned teacher's
+next-token distributions instead of the text's next tokens: the KL divergence of temperature-softened logits (x T^2,
+Hinton et al.), optionally plus the LM loss and a hidden-state term ([`DistillationConfig`]). The teacher runs in eval
+mode under `no_grad` beside the student; Minitron found logit distillation recovers more per token than LM fine-tuning.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .calibration import token_stream
@@ -122,56 +129,146 @@ def build_training_arguments(training_args=None, output_dir: str | None = None):
     return TrainingArguments(**kwargs)
 
 
-def recover_model(
-    model: nn.Module,
-    train_data,
-    spec,
-    tokenizer=None,
-    lora_config=None,
-    training_args=None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-) -> tuple[nn.Module, dict]:
-    """Train LoRA adapters on `model` with the `Trainer`, merge them, and return `(merged_model, info)`.
+RECOVERY_METHODS = ("lm", "distill")
 
-    `merged_model` is `model` itself with the adapters folded into its Linear weights: same class, same shapes, same
-    parameter names. `info` holds the LoRA and training settings and the Trainer's figures (`train_loss`, the first
-    and last logged losses, runtime).
+
+def check_recovery_method(method: str) -> None:
+    if method not in RECOVERY_METHODS:
+        raise ValueError(
+            f"Unknown recovery method {method!r}; use 'lm' (next-token loss on the text) or 'distill' (match the "
+            "unpruned teacher's logits)."
+        )
+
+
+@dataclass
+class DistillationConfig:
+    """Settings of `method="distill"`: the loss is `KL_T(teacher || student) x T^2 + lm_weight x LM loss +
+    hidden_weight x hidden-state loss`.
+
+    Args:
+        temperature (`float`, defaults to 1.0): softens both distributions; the KL term is scaled by T^2 so its
+            gradients keep their size across temperatures.
+        lm_weight (`float`, defaults to 0.0): weight of the ordinary next-token loss on the training text.
+        hidden_weight (`float`, defaults to 0.0): weight of the hidden-state term, the mean over decoder layers of
+            `MSE(student, teacher) / mean(teacher^2)`. Needs hidden states of the same shape: not after pruning
+            `hidden_channels` or removing layers (refused, not skipped).
     """
-    get_peft_model = _require_peft().get_peft_model
+
+    temperature: float = 1.0
+    lm_weight: float = 0.0
+    hidden_weight: float = 0.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"The distillation temperature must be positive, got {self.temperature}.")
+        for name in ("lm_weight", "hidden_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"`{name}` must be zero or positive, got {getattr(self, name)}.")
+
+
+def distillation_loss(student_logits, teacher_logits, temperature: float = 1.0, attention_mask=None) -> torch.Tensor:
+    """`KL(softmax(teacher / T) || softmax(student / T)) x T^2`, averaged over the (unmasked) token positions.
+
+    Computed in float32 whatever the models' dtype (a bf16 teacher's logits included)."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.to(student_logits.device).float() / temperature, dim=-1)
+    per_token = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)  # [batch, seq]
+    if attention_mask is not None:
+        per_token = per_token[attention_mask.to(per_token.device).bool()]
+    return per_token.mean() * temperature**2
+
+
+def hidden_state_loss(student_hidden, teacher_hidden) -> torch.Tensor:
+    """Mean over decoder layers of `MSE / mean(teacher^2)`: each layer weighs alike whatever its scale (the
+    embedding output, index 0, is left out)."""
+    terms = []
+    for student, teacher in zip(student_hidden[1:], teacher_hidden[1:]):
+        teacher = teacher.to(student.device).float()
+        terms.append(F.mse_loss(student.float(), teacher) / teacher.pow(2).mean().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+def _output_size(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module, distillation: DistillationConfig) -> None:
+    """Refuse a teacher whose logits (or, with hidden-state matching, hidden states) cannot be compared."""
+    if teacher is student:
+        raise ValueError("The teacher is the pruned model itself; pass the unpruned model (or its path) as teacher.")
+    if _output_size(teacher) != _output_size(student):
+        raise ValueError(
+            f"The teacher's vocabulary ({_output_size(teacher)} logits) differs from the pruned model's "
+            f"({_output_size(student)}); distillation needs the unpruned model with the same tokenizer."
+        )
+    if distillation.hidden_weight > 0:
+        shapes = [(m.config.num_hidden_layers, m.config.hidden_size) for m in (teacher, student)]
+        if shapes[0] != shapes[1]:
+            raise ValueError(
+                f"Hidden-state matching needs hidden states of the same shape: the teacher has {shapes[0][0]} layers "
+                f"of width {shapes[0][1]}, the pruned model {shapes[1][0]} of width {shapes[1][1]} (layers or hidden "
+                "channels were pruned); set hidden_weight=0."
+            )
+
+
+def _trainer_class():
+    """The `Trainer` subclass, built on first use so that importing this module does not import Transformers'."""
+    from transformers import Trainer
+
+    class DistillationTrainer(Trainer):
+        """A `Trainer` whose loss is the distillation loss from a frozen teacher (see [`DistillationConfig`])."""
+
+        def __init__(self, *args, teacher: nn.Module, distillation: DistillationConfig, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher
+            self.distillation = distillation
+            # The loss is a per-batch mean: the Trainer divides it by the gradient-accumulation steps.
+            self.model_accepts_loss_kwargs = False
+            self.loss_is_scaled_for_ga = False
+
+        def _teacher_outputs(self, inputs: dict, device: torch.device):
+            if getattr(self.teacher, "hf_device_map", None) is None and self.teacher.device != device:
+                self.teacher.to(device)  # once; an offloaded teacher (`device_map`) stays where its hooks put it
+            with torch.no_grad():
+                return self.teacher(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs.get("attention_mask"),
+                    output_hidden_states=self.distillation.hidden_weight > 0,
+                )
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            settings = self.distillation
+            student_inputs = {k: v for k, v in inputs.items() if k != "labels" or settings.lm_weight > 0}
+            outputs = model(**student_inputs, output_hidden_states=settings.hidden_weight > 0)
+            teacher = self._teacher_outputs(inputs, outputs.logits.device)
+            loss = distillation_loss(
+                outputs.logits, teacher.logits, settings.temperature, inputs.get("attention_mask")
+            )
+            if settings.lm_weight > 0:
+                loss = loss + settings.lm_weight * outputs.loss
+            if settings.hidden_weight > 0:
+                loss = loss + settings.hidden_weight * hidden_state_loss(outputs.hidden_states, teacher.hidden_states)
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillationTrainer
+
+
+def _build_trainer(train_model, args, dataset, teacher: nn.Module | None, distillation: DistillationConfig):
+    """The plain `Trainer` (LM loss), or the distillation one with the teacher in eval mode when there is one."""
     from transformers import Trainer, default_data_collator
 
-    dataset = prepare_train_blocks(train_data, tokenizer, block_size)
-    lora_config = lora_config if lora_config is not None else default_lora_config(model, spec)
-    args = build_training_arguments(training_args)
-    if args.gradient_checkpointing:
-        # The frozen embeddings give no grad to the checkpointed blocks' inputs; this lets LoRA's grads flow.
-        model.enable_input_require_grads()
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    peft_model = get_peft_model(model, lora_config)
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    logger.info(
-        "LoRA recovery: %d blocks of %d tokens, %d trainable of %d parameters (%.2f%%).",
-        len(dataset),
-        block_size,
-        trainable,
-        total,
-        100 * trainable / total,
-    )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=default_data_collator)
-    output = trainer.train()
+    kwargs = {"model": train_model, "args": args, "train_dataset": dataset, "data_collator": default_data_collator}
+    if teacher is None:
+        return Trainer(**kwargs)
+    teacher.eval()  # no dropout; `no_grad` in the trainer keeps its weights out of the graph
+    return _trainer_class()(**kwargs, teacher=teacher, distillation=distillation)
+
+
+def _training_figures(trainer, output, block_size: int) -> dict:
+    """The batch geometry and the Trainer's figures recorded in `pruning_results.json`."""
+    args = trainer.args
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    merged = peft_model.merge_and_unload()
-    if args.gradient_checkpointing:
-        merged.disable_input_require_grads()
-        merged.gradient_checkpointing_disable()
-    merged.eval()
-    for name, p in merged.named_parameters():  # get_peft_model froze the base weights; give them back as they were
-        p.requires_grad_(requires_grad.get(name, True))
-    target_modules = lora_config.target_modules
-    info = {
-        "r": lora_config.r,
-        "lora_alpha": lora_config.lora_alpha,
-        "target_modules": sorted(target_modules) if not isinstance(target_modules, str) else [target_modules],
+    return {
         "max_steps": output.global_step,
         "batch_size": args.per_device_train_batch_size * max(1, args.gradient_accumulation_steps) * args.world_size,
         "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -189,4 +286,79 @@ def recover_model(
             else None
         ),
     }
+
+
+def recover_model(
+    model: nn.Module,
+    train_data,
+    spec,
+    tokenizer=None,
+    lora_config=None,
+    training_args=None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    *,
+    method: str = "lm",
+    teacher: nn.Module | None = None,
+    distillation: DistillationConfig | None = None,
+    full_finetune: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Train `model` with the `Trainer` (LoRA adapters, merged at the end, or every weight with `full_finetune`) on
+    the LM loss (`method="lm"`) or by distillation from `teacher` (`method="distill"`); return `(model, info)`.
+
+    The returned model is `model` itself, adapters folded into its Linear weights: same class, same shapes, same
+    parameter names. `info` holds the settings and the Trainer's figures (`train_loss`, the first and last logged
+    losses, runtime).
+    """
+    check_recovery_method(method)
+    distillation = distillation or DistillationConfig()
+    if method == "distill":
+        if teacher is None:
+            raise ValueError("Distillation recovery needs the unpruned teacher model.")
+        check_teacher(teacher, model, distillation)
+    dataset = prepare_train_blocks(train_data, tokenizer, block_size)
+    if not full_finetune:
+        _require_peft()
+        lora_config = lora_config if lora_config is not None else default_lora_config(model, spec)
+    args = build_training_arguments(training_args)
+    if args.gradient_checkpointing and not full_finetune:
+        # The frozen embeddings give no grad to the checkpointed blocks' inputs; this lets LoRA's grads flow.
+        model.enable_input_require_grads()
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    teacher_was_training = method == "distill" and teacher.training
+    train_model = model.requires_grad_(True) if full_finetune else _require_peft().get_peft_model(model, lora_config)
+    trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in train_model.parameters())
+    logger.info(
+        "%s recovery (%s): %d blocks of %d tokens, %d trainable of %d parameters (%.2f%%).",
+        "Distillation" if method == "distill" else "LM",
+        "full fine-tuning" if full_finetune else "LoRA",
+        len(dataset),
+        block_size,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    trainer = _build_trainer(train_model, args, dataset, teacher if method == "distill" else None, distillation)
+    output = trainer.train()
+    if teacher_was_training:
+        teacher.train()
+    merged = train_model if full_finetune else train_model.merge_and_unload()
+    if args.gradient_checkpointing:
+        if not full_finetune:
+            merged.disable_input_require_grads()
+        merged.gradient_checkpointing_disable()
+    merged.eval()
+    for name, p in merged.named_parameters():  # get_peft_model froze the base weights; give them back as they were
+        p.requires_grad_(requires_grad.get(name, True))
+    info = {"method": method, "finetune": "full" if full_finetune else "lora"}
+    if not full_finetune:
+        target_modules = lora_config.target_modules
+        info.update(
+            r=lora_config.r,
+            lora_alpha=lora_config.lora_alpha,
+            target_modules=sorted(target_modules) if not isinstance(target_modules, str) else [target_modules],
+        )
+    if method == "distill":
+        info.update(asdict(distillation), teacher=getattr(teacher, "name_or_path", None) or None)
+    info.update(_training_figures(trainer, output, block_size))
     return merged, info

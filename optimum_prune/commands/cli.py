@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune = subparsers.add_parser("prune", help="Prune a model and save an ordinary checkpoint.")
     add_prune_args(prune)
     prune.set_defaults(func=run_prune)
-    recover = subparsers.add_parser("recover", help="LoRA recovery of a pruned checkpoint, merged into its weights.")
+    recover = subparsers.add_parser(
+        "recover", help="Recovery training of a pruned checkpoint (LoRA or full; LM loss or distillation)."
+    )
     add_recover_args(recover)
     recover.set_defaults(func=run_recover)
     evaluate = subparsers.add_parser("eval", help="lm-eval tasks and perplexity of a checkpoint (pruned or not).")

@@ -19,7 +19,10 @@ class PruneCommand(BaseOptimumCLICommand):
 
 
 class RecoverCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="recover", help="LoRA recovery of a pruned checkpoint (optimum-prune).")
+    COMMAND = CommandInfo(
+        name="recover",
+        help="Recovery training of a pruned checkpoint: LoRA or full, LM loss or distillation (optimum-prune).",
+    )
 
     @staticmethod
     def parse_args(parser):

@@ -1,4 +1,5 @@
-"""`recover` subcommand: LoRA recovery of a pruned checkpoint, shared by `optimum-prune recover` and
+"""`recover` subcommand: LoRA (or full) recovery training of a pruned checkpoint, on the LM loss or by distillation
+from the unpruned model, shared by `optimum-prune recover` and
 `optimum-cli recover`.
 
 Runs unchanged under `accelerate launch` (DDP over processes, CPU with gloo included): every process trains its
@@ -32,6 +33,35 @@ def add_recover_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target-modules", nargs="+", default=None, help="LoRA target module names (default: the architecture's)."
     )
+    parser.add_argument(
+        "--method",
+        default="lm",
+        choices=["lm", "distill"],
+        help="lm: next-token loss on the text; distill: match the unpruned teacher's logits (KL divergence).",
+    )
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="With --method distill: the unpruned model (directory or Hub id); default: the base model recorded in "
+        "the checkpoint's pruning_results.json.",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="Distillation temperature (loss x T^2).")
+    parser.add_argument("--lm-weight", type=float, default=0.0, help="Weight of the LM loss added to distillation.")
+    parser.add_argument(
+        "--hidden-weight",
+        type=float,
+        default=0.0,
+        help="Weight of hidden-state matching (needs the teacher's hidden size and layer count).",
+    )
+    parser.add_argument(
+        "--teacher-dtype", default=None, choices=["float32", "bfloat16", "float16"], help="Default: --dtype."
+    )
+    parser.add_argument(
+        "--teacher-device-map", default=None, help="e.g. auto: let Accelerate place (or offload) the teacher."
+    )
+    parser.add_argument(
+        "--full-finetune", action="store_true", help="Train every weight instead of LoRA adapters (lower the lr)."
+    )
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="Mixed precision.")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--logging-steps", type=int, default=10)
@@ -49,30 +79,27 @@ def run_recover(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation import format_table
-    from ..inputs import check_data_file
+    from ..inputs import check_data_file, check_model_source
     from ..output_dir import check_output_directory
     from ..pruner import Pruner
-    from ..recovery import DEFAULT_LORA_DROPOUT, build_training_arguments, lora_target_modules
+    from ..recovery import DistillationConfig, build_training_arguments
 
     for name in ("max_steps", "batch_size", "block_size", "lora_r", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive integer, got {getattr(args, name)}.")
     check_data_file(args.train, "--train")
     check_data_file(args.eval, "--eval")
-    inputs = (args.model, args.train, args.eval)
+    if args.teacher is not None:
+        check_model_source(args.teacher)  # before loading and training, not after
+    inputs = (args.model, args.train, args.eval, args.teacher)
     check_output_directory(args.output, inputs, args.overwrite)  # before training, not after it
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     pruner = Pruner.from_pruned(args.model, allow_pickle=args.allow_pickle, dtype=dtype)
-    from peft import LoraConfig
-
-    lora_config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout if args.lora_dropout is not None else DEFAULT_LORA_DROPOUT,
-        target_modules=args.target_modules or lora_target_modules(pruner.model, pruner.spec),
-        task_type="CAUSAL_LM",
-        bias="none",
-    )
+    distillation = DistillationConfig(args.temperature, args.lm_weight, args.hidden_weight)
+    lora_config = None if args.full_finetune else _lora_config(args, pruner)
+    teacher_kwargs = {"dtype": getattr(torch, args.teacher_dtype) if args.teacher_dtype else dtype}
+    if args.teacher_device_map:
+        teacher_kwargs["device_map"] = args.teacher_device_map
     with tempfile.TemporaryDirectory(prefix="optimum-prune-recover-") as work_dir:
         training_args = build_training_arguments(
             {
@@ -97,6 +124,12 @@ def run_recover(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             eval_seq_len=args.eval_seq_len,
             eval_windows=args.eval_windows,
+            method=args.method,
+            teacher=args.teacher,
+            distillation=distillation,
+            full_finetune=args.full_finetune,
+            teacher_kwargs=teacher_kwargs,
+            allow_pickle=args.allow_pickle,
         )
     if training_args.process_index != 0:
         return 0  # the main process writes the checkpoint; the others hold identical merged weights
@@ -105,3 +138,19 @@ def run_recover(args: argparse.Namespace) -> int:
     print(format_table(["", "value"], rows))
     print(f"Saved to {args.output} ({pruner.model.config.model_type}).")
     return 0
+
+
+def _lora_config(args: argparse.Namespace, pruner):
+    """The `LoraConfig` the LoRA options describe (targets default to the architecture's)."""
+    from peft import LoraConfig
+
+    from ..recovery import DEFAULT_LORA_DROPOUT, lora_target_modules
+
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout if args.lora_dropout is not None else DEFAULT_LORA_DROPOUT,
+        target_modules=args.target_modules or lora_target_modules(pruner.model, pruner.spec),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
