@@ -242,9 +242,10 @@ def _prune_loaded(pruner, model_dir, output_dir, calibration_data, evaluation: t
         # Score where the model is; write layer by layer from the shards when streaming can apply the plan.
         computed = pruner.compute_plan(calibration_data=calibration_data)
         if shards_can_apply(computed, pruner.config, model_dir):
-            report = streaming.prune_streaming(model_dir, pruner.config, None, output_dir, plan=computed, **writing)
+            data = calibration_data if computed.reconstruction else None  # a refit plan is refit layer by layer too
+            report = streaming.prune_streaming(model_dir, pruner.config, data, output_dir, plan=computed, **writing)
             return {**_streaming_result(report), "engine": DISPATCHED, "before": before}
-        pruner.apply_plan(computed)
+        pruner.apply_plan(computed, calibration_data=calibration_data)
     else:
         pruner.prune(calibration_data=calibration_data)
     after = {"parameters": count_parameters(pruner.model)}
