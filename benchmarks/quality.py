@@ -5,6 +5,7 @@ Prints a Markdown table and writes JSON lines to `benchmarks/results/quality.jso
 
     python benchmarks/quality.py                                   # tiny-llama, 20% and 50%, core criteria + peer
     python benchmarks/quality.py --models tiny-opt tiny-bloom --methods taylor magnitude --ratios 0.2
+    python benchmarks/quality.py --methods wanda_sp-recon taylor-global-recon flap-adaptive-recon --ratios 0.2 0.4 0.5
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ METHODS: dict[str, dict] = {
         for name in ("random", "magnitude", "taylor", "wanda_sp", "flap", "bip", "mini_llm")
     },
 }
+# Layer-wise reconstruction (the consumers o_proj/down_proj refit by ridge least squares after the plan is chosen) on
+# the best configurations of each allocation: `<method>-recon`.
+RECONSTRUCTED = ("wanda_sp", "taylor", "flap", "bip", "taylor-global", "wanda_sp-global", "flap-adaptive")
+METHODS.update({f"{name}-recon": {**METHODS[name], "reconstruction": True} for name in RECONSTRUCTED})
 PEERS = ("torch-pruning",)
 # LLM-Pruner's own code (a checkout + its own Transformers 4.45 venv): peer name -> its block_*_layer_start/end.
 LLM_PRUNER_PEERS = {"llm-pruner": None, "llm-pruner-layers1-4": (1, 5)}

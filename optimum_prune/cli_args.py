@@ -28,6 +28,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     _add_run_args(parser)
     _add_placement_args(parser)
     _add_allocation_args(parser)
+    _add_reconstruction_args(parser)
     _add_streaming_args(parser)
     parser.add_argument(
         "--config", default=None, help="A pruner_config.json to start from (e.g. from a published checkpoint)."
@@ -123,6 +124,23 @@ def _add_allocation_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_reconstruction_args(parser: argparse.ArgumentParser) -> None:
+    """Refitting the consumer Linears after the units are chosen (see `optimum_prune.reconstruction`)."""
+    group = parser.add_argument_group("reconstruction (see PrunerConfig)")
+    group.add_argument(
+        "--reconstruction",
+        action="store_true",
+        default=None,
+        help="Refit o_proj/down_proj (each family's consumers) by ridge least squares on the calibration data.",
+    )
+    group.add_argument(
+        "--reconstruction-damping",
+        type=float,
+        default=None,
+        help="Ridge damping of the refit, relative to the mean Gram diagonal (default 0.01).",
+    )
+
+
 def _add_streaming_args(parser: argparse.ArgumentParser) -> None:
     """Layer-by-layer pruning from the checkpoint's shards."""
     parser.add_argument(
@@ -198,6 +216,8 @@ ALLOCATION_ARGS = (
     "allocation",
     "bias_compensation",
     "iterative_steps",
+    "reconstruction",
+    "reconstruction_damping",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -162,6 +163,14 @@ class PrunerConfig(PushToHubMixin):
             report; `torch.backends.cpu.get_cpu_capability()` names only `AVX2`/`AVX512`), else float32, since
             PyTorch's bfloat16 matmul on other CPUs is a slow fallback (x5-x250 on AVX2). A dtype that would round
             the weights (a float32 checkpoint computed in bfloat16) is not used: the checkpoint's dtype is.
+        reconstruction (`bool`, *optional*, defaults to `False`):
+            After the units are chosen, refit the consumer Linears of every pruned structure (o_proj/down_proj, OPT's
+            out_proj/fc2, BLOOM's dense/dense_4h_to_h) layer by layer by ridge least squares, so that each pruned
+            layer's outputs match the unpruned layer's on the calibration data (see `optimum_prune.reconstruction`).
+            Same checkpoint shape; needs calibration data. Only for 'attention_heads' (or 'query_heads') and
+            'mlp_channels', in one step; streaming reconstructs with the two-pass allocations or a given plan.
+        reconstruction_damping (`float`, *optional*, defaults to `0.01`):
+            Ridge damping of the refit, relative to the mean diagonal of the inputs' Gram matrix.
 
     Example:
 
@@ -216,6 +225,12 @@ class PrunerConfig(PushToHubMixin):
     compute_dtype: str = field(
         default="auto", metadata={"help": f"dtype calibration computes in: {list(COMPUTE_DTYPE_CHOICES)}."}
     )
+    reconstruction: bool = field(
+        default=False, metadata={"help": "Refit the pruned structures' consumer Linears by ridge least squares."}
+    )
+    reconstruction_damping: float = field(
+        default=0.01, metadata={"help": "Ridge damping of the refit, relative to the mean Gram diagonal."}
+    )
 
     def __post_init__(self):
         if isinstance(self.pruning_ratio, bool) or not isinstance(self.pruning_ratio, (int, float)):
@@ -249,6 +264,7 @@ class PrunerConfig(PushToHubMixin):
         self._validate_allocation(IMPORTANCE_REGISTRY)
         self._validate_iterative()
         check_compute_dtype(self.compute_dtype)
+        self._validate_reconstruction()
         if not isinstance(self.streaming, bool):
             raise ValueError(f"`streaming` must be True or False, got {self.streaming!r}.")
         if self.streaming:
@@ -290,6 +306,34 @@ class PrunerConfig(PushToHubMixin):
         if self.bias_compensation:
             raise ValueError(
                 f"`iterative_steps={n}` cannot compose bias compensation across steps; set `bias_compensation=False`."
+            )
+
+    def _validate_reconstruction(self) -> None:
+        """Reconstruction refits the consumers of per-layer width structures on an unpruned-shaped layer, in one
+        step; whole layers and the hidden width change what every later layer reads."""
+        if not isinstance(self.reconstruction, bool):
+            raise TypeError(f"`reconstruction` must be True or False, got {self.reconstruction!r}.")
+        damping = self.reconstruction_damping
+        if (
+            isinstance(damping, bool)
+            or not isinstance(damping, (int, float))
+            or not math.isfinite(damping)
+            or damping < 0
+        ):
+            raise ValueError(f"`reconstruction_damping` must be a finite number >= 0, got {damping!r}.")
+        self.reconstruction_damping = float(damping)
+        if not self.reconstruction:
+            return
+        other = [s for s in self.structures if s not in (*HEAD_STRUCTURES, MLP_CHANNELS)]
+        if other:
+            raise ValueError(
+                f"`reconstruction=True` refits the Linears that read 'attention_heads', 'query_heads' and "
+                f"'mlp_channels'; it cannot run with {other} in `structures`."
+            )
+        if self.iterative_steps != 1:
+            raise ValueError(
+                f"`reconstruction=True` refits once, after the plan is chosen; set `iterative_steps=1` (got "
+                f"{self.iterative_steps})."
             )
 
     def _validate_allocation(self, registry) -> None:

@@ -240,10 +240,11 @@ class DispatchedEngine(MemoryEngine):
             return self.save(pruner, job, before)
         computed = pruner.compute_plan(calibration_data=job.calibration_data)
         if not shards_can_apply(computed, pruner.config, job.model):
-            pruner.apply_plan(computed)
+            pruner.apply_plan(computed, calibration_data=job.calibration_data)
             return self.save(pruner, job, before)
+        data = job.calibration_data if computed.reconstruction else None  # a refit plan is refit layer by layer too
         report = streaming.prune_streaming(
-            job.model, pruner.config, None, job.output_dir, plan=computed, **job.writing
+            job.model, pruner.config, data, job.output_dir, plan=computed, **job.writing
         )
         return {**_streaming_result(report), "engine": self.name, "before": before}
 

@@ -12,10 +12,13 @@ from .surgery import apply_plan
 
 
 PLAN_NAME = "pruning_plan.json"
-PLAN_FORMAT_VERSION = 2  # the newest format this version reads
+PLAN_FORMAT_VERSION = 3  # the newest format this version reads
 # Plans without bias compensation are written as format 1, so older optimum-prune versions still read them; a plan
-# with `bias_means` is format 2: an older reader would otherwise drop the compensation silently.
+# with `bias_means` is format 2: an older reader would otherwise drop the compensation silently. A plan with
+# `reconstruction` is format 3, for the same reason (an older reader would slice un-refit weights).
 _BIAS_FORMAT_VERSION = 2
+_RECONSTRUCTION_FORMAT_VERSION = 3
+RECONSTRUCTION_KEYS = ("damping",)
 # Structures with one plan entry per decoder layer (`"<structure>.<layer>"`); hidden channels have one model-wide entry.
 LAYER_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS)
 
@@ -39,6 +42,11 @@ class PruningPlan:
             the calibration mean of each *removed* input channel, in ascending channel order. Surgery adds
             `W[:, removed] @ means` to that Linear's bias, so `apply` re-applies the compensation from the target
             model's own weights (exactly the same result on the model the plan was made for). Empty: no compensation.
+        reconstruction (`dict`): `{"damping": float}` when the consumers of the pruned structures were refit by ridge
+            least squares on calibration data (see `optimum_prune.reconstruction`). The refit weights are not in the
+            plan: such a plan reproduces its checkpoint only from the plan, the same calibration data and seed
+            (`Pruner.apply_plan(plan, calibration_data=...)`, or `prune_streaming(..., plan=, calibration_data=)`),
+            and [`PruningPlan.apply`] refuses it. Empty: no reconstruction.
     """
 
     model_type: str
@@ -47,6 +55,7 @@ class PruningPlan:
     kept: dict[str, list[int]] = field(default_factory=dict)
     removed_layers: list[int] = field(default_factory=list)
     bias_means: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    reconstruction: dict = field(default_factory=dict)
     format_version: int = 1
 
     def __post_init__(self):
@@ -79,9 +88,17 @@ class PruningPlan:
         self.bias_means = {k: {n: [float(x) for x in v] for n, v in m.items()} for k, m in self.bias_means.items()}
         if self.bias_means:
             self.format_version = max(self.format_version, _BIAS_FORMAT_VERSION)
+        _check_reconstruction(self.reconstruction)
+        if self.reconstruction:
+            self.reconstruction = {"damping": float(self.reconstruction["damping"])}
+            self.format_version = max(self.format_version, _RECONSTRUCTION_FORMAT_VERSION)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The plan as JSON data; `reconstruction` only when set, so plans without it stay what older versions wrote."""
+        data = asdict(self)
+        if not data["reconstruction"]:
+            del data["reconstruction"]
+        return data
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -128,7 +145,15 @@ class PruningPlan:
     def apply(self, model):
         """Prune `model` in place exactly as this plan says and return it (see [`surgery.apply_plan`]). A plan that
         does not fit the model (type, layers, unit counts, tied groups, bias means) is refused with a ValueError
-        before any tensor changes."""
+        before any tensor changes; so is a plan made with reconstruction, whose refit weights only the pruner can
+        recompute from calibration data."""
+        if self.reconstruction:
+            raise ValueError(
+                "This plan was made with reconstruction (the consumer weights were refit on calibration data), so "
+                "`PruningPlan.apply` would give un-refit weights. Load the pruned checkpoint itself, or reproduce it "
+                "from the plan, the same calibration data and seed: `Pruner.apply_plan(plan, calibration_data=...)` "
+                "or `prune_streaming(..., plan=plan, calibration_data=...)`."
+            )
         return apply_plan(model, self)
 
 
@@ -185,6 +210,18 @@ def _check_indices(name: str, value, bound: int) -> None:
             raise ValueError(
                 f"`{name}` must be sorted ascending without duplicates; {index} follows {value[position - 1]}."
             )
+
+
+def _check_reconstruction(value) -> None:
+    """Empty, or `{"damping": finite number >= 0}`."""
+    _check_dict("reconstruction", value)
+    if not value:
+        return
+    if sorted(value) != sorted(RECONSTRUCTION_KEYS):
+        raise ValueError(f"`reconstruction` must hold exactly {list(RECONSTRUCTION_KEYS)}, got {sorted(value)}.")
+    damping = value["damping"]
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"`reconstruction['damping']` must be a finite number >= 0, got {_kind(damping)}.")
 
 
 def _check_numbers(name: str, value) -> None:

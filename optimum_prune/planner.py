@@ -35,6 +35,11 @@ from .utils.compat import fails_transformers_5_validation
 logger = logging.getLogger(__name__)
 
 
+def reconstruction_settings(pruner_config) -> dict:
+    """The plan's `reconstruction` entry for a [`PrunerConfig`]: its damping when it reconstructs, else empty."""
+    return {"damping": pruner_config.reconstruction_damping} if pruner_config.reconstruction else {}
+
+
 class Planner:
     """Plans the pruning of one model with one [`PrunerConfig`].
 
@@ -92,6 +97,7 @@ class Planner:
             kept=kept,
             removed_layers=list(removed),
             bias_means=self.bias_means(group_sets, kept, means) if means is not None else {},
+            reconstruction=reconstruction_settings(self.config),
         )
 
     def _resolve_bias_compensation(self) -> None:

@@ -29,7 +29,9 @@ from .offload import apply_plan_dispatched, input_device, is_offloaded, keep_tie
 from .output_dir import atomic_directory, checkpoint_bytes
 from .plan import PLAN_NAME, PruningPlan
 from .planner import Planner
+from .reconstruction import reconstruct_model
 from .recovery import DistillationConfig, check_recovery_method, recover_model
+from .streaming import capture_layer_inputs
 from .utils.safe_weights import weights_loading_kwargs
 from .writer import describe_data, run_summary, summary_card, write_run_files
 
@@ -88,16 +90,56 @@ class Pruner:
         if self.config.iterative_steps > 1:
             self.plan = self._prune_iteratively(importance, batches)
             return self._record_pruned()
-        return self.apply_plan(self.make_plan(importance, batches))
+        return self._apply(self.make_plan(importance, batches), batches)
 
-    def apply_plan(self, plan: PruningPlan) -> nn.Module:
+    def apply_plan(self, plan: PruningPlan, calibration_data=None) -> nn.Module:
         """Prune the model as `plan` says (from [`~Pruner.compute_plan`] or `PruningPlan.from_pretrained`) and keep
-        it as this pruner's result, so `save_pretrained` writes the plan, config and card; returns the model."""
+        it as this pruner's result, so `save_pretrained` writes the plan, config and card; returns the model.
+
+        A plan made with reconstruction (`plan.reconstruction`) refits the consumer weights first, on
+        `calibration_data` (the data the plan was made with, sampled with this pruner's config and seed)."""
         if self.is_pruned:
             raise RuntimeError("This pruner has already pruned its model; build a new one to prune again.")
+        batches = self._reconstruction_batches(calibration_data) if plan.reconstruction else None
+        return self._apply(plan, batches)
+
+    def _reconstruction_batches(self, calibration_data) -> torch.Tensor:
+        """The calibration windows a reconstruction plan is refit on (a clear error without data)."""
+        if calibration_data is None:
+            raise ValueError(
+                "This plan was made with reconstruction (refit consumer weights), which needs the calibration data "
+                "it was made with: pass `calibration_data=`."
+            )
+        self.calibration_source = describe_data(calibration_data)
+        check_seq_len(self.config.calibration_seq_len, self.model.config)
+        return prepare_calibration(
+            calibration_data,
+            self.tokenizer,
+            self.config.num_calibration_samples,
+            self.config.calibration_seq_len,
+            seed=self.config.seed,
+        )
+
+    def _apply(self, plan: PruningPlan, batches: torch.Tensor | None) -> nn.Module:
+        """Refit the consumers when the plan says so, then slice the model as the plan says."""
+        if plan.reconstruction:
+            self._reconstruct(plan, batches)
         apply_plan_dispatched(self.model, plan, self.spec, self.offload_folder)
         self.plan = plan
         return self._record_pruned()
+
+    def _reconstruct(self, plan: PruningPlan, batches: torch.Tensor) -> None:
+        """Refit every pruned consumer layer by layer on the calibration windows (see `optimum_prune.reconstruction`),
+        before surgery slices the model."""
+        if is_offloaded(self.model):
+            raise ValueError(
+                "Reconstruction runs every decoder layer twice per calibration batch on its own device, and this model "
+                "has weights offloaded to the CPU or disk (`device_map`); load it on one device, or stream it with "
+                "`prune_streaming(..., plan=plan, calibration_data=...)`."
+            )
+        device = next(self.model.parameters()).device
+        full = capture_layer_inputs(self.model, self.spec, batches.to(device))
+        reconstruct_model(self.model, self.spec, plan, full, plan.reconstruction["damping"])
 
     def _record_pruned(self) -> nn.Module:
         self.params_after = count_parameters(self.model)
@@ -127,9 +169,15 @@ class Pruner:
     def _calibration_batches(self, importance, calibration_data) -> torch.Tensor | None:
         """The calibration token windows, when the criterion, the layer scorer or bias compensation needs them."""
         self.calibration_source = describe_data(calibration_data)
-        if not (importance.needs_data or self._layer_scorer_needs_data() or self.config.bias_compensation):
+        needs = (importance.needs_data, self._layer_scorer_needs_data(), self.config.bias_compensation)
+        if not (any(needs) or self.config.reconstruction):
             return None
         if calibration_data is None:
+            if self.config.reconstruction and not any(needs):
+                raise ValueError(
+                    "`reconstruction=True` needs calibration data (`calibration_data=`): it refits the consumer "
+                    "weights so the pruned layers' outputs match the unpruned ones on it."
+                )
             if not (importance.needs_data or self._layer_scorer_needs_data()):
                 raise ValueError(
                     "`bias_compensation=True` needs calibration data (`calibration_data=`): it folds the mean "

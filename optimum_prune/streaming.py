@@ -84,7 +84,8 @@ from .inputs import (
 from .metrics import count_parameters
 from .output_dir import atomic_directory, check_output_directory
 from .plan import PruningPlan
-from .planner import Planner
+from .planner import Planner, reconstruction_settings
+from .reconstruction import layer_consumers, pruned_stream, reconstruct_layer
 from .streaming_checks import (
     LAYER_LOCAL_NEEDS,
     STREAMING_STRUCTURES,
@@ -947,6 +948,7 @@ class _Run:
     bias_paths: set[str] = dataclasses.field(default_factory=set)
     checkpoint_dtype: torch.dtype = torch.float32
     compute_dtype: torch.dtype = torch.float32  # of the layers that run a forward; the output keeps checkpoint_dtype
+    reconstruction: dict = dataclasses.field(default_factory=dict)  # the plan's refit settings; empty: none
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -1002,6 +1004,7 @@ def _plan_shapes(run: _Run) -> None:
     estimate (two passes, whose widths follow from the scores)."""
     model, spec = run.model, run.spec
     if run.plan is not None:
+        _given_plan_reconstruction(run)
         run.all_group_sets = _plan_group_sets(model, spec, run.plan)
         _set_shape_model(run)
         run.kept_counts = {key: len(units) for key, units in run.plan.kept.items()}
@@ -1011,11 +1014,39 @@ def _plan_shapes(run: _Run) -> None:
     run.compensate = bool(run.pruner_config.bias_compensation)
     run.all_group_sets, run.group_sets = _prunable_group_sets(run.planner)
     run.two_pass = needs_global_scores(run.pruner_config)
+    run.reconstruction = reconstruction_settings(run.pruner_config)  # two-pass only (`check_streaming_config`)
     if run.two_pass:
         run.kept_counts = _uniform_estimate(run.planner, run.group_sets)
         return
     run.kept_counts = run.planner.kept_counts(run.group_sets)
     run.shape_model = apply_plan(copy.deepcopy(model), _shape_plan(model, run.all_group_sets, run.kept_counts), spec)
+
+
+def _given_plan_reconstruction(run: _Run) -> None:
+    """A given plan is refit when it was made with reconstruction (its damping) or when the config asks for it (the
+    config's damping, then recorded in the written plan)."""
+    run.reconstruction = run.plan.reconstruction or reconstruction_settings(run.pruner_config)
+    if run.reconstruction and not run.plan.reconstruction:
+        run.plan = dataclasses.replace(run.plan, reconstruction=run.reconstruction)
+
+
+def _check_reconstruction_inputs(run: _Run, offload_hidden_states) -> None:
+    """Reconstruction carries the unpruned and the pruned model's hidden states side by side, in RAM."""
+    if run.reconstruction and offload_hidden_states is not None:
+        raise ValueError(
+            "Streaming reconstruction keeps the unpruned and the pruned model's calibration hidden states in RAM "
+            "(two copies); it cannot run with `offload_hidden_states`. Drop one of them, or use fewer calibration "
+            "samples."
+        )
+
+
+@torch.no_grad()
+def _reconstruct_layer(run: _Run, layer_index: int, inputs: LayerInputs, pruned: LayerInputs) -> None:
+    """Refit the consumers the plan prunes in the (unpruned-shaped, materialised) layer and advance both streams;
+    the same function the in-memory engine runs on every layer (`reconstruction.reconstruct_layer`)."""
+    layer = run.layers[layer_index]
+    consumers = layer_consumers(layer, run.spec, run.plan, run.all_group_sets, layer_index)
+    reconstruct_layer(layer, consumers, inputs, pruned, run.reconstruction["damping"])
 
 
 def _set_shape_model(run: _Run) -> None:
@@ -1065,6 +1096,8 @@ def _calibration_batches(run: _Run, calibration_data, tokenizer) -> torch.Tensor
     config = run.pruner_config
     if calibration_data is None:
         name = run.importance.name if run.importance.needs_data else "bias compensation"
+        if run.reconstruction and (run.plan is not None or not (run.importance.needs_data or run.compensate)):
+            name = "reconstruction"
         raise ValueError(f"{name!r} needs calibration data (`calibration_data=`).")
     check_seq_len(config.calibration_seq_len, run.config)
     return prepare_calibration(
@@ -1132,11 +1165,14 @@ def _write_layers(run: _Run, writer: ShardWriter, inputs, progress) -> dict[str,
     the pruned model's activations)."""
     model, spec, layers = run.model, run.spec, run.layers
     kept = {}
+    pruned = pruned_stream(inputs) if run.reconstruction else None  # the pruned-and-refit model's hidden states
     for i in range(len(layers)):
         layer_name = f"{spec.layers}.{i}"
-        computing = run.plan is None and inputs is not None  # a given plan or pass 2 only slices
+        computing = inputs is not None and (run.plan is None or bool(run.reconstruction))  # else only slicing
         materialize(model, layer_name, run.reader, dtype=run.compute_dtype if computing else None)
         if run.plan is not None:
+            if pruned is not None:
+                _reconstruct_layer(run, i, inputs, pruned)
             _apply_layer_plan(model, spec, i, run.plan, run.all_group_sets, run.bias_paths)
         else:
             kept.update(prune_layer(model, spec, i, run.importance, run.group_sets, run.kept_counts, inputs))
@@ -1227,7 +1263,8 @@ def prune_streaming(
     """
     run = _open_checkpoint(os.fspath(model_dir), pruner_config, plan, trust_remote_code)
     _plan_shapes(run)
-    needs_data = (run.importance.needs_data or run.compensate) and run.plan is None
+    needs_data = ((run.importance.needs_data or run.compensate) and run.plan is None) or bool(run.reconstruction)
+    _check_reconstruction_inputs(run, offload_hidden_states)
     report = _report(run, needs_data, offload_hidden_states is not None)
     if dry_run:
         return report
@@ -1241,8 +1278,10 @@ def prune_streaming(
     inputs, hidden_file = _capture_calibration_inputs(run, batches, offload_hidden_states)
     if run.two_pass:
         _plan_from_scores(run, inputs, progress)
-        inputs = None  # pass 2 needs no hidden states
+        inputs = None  # pass 2 needs no hidden states, unless it refits: then the first layer's inputs again
         _release_hidden_states(hidden_file)
+        if run.reconstruction:
+            inputs, hidden_file = _capture_calibration_inputs(run, batches, None)
         report["params_after"] = count_parameters(run.shape_model)
         report["planned_widths"] = _planned_widths(run.all_group_sets, run.kept_counts)
     with atomic_directory(output_dir, (run.model_dir,), overwrite, expected) as tmp:

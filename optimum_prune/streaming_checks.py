@@ -71,6 +71,12 @@ def check_streaming_config(pruner_config, model_type: str | None = None) -> None
             "widths stream in one pass on the pruned model's activations. Set `bias_compensation=False` or use one "
             "of those allocations."
         )
+    if getattr(pruner_config, "reconstruction", False) and not needs_global_scores(pruner_config):
+        raise ValueError(
+            "Streaming reconstructs only when the plan is known before the layer pass: with the two-pass allocations "
+            "(`allocation='flap'` or `global_ranking=True`) or a given plan (`plan=`); uniform or given widths "
+            "stream in one pass that chooses each layer's units as it goes. Use one of those, or prune in memory."
+        )
     check_streaming_family(model_type)
 
 
