@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from .architectures.base import ATTENTION_HEADS, HIDDEN_CHANNELS, MLP_CHANNELS, QUERY_HEADS
+from .architectures.base import ATTENTION_HEADS, EXPERTS, HIDDEN_CHANNELS, MLP_CHANNELS, QUERY_HEADS
 from .surgery import apply_plan
 
 
@@ -17,7 +17,7 @@ PLAN_FORMAT_VERSION = 2  # the newest format this version reads
 # with `bias_means` is format 2: an older reader would otherwise drop the compensation silently.
 _BIAS_FORMAT_VERSION = 2
 # Structures with one plan entry per decoder layer (`"<structure>.<layer>"`); hidden channels have one model-wide entry.
-LAYER_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS)
+LAYER_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, EXPERTS)
 
 
 @dataclass

@@ -217,7 +217,8 @@ def layer_widths(model: nn.Module, spec: ArchitectureSpec) -> list[dict[str, int
         layer = {}
         for structure in spec.structures.values():
             for w in structure.widths:
-                layer[w.field] = width_of(params, model.config, w, prefix)
+                if prefix + w.param in params:  # a layer may lack a structure (a dense layer of an MoE model)
+                    layer[w.field] = width_of(params, model.config, w, prefix)
         widths.append(layer)
     return widths
 
@@ -228,8 +229,8 @@ def _per_layer_overrides(per_layer: list[dict[str, int]]) -> tuple[dict[str, int
     if not per_layer:
         return {}, {}
     global_widths = {}
-    for name in per_layer[0]:
-        values = [layer[name] for layer in per_layer]
+    for name in dict.fromkeys(name for layer in per_layer for name in layer):
+        values = [layer[name] for layer in per_layer if name in layer]
         global_widths[name] = max(set(values), key=lambda v: (values.count(v), v))
     overrides = {}
     for i, layer in enumerate(per_layer):
@@ -459,6 +460,8 @@ def sync_module_attrs(
         for layer, widths in zip(layers, layer_widths(model, spec)):
             for path, rule in spec.layer_module_attrs.items():
                 owner_path, _, attr = path.rpartition(".")
+                if any(isinstance(x, str) and x not in widths for x in rule):
+                    continue  # the layer lacks the structure (a dense layer of an MoE model)
                 numerator, denominator, *multiplier = (widths[x] if isinstance(x, str) else x for x in rule)
                 value = numerator * (multiplier[0] if multiplier else 1) // denominator
                 setattr(layer.get_submodule(owner_path) if owner_path else layer, attr, value)
