@@ -22,7 +22,7 @@ from .allocation import (
     select_top,
     uniform_allocation,
 )
-from .architectures.base import ATTENTION_HEADS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
+from .architectures.base import ATTENTION_HEADS, EXPERTS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
 from .configuration import PrunerConfig
 from .errors import PruneInputError
 from .groups import GroupSet, Slice, build_group_sets, check_tied_groups, decoder_layers, layer_prefix, width_of
@@ -33,6 +33,24 @@ from .utils.compat import fails_transformers_5_validation
 
 
 logger = logging.getLogger(__name__)
+
+
+# Criteria that score the fused 3-D expert tensors of MoE families (`experts`, and `mlp_channels` inside experts):
+# weight-only ones read any tensor; the routing criteria read the router. Activation- and gradient-based criteria
+# hook `nn.Linear` inputs or pair them with weights, which the fused experts are not.
+EXPERT_CRITERIA = ("magnitude", "random", "frequency", "reap")
+
+
+def check_expert_criterion(model: nn.Module, spec: ArchitectureSpec, config: PrunerConfig) -> None:
+    """Refuse, before calibration, a criterion that cannot score the fused expert tensors of an MoE family."""
+    if EXPERTS not in spec.structures:
+        return
+    fused = [s for s in config.structures if s in (EXPERTS, MLP_CHANNELS)]
+    if fused and config.importance not in EXPERT_CRITERIA:
+        raise ValueError(
+            f"`importance={config.importance!r}` cannot score {fused} of {model.config.model_type!r}, whose experts are "
+            f"fused 3-D tensors; use one of {list(EXPERT_CRITERIA)}."
+        )
 
 
 class Planner:
@@ -54,6 +72,7 @@ class Planner:
                 f"{model.config.model_type} supports structures {list(spec.supported_structures)}, got {unsupported}."
             )
         check_tied_groups(model, spec, config.structures)
+        check_expert_criterion(model, spec, config)
         self.model = model
         self.spec = spec
         self.config = config
@@ -144,8 +163,25 @@ class Planner:
         config = self.config
         params, removed, width_structures = self.params, list(removed), self.width_structures
         if config.non_uniform or config.uniform or removed or config.min_heads > 1 or config.min_channels > 1:
-            return self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
-        return uniform_allocation(params, group_sets, width_structures, config.pruning_ratio, config.round_to)
+            kept = self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
+        else:
+            kept = uniform_allocation(params, group_sets, width_structures, config.pruning_ratio, config.round_to)
+        self._check_experts_per_token(group_sets, kept)
+        return kept
+
+    def experts_per_token(self) -> int:
+        """The router's top-k: every MoE layer keeps at least this many experts."""
+        return getattr(self.model.config, self.spec.extra.get("experts_per_token_field", "num_experts_per_tok"), 1)
+
+    def _check_experts_per_token(self, group_sets, kept) -> None:
+        top_k = self.experts_per_token()
+        for key, count in kept.items():
+            if group_sets[key].structure == EXPERTS and count < top_k:
+                raise ValueError(
+                    f"`pruning_ratio={self.config.pruning_ratio}` would keep {count} experts in layer "
+                    f"{group_sets[key].layer}, fewer than the {top_k} the router picks per token "
+                    "(`num_experts_per_tok`); lower the ratio or add other structures."
+                )
 
     def bias_means(self, group_sets, kept, means) -> dict[str, dict[str, list[float]]]:
         """Calibration means of the removed input channels of every consumer (the plan's `bias_means`)."""
@@ -214,6 +250,8 @@ class Planner:
                 # Whole units (KV groups), and for tied query heads whole steps of one head per KV group.
                 units = math.ceil(config.min_heads / (heads // gs.num_units))
                 floors[key] = math.ceil(units / gs.num_groups) * gs.num_groups
+            elif gs.structure == EXPERTS:
+                floors[key] = min(gs.num_units, self.experts_per_token())
             else:
                 floors[key] = min(gs.num_units, math.ceil(config.min_channels / config.round_to) * config.round_to)
         ratios = config.layer_ratios

@@ -95,7 +95,9 @@ def moe_spec(model_type: str, experts_field: str, intermediate_field: str, prune
         pruned_model_type=pruned_model_type,
         bias_fields={"self_attn.o_proj": "o_proj_bias"},
         lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-        extra={"experts_per_token_field": "num_experts_per_tok"},
+        # The router's top-k (every layer keeps at least that many experts) and the fused-experts module that routing
+        # criteria hook.
+        extra={"experts_per_token_field": "num_experts_per_tok", "experts_module": "mlp.experts"},
     )
 
 
