@@ -77,6 +77,7 @@ class Planner:
         self.spec = spec
         self.config = config
         self._params = params
+        self._align_round_to()
         self._check_round_to()
         self._resolve_bias_compensation()
 
@@ -144,6 +145,23 @@ class Planner:
                 f"`bias_compensation=True` needs an output bias on {missing}, which {self.model.config.model_type!r} "
                 "builds without one and its registered type cannot add; set `bias_compensation=False`."
             )
+
+    def _align_round_to(self) -> None:
+        """Channel widths of fused experts must stay multiples of `spec.extra["channel_multiple"]`: Transformers 5
+        loads MoE checkpoints with its `grouped_mm` experts kernel, which needs 16-byte aligned rows (8 bf16 values),
+        and fails on other widths. `round_to` becomes its least common multiple with that (recorded in the config)."""
+        multiple = self.spec.extra.get("channel_multiple", 1)
+        if multiple == 1 or not set(self.config.structures) & set(CHANNEL_STRUCTURES):
+            return
+        aligned = math.lcm(self.config.round_to, multiple)
+        if aligned != self.config.round_to:
+            logger.info(
+                "%s: rounding channel widths to multiples of %d (`round_to=%d`) for the grouped experts kernel.",
+                self.model.config.model_type,
+                aligned,
+                self.config.round_to,
+            )
+            self.config.round_to = aligned
 
     def _check_round_to(self) -> None:
         """A `round_to` above every channel width it rounds leaves nothing to prune; say so before calibration."""

@@ -23,6 +23,7 @@ from .groups import (
     config_divisor,
     decoder_layers,
     derive_field,
+    get_submodule_or_none,
     layer_prefix,
     width_of,
 )
@@ -453,8 +454,9 @@ def sync_module_attrs(
             owners = [(layers[i], layer_config(i) if layer_config is not None else config) for i in indices]
         owner_path, _, attr = path.lstrip("/").rpartition(".")
         for owner, source in owners:
-            module = owner.get_submodule(owner_path) if owner_path else owner
-            setattr(module, attr, field_value(source, field_name))
+            module = get_submodule_or_none(owner, owner_path) if owner_path else owner
+            if module is not None:  # a layer may lack the module (a dense layer of an MoE model)
+                setattr(module, attr, field_value(source, field_name))
     if spec.layer_module_attrs:
         # Per layer, from that layer's own tensor widths (per-layer head counts differ under non-uniform pruning).
         for layer, widths in zip(layers, layer_widths(model, spec)):

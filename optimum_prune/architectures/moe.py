@@ -91,13 +91,17 @@ def moe_spec(model_type: str, experts_field: str, intermediate_field: str, prune
             "mlp.experts.num_experts": (experts_field, 1),
             "mlp.experts.intermediate_dim": (intermediate_field, 1),
         },
-        module_attrs=(("/num_experts", experts_field),),  # the causal LM's copy (its auxiliary loss)
+        module_attrs=(
+            ("/num_experts", experts_field),  # the causal LM's copy (its auxiliary loss)
+            ("mlp.gate.hidden_dim", "hidden_size"),  # the router reshapes its input with it
+            ("mlp.experts.hidden_dim", "hidden_size"),
+        ),
         pruned_model_type=pruned_model_type,
         bias_fields={"self_attn.o_proj": "o_proj_bias"},
         lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-        # The router's top-k (every layer keeps at least that many experts) and the fused-experts module that routing
-        # criteria hook.
-        extra={"experts_per_token_field": "num_experts_per_tok", "experts_module": "mlp.experts"},
+        # The router's top-k (every layer keeps at least that many experts), the fused-experts module that routing
+        # criteria hook, and the channel multiple Transformers' `grouped_mm` experts kernel needs (16-byte rows).
+        extra={"experts_per_token_field": "num_experts_per_tok", "experts_module": "mlp.experts", "channel_multiple": 8},
     )
 
 
