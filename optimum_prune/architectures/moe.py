@@ -101,7 +101,11 @@ def moe_spec(model_type: str, experts_field: str, intermediate_field: str, prune
         lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
         # The router's top-k (every layer keeps at least that many experts), the fused-experts module that routing
         # criteria hook, and the channel multiple Transformers' `grouped_mm` experts kernel needs (16-byte rows).
-        extra={"experts_per_token_field": "num_experts_per_tok", "experts_module": "mlp.experts", "channel_multiple": 8},
+        extra={
+            "experts_per_token_field": "num_experts_per_tok",
+            "experts_module": "mlp.experts",
+            "channel_multiple": 8,
+        },
     )
 
 
