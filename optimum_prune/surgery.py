@@ -161,7 +161,10 @@ def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: i
         if spec.norm.eps_attr:
             setattr(norm, spec.norm.eps_attr, getattr(norm, spec.norm.eps_attr) * old / new)
     if spec.norm.eps_field:
-        setattr(model.config, spec.norm.eps_field, getattr(model.config, spec.norm.eps_field) * old / new)
+        eps = getattr(model.config, spec.norm.eps_field)
+        if spec.norm.fixed_eps_field and getattr(model.config, spec.norm.fixed_eps_field, None) is None:
+            setattr(model.config, spec.norm.fixed_eps_field, eps)  # the per-head norms keep it
+        setattr(model.config, spec.norm.eps_field, eps * old / new)
 
 
 def write_unit_records(model: nn.Module, spec: ArchitectureSpec, plan) -> None:
@@ -253,7 +256,9 @@ def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
         setattr(config, field_name, value)
     # Per-layer widths always need the registered type (`per_layer_config`). Under 4.x also leave the stock type when 5.x would refuse to load it, if the family has a pruned type.
     refused_by_v5 = fails_transformers_5_validation(config) and spec.pruned_model_type in PRUNED_MODEL_CLASSES
-    if not overrides and not refused_by_v5 and _stock_config_expresses(model):
+    # A kept epsilon of per-head norms (see `NormSpec.fixed_eps_field`) is read only by the registered type.
+    fixed_eps = spec.norm.fixed_eps_field is not None and getattr(config, spec.norm.fixed_eps_field, None) is not None
+    if not overrides and not refused_by_v5 and not fixed_eps and _stock_config_expresses(model):
         for name, rule in spec.derived_fields.items():
             # The stock class derives it the same way: leave config.json as the stock class writes it.
             declared = hasattr(type(config), name)  # a registered type's own field stays

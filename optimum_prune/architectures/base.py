@@ -98,6 +98,10 @@ class NormSpec:
     eps_attr: str | None = None
     modules: tuple[str, ...] = ()  # model-level norms, e.g. "model.norm"
     layer_modules: tuple[str, ...] = ()  # per-layer norms, relative to the layer
+    # Where the original epsilon goes when norms over another dimension (Qwen3's per-head `q_norm`/`k_norm` over
+    # `head_dim`) build theirs from `eps_field` too: hidden-channel pruning leaves them alone, and the registered
+    # pruned type builds them with this field.
+    fixed_eps_field: str | None = None
 
 
 @dataclass(frozen=True)

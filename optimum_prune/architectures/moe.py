@@ -110,7 +110,11 @@ def moe_spec(model_type: str, experts_field: str, intermediate_field: str, prune
 
 
 MIXTRAL_SPEC = moe_spec("mixtral", "num_local_experts", "intermediate_size", "pruned_mixtral")
-QWEN3_MOE_SPEC = moe_spec("qwen3_moe", "num_experts", "moe_intermediate_size", "pruned_qwen3_moe")
+QWEN3_MOE_SPEC = dataclasses.replace(
+    moe_spec("qwen3_moe", "num_experts", "moe_intermediate_size", "pruned_qwen3_moe"),
+    # `q_norm`/`k_norm` act over `head_dim` with `rms_norm_eps`, which hidden-channel pruning rescales for the others.
+    norm=dataclasses.replace(LLAMA_SPEC.norm, fixed_eps_field="head_norm_eps"),
+)
 
 register_family("mixtral", MIXTRAL_SPEC)
 register_family("qwen3_moe", QWEN3_MOE_SPEC)

@@ -86,6 +86,9 @@ class PrunedQwen3MoeConfig(_MoeChecks, PerLayerConfigMixin, Qwen3MoeConfig):
     )
     OUTPUT_BIASES = MOE_OUTPUT_BIASES
     o_proj_bias: bool = False
+    # The epsilon of the per-head `q_norm`/`k_norm` when it differs from `rms_norm_eps` (hidden-channel pruning
+    # rescales the latter for the norms over the hidden size only).
+    head_norm_eps: float | None = None
 
 
 def _init_moe_causal_lm(lm, config, base_model_class) -> None:
@@ -122,6 +125,10 @@ class PrunedQwen3MoeModel(Qwen3MoeModel):
     def __init__(self, config: PrunedQwen3MoeConfig):
         Qwen3MoePreTrainedModel.__init__(self, config)
         init_rotary_decoder(self, config, Qwen3MoeDecoderLayer, Qwen3MoeRMSNorm, Qwen3MoeRotaryEmbedding)
+        if config.head_norm_eps is not None:
+            for layer in self.layers:
+                layer.self_attn.q_norm.variance_epsilon = config.head_norm_eps
+                layer.self_attn.k_norm.variance_epsilon = config.head_norm_eps
 
 
 class PrunedQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
