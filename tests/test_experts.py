@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from family_table import LLAMA_LAYOUT, cpu_and_disk_map
 from testing_utils import VOCAB, _randomize, fresh_process_logits, input_ids, logits, skip_layers
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -202,6 +203,24 @@ def test_moe_hidden_channels(family, tmp_path):
         [tmp_path / "pruned"], input_ids(), trust_remote_code=True, import_package=False
     )
     assert torch.allclose(fresh, logits(model, input_ids()), atol=ATOL)
+
+
+def test_experts_dispatched(tmp_path):
+    """REAP under a `device_map` with the even layers offloaded to disk: routing statistics come through accelerate's
+    hooks, per-layer expert counts, exact against the masked router."""
+    tiny_mixtral().save_pretrained(tmp_path / "moe", max_shard_size="20KB")
+    pruner = AutoPruner.from_pretrained(
+        tmp_path / "moe",
+        pruner_config=_config(["experts"], experts_ratio(tiny_mixtral(), 3), "reap", global_ranking=True),
+        dtype=torch.float32,
+        device_map=cpu_and_disk_map(tiny_mixtral(), LLAMA_LAYOUT),
+        offload_folder=str(tmp_path / "offload"),
+    )
+    assert "disk" in pruner.model.hf_device_map.values()
+    model = pruner.prune(calibration_data=CALIBRATION)
+    assert len({len(kept) for kept in pruner.plan.kept.values()}) > 1
+    reference = zeroed_reference(tiny_mixtral(), pruner.plan)
+    assert torch.allclose(logits(model, input_ids()), logits(reference, input_ids()), atol=ATOL)
 
 
 def test_qwen3_moe_dense_layers_keep_their_mlp(tmp_path):
