@@ -25,7 +25,16 @@ from .allocation import (
 from .architectures.base import ATTENTION_HEADS, EXPERTS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
 from .configuration import PrunerConfig
 from .errors import PruneInputError
-from .groups import GroupSet, Slice, build_group_sets, check_tied_groups, decoder_layers, layer_prefix, width_of
+from .groups import (
+    GroupSet,
+    Slice,
+    build_group_sets,
+    check_tied_groups,
+    decoder_layers,
+    layer_prefix,
+    materialize_derived_fields,
+    width_of,
+)
 from .modeling import PRUNED_MODEL_CLASSES
 from .plan import PruningPlan
 from .surgery import consumer_modules, removed_channels
@@ -42,9 +51,17 @@ EXPERT_CRITERIA = ("magnitude", "random", "frequency", "reap")
 
 
 def check_expert_criterion(model: nn.Module, spec: ArchitectureSpec, config: PrunerConfig) -> None:
-    """Refuse, before calibration, a criterion that cannot score the fused expert tensors of an MoE family."""
+    """Refuse, before calibration, an MoE model whose experts are not fused 3-D tensors (Transformers 4.x module
+    lists, which the spec does not describe), and a criterion that cannot score the fused expert tensors."""
     if EXPERTS not in spec.structures:
         return
+    fused = spec.structures[EXPERTS].members[1].name  # "mlp.experts.gate_up_proj"
+    if not any(name.endswith(fused) for name, _ in model.named_parameters()):
+        raise ValueError(
+            f"optimum-prune prunes {model.config.model_type!r} models whose experts are fused 3-D tensors (`{fused}`, "
+            "Transformers 5); this model stores them otherwise (Transformers 4.x module lists). Load it with "
+            "Transformers 5 to prune it."
+        )
     fused = [s for s in config.structures if s in (EXPERTS, MLP_CHANNELS)]
     if fused and config.importance not in EXPERT_CRITERIA:
         raise ValueError(
@@ -71,6 +88,7 @@ class Planner:
             raise ValueError(
                 f"{model.config.model_type} supports structures {list(spec.supported_structures)}, got {unsupported}."
             )
+        materialize_derived_fields(model.config, spec)  # divisors such as an implicit `head_dim`
         check_tied_groups(model, spec, config.structures)
         check_expert_criterion(model, spec, config)
         self.model = model

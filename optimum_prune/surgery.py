@@ -10,6 +10,7 @@ channels: with norm statistics compensated, see `NormSpec`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -25,6 +26,7 @@ from .groups import (
     derive_field,
     get_submodule_or_none,
     layer_prefix,
+    materialize_derived_fields,
     width_of,
 )
 from .modeling import PRUNED_MODEL_CLASSES
@@ -212,8 +214,10 @@ def remove_layers(model: nn.Module, spec: ArchitectureSpec, removed: list[int]) 
         config.layer_types = [t for i, t in enumerate(layer_types) if i not in set(removed)]
 
 
-def layer_widths(model: nn.Module, spec: ArchitectureSpec) -> list[dict[str, int]]:
-    """The config widths each decoder layer actually has, read from its tensors."""
+def layer_widths(model: nn.Module, spec: ArchitectureSpec, config=None) -> list[dict[str, int]]:
+    """The config widths each decoder layer actually has, read from its tensors (divisors from `config`, by default
+    the model's)."""
+    config = config if config is not None else model.config
     params = dict(model.named_parameters())
     widths = []
     for i in range(len(decoder_layers(model, spec))):
@@ -222,7 +226,7 @@ def layer_widths(model: nn.Module, spec: ArchitectureSpec) -> list[dict[str, int
         for structure in spec.structures.values():
             for w in structure.widths:
                 if prefix + w.param in params:  # a layer may lack a structure (a dense layer of an MoE model)
-                    layer[w.field] = width_of(params, model.config, w, prefix)
+                    layer[w.field] = width_of(params, config, w, prefix)
         widths.append(layer)
     return widths
 
@@ -464,7 +468,10 @@ def sync_module_attrs(
                 setattr(module, attr, field_value(source, field_name))
     if spec.layer_module_attrs:
         # Per layer, from that layer's own tensor widths (per-layer head counts differ under non-uniform pruning).
-        for layer, widths in zip(layers, layer_widths(model, spec)):
+        # A derived divisor (Qwen2-MoE's `head_dim`) that `write_config` dropped again from a stock config.
+        divisors = copy.copy(config)
+        materialize_derived_fields(divisors, spec)
+        for layer, widths in zip(layers, layer_widths(model, spec, divisors)):
             for path, rule in spec.layer_module_attrs.items():
                 owner_path, _, attr = path.rpartition(".")
                 if any(isinstance(x, str) and x not in widths for x in rule):

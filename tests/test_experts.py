@@ -12,7 +12,15 @@ import pytest
 import torch
 from family_table import LLAMA_LAYOUT, cpu_and_disk_map
 from testing_utils import VOCAB, _randomize, fresh_process_logits, input_ids, logits, skip_layers
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.calibration import collect_statistics
@@ -42,6 +50,8 @@ def _tiny_moe(config_class, model_class, seed: int, overrides: dict):
         rms_norm_eps=1e-6,
     )
     kwargs.update(overrides)
+    if config_class is Qwen2MoeConfig:
+        del kwargs["head_dim"]  # derived: hidden_size // num_attention_heads
     return _randomize(model_class(config_class(**kwargs)).eval())
 
 
@@ -56,7 +66,22 @@ def tiny_mixtral(seed: int = 0, **overrides):
     return _tiny_moe(MixtralConfig, MixtralForCausalLM, seed, overrides)
 
 
-BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral}
+def tiny_qwen2_moe(seed: int = 0, **overrides):
+    """Qwen2-MoE: q/k/v biases, implicit `head_dim` (48 // 6 = 8: 6 query heads in 3 KV groups), a shared expert of
+    width 24 behind its sigmoid gate."""
+    overrides = {
+        "num_experts": NUM_EXPERTS,
+        "moe_intermediate_size": 32,
+        "intermediate_size": 64,
+        "shared_expert_intermediate_size": 24,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 3,
+        **overrides,
+    }
+    return _tiny_moe(Qwen2MoeConfig, Qwen2MoeForCausalLM, seed, overrides)
+
+
+BUILDERS = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen2_moe}
 
 
 def masked_router(removed: list[int]):
@@ -92,6 +117,8 @@ def zeroed_reference(model, plan):
                 for block in layers:
                     block.self_attn.o_proj.weight[removed] = 0
                     block.mlp.experts.down_proj[:, removed] = 0
+                    if hasattr(block.mlp, "shared_expert"):
+                        block.mlp.shared_expert.down_proj.weight[removed] = 0
             else:
                 field = "num_attention_heads" if structure == "query_heads" else "num_key_value_heads"
                 o_proj = layers[int(layer)].self_attn.o_proj
@@ -176,7 +203,8 @@ STRUCTURE_RATIOS = {"attention_heads": 0.05, "query_heads": 0.062, "mlp_channels
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 @pytest.mark.parametrize("structure", sorted(STRUCTURE_RATIOS))
 def test_moe_structures_equal_zeroed_reference(family, structure, tmp_path):
-    model, plan = _prune(family, _config([structure], STRUCTURE_RATIOS[structure]))
+    ratio = 0.046 if (family, structure) == ("qwen2_moe", "query_heads") else STRUCTURE_RATIOS[structure]
+    model, plan = _prune(family, _config([structure], ratio))
     assert plan.kept or plan.removed_layers
     _check_exact_and_reload(family, model, plan, tmp_path, stock=True)
 
@@ -195,10 +223,10 @@ def test_moe_per_layer_heads_experts_and_channels(family, tmp_path):
 def test_moe_hidden_channels(family, tmp_path):
     """Hidden channels (router, experts, attention, norms compensated), 40 of 48 kept: a multiple of 8 for the grouped
     experts kernel. Qwen3-MoE's per-head q/k norms keep their epsilon, which only the registered type can say, so its
-    checkpoint (reloaded in a fresh process too) is that type; Mixtral's stays stock."""
+    checkpoint (reloaded in a fresh process too) is that type; Mixtral's and Qwen2-MoE's stay stock."""
     model, plan = _prune(family, _config(["hidden_channels"], 0.167), rms_norm_eps=0.05)  # an epsilon that shows
     assert len(plan.kept["hidden_channels"]) == 40
-    _check_exact_and_reload(family, model, plan, tmp_path, stock=family == "mixtral", rms_norm_eps=0.05)
+    _check_exact_and_reload(family, model, plan, tmp_path, stock=family != "qwen3_moe", rms_norm_eps=0.05)
     [(fresh, _)] = fresh_process_logits(
         [tmp_path / "pruned"], input_ids(), trust_remote_code=True, import_package=False
     )
@@ -296,3 +324,13 @@ def test_streaming_refuses_moe(tmp_path):
         prune_streaming(tmp_path / "moe", _config(["attention_heads"], 0.05), output_dir=tmp_path / "out")
     with pytest.raises(ValueError, match=r"got \['experts'\] .*experts are not streamed yet"):
         prune_streaming(tmp_path / "moe", _config(["experts"], 0.2), output_dir=tmp_path / "out")
+
+
+def test_module_list_experts_refused():
+    """Experts stored as a module list (Transformers 4.x's layout, simulated here) are refused by name before any
+    scoring, rather than leaving them out of hidden-channel pruning."""
+    model = tiny_mixtral()
+    for layer in model.model.layers:
+        layer.mlp.experts = torch.nn.ModuleList(torch.nn.Linear(48, 32) for _ in range(NUM_EXPERTS))
+    with pytest.raises(ValueError, match=r"fused 3-D tensors \(`mlp.experts.gate_up_proj`.*Transformers 4.x module"):
+        AutoPruner.from_model(model, _config(["hidden_channels"], 0.2))

@@ -1,4 +1,5 @@
-"""Mixture-of-Experts families with LLaMA's attention: Mixtral, Qwen3-MoE (and its per-head q/k norms).
+"""Mixture-of-Experts families with LLaMA's attention: Mixtral, Qwen2-MoE (with its shared expert) and Qwen3-MoE (with
+its per-head q/k norms).
 
 Transformers 5 stores a layer's experts as fused 3-D parameters behind a top-k router (`mlp.gate`, softmax over the
 expert logits, then top-k, renormalised by Mixtral always and by Qwen3-MoE under `norm_topk_prob`):
@@ -116,5 +117,21 @@ QWEN3_MOE_SPEC = dataclasses.replace(
     norm=dataclasses.replace(LLAMA_SPEC.norm, fixed_eps_field="head_norm_eps"),
 )
 
+# Qwen2-MoE adds a shared expert (a dense MLP of `shared_expert_intermediate_size`, left whole) scaled by a sigmoid
+# gate; its hidden sides join hidden-channel pruning. `head_dim` is implicit (`hidden_size // num_attention_heads`).
+_QWEN2_MOE_BASE = moe_spec("qwen2_moe", "num_experts", "moe_intermediate_size", "pruned_qwen2_moe")
+QWEN2_MOE_SPEC = dataclasses.replace(
+    _QWEN2_MOE_BASE,
+    hidden_layer_members=(
+        *_QWEN2_MOE_BASE.hidden_layer_members,
+        Member("mlp.shared_expert.gate_proj.weight", 1),
+        Member("mlp.shared_expert.up_proj.weight", 1),
+        Member("mlp.shared_expert.down_proj.weight", 0),
+        Member("mlp.shared_expert_gate.weight", 1),
+    ),
+    derived_fields={"head_dim": ("hidden_size", "num_attention_heads")},
+)
+
 register_family("mixtral", MIXTRAL_SPEC)
+register_family("qwen2_moe", QWEN2_MOE_SPEC)
 register_family("qwen3_moe", QWEN3_MOE_SPEC)

@@ -13,6 +13,8 @@ from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 from .modeling_pruned_moe import (
     PrunedMixtralConfig,
     PrunedMixtralForCausalLM,
+    PrunedQwen2MoeConfig,
+    PrunedQwen2MoeForCausalLM,
     PrunedQwen3MoeConfig,
     PrunedQwen3MoeForCausalLM,
 )
@@ -26,6 +28,7 @@ PRUNED_MODEL_CLASSES = {
     PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     PrunedOPTConfig.model_type: (PrunedOPTConfig, PrunedOPTForCausalLM),
     PrunedMixtralConfig.model_type: (PrunedMixtralConfig, PrunedMixtralForCausalLM),
+    PrunedQwen2MoeConfig.model_type: (PrunedQwen2MoeConfig, PrunedQwen2MoeForCausalLM),
     PrunedQwen3MoeConfig.model_type: (PrunedQwen3MoeConfig, PrunedQwen3MoeForCausalLM),
 }
 
@@ -50,6 +53,8 @@ __all__ = [
     "PrunedMixtralForCausalLM",
     "PrunedOPTConfig",
     "PrunedOPTForCausalLM",
+    "PrunedQwen2MoeConfig",
+    "PrunedQwen2MoeForCausalLM",
     "PrunedQwen3MoeConfig",
     "PrunedQwen3MoeForCausalLM",
 ]

@@ -1,18 +1,32 @@
 # Self-contained modeling file written beside pruned checkpoints (`auto_map`), so they load with
 # `trust_remote_code=True` where optimum-prune is not installed. It imports torch, transformers and per_layer_config.py.
-"""Mixtral and Qwen3-MoE models with what the stock configs cannot express: per-layer expert counts, expert widths and
+"""Mixtral, Qwen2-MoE and Qwen3-MoE models with what the stock configs cannot express: per-layer expert counts, expert widths and
 head counts (`per_layer_config`, see `per_layer_config.py`), and an output bias on `o_proj` (`o_proj_bias`: FLAP's
 bias compensation). Each decoder layer is built from its own config copy, so its router and experts have that layer's
 expert count; everything else, forward passes included, is the stock code.
 """
 
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 from transformers.models.mixtral.modeling_mixtral import (
     MixtralDecoderLayer,
     MixtralModel,
     MixtralPreTrainedModel,
     MixtralRMSNorm,
     MixtralRotaryEmbedding,
+)
+from transformers.models.qwen2_moe.modeling_qwen2_moe import (
+    Qwen2MoeDecoderLayer,
+    Qwen2MoeModel,
+    Qwen2MoePreTrainedModel,
+    Qwen2MoeRMSNorm,
+    Qwen2MoeRotaryEmbedding,
 )
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeDecoderLayer,
@@ -72,6 +86,23 @@ class PrunedMixtralConfig(_MoeChecks, PerLayerConfigMixin, MixtralConfig):
 
 
 @_strict
+class PrunedQwen2MoeConfig(_MoeChecks, PerLayerConfigMixin, Qwen2MoeConfig):
+    """A `Qwen2MoeConfig` with per-layer head counts, expert counts and widths (experts' and dense layers')."""
+
+    model_type = "pruned_qwen2_moe"
+    EXPERTS_FIELD = "num_experts"
+    PER_LAYER_FIELDS = (
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_experts",
+        "moe_intermediate_size",
+        "intermediate_size",
+    )
+    OUTPUT_BIASES = MOE_OUTPUT_BIASES
+    o_proj_bias: bool = False
+
+
+@_strict
 class PrunedQwen3MoeConfig(_MoeChecks, PerLayerConfigMixin, Qwen3MoeConfig):
     """A `Qwen3MoeConfig` with per-layer head counts, expert counts and widths (experts' and dense layers')."""
 
@@ -117,6 +148,24 @@ class PrunedMixtralForCausalLM(MixtralForCausalLM):
         _init_moe_causal_lm(self, config, PrunedMixtralModel)
 
 
+class PrunedQwen2MoeModel(Qwen2MoeModel):
+    """`Qwen2MoeModel` whose decoder layers are built from per-layer configs."""
+
+    config_class = PrunedQwen2MoeConfig
+
+    def __init__(self, config: PrunedQwen2MoeConfig):
+        Qwen2MoePreTrainedModel.__init__(self, config)
+        init_rotary_decoder(self, config, Qwen2MoeDecoderLayer, Qwen2MoeRMSNorm, Qwen2MoeRotaryEmbedding)
+
+
+class PrunedQwen2MoeForCausalLM(Qwen2MoeForCausalLM):
+    config_class = PrunedQwen2MoeConfig
+
+    def __init__(self, config: PrunedQwen2MoeConfig):
+        Qwen2MoePreTrainedModel.__init__(self, config)
+        _init_moe_causal_lm(self, config, PrunedQwen2MoeModel)
+
+
 class PrunedQwen3MoeModel(Qwen3MoeModel):
     """`Qwen3MoeModel` whose decoder layers are built from per-layer configs."""
 
@@ -143,6 +192,9 @@ __all__ = [
     "PrunedMixtralConfig",
     "PrunedMixtralForCausalLM",
     "PrunedMixtralModel",
+    "PrunedQwen2MoeConfig",
+    "PrunedQwen2MoeForCausalLM",
+    "PrunedQwen2MoeModel",
     "PrunedQwen3MoeConfig",
     "PrunedQwen3MoeForCausalLM",
     "PrunedQwen3MoeModel",
