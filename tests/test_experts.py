@@ -334,3 +334,36 @@ def test_module_list_experts_refused():
         layer.mlp.experts = torch.nn.ModuleList(torch.nn.Linear(48, 32) for _ in range(NUM_EXPERTS))
     with pytest.raises(ValueError, match=r"fused 3-D tensors \(`mlp.experts.gate_up_proj`.*Transformers 4.x module"):
         AutoPruner.from_model(model, _config(["hidden_channels"], 0.2))
+
+
+def test_cli_prunes_experts(tmp_path):
+    """`optimum-prune prune --structures experts` on a saved Qwen3-MoE checkpoint; a criterion that cannot score
+    experts is one error line with exit status 2."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from testing_utils import word_text, word_tokenizer
+
+    model_dir = tmp_path / "moe"
+    tiny_qwen3_moe().save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "calib.txt").write_text(word_text(3000))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def prune(importance, output):
+        args = ["--model", str(model_dir), "--pruning-ratio", str(experts_ratio(tiny_qwen3_moe(), 2))]
+        args += ["--importance", importance, "--structures", "experts", "--calibration", str(tmp_path / "calib.txt")]
+        args += ["--num-calibration-samples", "4", "--calibration-seq-len", "32", "--output", str(output)]
+        command = [sys.executable, "-m", "optimum_prune.commands.cli", "prune", *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    result = prune("reap", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["num_local_experts"] == 6  # how Transformers 5 writes it
+    refused = prune("wanda_sp", tmp_path / "refused")
+    assert refused.returncode == 2 and not (tmp_path / "refused").exists()
+    assert refused.stderr.strip().splitlines()[-1].startswith("optimum-prune: error: `importance='wanda_sp'` cannot")
