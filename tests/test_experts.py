@@ -7,11 +7,26 @@ removed hidden channels are zeroed in every residual write; removed layers are s
 """
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from family_table import LLAMA_LAYOUT, cpu_and_disk_map
-from testing_utils import VOCAB, _randomize, fresh_process_logits, input_ids, logits, skip_layers
+from testing_utils import (
+    VOCAB,
+    _randomize,
+    fresh_process_logits,
+    input_ids,
+    logits,
+    skip_layers,
+    tiny_llama,
+    word_text,
+    word_tokenizer,
+)
 from transformers import (
     AutoModelForCausalLM,
     MixtralConfig,
@@ -25,7 +40,7 @@ from transformers import (
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.calibration import collect_statistics
 from optimum_prune.groups import build_group_sets
-from optimum_prune.importance import ROUTING
+from optimum_prune.importance import ROUTING, get_importance
 from optimum_prune.streaming import prune_streaming
 
 
@@ -271,8 +286,6 @@ def test_routing_statistics_and_reap():
     routing = stats.expert_routing(0)
     assert routing.count.sum().item() == CALIBRATION.numel() * 2 and routing.tokens == CALIBRATION.numel()
     assert routing.count[3] > 0 and routing.weighted_norm[3] == 0
-    from optimum_prune.importance import get_importance
-
     reap = get_importance("reap").score(groups["experts.0"], stats)
     assert reap.argmin().item() == 3 and (reap[torch.arange(NUM_EXPERTS) != 3] > 0).all()
 
@@ -309,8 +322,6 @@ def test_experts_keep_num_experts_per_tok(options):
 
 
 def test_experts_refused_on_dense_and_routing_criteria_on_other_structures():
-    from testing_utils import tiny_llama
-
     with pytest.raises(ValueError, match=r"supports structures .* got \['experts'\]"):
         AutoPruner.from_model(tiny_llama(), _config(["experts"], 0.2))
     with pytest.raises(ValueError, match=r"`importance='reap'` scores only \['experts'\]"):
@@ -339,14 +350,6 @@ def test_module_list_experts_refused():
 def test_cli_prunes_experts(tmp_path):
     """`optimum-prune prune --structures experts` on a saved Qwen3-MoE checkpoint; a criterion that cannot score
     experts is one error line with exit status 2."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from testing_utils import word_text, word_tokenizer
-
     model_dir = tmp_path / "moe"
     tiny_qwen3_moe().save_pretrained(model_dir)
     word_tokenizer().save_pretrained(model_dir)
