@@ -15,7 +15,15 @@ from collections import defaultdict
 
 import torch
 
-from .architectures.base import ATTENTION_HEADS, HEAD_STRUCTURES, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, QUERY_HEADS
+from .architectures.base import (
+    ATTENTION_HEADS,
+    EXPERTS,
+    HEAD_STRUCTURES,
+    HIDDEN_CHANNELS,
+    LAYERS,
+    MLP_CHANNELS,
+    QUERY_HEADS,
+)
 from .groups import GroupSet
 
 
@@ -23,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 TOLERANCE = 0.01  # ±1 point of total parameters
 # Coarse structures are rounded first; the last one present absorbs the residual.
-ALLOCATION_ORDER = (ATTENTION_HEADS, QUERY_HEADS, HIDDEN_CHANNELS, MLP_CHANNELS)
+ALLOCATION_ORDER = (ATTENTION_HEADS, QUERY_HEADS, EXPERTS, HIDDEN_CHANNELS, MLP_CHANNELS)
 CHANNEL_STRUCTURES = (MLP_CHANNELS, HIDDEN_CHANNELS)
 
 

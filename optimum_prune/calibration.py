@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from .architectures.base import get_architecture
 from .errors import PruneInputError
-from .groups import decoder_layers, layer_prefix
+from .groups import decoder_layers, get_submodule_or_none, layer_prefix
 from .importance.base import (
     ACTIVATIONS,
     BLOCK_LOSS,
     FISHER,
     FORWARD_LOSS,
     GRADIENTS,
+    ROUTING,
     SPSA_DISTRIBUTIONS,
     SPSA_ESTIMATORS,
     WEIGHTS,
@@ -202,6 +203,30 @@ class ActivationStatistics:
 SPSA_LOSSES = ("lm", "block")
 
 
+class ExpertRouting:
+    """Per expert of one MoE layer, over the calibration tokens: `count`, the (token, slot) pairs routed to it;
+    `weighted_norm`, the sum over those pairs of gate weight x ||expert output||_2 (REAP's numerator). float64 [E]."""
+
+    def __init__(self, num_experts: int):
+        self.count = torch.zeros(num_experts, dtype=torch.float64)
+        self.weighted_norm = torch.zeros(num_experts, dtype=torch.float64)
+        self.tokens = 0
+
+    def update(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights) -> None:
+        """Record one forward of a fused-experts module (`mlp.experts`: `gate_up_proj` [E, 2I, H], `down_proj`
+        [E, H, I]) from its inputs: each routed expert's output is computed as the module computes it."""
+        self.tokens += hidden.shape[0]
+        for expert in top_k_index.unique().tolist():
+            if expert >= len(self.count):  # Transformers' padding index for dropped slots
+                continue
+            token, slot = torch.where(top_k_index == expert)
+            gate, up = nn.functional.linear(hidden[token], experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            output = nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+            weights = top_k_weights[token, slot].double()
+            self.count[expert] += token.numel()
+            self.weighted_norm[expert] += (weights * output.double().norm(dim=-1)).sum().item()
+
+
 class Statistics:
     """What the pruner collected for a criterion: weights always, the rest on demand.
 
@@ -222,6 +247,7 @@ class Statistics:
         self.fishers: dict[str, torch.Tensor] = {}
         self.activations: dict[str, ActivationStatistics] = {}
         self.layer_influences: dict[int, float] = {}
+        self.routing: dict[int, ExpertRouting] = {}
         self.num_samples = 0
         self.batches = batches
         self.batch_size = batch_size
@@ -258,6 +284,14 @@ class Statistics:
                 "and the parameter must be the weight of an nn.Linear."
             )
         return self.activations[name]
+
+    def expert_routing(self, layer: int) -> ExpertRouting:
+        """What the router of MoE layer `layer` did over the calibration tokens (`routing` need)."""
+        if layer not in self.routing:
+            raise KeyError(
+                f"No routing statistics were collected for layer {layer}; the criterion must declare 'routing'."
+            )
+        return self.routing[layer]
 
     def layer_influence(self, layer: int) -> float:
         """Mean over calibration tokens of 1 - cos(h_in, h_out) for decoder layer `layer` (ShortGPT, Eq. 1)."""
@@ -619,6 +653,31 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
         stats.layer_influences[i] = influence_sums[i] / max(token_counts[i], 1)
 
 
+@torch.no_grad()
+def _collect_routing(stats: Statistics, batches: torch.Tensor, batch_size: int) -> None:
+    """One forward pass with a hook on every MoE layer's experts module (`spec.extra["experts_module"]`), whose inputs
+    are the hidden states and the router's top-k choice and weights."""
+    model, path = stats.model, stats.spec.extra.get("experts_module")
+    handles = []
+    for i, layer in enumerate(decoder_layers(model, stats.spec)):
+        experts = get_submodule_or_none(layer, path) if path else None
+        if experts is None:  # a dense layer (Qwen3-MoE's `mlp_only_layers`), or no MoE at all
+            continue
+        record = stats.routing[i] = ExpertRouting(experts.gate_up_proj.shape[0])
+
+        def hook(module, args, record=record):
+            record.update(module, *args[:3])
+
+        handles.append(experts.register_forward_pre_hook(hook))
+    device = _device_of(model)
+    try:
+        for start in tqdm(range(0, len(batches), batch_size), desc="Routing", leave=False):
+            model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def collect_statistics(
     model: nn.Module, batches: torch.Tensor | None, needs, param_names=None, batch_size: int = 4
 ) -> Statistics:
@@ -633,8 +692,15 @@ def collect_statistics(
     needs = set(needs)
     stats = Statistics(model, batches, param_names, batch_size)
     stats.num_samples = 0 if batches is None else len(batches)
-    if needs & {ACTIVATIONS, FORWARD_LOSS, BLOCK_LOSS, GRADIENTS, FISHER} and batches is None:
+    if needs & {ACTIVATIONS, FORWARD_LOSS, BLOCK_LOSS, GRADIENTS, FISHER, ROUTING} and batches is None:
         raise ValueError(f"This criterion needs calibration data (it uses {sorted(needs - {WEIGHTS})}).")
+    if ROUTING in needs:
+        was_training = model.training
+        model.eval()
+        try:
+            _collect_routing(stats, batches, batch_size)
+        finally:
+            model.train(was_training)
     if ACTIVATIONS in needs:
         was_training = model.training
         model.eval()

@@ -166,6 +166,8 @@ def build_group_sets(model: nn.Module, spec: ArchitectureSpec, structures) -> di
         structure_spec: StructureSpec = spec.structures[structure]
         for i in range(num_layers):
             prefix = layer_prefix(spec, i)
+            if prefix + structure_spec.units.param not in params:
+                continue  # a layer without this structure (Qwen3-MoE's dense layers have no experts)
             num_units = width_of(params, config, structure_spec.units, prefix)
             num_groups = 1
             if structure_spec.tied_groups is not None:

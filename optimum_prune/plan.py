@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from .architectures.base import ATTENTION_HEADS, HIDDEN_CHANNELS, MLP_CHANNELS, QUERY_HEADS
+from .architectures.base import ATTENTION_HEADS, EXPERTS, HIDDEN_CHANNELS, MLP_CHANNELS, QUERY_HEADS
 from .surgery import apply_plan
 
 
@@ -20,7 +20,7 @@ _BIAS_FORMAT_VERSION = 2
 _RECONSTRUCTION_FORMAT_VERSION = 3
 RECONSTRUCTION_KEYS = ("damping",)
 # Structures with one plan entry per decoder layer (`"<structure>.<layer>"`); hidden channels have one model-wide entry.
-LAYER_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS)
+LAYER_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, EXPERTS)
 
 
 @dataclass

@@ -22,10 +22,19 @@ from .allocation import (
     select_top,
     uniform_allocation,
 )
-from .architectures.base import ATTENTION_HEADS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
+from .architectures.base import ATTENTION_HEADS, EXPERTS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
 from .configuration import PrunerConfig
 from .errors import PruneInputError
-from .groups import GroupSet, Slice, build_group_sets, check_tied_groups, decoder_layers, layer_prefix, width_of
+from .groups import (
+    GroupSet,
+    Slice,
+    build_group_sets,
+    check_tied_groups,
+    decoder_layers,
+    layer_prefix,
+    materialize_derived_fields,
+    width_of,
+)
 from .modeling import PRUNED_MODEL_CLASSES
 from .plan import PruningPlan
 from .surgery import consumer_modules, removed_channels
@@ -38,6 +47,37 @@ logger = logging.getLogger(__name__)
 def reconstruction_settings(pruner_config) -> dict:
     """The plan's `reconstruction` entry for a [`PrunerConfig`]: its damping when it reconstructs, else empty."""
     return {"damping": pruner_config.reconstruction_damping} if pruner_config.reconstruction else {}
+
+
+# Criteria that score the fused 3-D expert tensors of MoE families (`experts`, and `mlp_channels` inside experts):
+# weight-only ones read any tensor; the routing criteria read the router. Activation- and gradient-based criteria
+# hook `nn.Linear` inputs or pair them with weights, which the fused experts are not.
+EXPERT_CRITERIA = ("magnitude", "random", "frequency", "reap")
+
+
+def check_expert_criterion(model: nn.Module, spec: ArchitectureSpec, config: PrunerConfig) -> None:
+    """Refuse, before calibration, an MoE model whose experts are not fused 3-D tensors (Transformers 4.x module
+    lists, which the spec does not describe), and a criterion that cannot score the fused expert tensors."""
+    if EXPERTS not in spec.structures:
+        return
+    fused = spec.structures[EXPERTS].members[1].name  # "mlp.experts.gate_up_proj"
+    if not any(name.endswith(fused) for name, _ in model.named_parameters()):
+        raise ValueError(
+            f"optimum-prune prunes {model.config.model_type!r} models whose experts are fused 3-D tensors (`{fused}`, "
+            "Transformers 5); this model stores them otherwise (Transformers 4.x module lists). Load it with "
+            "Transformers 5 to prune it."
+        )
+    fused = [s for s in config.structures if s in (EXPERTS, MLP_CHANNELS)]
+    if config.reconstruction:
+        raise ValueError(
+            f"`reconstruction` refits Linear consumers; {model.config.model_type!r} models are not refit yet (their "
+            "experts are fused 3-D tensors): prune them with `reconstruction=False` (drop --reconstruction)."
+        )
+    if fused and config.importance not in EXPERT_CRITERIA:
+        raise ValueError(
+            f"`importance={config.importance!r}` cannot score {fused} of {model.config.model_type!r}, whose experts are "
+            f"fused 3-D tensors; use one of {list(EXPERT_CRITERIA)}."
+        )
 
 
 class Planner:
@@ -58,11 +98,14 @@ class Planner:
             raise ValueError(
                 f"{model.config.model_type} supports structures {list(spec.supported_structures)}, got {unsupported}."
             )
+        materialize_derived_fields(model.config, spec)  # divisors such as an implicit `head_dim`
         check_tied_groups(model, spec, config.structures)
+        check_expert_criterion(model, spec, config)
         self.model = model
         self.spec = spec
         self.config = config
         self._params = params
+        self._align_round_to()
         self._check_round_to()
         self._resolve_bias_compensation()
 
@@ -132,6 +175,23 @@ class Planner:
                 "builds without one and its registered type cannot add; set `bias_compensation=False`."
             )
 
+    def _align_round_to(self) -> None:
+        """Channel widths of fused experts must stay multiples of `spec.extra["channel_multiple"]`: Transformers 5
+        loads MoE checkpoints with its `grouped_mm` experts kernel, which needs 16-byte aligned rows (8 bf16 values),
+        and fails on other widths. `round_to` becomes its least common multiple with that (recorded in the config)."""
+        multiple = self.spec.extra.get("channel_multiple", 1)
+        if multiple == 1 or not set(self.config.structures) & set(CHANNEL_STRUCTURES):
+            return
+        aligned = math.lcm(self.config.round_to, multiple)
+        if aligned != self.config.round_to:
+            logger.info(
+                "%s: rounding channel widths to multiples of %d (`round_to=%d`) for the grouped experts kernel.",
+                self.model.config.model_type,
+                aligned,
+                self.config.round_to,
+            )
+            self.config.round_to = aligned
+
     def _check_round_to(self) -> None:
         """A `round_to` above every channel width it rounds leaves nothing to prune; say so before calibration."""
         structures = [s for s in self.config.structures if s in CHANNEL_STRUCTURES]
@@ -150,8 +210,25 @@ class Planner:
         config = self.config
         params, removed, width_structures = self.params, list(removed), self.width_structures
         if config.non_uniform or config.uniform or removed or config.min_heads > 1 or config.min_channels > 1:
-            return self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
-        return uniform_allocation(params, group_sets, width_structures, config.pruning_ratio, config.round_to)
+            kept = self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
+        else:
+            kept = uniform_allocation(params, group_sets, width_structures, config.pruning_ratio, config.round_to)
+        self._check_experts_per_token(group_sets, kept)
+        return kept
+
+    def experts_per_token(self) -> int:
+        """The router's top-k: every MoE layer keeps at least this many experts."""
+        return getattr(self.model.config, self.spec.extra.get("experts_per_token_field", "num_experts_per_tok"), 1)
+
+    def _check_experts_per_token(self, group_sets, kept) -> None:
+        top_k = self.experts_per_token()
+        for key, count in kept.items():
+            if group_sets[key].structure == EXPERTS and count < top_k:
+                raise ValueError(
+                    f"`pruning_ratio={self.config.pruning_ratio}` would keep {count} experts in layer "
+                    f"{group_sets[key].layer}, fewer than the {top_k} the router picks per token "
+                    "(`num_experts_per_tok`); lower the ratio or add other structures."
+                )
 
     def bias_means(self, group_sets, kept, means) -> dict[str, dict[str, list[float]]]:
         """Calibration means of the removed input channels of every consumer (the plan's `bias_means`)."""
@@ -220,6 +297,8 @@ class Planner:
                 # Whole units (KV groups), and for tied query heads whole steps of one head per KV group.
                 units = math.ceil(config.min_heads / (heads // gs.num_units))
                 floors[key] = math.ceil(units / gs.num_groups) * gs.num_groups
+            elif gs.structure == EXPERTS:
+                floors[key] = min(gs.num_units, self.experts_per_token())
             else:
                 floors[key] = min(gs.num_units, math.ceil(config.min_channels / config.round_to) * config.round_to)
         ratios = config.layer_ratios

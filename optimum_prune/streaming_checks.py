@@ -62,7 +62,8 @@ def check_streaming_config(pruner_config, model_type: str | None = None) -> None
     if other:
         raise ValueError(
             f"Streaming pruning supports the per-layer structures {list(STREAMING_STRUCTURES)}, got {other} "
-            "(hidden channels and layer removal need every layer at once); prune them in memory."
+            "(hidden channels and layer removal need every layer at once; experts are not streamed yet); prune them "
+            "in memory."
         )
     if pruner_config.bias_compensation and not needs_global_scores(pruner_config):
         raise ValueError(

@@ -10,6 +10,7 @@ channels: with norm statistics compensated, see `NormSpec`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -23,7 +24,9 @@ from .groups import (
     config_divisor,
     decoder_layers,
     derive_field,
+    get_submodule_or_none,
     layer_prefix,
+    materialize_derived_fields,
     width_of,
 )
 from .modeling import PRUNED_MODEL_CLASSES
@@ -160,7 +163,10 @@ def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: i
         if spec.norm.eps_attr:
             setattr(norm, spec.norm.eps_attr, getattr(norm, spec.norm.eps_attr) * old / new)
     if spec.norm.eps_field:
-        setattr(model.config, spec.norm.eps_field, getattr(model.config, spec.norm.eps_field) * old / new)
+        eps = getattr(model.config, spec.norm.eps_field)
+        if spec.norm.fixed_eps_field and getattr(model.config, spec.norm.fixed_eps_field, None) is None:
+            setattr(model.config, spec.norm.fixed_eps_field, eps)  # the per-head norms keep it
+        setattr(model.config, spec.norm.eps_field, eps * old / new)
 
 
 def write_unit_records(model: nn.Module, spec: ArchitectureSpec, plan) -> None:
@@ -208,8 +214,10 @@ def remove_layers(model: nn.Module, spec: ArchitectureSpec, removed: list[int]) 
         config.layer_types = [t for i, t in enumerate(layer_types) if i not in set(removed)]
 
 
-def layer_widths(model: nn.Module, spec: ArchitectureSpec) -> list[dict[str, int]]:
-    """The config widths each decoder layer actually has, read from its tensors."""
+def layer_widths(model: nn.Module, spec: ArchitectureSpec, config=None) -> list[dict[str, int]]:
+    """The config widths each decoder layer actually has, read from its tensors (divisors from `config`, by default
+    the model's)."""
+    config = config if config is not None else model.config
     params = dict(model.named_parameters())
     widths = []
     for i in range(len(decoder_layers(model, spec))):
@@ -217,7 +225,8 @@ def layer_widths(model: nn.Module, spec: ArchitectureSpec) -> list[dict[str, int
         layer = {}
         for structure in spec.structures.values():
             for w in structure.widths:
-                layer[w.field] = width_of(params, model.config, w, prefix)
+                if prefix + w.param in params:  # a layer may lack a structure (a dense layer of an MoE model)
+                    layer[w.field] = width_of(params, config, w, prefix)
         widths.append(layer)
     return widths
 
@@ -228,8 +237,8 @@ def _per_layer_overrides(per_layer: list[dict[str, int]]) -> tuple[dict[str, int
     if not per_layer:
         return {}, {}
     global_widths = {}
-    for name in per_layer[0]:
-        values = [layer[name] for layer in per_layer]
+    for name in dict.fromkeys(name for layer in per_layer for name in layer):
+        values = [layer[name] for layer in per_layer if name in layer]
         global_widths[name] = max(set(values), key=lambda v: (values.count(v), v))
     overrides = {}
     for i, layer in enumerate(per_layer):
@@ -251,7 +260,9 @@ def write_config(model: nn.Module, spec: ArchitectureSpec) -> None:
         setattr(config, field_name, value)
     # Per-layer widths always need the registered type (`per_layer_config`). Under 4.x also leave the stock type when 5.x would refuse to load it, if the family has a pruned type.
     refused_by_v5 = fails_transformers_5_validation(config) and spec.pruned_model_type in PRUNED_MODEL_CLASSES
-    if not overrides and not refused_by_v5 and _stock_config_expresses(model):
+    # A kept epsilon of per-head norms (see `NormSpec.fixed_eps_field`) is read only by the registered type.
+    fixed_eps = spec.norm.fixed_eps_field is not None and getattr(config, spec.norm.fixed_eps_field, None) is not None
+    if not overrides and not refused_by_v5 and not fixed_eps and _stock_config_expresses(model):
         for name, rule in spec.derived_fields.items():
             # The stock class derives it the same way: leave config.json as the stock class writes it.
             declared = hasattr(type(config), name)  # a registered type's own field stays
@@ -452,13 +463,19 @@ def sync_module_attrs(
             owners = [(layers[i], layer_config(i) if layer_config is not None else config) for i in indices]
         owner_path, _, attr = path.lstrip("/").rpartition(".")
         for owner, source in owners:
-            module = owner.get_submodule(owner_path) if owner_path else owner
-            setattr(module, attr, field_value(source, field_name))
+            module = get_submodule_or_none(owner, owner_path) if owner_path else owner
+            if module is not None:  # a layer may lack the module (a dense layer of an MoE model)
+                setattr(module, attr, field_value(source, field_name))
     if spec.layer_module_attrs:
         # Per layer, from that layer's own tensor widths (per-layer head counts differ under non-uniform pruning).
-        for layer, widths in zip(layers, layer_widths(model, spec)):
+        # A derived divisor (Qwen2-MoE's `head_dim`) that `write_config` dropped again from a stock config.
+        divisors = copy.copy(config)
+        materialize_derived_fields(divisors, spec)
+        for layer, widths in zip(layers, layer_widths(model, spec, divisors)):
             for path, rule in spec.layer_module_attrs.items():
                 owner_path, _, attr = path.rpartition(".")
+                if any(isinstance(x, str) and x not in widths for x in rule):
+                    continue  # the layer lacks the structure (a dense layer of an MoE model)
                 numerator, denominator, *multiplier = (widths[x] if isinstance(x, str) else x for x in rule)
                 value = numerator * (multiplier[0] if multiplier else 1) // denominator
                 setattr(layer.get_submodule(owner_path) if owner_path else layer, attr, value)

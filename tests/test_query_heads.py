@@ -130,7 +130,10 @@ def test_glm_query_head_slices_follow_its_layout():
     torch.testing.assert_close(gs.per_unit("model.layers.0.self_attn.q_proj.weight", q)[7], q[56:64].flatten())
 
 
-CRITERIA = sorted(name for name, cls in IMPORTANCE_REGISTRY.items() if cls.structures != ("layers",))
+# Layer criteria and expert criteria (frequency, REAP: tests/test_experts.py) score no heads.
+CRITERIA = sorted(
+    name for name, cls in IMPORTANCE_REGISTRY.items() if cls.structures not in (("layers",), ("experts",))
+)
 
 
 # Every criterion on LLaMA; on GLM (the same q/o layout, fused gate_up) those that read more than the q/o slices.

@@ -1,11 +1,12 @@
 """Architecture specs, one file per family; importing this package registers them (one `register_family` call per
 `model_type`, at the end of each file)."""
 
-from . import bloom, chatglm, glm, llama, opt
+from . import bloom, chatglm, glm, llama, moe, opt
 from .base import (
     ARCHITECTURE_REGISTRY,
     ATTENTION_HEADS,
     CHECKPOINT_CONVERTERS,
+    EXPERTS,
     FAMILY_REGISTRY,
     HEAD_STRUCTURES,
     HIDDEN_CHANNELS,
@@ -32,6 +33,7 @@ __all__ = [
     "ARCHITECTURE_REGISTRY",
     "ATTENTION_HEADS",
     "CHECKPOINT_CONVERTERS",
+    "EXPERTS",
     "FAMILY_REGISTRY",
     "HEAD_STRUCTURES",
     "HIDDEN_CHANNELS",
@@ -51,6 +53,7 @@ __all__ = [
     "get_architecture",
     "glm",
     "llama",
+    "moe",
     "opt",
     "register_architecture",
     "register_checkpoint_converter",

@@ -17,7 +17,9 @@ QUERY_HEADS = "query_heads"
 MLP_CHANNELS = "mlp_channels"
 HIDDEN_CHANNELS = "hidden_channels"
 LAYERS = "layers"
-STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, HIDDEN_CHANNELS, LAYERS)
+# Whole experts of a Mixture-of-Experts block, with their router rows (`num_experts` per layer).
+EXPERTS = "experts"
+STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, HIDDEN_CHANNELS, LAYERS, EXPERTS)
 # Structures whose units are attention heads of some kind: they slice the same q/o tensors, so at most one of them is
 # pruned in a run, and options about heads (`attention_layers`, `min_heads`) apply to whichever is chosen.
 # `query_heads` is a structure of its own rather than an option of `attention_heads` because its unit differs: plans
@@ -96,6 +98,10 @@ class NormSpec:
     eps_attr: str | None = None
     modules: tuple[str, ...] = ()  # model-level norms, e.g. "model.norm"
     layer_modules: tuple[str, ...] = ()  # per-layer norms, relative to the layer
+    # Where the original epsilon goes when norms over another dimension (Qwen3's per-head `q_norm`/`k_norm` over
+    # `head_dim`) build theirs from `eps_field` too: hidden-channel pruning leaves them alone, and the registered
+    # pruned type builds them with this field.
+    fixed_eps_field: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Importance criteria, one file each; importing this package registers them."""
 
-from . import bip, block_influence, flap, magnitude, mini_llm, random_, taylor, wanda_sp
+from . import bip, block_influence, flap, magnitude, mini_llm, random_, routing, taylor, wanda_sp
 from .base import (
     ACTIVATIONS,
     BLOCK_LOSS,
@@ -10,6 +10,7 @@ from .base import (
     GROUP_REDUCTIONS,
     IMPORTANCE_REGISTRY,
     NEEDS,
+    ROUTING,
     WEIGHTS,
     Importance,
     aggregate,
@@ -22,6 +23,7 @@ from .flap import FlapImportance, standardize_scores
 from .magnitude import MagnitudeImportance
 from .mini_llm import MiniLLMImportance
 from .random_ import RandomImportance
+from .routing import FrequencyImportance, ReapImportance
 from .taylor import TaylorImportance
 from .wanda_sp import WandaSPImportance
 
@@ -35,14 +37,17 @@ __all__ = [
     "GROUP_REDUCTIONS",
     "IMPORTANCE_REGISTRY",
     "NEEDS",
+    "ROUTING",
     "WEIGHTS",
     "BIPImportance",
     "BlockInfluenceImportance",
     "FlapImportance",
+    "FrequencyImportance",
     "Importance",
     "MagnitudeImportance",
     "MiniLLMImportance",
     "RandomImportance",
+    "ReapImportance",
     "TaylorImportance",
     "WandaSPImportance",
     "aggregate",
@@ -54,6 +59,7 @@ __all__ = [
     "mini_llm",
     "random_",
     "register_importance",
+    "routing",
     "standardize_scores",
     "taylor",
     "wanda_sp",

@@ -10,6 +10,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .modeling_pruned_bloom import PrunedBloomConfig, PrunedBloomForCausalLM
 from .modeling_pruned_glm import PrunedGlm4Config, PrunedGlm4ForCausalLM, PrunedGlmConfig, PrunedGlmForCausalLM
 from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+from .modeling_pruned_moe import (
+    PrunedMixtralConfig,
+    PrunedMixtralForCausalLM,
+    PrunedQwen2MoeConfig,
+    PrunedQwen2MoeForCausalLM,
+    PrunedQwen3MoeConfig,
+    PrunedQwen3MoeForCausalLM,
+)
 from .modeling_pruned_opt import PrunedOPTConfig, PrunedOPTForCausalLM
 
 
@@ -19,6 +27,9 @@ PRUNED_MODEL_CLASSES = {
     PrunedGlm4Config.model_type: (PrunedGlm4Config, PrunedGlm4ForCausalLM),
     PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     PrunedOPTConfig.model_type: (PrunedOPTConfig, PrunedOPTForCausalLM),
+    PrunedMixtralConfig.model_type: (PrunedMixtralConfig, PrunedMixtralForCausalLM),
+    PrunedQwen2MoeConfig.model_type: (PrunedQwen2MoeConfig, PrunedQwen2MoeForCausalLM),
+    PrunedQwen3MoeConfig.model_type: (PrunedQwen3MoeConfig, PrunedQwen3MoeForCausalLM),
 }
 
 for _config_class, _model_class in PRUNED_MODEL_CLASSES.values():
@@ -38,6 +49,12 @@ __all__ = [
     "PrunedGlmForCausalLM",
     "PrunedLlamaConfig",
     "PrunedLlamaForCausalLM",
+    "PrunedMixtralConfig",
+    "PrunedMixtralForCausalLM",
     "PrunedOPTConfig",
     "PrunedOPTForCausalLM",
+    "PrunedQwen2MoeConfig",
+    "PrunedQwen2MoeForCausalLM",
+    "PrunedQwen3MoeConfig",
+    "PrunedQwen3MoeForCausalLM",
 ]
