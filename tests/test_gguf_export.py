@@ -68,7 +68,7 @@ def test_dense_llama_metadata_tensors_and_tokenizer(tmp_path):
     assert fields["llama.attention.head_count_kv"] == 4
     assert fields["llama.attention.key_length"] == fields["llama.rope.dimension_count"] == 8
     assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert len(fields["tokenizer.ggml.tokens"]) == VOCAB
     assert fields["tokenizer.ggml.tokens"][0] == "<|endoftext|>"
     assert fields["tokenizer.ggml.token_type"][0] == gguf.TokenType.CONTROL

@@ -61,11 +61,11 @@ def byte_level_tokens(tokenizer: dict, vocab_size: int) -> tuple[list[str], list
 
 
 def pre_tokenizer_name(tokenizer: dict) -> str:
-    """llama.cpp's name for the tokenizer's splitting regex: `gpt2` for a plain ByteLevel pre-tokenizer, known regexes
+    """llama.cpp's name for the tokenizer's splitting regex: `gpt-2` for a plain ByteLevel pre-tokenizer, known regexes
     by their llama.cpp name, else `default` (with a warning: llama.cpp may then split text differently)."""
     pre = tokenizer.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     for step in pre.get("pretokenizers", []):
         regex = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
         if regex in _PRE_TOKENIZER_REGEXES:
