@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import gguf
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import torch
 from testing_utils import tiny_llama, tiny_opt, tiny_qwen2
 
+from optimum_prune.commands.cli import main
 from optimum_prune.errors import PruneInputError
 from optimum_prune.export import export_gguf
 from optimum_prune.export.gguf import permute_rotary, unpermute_rotary
@@ -183,17 +182,15 @@ def test_refuses_existing_file_and_bad_outtype(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_cli_export_and_refusal(tmp_path):
+def test_cli_export_and_refusal(tmp_path, capsys):
     path = _save(_per_layer_llama(), tmp_path / "m")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    cli = [sys.executable, "-m", "optimum_prune.commands.cli", "export", "gguf", "--model", str(path)]
-    ok = subprocess.run(
-        [*cli, "--output", str(tmp_path / "m.gguf"), "--outtype", "f16"], capture_output=True, text=True, env=env
-    )
-    assert ok.returncode == 0, ok.stderr
-    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents() == "deci"
-    again = subprocess.run([*cli, "--output", str(tmp_path / "m.gguf")], capture_output=True, text=True, env=env)
-    assert again.returncode == 2
-    assert again.stderr.strip().splitlines() == [
+    args = ["export", "gguf", "--model", str(path), "--output", str(tmp_path / "m.gguf")]
+    assert main([*args, "--outtype", "f16"]) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert {t.tensor_type.name for t in reader.tensors} == {"F16", "F32"}
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"optimum-prune: error: {tmp_path / 'm.gguf'} exists; pass --overwrite (overwrite=True) to replace it."
     ]
