@@ -11,12 +11,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from testing_utils import tiny_llama, tiny_opt, tiny_qwen2
+from testing_utils import tiny_bloom, tiny_llama, tiny_opt, tiny_qwen2
 
 from optimum_prune.commands.cli import main
 from optimum_prune.errors import PruneInputError
 from optimum_prune.export import export_gguf
-from optimum_prune.export.gguf import permute_rotary, unpermute_rotary
+from optimum_prune.export.gguf import gguf_layout, permute_rotary, unpermute_rotary
 from optimum_prune.modeling import PrunedLlamaConfig, PrunedLlamaForCausalLM
 
 
@@ -166,6 +166,21 @@ def test_refuses_opt_with_what_works(tmp_path):
     with pytest.raises(PruneInputError, match=r"LLaMA, Mistral and Qwen2 .* not `opt`: llama.cpp has no OPT"):
         export_gguf(path, tmp_path / "opt.gguf")
     assert not (tmp_path / "opt.gguf").exists()
+
+
+def test_refuses_bloom_saying_what_works(tmp_path):
+    path = tmp_path / "bloom"
+    tiny_bloom().save_pretrained(path)
+    with pytest.raises(PruneInputError, match=r"not `bloom`: .*prune with uniform=True .* convert_hf_to_gguf.py"):
+        export_gguf(path, tmp_path / "bloom.gguf")
+
+
+def test_refuses_a_layer_without_mlp_channels():
+    """llama.cpp's `deci` graph would drop that layer's attention output (it skips the layer when n_ff is 0)."""
+    config = tiny_llama().config.to_dict()
+    config["per_layer_config"] = {"1": {"intermediate_size": 0}}
+    with pytest.raises(PruneInputError, match="Layer 1 has 8 query heads, 4 KV heads and 0 MLP channels"):
+        gguf_layout(config)
 
 
 def test_refuses_existing_file_and_bad_outtype(tmp_path):

@@ -35,13 +35,15 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # Families whose decoder layer is LLaMA's (pre-norm RMSNorm, rotary attention, SwiGLU MLP).
 LLAMA_FAMILIES = ("llama", "mistral", "qwen2")
 # What other families need, for the refusal message.
+_STOCK_ONLY = (
+    "its llama.cpp graph reads one width for all layers, so prune with uniform=True (the output keeps a stock config) "
+    "and convert that with llama.cpp's convert_hf_to_gguf.py"
+)
 _OTHER_FAMILIES = {
     "opt": "llama.cpp has no OPT architecture",
-    "bloom": "llama.cpp's `bloom` graph reads one head count for all layers; export stock BLOOM checkpoints with "
-    "llama.cpp's convert_hf_to_gguf.py",
-    "glm": "use llama.cpp's convert_hf_to_gguf.py for stock GLM checkpoints (its graph reads one width for all layers)",
-    "glm4": "use llama.cpp's convert_hf_to_gguf.py for stock GLM-4 checkpoints (its graph reads one width for all "
-    "layers)",
+    "bloom": _STOCK_ONLY,
+    "glm": _STOCK_ONLY,
+    "glm4": _STOCK_ONLY,
 }
 _LAYER_TENSORS = {
     "input_layernorm": "attn_norm",
@@ -117,7 +119,7 @@ def _family(config: dict) -> str:
                 f"GGUF export needs `hidden_act` silu (llama.cpp's LLaMA graph), got {config.get('hidden_act')!r}."
             )
         return family
-    reason = _OTHER_FAMILIES.get(family, "llama.cpp's graphs for it read one width for all layers")
+    reason = _OTHER_FAMILIES.get(family, "this exporter does not know it")
     raise PruneInputError(
         f"GGUF export supports LLaMA, Mistral and Qwen2 checkpoints (stock, pruned, per-layer widths), not "
         f"`{model_type}`: {reason}."
