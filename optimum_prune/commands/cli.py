@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .evaluate import add_eval_args, run_eval
+from .export import add_export_args
 from .prune import add_prune_args, run_prune
 from .recover import add_recover_args, run_recover
 
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = subparsers.add_parser("eval", help="lm-eval tasks and perplexity of a checkpoint (pruned or not).")
     add_eval_args(evaluate)
     evaluate.set_defaults(func=run_eval)
+    export = subparsers.add_parser("export", help="Export a checkpoint for another runtime (gguf: llama.cpp).")
+    add_export_args(export)
     return parser
 
 

@@ -3,6 +3,7 @@
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 from .evaluate import add_eval_args, run_eval
+from .export import add_gguf_args, run_export_gguf
 from .prune import add_prune_args, run_prune
 from .recover import add_recover_args, run_recover
 
@@ -41,3 +42,14 @@ class EvalCommand(BaseOptimumCLICommand):
 
     def run(self):
         raise SystemExit(run_eval(self.args))
+
+
+class GGUFExportCommand(BaseOptimumCLICommand):
+    COMMAND = CommandInfo(name="gguf", help="One GGUF file for llama.cpp, per-layer widths included (optimum-prune).")
+
+    @staticmethod
+    def parse_args(parser):
+        return add_gguf_args(parser)
+
+    def run(self):
+        raise SystemExit(run_export_gguf(self.args))

@@ -1,0 +1,365 @@
+"""GGUF export for llama.cpp (and Ollama, LM Studio, llama-cpp-python), per-layer widths included.
+
+llama.cpp reads `<arch>.attention.head_count`, `.head_count_kv` and `.feed_forward_length` either as one value or as
+one entry per layer, and its `deci` graph (made for NVIDIA's pruned Nemotron-NAS models) builds every layer with its
+own `n_head(il)`, `n_head_kv(il)` and `n_ff(il)`, the head size coming from `attention.key_length`. So:
+
+- a uniform LLaMA / Mistral checkpoint (stock or `pruned_llama`, hidden channels and removed layers included) is
+  written as llama.cpp's `llama` architecture, a uniform Qwen2 one as `qwen2`;
+- a LLaMA-family checkpoint with per-layer widths (`per_layer_config`) as `deci`, with per-layer arrays.
+
+Tensors get llama.cpp's names; the `llama` and `deci` graphs rotate pairs of adjacent head channels while
+Transformers rotates the two halves of a head, so q/k rows (and biases) are permuted the way llama.cpp's own
+converter does. Written with the `gguf` package (llama.cpp's Python writer). What llama.cpp cannot run is refused
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PruneInputError
+from ..inputs import read_json_object
+
+
+logger = logging.getLogger(__name__)
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+# Families whose decoder layer is LLaMA's (pre-norm RMSNorm, rotary attention, SwiGLU MLP).
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2")
+# What other families need, for the refusal message.
+_STOCK_ONLY = (
+    "its llama.cpp graph reads one width for all layers, so prune with uniform=True (the output keeps a stock config) "
+    "and convert that with llama.cpp's convert_hf_to_gguf.py"
+)
+_OTHER_FAMILIES = {
+    "opt": "llama.cpp has no OPT architecture",
+    "bloom": _STOCK_ONLY,
+    "glm": _STOCK_ONLY,
+    "glm4": _STOCK_ONLY,
+}
+_LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+@dataclass
+class GGUFLayout:
+    """What llama.cpp needs to know about a checkpoint's shape: its architecture and every layer's widths."""
+
+    arch: str
+    family: str
+    hidden_size: int
+    head_dim: int
+    heads: list[int]
+    kv_heads: list[int]
+    ffn: list[int]
+
+    @property
+    def per_layer(self) -> bool:
+        return self.arch == "deci"
+
+    @property
+    def permutes_rotary(self) -> bool:
+        """llama.cpp's `llama`/`deci` graphs rotate adjacent pairs (Transformers: halves); `qwen2` rotates halves."""
+        return self.arch in ("llama", "deci")
+
+
+def gguf_layout(config: dict) -> GGUFLayout:
+    """The llama.cpp architecture and per-layer widths of a checkpoint's config.json, or one line saying why
+    llama.cpp cannot run it and what would."""
+    family = _family(config)
+    num_layers = int(config["num_hidden_layers"])
+    overrides = {int(k): v for k, v in (config.get("per_layer_config") or {}).items()}
+
+    def widths(field):
+        return [int(overrides.get(i, {}).get(field, config[field])) for i in range(num_layers)]
+
+    heads = widths("num_attention_heads")
+    kv_heads = [
+        int(overrides.get(i, {}).get("num_key_value_heads", config.get("num_key_value_heads") or h))
+        for i, h in enumerate(heads)
+    ]
+    ffn = widths("intermediate_size")
+    _check_widths(heads, kv_heads, ffn)
+    uniform = len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(ffn)) == 1
+    arch = ("qwen2" if family == "qwen2" else "llama") if uniform else "deci"
+    hidden_size = int(config["hidden_size"])
+    head_dim = int(config.get("head_dim") or hidden_size // int(config["num_attention_heads"]))
+    return GGUFLayout(arch, family, hidden_size, head_dim, heads, kv_heads, ffn)
+
+
+def _family(config: dict) -> str:
+    """The base family of a stock or `pruned_*` config; refuses families llama.cpp cannot run as exported."""
+    model_type = config.get("model_type")
+    family = config.get("base_model_type") or str(model_type).removeprefix("pruned_")
+    if family in LLAMA_FAMILIES:
+        if config.get("hidden_act", "silu") != "silu":
+            raise PruneInputError(
+                f"GGUF export needs `hidden_act` silu (llama.cpp's LLaMA graph), got {config.get('hidden_act')!r}."
+            )
+        return family
+    reason = _OTHER_FAMILIES.get(family, "this exporter does not know it")
+    raise PruneInputError(
+        f"GGUF export supports LLaMA, Mistral and Qwen2 checkpoints (stock, pruned, per-layer widths), not "
+        f"`{model_type}`: {reason}."
+    )
+
+
+def _check_widths(heads: list[int], kv_heads: list[int], ffn: list[int]) -> None:
+    """llama.cpp's `deci` graph drops a layer's attention output when its MLP width is 0, and needs whole KV groups."""
+    for index, (n_head, n_kv, n_ff) in enumerate(zip(heads, kv_heads, ffn)):
+        if n_head <= 0 or n_kv <= 0 or n_ff <= 0:
+            raise PruneInputError(
+                f"Layer {index} has {n_head} query heads, {n_kv} KV heads and {n_ff} MLP channels; GGUF export needs "
+                "at least one of each in every layer (remove whole layers with structures=['layers'] instead)."
+            )
+        if n_head % n_kv:
+            raise PruneInputError(f"Layer {index}: {n_head} query heads are not a multiple of {n_kv} KV heads.")
+
+
+def permute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Rows of a q/k projection (or bias) reordered from Transformers' rotate-half layout to llama.cpp's adjacent
+    pairs: within each head, row j of the first half and row j of the second half become rows 2j and 2j+1."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """The inverse of `permute_rotary` (llama.cpp's layout back to Transformers')."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """llama.cpp's name for a Transformers tensor name; None for buffers llama.cpp recomputes (rotary inv_freq)."""
+    if hf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[hf_name]
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    parts = hf_name.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        module, kind = ".".join(parts[3:-1]), parts[-1]
+        if module in _LAYER_TENSORS and kind in ("weight", "bias"):
+            return f"blk.{parts[2]}.{_LAYER_TENSORS[module]}.{kind}"
+    raise PruneInputError(
+        f"GGUF export does not know the tensor `{hf_name}` (a LLaMA-family checkpoint has "
+        "embed_tokens, layers.N.{self_attn,mlp,*_layernorm}, norm and lm_head)."
+    )
+
+
+def _rotary_heads(hf_name: str, layout: GGUFLayout) -> int | None:
+    """How many heads a q/k tensor holds (the permutation's block count), None for other tensors."""
+    parts = hf_name.split(".")
+    if len(parts) < 5 or parts[3] != "self_attn" or parts[4] not in ("q_proj", "k_proj"):
+        return None
+    layer = int(parts[2])
+    return layout.heads[layer] if parts[4] == "q_proj" else layout.kv_heads[layer]
+
+
+def _rope_settings(config: dict) -> dict:
+    """Rotary base and scaling from `rope_parameters` (Transformers 5) or `rope_theta`/`rope_scaling` (4.x)."""
+    params = dict(config.get("rope_parameters") or {})
+    if not params:
+        params = dict(config.get("rope_scaling") or {})
+        params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise PruneInputError(f"GGUF export supports rotary scaling default, linear and llama3, not {rope_type!r}.")
+    params["rope_type"] = rope_type
+    return params
+
+
+def _llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp's `rope_freqs` tensor for Llama 3.1's frequency-dependent scaling (one factor per rotary pair)."""
+    base = float(params.get("rope_theta", 10000.0))
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_context = float(params.get("original_max_position_embeddings", 8192))
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+def _write_hparams(writer, config: dict, layout: GGUFLayout, outtype: str, name: str) -> None:
+    """Hyper-parameters: per-layer arrays for `deci`, single values otherwise."""
+    import gguf
+
+    def per_layer(values):
+        return values if layout.per_layer else values[0]
+
+    writer.add_name(name)
+    writer.add_block_count(len(layout.heads))
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(layout.hidden_size)
+    writer.add_feed_forward_length(per_layer(layout.ffn))
+    writer.add_head_count(per_layer(layout.heads))
+    writer.add_head_count_kv(per_layer(layout.kv_heads))
+    writer.add_key_length(layout.head_dim)
+    writer.add_value_length(layout.head_dim)
+    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    rope = _rope_settings(config)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
+
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def _encode(name: str, array: np.ndarray, outtype: str) -> tuple[np.ndarray, object]:
+    """The tensor data in the output type (1-D tensors stay float32, as llama.cpp's converter keeps them); a matrix
+    whose rows do not split into q8_0 blocks of 32 falls back to f16, as llama.cpp's converter does."""
+    import gguf
+
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if array.ndim == 1 or outtype == "f32":
+        return array, None
+    if outtype == "f16":
+        return array.astype(np.float16), None
+    qtype = gguf.GGMLQuantizationType.BF16 if outtype == "bf16" else gguf.GGMLQuantizationType.Q8_0
+    try:
+        return gguf.quants.quantize(array, qtype), qtype
+    except gguf.QuantError:
+        logger.info("%s: %d columns do not split into %s blocks; written as f16.", name, array.shape[-1], outtype)
+        return array.astype(np.float16), None
+
+
+def _checkpoint_tensors(model_dir: Path):
+    """(name, float32 array) for every tensor of the checkpoint's safetensors shards."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise PruneInputError(f"{model_dir} has no *.safetensors weights; GGUF export reads safetensors checkpoints.")
+    for file in files:
+        with safe_open(file, framework="pt") as shard:
+            for hf_name in shard.keys():
+                yield hf_name, shard.get_tensor(hf_name).float().numpy()
+
+
+def _add_tensors(writer, model_dir: Path, layout: GGUFLayout, config: dict, outtype: str) -> None:
+    """Every tensor under its llama.cpp name, q/k permuted for the pair-rotating graphs."""
+    seen = set()
+    for hf_name, array in _checkpoint_tensors(model_dir):
+        name = gguf_tensor_name(hf_name)
+        if name is None:
+            continue
+        heads = _rotary_heads(hf_name, layout)
+        if heads is not None and layout.permutes_rotary:
+            array = permute_rotary(array, heads)
+        data, raw_dtype = _encode(name, array, outtype)
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+        seen.add(name)
+    if "output.weight" not in seen and not config.get("tie_word_embeddings", False):
+        raise PruneInputError(f"{model_dir} has no lm_head.weight and `tie_word_embeddings` is false.")
+    rope = _rope_settings(config)
+    if rope["rope_type"] == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, layout.head_dim))
+
+
+def _warn_sliding_window(config: dict) -> None:
+    """llama.cpp's `llama`/`qwen2` graphs attend to the whole context; Transformers honours a sliding window."""
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", config.get("model_type") != "qwen2")
+    if window and uses_window and int(window) < int(config.get("max_position_embeddings", 0)):
+        logger.warning(
+            "The checkpoint's sliding window (%s tokens) is not written: llama.cpp attends to the whole "
+            "context, so outputs differ past %s tokens.",
+            window,
+            window,
+        )
+
+
+def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = False) -> Path:
+    """Write the checkpoint in `model_dir` (stock or pruned LLaMA / Mistral / Qwen2, per-layer widths included) as
+    one GGUF file for llama.cpp, with its tokenizer. Returns the written path.
+
+    `outtype`: f32 (exact), f16, bf16 or q8_0 (matrices only; norms stay f32). An existing file is replaced only
+    with `overwrite=True`; the file is written beside its target and renamed into place, so a failed export leaves
+    nothing behind."""
+    if outtype not in OUTTYPES:
+        raise PruneInputError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}.")
+    model_dir, output_path = Path(model_dir), Path(output_path)
+    _check_output(output_path, overwrite)
+    config = read_json_object(model_dir / "config.json", "a checkpoint's config.json holds an object")
+    layout = gguf_layout(config)
+    _warn_sliding_window(config)
+    gguf = _import_gguf()
+    from .gguf_vocab import add_tokenizer
+
+    handle, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
+    os.close(handle)
+    try:
+        writer = gguf.GGUFWriter(temporary, layout.arch)
+        _write_hparams(writer, config, layout, outtype, model_dir.resolve().name)
+        add_tokenizer(writer, model_dir, int(config["vocab_size"]))
+        _add_tensors(writer, model_dir, layout, config, outtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates the file private; a written file is not
+        os.replace(temporary, output_path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    logger.info("Wrote %s (llama.cpp architecture `%s`, %s).", output_path, layout.arch, outtype)
+    return output_path
+
+
+def _check_output(output_path: Path, overwrite: bool) -> None:
+    if output_path.is_dir():
+        raise PruneInputError(f"{output_path} is a directory; give the path of the .gguf file to write.")
+    if output_path.exists() and not overwrite:
+        raise PruneInputError(f"{output_path} exists; pass --overwrite (overwrite=True) to replace it.")
+    if not output_path.parent.is_dir():
+        raise PruneInputError(f"{output_path.parent} is not a directory; create it first.")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "GGUF export needs the `gguf` package (llama.cpp's writer): pip install 'optimum-prune[gguf]'."
+        ) from None
+    return gguf

@@ -1,0 +1,211 @@
+"""GGUF export (`optimum_prune.export.gguf`): what the file holds, read back with the `gguf` package's reader.
+
+llama.cpp itself runs the files in `tests/test_gguf_llama_cpp.py` (`make test-gguf`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from testing_utils import tiny_bloom, tiny_llama, tiny_opt, tiny_qwen2
+
+from optimum_prune.commands.cli import main
+from optimum_prune.errors import PruneInputError
+from optimum_prune.export import export_gguf
+from optimum_prune.export.gguf import gguf_layout, permute_rotary, unpermute_rotary
+from optimum_prune.modeling import PrunedLlamaConfig, PrunedLlamaForCausalLM
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_DIR = os.path.join(ROOT, "examples", "tiny-llama")
+VOCAB = 4096  # the example tokenizer's vocabulary
+PER_LAYER = {
+    "0": {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 40},
+    "2": {"intermediate_size": 56},
+}
+
+
+def _save(model, path):
+    """A checkpoint directory: the model plus the example tokenizer (byte-level BPE, 4096 tokens)."""
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(TOKENIZER_DIR, name), path / name)
+    return path
+
+
+def _per_layer_llama(seed: int = 0):
+    base = tiny_llama(seed, vocab_size=VOCAB).config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        base.pop(key, None)
+    torch.manual_seed(seed)
+    return PrunedLlamaForCausalLM(PrunedLlamaConfig(**base, per_layer_config=PER_LAYER)).eval()
+
+
+def _fields(reader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _tensors(reader) -> dict:
+    """name -> (numpy array in llama.cpp's row-major layout, ggml type name)."""
+    return {t.name: (np.array(t.data), t.tensor_type.name) for t in reader.tensors}
+
+
+def test_dense_llama_metadata_tensors_and_tokenizer(tmp_path):
+    model = tiny_llama(vocab_size=VOCAB)
+    out = export_gguf(_save(model, tmp_path / "dense"), tmp_path / "dense.gguf")
+    reader = gguf.GGUFReader(out)
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.block_count"] == 3
+    assert fields["llama.embedding_length"] == 48
+    assert fields["llama.feed_forward_length"] == 80
+    assert fields["llama.attention.head_count"] == 8
+    assert fields["llama.attention.head_count_kv"] == 4
+    assert fields["llama.attention.key_length"] == fields["llama.rope.dimension_count"] == 8
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(fields["tokenizer.ggml.tokens"]) == VOCAB
+    assert fields["tokenizer.ggml.tokens"][0] == "<|endoftext|>"
+    assert fields["tokenizer.ggml.token_type"][0] == gguf.TokenType.CONTROL
+    assert len(fields["tokenizer.ggml.merges"]) > 1000
+    assert fields["tokenizer.ggml.eos_token_id"] == 0
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+
+    tensors = _tensors(reader)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert len(tensors) == len(state) == 3 * 9 + 3
+    assert np.array_equal(tensors["token_embd.weight"][0], state["model.embed_tokens.weight"])
+    assert np.array_equal(tensors["blk.1.ffn_down.weight"][0], state["model.layers.1.mlp.down_proj.weight"])
+    q, k = tensors["blk.2.attn_q.weight"][0], tensors["blk.2.attn_k.weight"][0]
+    assert np.array_equal(unpermute_rotary(q, 8), state["model.layers.2.self_attn.q_proj.weight"])
+    assert np.array_equal(unpermute_rotary(k, 4), state["model.layers.2.self_attn.k_proj.weight"])
+    assert not np.array_equal(q, state["model.layers.2.self_attn.q_proj.weight"])
+    assert {t for _, t in tensors.values()} == {"F32"}
+
+
+def test_per_layer_widths_use_deci_arrays(tmp_path):
+    model = _per_layer_llama()
+    out = export_gguf(_save(model, tmp_path / "per-layer"), tmp_path / "per-layer.gguf")
+    reader = gguf.GGUFReader(out)
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "deci"
+    assert fields["deci.attention.head_count"] == [4, 8, 8]
+    assert fields["deci.attention.head_count_kv"] == [2, 4, 4]
+    assert fields["deci.feed_forward_length"] == [40, 80, 56]
+    assert fields["deci.attention.key_length"] == fields["deci.attention.value_length"] == 8
+    tensors = _tensors(reader)
+    assert tensors["blk.0.attn_q.weight"][0].shape == (32, 48)
+    assert tensors["blk.0.attn_k.weight"][0].shape == (16, 48)
+    assert tensors["blk.0.attn_output.weight"][0].shape == (48, 32)
+    assert tensors["blk.2.ffn_down.weight"][0].shape == (48, 56)
+    q0 = model.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy()
+    assert np.array_equal(unpermute_rotary(tensors["blk.0.attn_q.weight"][0], 4), q0)
+
+
+def _rotate_half_rope(x, position, base=10000.0):
+    """Transformers' rotary embedding of one head: channel j pairs with channel j + d/2."""
+    half = x.shape[-1] // 2
+    theta = position * base ** (-np.arange(half) * 2.0 / x.shape[-1])
+    cos, sin = np.cos(theta), np.sin(theta)
+    return np.concatenate([x[:half] * cos - x[half:] * sin, x[half:] * cos + x[:half] * sin])
+
+
+def _adjacent_pairs_rope(x, position, base=10000.0):
+    """llama.cpp's normal rope (`llama`, `deci`): channel 2i pairs with channel 2i + 1."""
+    theta = position * base ** (-np.arange(x.shape[-1] // 2) * 2.0 / x.shape[-1])
+    cos, sin = np.cos(theta), np.sin(theta)
+    out = np.empty_like(x)
+    out[0::2] = x[0::2] * cos - x[1::2] * sin
+    out[1::2] = x[0::2] * sin + x[1::2] * cos
+    return out
+
+
+def test_permutation_turns_rotate_half_into_adjacent_pairs():
+    """What llama.cpp computes with the permuted weight is the permuted Transformers query, at every position."""
+    rng = np.random.default_rng(0)
+    heads, head_dim, hidden = 3, 8, 12
+    weight, x = rng.normal(size=(heads * head_dim, hidden)), rng.normal(size=hidden)
+    permuted = permute_rotary(weight, heads)
+    for position in (0, 1, 7):
+        hf = np.concatenate([_rotate_half_rope(h, position) for h in (weight @ x).reshape(heads, head_dim)])
+        cpp = np.concatenate([_adjacent_pairs_rope(h, position) for h in (permuted @ x).reshape(heads, head_dim)])
+        np.testing.assert_allclose(cpp, permute_rotary(hf, heads), atol=1e-12)
+    assert np.array_equal(unpermute_rotary(permuted, heads), weight)
+    bias = rng.normal(size=heads * head_dim)
+    assert np.array_equal(unpermute_rotary(permute_rotary(bias, heads), heads), bias)
+
+
+def test_qwen2_keeps_rotate_half_and_biases(tmp_path):
+    model = tiny_qwen2(vocab_size=VOCAB)
+    reader = gguf.GGUFReader(export_gguf(_save(model, tmp_path / "qwen2"), tmp_path / "qwen2.gguf"))
+    assert _fields(reader)["general.architecture"] == "qwen2"
+    tensors = _tensors(reader)
+    state = model.state_dict()
+    assert np.array_equal(tensors["blk.0.attn_q.weight"][0], state["model.layers.0.self_attn.q_proj.weight"].numpy())
+    assert np.array_equal(tensors["blk.0.attn_k.bias"][0], state["model.layers.0.self_attn.k_proj.bias"].numpy())
+
+
+def test_q8_0_quantizes_matrices_and_keeps_norms_f32(tmp_path):
+    """Rows of 64 split into q8_0 blocks of 32; rows of 80 (ffn_down) do not and fall back to f16."""
+    model = tiny_llama(vocab_size=VOCAB, hidden_size=64, intermediate_size=80)
+    reader = gguf.GGUFReader(export_gguf(_save(model, tmp_path / "m"), tmp_path / "m.gguf", outtype="q8_0"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "F16"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert _fields(reader)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def test_refuses_opt_with_what_works(tmp_path):
+    path = tmp_path / "opt"
+    tiny_opt().save_pretrained(path)
+    with pytest.raises(PruneInputError, match=r"LLaMA, Mistral and Qwen2 .* not `opt`: llama.cpp has no OPT"):
+        export_gguf(path, tmp_path / "opt.gguf")
+    assert not (tmp_path / "opt.gguf").exists()
+
+
+def test_refuses_bloom_saying_what_works(tmp_path):
+    path = tmp_path / "bloom"
+    tiny_bloom().save_pretrained(path)
+    with pytest.raises(PruneInputError, match=r"not `bloom`: .*prune with uniform=True .* convert_hf_to_gguf.py"):
+        export_gguf(path, tmp_path / "bloom.gguf")
+
+
+def test_refuses_a_layer_without_mlp_channels():
+    """llama.cpp's `deci` graph would drop that layer's attention output (it skips the layer when n_ff is 0)."""
+    config = tiny_llama().config.to_dict()
+    config["per_layer_config"] = {"1": {"intermediate_size": 0}}
+    with pytest.raises(PruneInputError, match="Layer 1 has 8 query heads, 4 KV heads and 0 MLP channels"):
+        gguf_layout(config)
+
+
+def test_refuses_existing_file_and_bad_outtype(tmp_path):
+    path = _save(tiny_llama(vocab_size=VOCAB), tmp_path / "m")
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"keep me")
+    with pytest.raises(PruneInputError, match="exists; pass --overwrite"):
+        export_gguf(path, target)
+    assert target.read_bytes() == b"keep me"
+    with pytest.raises(PruneInputError, match="outtype must be one of f32, f16, bf16, q8_0"):
+        export_gguf(path, tmp_path / "other.gguf", outtype="q4_k")
+    export_gguf(path, target, overwrite=True)
+    assert gguf.GGUFReader(target).fields["general.architecture"].contents() == "llama"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_export_and_refusal(tmp_path, capsys):
+    path = _save(_per_layer_llama(), tmp_path / "m")
+    args = ["export", "gguf", "--model", str(path), "--output", str(tmp_path / "m.gguf")]
+    assert main([*args, "--outtype", "f16"]) == 0
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert {t.tensor_type.name for t in reader.tensors} == {"F16", "F32"}
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"optimum-prune: error: {tmp_path / 'm.gguf'} exists; pass --overwrite (overwrite=True) to replace it."
+    ]

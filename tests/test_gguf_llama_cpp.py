@@ -1,0 +1,111 @@
+"""llama.cpp runs the GGUF exports (`make test-gguf`): its logits equal Transformers' on the same token ids and its
+greedy continuation is the same, for the shared tiny-llama dense and pruned every way the export supports.
+
+llama.cpp runs in .venv-gguf (llama-cpp-python compiled from source, `LLAMA_CPP_PYTHON`) through
+`fixtures/llama_cpp_run.py`; Transformers runs here.
+
+Measured on tiny-llama (23 prompt tokens, logits up to |22|): f32 GGUF with an f32 KV cache differs from Transformers
+by at most 1e-5 (float32 summation order), f16 by 3.3e-3, q8_0 by 0.16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from optimum_prune import AutoPruner, PrunerConfig
+from optimum_prune.export import export_gguf
+
+
+pytestmark = pytest.mark.gguf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_LLAMA = os.path.join(ROOT, "examples", "tiny-llama")
+CALIBRATION = os.path.join(ROOT, "examples", "data", "calibration.txt")
+RUNNER = os.path.join(ROOT, "tests", "fixtures", "llama_cpp_run.py")
+PROMPT = "Once upon a time, there was a little girl who loved to play outside in the sun."
+NEW_TOKENS = 16
+F32_ATOL = 1e-4
+QUANTIZED_ATOL = {"f16": 0.05, "q8_0": 0.5}
+VARIANTS = {
+    "uniform": dict(structures=["attention_heads", "mlp_channels"], pruning_ratio=0.2),
+    "per_layer": dict(structures=["attention_heads", "mlp_channels"], pruning_ratio=0.3, global_ranking=True),
+    "layers_removed": dict(structures=["layers", "mlp_channels"], pruning_ratio=0.3),
+    "hidden_channels": dict(structures=["hidden_channels"], pruning_ratio=0.2),
+}
+EXPECTED_ARCH = {
+    "dense": "llama",
+    "uniform": "llama",
+    "per_layer": "deci",
+    "layers_removed": "llama",
+    "hidden_channels": "llama",
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The dense tiny-llama and one magnitude-pruned checkpoint per variant."""
+    root = tmp_path_factory.mktemp("gguf")
+    paths = {"dense": TINY_LLAMA}
+    for name, options in VARIANTS.items():
+        config = PrunerConfig(importance="magnitude", **options)
+        pruner = AutoPruner.from_pretrained(TINY_LLAMA, pruner_config=config, dtype=torch.float32)
+        pruner.prune(calibration_data=CALIBRATION)
+        pruner.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def prompt_ids():
+    return AutoTokenizer.from_pretrained(TINY_LLAMA)(PROMPT)["input_ids"]
+
+
+def _llama_cpp(gguf_path, ids):
+    """llama.cpp's logits on `ids` and greedy continuation, from .venv-gguf's Python."""
+    python = os.environ.get("LLAMA_CPP_PYTHON")
+    if not python:
+        pytest.fail("LLAMA_CPP_PYTHON is not set: run these tests with `make test-gguf`.")
+    out = f"{gguf_path}.json"
+    result = subprocess.run(
+        [python, RUNNER, str(gguf_path), json.dumps(ids), str(NEW_TOKENS), out], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out) as f:
+        data = json.load(f)
+    return torch.tensor(data["logits"]), data["generated"], data["architecture"]
+
+
+def _transformers(model_dir, ids):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+        generated = model.generate(
+            torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS
+        )[0, len(ids) :]
+    return logits, generated.tolist()
+
+
+@pytest.mark.parametrize("variant", ["dense", *VARIANTS])
+def test_f32_logits_and_greedy_tokens_equal_transformers(checkpoints, prompt_ids, tmp_path, variant):
+    gguf_path = export_gguf(checkpoints[variant], tmp_path / f"{variant}.gguf")
+    logits, generated, arch = _llama_cpp(gguf_path, prompt_ids)
+    ref_logits, ref_generated = _transformers(checkpoints[variant], prompt_ids)
+    assert arch == EXPECTED_ARCH[variant]
+    torch.testing.assert_close(logits, ref_logits, atol=F32_ATOL, rtol=0)
+    assert generated == ref_generated
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("variant", ["dense", "per_layer"])
+def test_f16_and_q8_0_load_and_generate(checkpoints, prompt_ids, tmp_path, variant, outtype):
+    gguf_path = export_gguf(checkpoints[variant], tmp_path / f"{variant}-{outtype}.gguf", outtype=outtype)
+    logits, generated, _ = _llama_cpp(gguf_path, prompt_ids)
+    ref_logits, _ = _transformers(checkpoints[variant], prompt_ids)
+    assert len(generated) == NEW_TOKENS
+    torch.testing.assert_close(logits, ref_logits, atol=QUANTIZED_ATOL[outtype], rtol=0)
