@@ -146,14 +146,14 @@ def add_missing_biases(model: nn.Module, spec: ArchitectureSpec, module_paths: s
 
 def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: int) -> None:
     """RMSNorm over the kept channels equals RMSNorm over all channels with the removed ones zeroed once the weights
-    are scaled by sqrt(old/new) and epsilon by old/new (see `NormSpec`)."""
+    are scaled by sqrt(old/new) and epsilon by old/new, or once the residual stream is scaled (see `NormSpec`)."""
     if spec.norm.kind != "rms" or old == new:
         return
-    names = list(spec.norm.modules)
-    for i in range(len(decoder_layers(model, spec))):
-        names += [layer_prefix(spec, i) + m for m in spec.norm.layer_modules]
+    if spec.norm.compensation == "residual":
+        _scale_residual_stream(model, spec, math.sqrt(new / old))
+        return
     scale = math.sqrt(old / new)
-    for name in names:
+    for name in _residual_norms(model, spec):
         norm = model.get_submodule(name)
         with torch.no_grad():
             norm.weight.mul_(scale)
@@ -161,6 +161,36 @@ def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: i
             setattr(norm, spec.norm.eps_attr, getattr(norm, spec.norm.eps_attr) * old / new)
     if spec.norm.eps_field:
         setattr(model.config, spec.norm.eps_field, getattr(model.config, spec.norm.eps_field) * old / new)
+
+
+def _residual_norms(model: nn.Module, spec: ArchitectureSpec) -> list[str]:
+    """The compensated norms: the model-level ones, then every decoder layer's."""
+    names = list(spec.norm.modules)
+    for i in range(len(decoder_layers(model, spec))):
+        names += [layer_prefix(spec, i) + m for m in spec.norm.layer_modules]
+    return names
+
+
+def _scale_residual_stream(model: nn.Module, spec: ArchitectureSpec, factor: float) -> None:
+    """Make the residual stream `factor` (sqrt(H'/H)) times the original's kept channels: RMSNorm over the H' channels
+    of the scaled stream then sees the original mean square, with the original epsilon, and the reading norms divide
+    `factor` out of their weights. A tied `lm_head` is the scaled embedding, so the final norm also divides its
+    factor out."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and bool(spec.norm.embeddings)
+    with torch.no_grad():
+        for name in spec.norm.embeddings:
+            model.get_submodule(name).weight.mul_(factor)
+        for i in range(len(decoder_layers(model, spec))):
+            for path in spec.norm.residual_writers:
+                linear = model.get_submodule(layer_prefix(spec, i) + path)
+                linear.weight.mul_(factor)
+                if linear.bias is not None:
+                    linear.bias.mul_(factor)
+        offset = spec.norm.weight_offset
+        for name in _residual_norms(model, spec):
+            divisor = factor * factor if tied and name in spec.norm.modules else factor
+            weight = model.get_submodule(name).weight
+            weight.copy_((weight + offset) / divisor - offset)
 
 
 def write_unit_records(model: nn.Module, spec: ArchitectureSpec, plan) -> None:

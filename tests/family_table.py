@@ -12,7 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from testing_utils import skip_layers, tiny_bloom, tiny_glm, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2
+from testing_utils import (
+    skip_layers,
+    tiny_bloom,
+    tiny_glm,
+    tiny_llama,
+    tiny_mistral,
+    tiny_opt,
+    tiny_qwen2,
+    tiny_qwen3,
+)
 from torch import nn
 
 from optimum_prune.architectures import get_architecture
@@ -189,6 +198,7 @@ FAMILIES = {
     "llama": FamilyCase("llama", lambda **kw: tiny_llama(bias=True, **kw), LLAMA_LAYOUT, _LLAMA_RATIOS),
     "mistral": FamilyCase("mistral", tiny_mistral, LLAMA_LAYOUT, _LLAMA_RATIOS),
     "qwen2": FamilyCase("qwen2", tiny_qwen2, LLAMA_LAYOUT, _LLAMA_RATIOS),
+    "qwen3": FamilyCase("qwen3", tiny_qwen3, LLAMA_LAYOUT, _LLAMA_RATIOS),
     "glm": FamilyCase("glm", tiny_glm, LLAMA_LAYOUT, _GLM_RATIOS),
     "glm4": FamilyCase("glm4", lambda **kw: tiny_glm(glm4=True, **kw), LLAMA_LAYOUT, _GLM_RATIOS),
     "opt": FamilyCase(

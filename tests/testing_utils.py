@@ -23,6 +23,8 @@ from transformers import (
     OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 
@@ -72,6 +74,11 @@ def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False, **overrides
 def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     """`tiny_llama`'s shape as Qwen2 (q/k/v biases, o_proj and MLP without)."""
     return _tiny_llama_layout(Qwen2Config, Qwen2ForCausalLM, seed, overrides)
+
+
+def tiny_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
+    """`tiny_llama`'s shape as Qwen3 (per-head q_norm/k_norm over head_dim, no biases)."""
+    return _tiny_llama_layout(Qwen3Config, Qwen3ForCausalLM, seed, overrides)
 
 
 def tiny_mistral(seed: int = 0, **overrides) -> MistralForCausalLM:

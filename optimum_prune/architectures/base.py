@@ -96,6 +96,17 @@ class NormSpec:
     eps_attr: str | None = None
     modules: tuple[str, ...] = ()  # model-level norms, e.g. "model.norm"
     layer_modules: tuple[str, ...] = ()  # per-layer norms, relative to the layer
+    # `"eps"` (above) or `"residual"`: scale the whole residual stream by c = sqrt(H' / H) instead, so that the sum of
+    # squares over the kept channels divided by H' equals the original mean and epsilon stays as it is. Needed where
+    # other norms read the same epsilon field (Qwen3's and Gemma 3's per-head `q_norm`/`k_norm` over `head_dim`). The
+    # stream's sources get the factor c (`embeddings`, the rows of `residual_writers`), and the norms that read it
+    # (`modules`, `layer_modules`) divide it out of their weights; the final norm also divides out the factor a tied
+    # `lm_head` shares with the embeddings.
+    compensation: str = "eps"
+    embeddings: tuple[str, ...] = ()  # modules whose weight rows are embedding vectors entering the stream
+    residual_writers: tuple[str, ...] = ()  # per-layer Linears whose outputs reach the stream (rows and bias scaled)
+    # Norms of Gemma's kind compute `x_hat * (1 + weight)`: the effective scale is `weight_offset + weight`.
+    weight_offset: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from .modeling_pruned_bloom import PrunedBloomConfig, PrunedBloomForCausalLM
 from .modeling_pruned_glm import PrunedGlm4Config, PrunedGlm4ForCausalLM, PrunedGlmConfig, PrunedGlmForCausalLM
 from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 from .modeling_pruned_opt import PrunedOPTConfig, PrunedOPTForCausalLM
+from .modeling_pruned_qwen3 import PrunedQwen3Config, PrunedQwen3ForCausalLM
 
 
 PRUNED_MODEL_CLASSES = {
@@ -19,6 +20,7 @@ PRUNED_MODEL_CLASSES = {
     PrunedGlm4Config.model_type: (PrunedGlm4Config, PrunedGlm4ForCausalLM),
     PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     PrunedOPTConfig.model_type: (PrunedOPTConfig, PrunedOPTForCausalLM),
+    PrunedQwen3Config.model_type: (PrunedQwen3Config, PrunedQwen3ForCausalLM),
 }
 
 for _config_class, _model_class in PRUNED_MODEL_CLASSES.values():
@@ -40,4 +42,6 @@ __all__ = [
     "PrunedLlamaForCausalLM",
     "PrunedOPTConfig",
     "PrunedOPTForCausalLM",
+    "PrunedQwen3Config",
+    "PrunedQwen3ForCausalLM",
 ]
