@@ -27,6 +27,7 @@ from .groups import (
     width_of,
 )
 from .modeling import PRUNED_MODEL_CLASSES
+from .modeling.per_layer_config import LayerConfigView
 from .utils.compat import fails_transformers_5_validation
 
 
@@ -63,10 +64,7 @@ def prune_group_set(model: nn.Module, group_set: GroupSet, kept: list[int]) -> N
     kept_t = torch.tensor(sorted(kept), dtype=torch.long)
     for s in group_set.slices:
         size = params[s.name].shape[s.dim]
-        index = s.unit_indices(size, group_set.num_units)[kept_t].flatten()  # [kept * chunks * block]
-        if s.chunks > 1:  # fused layouts: keep every part's blocks in part order
-            index = index.sort().values
-        slice_parameter(model, s.name, s.dim, index)
+        slice_parameter(model, s.name, s.dim, s.kept_indices(size, group_set.num_units, kept_t))
 
 
 def removed_channels(group_set: GroupSet, slice_, num_units: int, kept: list[int], size: int) -> torch.Tensor:
@@ -241,13 +239,18 @@ def remove_layers(model: nn.Module, spec: ArchitectureSpec, removed: list[int]) 
 def layer_widths(model: nn.Module, spec: ArchitectureSpec) -> list[dict[str, int]]:
     """The config widths each decoder layer actually has, read from its tensors."""
     params = dict(model.named_parameters())
+    # A stock config may have dropped a derived field again (Phi-3's `head_dim`) that the widths divide by.
+    dropped = {
+        n: derive_field(model.config, r) for n, r in spec.derived_fields.items() if not hasattr(model.config, n)
+    }
+    config = LayerConfigView(model.config, dropped) if dropped else model.config
     widths = []
     for i in range(len(decoder_layers(model, spec))):
         prefix = layer_prefix(spec, i)
         layer = {}
         for structure in spec.structures.values():
             for w in structure.widths:
-                layer[w.field] = width_of(params, model.config, w, prefix)
+                layer[w.field] = width_of(params, config, w, prefix)
         widths.append(layer)
     return widths
 
@@ -484,6 +487,11 @@ def sync_module_attrs(
         for owner, source in owners:
             module = owner.get_submodule(owner_path) if owner_path else owner
             setattr(module, attr, field_value(source, field_name))
+    if spec.layer_config_modules:
+        all_widths = layer_widths(model, spec)
+        for i in range(len(layers)) if layer_indices is None else layer_indices:
+            for path in spec.layer_config_modules:
+                layers[i].get_submodule(path).config = LayerConfigView(model.config, all_widths[i])
     if spec.layer_module_attrs:
         # Per layer, from that layer's own tensor widths (per-layer head counts differ under non-uniform pruning).
         for layer, widths in zip(layers, layer_widths(model, spec)):

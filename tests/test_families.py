@@ -16,7 +16,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 from family_table import BLOOM_LAYOUT, LLAMA_LAYOUT, OPT_LAYOUT, Layout, layer_ratio, zeroed_reference
-from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_bloom, tiny_glm, tiny_opt, tiny_qwen3
+from testing_utils import (
+    VOCAB,
+    fresh_process_logits,
+    input_ids,
+    logits,
+    tiny_bloom,
+    tiny_glm,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen3,
+)
 
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.architectures import get_architecture
@@ -48,6 +58,7 @@ class Family:
 
 _GLM_RATIOS = {"attention_heads": 0.1, "mlp_channels": 0.2, "hidden_channels": 0.2}
 _QWEN3_RATIOS = {"attention_heads": 0.2, "mlp_channels": 0.3, "hidden_channels": 0.2}
+_PHI3_RATIOS = {"attention_heads": 0.16, "mlp_channels": 0.3, "hidden_channels": 0.2}
 _OPT_RATIOS = {"attention_heads": 0.08, "mlp_channels": 0.2, "hidden_channels": 0.2}
 _BLOOM_RATIOS = {"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2}
 
@@ -68,6 +79,7 @@ FAMILIES = {
         stock_type="qwen3",
         pruned_type="pruned_qwen3",
     ),
+    "phi3": Family(tiny_phi3, LLAMA_LAYOUT, _PHI3_RATIOS, stock_type="phi3", pruned_type="pruned_phi3"),
     "glm": Family(tiny_glm, LLAMA_LAYOUT, _GLM_RATIOS, stock_type="glm", pruned_type="pruned_glm"),
     "glm4": Family(
         lambda **kw: tiny_glm(glm4=True, **kw), LLAMA_LAYOUT, _GLM_RATIOS, stock_type="glm4", pruned_type="pruned_glm4"

@@ -159,7 +159,7 @@ def test_variants_are_their_base_spec_with_declared_differences():
 
 
 def test_every_family_is_registered_once_and_consistently():
-    stock_streaming = {"llama", "mistral", "qwen2", "qwen3", "opt", "bloom", "glm", "glm4"}
+    stock_streaming = {"llama", "mistral", "qwen2", "qwen3", "phi3", "opt", "bloom", "glm", "glm4"}
     assert stock_streaming <= set(streaming.STREAMING_MODEL_TYPES) <= set(ARCHITECTURE_REGISTRY)
     for model_type, family in FAMILY_REGISTRY.items():
         assert family.model_type == model_type

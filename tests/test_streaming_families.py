@@ -38,9 +38,16 @@ SAMPLES, SEQ_LEN = 6, 16
 DATA = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(3))
 ATOL = 1e-5
 
-BUILD = {family: FAMILIES[family].build for family in ("opt", "bloom", "glm", "glm4", "qwen3")}
+BUILD = {family: FAMILIES[family].build for family in ("opt", "bloom", "glm", "glm4", "qwen3", "phi3")}
 # What the pruned checkpoint's config.json says (OPT and BLOOM heads need the registered types).
-PRUNED_TYPE = {"opt": "pruned_opt", "bloom": "pruned_bloom", "glm": "glm", "glm4": "glm4", "qwen3": "qwen3"}
+PRUNED_TYPE = {
+    "opt": "pruned_opt",
+    "bloom": "pruned_bloom",
+    "glm": "glm",
+    "glm4": "glm4",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+}
 
 
 def _config(importance, **kwargs):
@@ -162,7 +169,7 @@ def test_opt_variants(tmp_path, variant):
     torch.testing.assert_close(logits(_load(tmp_path / "out"), ids), logits(reference, ids), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom", "glm", "qwen3"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "glm", "qwen3", "phi3"])
 def test_captured_inputs_follow_left_padding(family):
     """With a left-padded attention mask, the captured first-layer inputs (OPT's mask and position ids, BLOOM's ALiBi
     tensor and mask, GLM's rotary tables and mask) carried through every layer by `run_layer` give each layer's output
@@ -277,6 +284,7 @@ def test_no_tokenizer_is_invented_for_a_checkpoint_without_one(checkpoints, tmp_
         ("bloom", {"importance": "flap", "allocation": "flap"}),
         ("glm", {"importance": "wanda_sp", "global_ranking": True}),
         ("qwen3", {"importance": "wanda_sp", "global_ranking": True}),
+        ("phi3", {"importance": "wanda_sp", "global_ranking": True}),
         # GLM-4 with FLAP's compensation asked for: the registered type adds the o_proj / down_proj biases.
         pytest.param(
             "glm4", {"importance": "flap", "allocation": "flap", "bias_compensation": True}, marks=pytest.mark.slow

@@ -21,6 +21,8 @@ from transformers import (
     MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -79,6 +81,28 @@ def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
 def tiny_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
     """`tiny_llama`'s shape as Qwen3 (per-head q_norm/k_norm over head_dim, no biases)."""
     return _tiny_llama_layout(Qwen3Config, Qwen3ForCausalLM, seed, overrides)
+
+
+def tiny_phi3(seed: int = 0, **overrides) -> Phi3ForCausalLM:
+    """A 3-layer Phi-3: 8 query heads in 4 KV groups of head_dim 6 (`hidden_size // heads`) in a fused qkv_proj, fused
+    gate_up_proj (MLP 80), hidden 48, float32, eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return _randomize(Phi3ForCausalLM(Phi3Config(**kwargs)).eval())
 
 
 def tiny_mistral(seed: int = 0, **overrides) -> MistralForCausalLM:

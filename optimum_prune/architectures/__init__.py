@@ -1,7 +1,7 @@
 """Architecture specs, one file per family; importing this package registers them (one `register_family` call per
 `model_type`, at the end of each file)."""
 
-from . import bloom, chatglm, glm, llama, opt, qwen3
+from . import bloom, chatglm, glm, llama, opt, phi3, qwen3
 from .base import (
     ARCHITECTURE_REGISTRY,
     ATTENTION_HEADS,
@@ -52,6 +52,7 @@ __all__ = [
     "glm",
     "llama",
     "opt",
+    "phi3",
     "qwen3",
     "register_architecture",
     "register_checkpoint_converter",

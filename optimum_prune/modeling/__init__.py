@@ -11,6 +11,7 @@ from .modeling_pruned_bloom import PrunedBloomConfig, PrunedBloomForCausalLM
 from .modeling_pruned_glm import PrunedGlm4Config, PrunedGlm4ForCausalLM, PrunedGlmConfig, PrunedGlmForCausalLM
 from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 from .modeling_pruned_opt import PrunedOPTConfig, PrunedOPTForCausalLM
+from .modeling_pruned_phi3 import PrunedPhi3Config, PrunedPhi3ForCausalLM
 from .modeling_pruned_qwen3 import PrunedQwen3Config, PrunedQwen3ForCausalLM
 
 
@@ -20,6 +21,7 @@ PRUNED_MODEL_CLASSES = {
     PrunedGlm4Config.model_type: (PrunedGlm4Config, PrunedGlm4ForCausalLM),
     PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     PrunedOPTConfig.model_type: (PrunedOPTConfig, PrunedOPTForCausalLM),
+    PrunedPhi3Config.model_type: (PrunedPhi3Config, PrunedPhi3ForCausalLM),
     PrunedQwen3Config.model_type: (PrunedQwen3Config, PrunedQwen3ForCausalLM),
 }
 
@@ -42,6 +44,8 @@ __all__ = [
     "PrunedLlamaForCausalLM",
     "PrunedOPTConfig",
     "PrunedOPTForCausalLM",
+    "PrunedPhi3Config",
+    "PrunedPhi3ForCausalLM",
     "PrunedQwen3Config",
     "PrunedQwen3ForCausalLM",
 ]
