@@ -86,6 +86,7 @@ from .planner import Planner
 from .streaming_checks import (
     LAYER_LOCAL_NEEDS,
     STREAMING_STRUCTURES,
+    check_shared_layer_inputs,
     check_streaming_config,
     check_streaming_family,
     layer_local_criteria,
@@ -462,6 +463,7 @@ def capture_layer_inputs(
     Calibration windows are unpadded, so `attention_mask` ([n, seq_len], 0 on padding) is usually absent; with one,
     the family's own forward turns it into what its layers read (OPT's mask and position ids, BLOOM's ALiBi tensor).
     """
+    check_shared_layer_inputs(model.config)
     layers = model.get_submodule(spec.layers)
     first = layers[0]
     catcher = _Catcher(first)
@@ -967,7 +969,10 @@ def _open_checkpoint(model_dir: str, pruner_config: PrunerConfig, plan, trust_re
             f"{absent[:4]}. Streaming needs a checkpoint saved by Transformers for this architecture."
         )
     spec = get_architecture(config.model_type)
-    return _Run(model_dir, pruner_config, config, spec, reader, model, tied, plan, pruner_config.build_importance())
+    importance = pruner_config.build_importance()
+    if plan is None and importance.needs_data:
+        check_shared_layer_inputs(config)
+    return _Run(model_dir, pruner_config, config, spec, reader, model, tied, plan, importance)
 
 
 def _plan_shapes(run: _Run) -> None:

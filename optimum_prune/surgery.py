@@ -149,6 +149,8 @@ def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: i
         return
     if spec.norm.compensation == "residual":
         _scale_residual_stream(model, spec, math.sqrt(new / old))
+        for name in spec.norm.scaled_embeddings:
+            _set_embed_scale(model.get_submodule(name), math.sqrt(new))
         return
     scale = math.sqrt(old / new)
     for name in _residual_norms(model, spec):
@@ -159,6 +161,15 @@ def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: i
             setattr(norm, spec.norm.eps_attr, getattr(norm, spec.norm.eps_attr) * old / new)
     if spec.norm.eps_field:
         setattr(model.config, spec.norm.eps_field, getattr(model.config, spec.norm.eps_field) * old / new)
+
+
+def _set_embed_scale(embedding: nn.Module, scale: float) -> None:
+    """Gemma's scaled embedding keeps sqrt(hidden_size) as a buffer (and a float copy); Transformers 4.x computes it
+    from the config in `forward`, where there is nothing to set."""
+    if isinstance(getattr(embedding, "embed_scale", None), torch.Tensor):
+        embedding.embed_scale.fill_(scale)
+    if hasattr(embedding, "scalar_embed_scale"):
+        embedding.scalar_embed_scale = scale
 
 
 def _residual_norms(model: nn.Module, spec: ArchitectureSpec) -> list[str]:

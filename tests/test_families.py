@@ -22,6 +22,7 @@ from testing_utils import (
     input_ids,
     logits,
     tiny_bloom,
+    tiny_gemma,
     tiny_glm,
     tiny_opt,
     tiny_phi3,
@@ -59,6 +60,7 @@ class Family:
 _GLM_RATIOS = {"attention_heads": 0.1, "mlp_channels": 0.2, "hidden_channels": 0.2}
 _QWEN3_RATIOS = {"attention_heads": 0.2, "mlp_channels": 0.3, "hidden_channels": 0.2}
 _PHI3_RATIOS = {"attention_heads": 0.16, "mlp_channels": 0.3, "hidden_channels": 0.2}
+_GEMMA_RATIOS = {"attention_heads": 0.2, "mlp_channels": 0.3, "hidden_channels": 0.2}
 _OPT_RATIOS = {"attention_heads": 0.08, "mlp_channels": 0.2, "hidden_channels": 0.2}
 _BLOOM_RATIOS = {"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2}
 
@@ -80,6 +82,14 @@ FAMILIES = {
         pruned_type="pruned_qwen3",
     ),
     "phi3": Family(tiny_phi3, LLAMA_LAYOUT, _PHI3_RATIOS, stock_type="phi3", pruned_type="pruned_phi3"),
+    "gemma2": Family(tiny_gemma, LLAMA_LAYOUT, _GEMMA_RATIOS, stock_type="gemma2", pruned_type="pruned_gemma2"),
+    "gemma3_text": Family(
+        lambda **kw: tiny_gemma(gemma3=True, **kw),
+        LLAMA_LAYOUT,
+        _GEMMA_RATIOS,
+        stock_type="gemma3_text",
+        pruned_type="pruned_gemma3_text",
+    ),
     "glm": Family(tiny_glm, LLAMA_LAYOUT, _GLM_RATIOS, stock_type="glm", pruned_type="pruned_glm"),
     "glm4": Family(
         lambda **kw: tiny_glm(glm4=True, **kw), LLAMA_LAYOUT, _GLM_RATIOS, stock_type="glm4", pruned_type="pruned_glm4"

@@ -16,7 +16,7 @@ from testing_utils import input_ids, load_eval, logits
 from optimum_prune.plan import PruningPlan
 
 
-CLI_FAMILIES = ["qwen3", "phi3"]
+CLI_FAMILIES = ["qwen3", "phi3", "gemma3_text"]
 
 
 def _cli() -> list[str]:

@@ -1,7 +1,7 @@
 """Architecture specs, one file per family; importing this package registers them (one `register_family` call per
 `model_type`, at the end of each file)."""
 
-from . import bloom, chatglm, glm, llama, opt, phi3, qwen3
+from . import bloom, chatglm, gemma, glm, llama, opt, phi3, qwen3
 from .base import (
     ARCHITECTURE_REGISTRY,
     ATTENTION_HEADS,
@@ -48,6 +48,7 @@ __all__ = [
     "Width",
     "bloom",
     "chatglm",
+    "gemma",
     "get_architecture",
     "glm",
     "llama",

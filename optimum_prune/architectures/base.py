@@ -116,6 +116,9 @@ class NormSpec:
     # `lm_head` shares with the embeddings.
     compensation: str = "eps"
     embeddings: tuple[str, ...] = ()  # modules whose weight rows are embedding vectors entering the stream
+    # Embeddings that multiply by sqrt(hidden_size) (Gemma's `embed_scale`): the new width brings the factor c itself,
+    # so their weights stay and their `embed_scale` is set to sqrt(H'), as a reloaded model builds it.
+    scaled_embeddings: tuple[str, ...] = ()
     residual_writers: tuple[str, ...] = ()  # per-layer Linears whose outputs reach the stream (rows and bias scaled)
     # Norms of Gemma's kind compute `x_hat * (1 + weight)`: the effective scale is `weight_offset + weight`.
     weight_offset: float = 0.0

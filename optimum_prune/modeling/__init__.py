@@ -8,6 +8,8 @@ without optimum-prune, and with plain `AutoModelForCausalLM.from_pretrained` onc
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .modeling_pruned_bloom import PrunedBloomConfig, PrunedBloomForCausalLM
+from .modeling_pruned_gemma2 import PrunedGemma2Config, PrunedGemma2ForCausalLM
+from .modeling_pruned_gemma3_text import PrunedGemma3TextConfig, PrunedGemma3TextForCausalLM
 from .modeling_pruned_glm import PrunedGlm4Config, PrunedGlm4ForCausalLM, PrunedGlmConfig, PrunedGlmForCausalLM
 from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 from .modeling_pruned_opt import PrunedOPTConfig, PrunedOPTForCausalLM
@@ -17,6 +19,8 @@ from .modeling_pruned_qwen3 import PrunedQwen3Config, PrunedQwen3ForCausalLM
 
 PRUNED_MODEL_CLASSES = {
     PrunedBloomConfig.model_type: (PrunedBloomConfig, PrunedBloomForCausalLM),
+    PrunedGemma2Config.model_type: (PrunedGemma2Config, PrunedGemma2ForCausalLM),
+    PrunedGemma3TextConfig.model_type: (PrunedGemma3TextConfig, PrunedGemma3TextForCausalLM),
     PrunedGlmConfig.model_type: (PrunedGlmConfig, PrunedGlmForCausalLM),
     PrunedGlm4Config.model_type: (PrunedGlm4Config, PrunedGlm4ForCausalLM),
     PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
@@ -36,6 +40,10 @@ __all__ = [
     "PRUNED_MODEL_CLASSES",
     "PrunedBloomConfig",
     "PrunedBloomForCausalLM",
+    "PrunedGemma2Config",
+    "PrunedGemma2ForCausalLM",
+    "PrunedGemma3TextConfig",
+    "PrunedGemma3TextForCausalLM",
     "PrunedGlm4Config",
     "PrunedGlm4ForCausalLM",
     "PrunedGlmConfig",
