@@ -22,9 +22,13 @@ class Slice:
     dim: int
     chunks: int = 1
     consumer: bool = False
+    parts: tuple[int, ...] = ()  # sizes of unequal fused parts (`Member.parts`, resolved)
+    owned_parts: tuple[int, ...] = ()
 
     def unit_indices(self, size: int, num_units: int) -> torch.Tensor:
         """Indices along `dim` owned by each unit: a LongTensor [num_units, chunks * block]."""
+        if self.parts:
+            return self._part_indices(size, num_units)
         if size % (self.chunks * num_units):
             raise ValueError(
                 f"{self.name}: dimension {self.dim} of size {size} does not split into {self.chunks} x {num_units} "
@@ -34,6 +38,34 @@ class Slice:
         part = size // self.chunks
         units = torch.arange(num_units).unsqueeze(1) * block + torch.arange(block).unsqueeze(0)  # [N, block]
         return torch.cat([units + c * part for c in range(self.chunks)], dim=1)  # [N, chunks*block]
+
+    def _owned(self) -> tuple[int, ...]:
+        return self.owned_parts or tuple(range(len(self.parts)))
+
+    def _part_indices(self, size: int, num_units: int) -> torch.Tensor:
+        """`unit_indices` of unequal parts: each unit's equal block of every owned part, in part order."""
+        if sum(self.parts) != size or any(self.parts[p] % num_units for p in self._owned()):
+            raise ValueError(
+                f"{self.name}: dimension {self.dim} of size {size} does not hold parts {list(self.parts)} that split "
+                f"into {num_units} equal blocks"
+            )
+        offsets = [sum(self.parts[:p]) for p in range(len(self.parts))]
+        blocks = []
+        for p in self._owned():
+            block = self.parts[p] // num_units
+            blocks.append(offsets[p] + torch.arange(num_units).unsqueeze(1) * block + torch.arange(block).unsqueeze(0))
+        return torch.cat(blocks, dim=1)  # [N, sum of owned blocks]
+
+    def kept_indices(self, size: int, num_units: int, kept: torch.Tensor) -> torch.Tensor:
+        """The indices along `dim` that remain when only units `kept` stay: theirs, and every part no unit owns;
+        ascending (fused parts keep their order)."""
+        index = self.unit_indices(size, num_units)[kept].flatten()
+        offset = 0
+        for p, part in enumerate(self.parts):
+            if p not in self._owned():
+                index = torch.cat([index, torch.arange(offset, offset + part)])
+            offset += part
+        return index.sort().values
 
 
 @dataclass
@@ -61,7 +93,12 @@ class GroupSet:
 
     def unit_cost(self, params: dict[str, torch.Tensor]) -> int:
         """Parameters removed with one unit (each unit owns an equal share of every member)."""
-        return sum(params[s.name].numel() // self.num_units for s in self.slices)
+        cost = 0
+        for s in self.slices:
+            param = params[s.name]
+            owned = s.unit_indices(param.shape[s.dim], self.num_units).shape[1]  # indices along `dim` per unit
+            cost += param.numel() // param.shape[s.dim] * owned
+        return cost
 
     def reduce(self, name: str, values: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         """Reduce a tensor shaped like parameter `name` to one value per unit, over everything the unit owns.
@@ -106,11 +143,28 @@ def config_divisor(config, width: Width) -> int:
 
 
 def width_of(params: dict[str, torch.Tensor], config, width: Width, prefix: str = "") -> int:
-    return params[prefix + width.param].shape[width.dim] // config_divisor(config, width)
+    size = params[prefix + width.param].shape[width.dim]
+    if width.minus is not None:
+        size -= params[prefix + width.minus[0]].shape[width.minus[1]]
+    return size // config_divisor(config, width)
+
+
+def _part_sizes(member: Member, prefix: str, params: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """`member.parts` resolved on this layer's tensors: the named sizes, and the rest split equally among `None`s."""
+    if not member.parts:
+        return ()
+    named = [None if p is None else params[prefix + p[0]].shape[p[1]] for p in member.parts]
+    rest = params[prefix + member.name].shape[member.dim] - sum(n for n in named if n is not None)
+    shared = rest // max(1, named.count(None))
+    return tuple(shared if n is None else n for n in named)
 
 
 def _resolve(spec_members: tuple[Member, ...], prefix: str, params: dict[str, torch.Tensor]) -> list[Slice]:
-    return [Slice(prefix + m.name, m.dim, m.chunks, m.consumer) for m in spec_members if prefix + m.name in params]
+    return [
+        Slice(prefix + m.name, m.dim, m.chunks, m.consumer, _part_sizes(m, prefix, params), m.owned_parts)
+        for m in spec_members
+        if prefix + m.name in params
+    ]
 
 
 def unique_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -189,6 +243,7 @@ def check_tied_groups(model: nn.Module, spec: ArchitectureSpec, structures) -> N
     heads there is `attention_heads`, whose units are then single heads. Called before calibration.
     """
     params = unique_parameters(model)
+    materialize_derived_fields(model.config, spec)  # the widths below may divide by a derived `head_dim`
     for structure in structures:
         structure_spec = spec.structures.get(structure)
         if structure_spec is None or structure_spec.tied_groups is None:

@@ -89,6 +89,7 @@ from .reconstruction import layer_consumers, pruned_stream, reconstruct_layer
 from .streaming_checks import (
     LAYER_LOCAL_NEEDS,
     STREAMING_STRUCTURES,
+    check_shared_layer_inputs,
     check_streaming_config,
     check_streaming_family,
     layer_local_criteria,
@@ -466,6 +467,7 @@ def capture_layer_inputs(
     Calibration windows are unpadded, so `attention_mask` ([n, seq_len], 0 on padding) is usually absent; with one,
     the family's own forward turns it into what its layers read (OPT's mask and position ids, BLOOM's ALiBi tensor).
     """
+    check_shared_layer_inputs(model.config)
     layers = model.get_submodule(spec.layers)
     first = layers[0]
     catcher = _Catcher(first)
@@ -993,7 +995,10 @@ def _open_checkpoint(model_dir: str, pruner_config: PrunerConfig, plan, trust_re
             f"{absent[:4]}. Streaming needs a checkpoint saved by Transformers for this architecture."
         )
     spec = get_architecture(config.model_type)
-    run = _Run(model_dir, pruner_config, config, spec, reader, model, tied, plan, pruner_config.build_importance())
+    importance = pruner_config.build_importance()
+    if plan is None and importance.needs_data:
+        check_shared_layer_inputs(config)
+    run = _Run(model_dir, pruner_config, config, spec, reader, model, tied, plan, importance)
     run.checkpoint_dtype = checkpoint_dtype
     run.compute_dtype = resolve_compute_dtype(pruner_config.compute_dtype, checkpoint_dtype, "cpu")
     return run

@@ -30,6 +30,7 @@ from .groups import (
     width_of,
 )
 from .modeling import PRUNED_MODEL_CLASSES
+from .modeling.per_layer_config import LayerConfigView
 from .utils.compat import fails_transformers_5_validation
 
 
@@ -66,10 +67,7 @@ def prune_group_set(model: nn.Module, group_set: GroupSet, kept: list[int]) -> N
     kept_t = torch.tensor(sorted(kept), dtype=torch.long)
     for s in group_set.slices:
         size = params[s.name].shape[s.dim]
-        index = s.unit_indices(size, group_set.num_units)[kept_t].flatten()  # [kept * chunks * block]
-        if s.chunks > 1:  # fused layouts: keep every part's blocks in part order
-            index = index.sort().values
-        slice_parameter(model, s.name, s.dim, index)
+        slice_parameter(model, s.name, s.dim, s.kept_indices(size, group_set.num_units, kept_t))
 
 
 def removed_channels(group_set: GroupSet, slice_, num_units: int, kept: list[int], size: int) -> torch.Tensor:
@@ -149,14 +147,16 @@ def add_missing_biases(model: nn.Module, spec: ArchitectureSpec, module_paths: s
 
 def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: int) -> None:
     """RMSNorm over the kept channels equals RMSNorm over all channels with the removed ones zeroed once the weights
-    are scaled by sqrt(old/new) and epsilon by old/new (see `NormSpec`)."""
+    are scaled by sqrt(old/new) and epsilon by old/new, or once the residual stream is scaled (see `NormSpec`)."""
     if spec.norm.kind != "rms" or old == new:
         return
-    names = list(spec.norm.modules)
-    for i in range(len(decoder_layers(model, spec))):
-        names += [layer_prefix(spec, i) + m for m in spec.norm.layer_modules]
+    if spec.norm.compensation == "residual":
+        _scale_residual_stream(model, spec, math.sqrt(new / old))
+        for name in spec.norm.scaled_embeddings:
+            _set_embed_scale(model.get_submodule(name), math.sqrt(new))
+        return
     scale = math.sqrt(old / new)
-    for name in names:
+    for name in _residual_norms(model, spec):
         norm = model.get_submodule(name)
         with torch.no_grad():
             norm.weight.mul_(scale)
@@ -167,6 +167,45 @@ def _compensate_norms(model: nn.Module, spec: ArchitectureSpec, old: int, new: i
         if spec.norm.fixed_eps_field and getattr(model.config, spec.norm.fixed_eps_field, None) is None:
             setattr(model.config, spec.norm.fixed_eps_field, eps)  # the per-head norms keep it
         setattr(model.config, spec.norm.eps_field, eps * old / new)
+
+
+def _set_embed_scale(embedding: nn.Module, scale: float) -> None:
+    """Gemma's scaled embedding keeps sqrt(hidden_size) as a buffer (and a float copy); Transformers 4.x computes it
+    from the config in `forward`, where there is nothing to set."""
+    if isinstance(getattr(embedding, "embed_scale", None), torch.Tensor):
+        embedding.embed_scale.fill_(scale)
+    if hasattr(embedding, "scalar_embed_scale"):
+        embedding.scalar_embed_scale = scale
+
+
+def _residual_norms(model: nn.Module, spec: ArchitectureSpec) -> list[str]:
+    """The compensated norms: the model-level ones, then every decoder layer's."""
+    names = list(spec.norm.modules)
+    for i in range(len(decoder_layers(model, spec))):
+        names += [layer_prefix(spec, i) + m for m in spec.norm.layer_modules]
+    return names
+
+
+def _scale_residual_stream(model: nn.Module, spec: ArchitectureSpec, factor: float) -> None:
+    """Make the residual stream `factor` (sqrt(H'/H)) times the original's kept channels: RMSNorm over the H' channels
+    of the scaled stream then sees the original mean square, with the original epsilon, and the reading norms divide
+    `factor` out of their weights. A tied `lm_head` is the scaled embedding, so the final norm also divides its
+    factor out."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and bool(spec.norm.embeddings)
+    with torch.no_grad():
+        for name in spec.norm.embeddings:
+            model.get_submodule(name).weight.mul_(factor)
+        for i in range(len(decoder_layers(model, spec))):
+            for path in spec.norm.residual_writers:
+                linear = model.get_submodule(layer_prefix(spec, i) + path)
+                linear.weight.mul_(factor)
+                if linear.bias is not None:
+                    linear.bias.mul_(factor)
+        offset = spec.norm.weight_offset
+        for name in _residual_norms(model, spec):
+            divisor = factor * factor if tied and name in spec.norm.modules else factor
+            weight = model.get_submodule(name).weight
+            weight.copy_((weight + offset) / divisor - offset)
 
 
 def write_unit_records(model: nn.Module, spec: ArchitectureSpec, plan) -> None:
@@ -219,6 +258,9 @@ def layer_widths(model: nn.Module, spec: ArchitectureSpec, config=None) -> list[
     the model's)."""
     config = config if config is not None else model.config
     params = dict(model.named_parameters())
+    # A stock config may have dropped a derived field again (Phi-3's `head_dim`) that the widths divide by.
+    dropped = {n: derive_field(config, r) for n, r in spec.derived_fields.items() if not hasattr(config, n)}
+    config = LayerConfigView(config, dropped) if dropped else config
     widths = []
     for i in range(len(decoder_layers(model, spec))):
         prefix = layer_prefix(spec, i)
@@ -466,6 +508,11 @@ def sync_module_attrs(
             module = get_submodule_or_none(owner, owner_path) if owner_path else owner
             if module is not None:  # a layer may lack the module (a dense layer of an MoE model)
                 setattr(module, attr, field_value(source, field_name))
+    if spec.layer_config_modules:
+        all_widths = layer_widths(model, spec)
+        for i in range(len(layers)) if layer_indices is None else layer_indices:
+            for path in spec.layer_config_modules:
+                layers[i].get_submodule(path).config = LayerConfigView(model.config, all_widths[i])
     if spec.layer_module_attrs:
         # Per layer, from that layer's own tensor widths (per-layer head counts differ under non-uniform pruning).
         # A derived divisor (Qwen2-MoE's `head_dim`) that `write_config` dropped again from a stock config.

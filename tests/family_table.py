@@ -12,7 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from testing_utils import skip_layers, tiny_bloom, tiny_glm, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2
+from testing_utils import (
+    skip_layers,
+    tiny_bloom,
+    tiny_gemma,
+    tiny_glm,
+    tiny_llama,
+    tiny_mistral,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen2,
+    tiny_qwen3,
+)
 from torch import nn
 
 from optimum_prune.architectures import get_architecture
@@ -183,12 +194,19 @@ class FamilyCase:
 
 # 8 query heads in 4 KV groups: `attention_heads` removes a group (1 of 4), `query_heads` one head of each group.
 _LLAMA_RATIOS = {"attention_heads": 0.19, "query_heads": 0.13, "mlp_channels": 0.3, "hidden_channels": 0.2}
+# head_dim 6: `attention_heads` removes 2 of 4 KV groups, `query_heads` one head of each group.
+_PHI3_RATIOS = {"attention_heads": 0.16, "query_heads": 0.16, "mlp_channels": 0.3, "hidden_channels": 0.2}
+_GEMMA_RATIOS = {"attention_heads": 0.2, "query_heads": 0.14, "mlp_channels": 0.3, "hidden_channels": 0.2}
 _GLM_RATIOS = {"attention_heads": 0.1, "query_heads": 0.1, "mlp_channels": 0.2, "hidden_channels": 0.2}
 
 FAMILIES = {
     "llama": FamilyCase("llama", lambda **kw: tiny_llama(bias=True, **kw), LLAMA_LAYOUT, _LLAMA_RATIOS),
     "mistral": FamilyCase("mistral", tiny_mistral, LLAMA_LAYOUT, _LLAMA_RATIOS),
     "qwen2": FamilyCase("qwen2", tiny_qwen2, LLAMA_LAYOUT, _LLAMA_RATIOS),
+    "qwen3": FamilyCase("qwen3", tiny_qwen3, LLAMA_LAYOUT, _LLAMA_RATIOS),
+    "phi3": FamilyCase("phi3", tiny_phi3, LLAMA_LAYOUT, _PHI3_RATIOS),
+    "gemma2": FamilyCase("gemma2", tiny_gemma, LLAMA_LAYOUT, _GEMMA_RATIOS),
+    "gemma3_text": FamilyCase("gemma3_text", lambda **kw: tiny_gemma(gemma3=True, **kw), LLAMA_LAYOUT, _GEMMA_RATIOS),
     "glm": FamilyCase("glm", tiny_glm, LLAMA_LAYOUT, _GLM_RATIOS),
     "glm4": FamilyCase("glm4", lambda **kw: tiny_glm(glm4=True, **kw), LLAMA_LAYOUT, _GLM_RATIOS),
     "opt": FamilyCase(

@@ -16,7 +16,18 @@ from dataclasses import dataclass
 import pytest
 import torch
 from family_table import BLOOM_LAYOUT, LLAMA_LAYOUT, OPT_LAYOUT, Layout, layer_ratio, zeroed_reference
-from testing_utils import VOCAB, fresh_process_logits, input_ids, logits, tiny_bloom, tiny_glm, tiny_opt
+from testing_utils import (
+    VOCAB,
+    fresh_process_logits,
+    input_ids,
+    logits,
+    tiny_bloom,
+    tiny_gemma,
+    tiny_glm,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen3,
+)
 
 from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.architectures import get_architecture
@@ -47,10 +58,38 @@ class Family:
 
 
 _GLM_RATIOS = {"attention_heads": 0.1, "mlp_channels": 0.2, "hidden_channels": 0.2}
+_QWEN3_RATIOS = {"attention_heads": 0.2, "mlp_channels": 0.3, "hidden_channels": 0.2}
+_PHI3_RATIOS = {"attention_heads": 0.16, "mlp_channels": 0.3, "hidden_channels": 0.2}
+_GEMMA_RATIOS = {"attention_heads": 0.2, "mlp_channels": 0.3, "hidden_channels": 0.2}
 _OPT_RATIOS = {"attention_heads": 0.08, "mlp_channels": 0.2, "hidden_channels": 0.2}
 _BLOOM_RATIOS = {"attention_heads": 0.06, "mlp_channels": 0.2, "hidden_channels": 0.2}
 
 FAMILIES = {
+    "qwen3": Family(tiny_qwen3, LLAMA_LAYOUT, _QWEN3_RATIOS, stock_type="qwen3", pruned_type="pruned_qwen3"),
+    # Tied embeddings (the final norm also divides out the lm_head's share of the residual scale) and sliding-window
+    # layers (`layer_types` follows layer removal).
+    "qwen3-tied-sliding": Family(
+        lambda **kw: tiny_qwen3(
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            layer_types=["full_attention", "sliding_attention", "full_attention"],
+            sliding_window=4,
+            **kw,
+        ),
+        LLAMA_LAYOUT,
+        _QWEN3_RATIOS,
+        stock_type="qwen3",
+        pruned_type="pruned_qwen3",
+    ),
+    "phi3": Family(tiny_phi3, LLAMA_LAYOUT, _PHI3_RATIOS, stock_type="phi3", pruned_type="pruned_phi3"),
+    "gemma2": Family(tiny_gemma, LLAMA_LAYOUT, _GEMMA_RATIOS, stock_type="gemma2", pruned_type="pruned_gemma2"),
+    "gemma3_text": Family(
+        lambda **kw: tiny_gemma(gemma3=True, **kw),
+        LLAMA_LAYOUT,
+        _GEMMA_RATIOS,
+        stock_type="gemma3_text",
+        pruned_type="pruned_gemma3_text",
+    ),
     "glm": Family(tiny_glm, LLAMA_LAYOUT, _GLM_RATIOS, stock_type="glm", pruned_type="pruned_glm"),
     "glm4": Family(
         lambda **kw: tiny_glm(glm4=True, **kw), LLAMA_LAYOUT, _GLM_RATIOS, stock_type="glm4", pruned_type="pruned_glm4"
@@ -253,6 +292,19 @@ def test_stock_shapes_keep_a_clean_stock_config():
         assert "head_dim" not in config and "intermediate_size" not in config and "alibi_head_indices" not in config
     assert _case("opt", "mlp_channels").pruned.config.ffn_dim < 80
     assert _case("bloom", "layers").pruned.config.n_layer == 2
+
+
+def test_qwen3_hidden_channels_keep_the_head_norms_and_their_epsilon():
+    """Qwen3's q_norm/k_norm (over head_dim) read `rms_norm_eps` too: hidden-channel pruning scales the residual
+    stream instead of that epsilon, so a reloaded model builds them as they were."""
+    case = _case("qwen3", "hidden_channels")
+    original = FAMILIES["qwen3"].build()
+    assert case.pruned.config.model_type == "qwen3" and case.pruned.config.rms_norm_eps == original.config.rms_norm_eps
+    for pruned_layer, layer in zip(case.pruned.model.layers, original.model.layers):
+        for name in ("q_norm", "k_norm"):
+            pruned_norm, norm = getattr(pruned_layer.self_attn, name), getattr(layer.self_attn, name)
+            assert torch.equal(pruned_norm.weight, norm.weight)
+            assert pruned_norm.variance_epsilon == norm.variance_epsilon
 
 
 # Per-layer widths ---------------------------------------------------------------------------------------------------

@@ -152,10 +152,30 @@ def test_variants_are_their_base_spec_with_declared_differences():
     assert GLM4_SPEC.pruned_model_type == "pruned_glm4"
     for variant in ("mistral", "qwen2"):
         assert _differing_fields(get_architecture(variant), LLAMA_SPEC) == {"model_types"}
+    # Qwen3: the same tensors; its per-head q_norm/k_norm share `rms_norm_eps`, so hidden channels rescale the stream.
+    qwen3 = get_architecture("qwen3")
+    assert _differing_fields(qwen3, LLAMA_SPEC) == {"model_types", "norm", "pruned_model_type"}
+    assert qwen3.norm.compensation == "residual" and qwen3.norm.eps_field is None
+    # Gemma 3's text model: Gemma 2's tensors (its q_norm/k_norm are per head, untouched), its own pruned type.
+    gemma2, gemma3 = get_architecture("gemma2"), get_architecture("gemma3_text")
+    assert _differing_fields(gemma3, gemma2) == {"model_types", "pruned_model_type"}
+    assert gemma2.norm.weight_offset == 1.0 and gemma2.norm.scaled_embeddings == ("model.embed_tokens",)
 
 
 def test_every_family_is_registered_once_and_consistently():
-    stock_streaming = {"llama", "mistral", "qwen2", "opt", "bloom", "glm", "glm4"}
+    stock_streaming = {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "gemma2",
+        "gemma3_text",
+        "opt",
+        "bloom",
+        "glm",
+        "glm4",
+    }
     assert stock_streaming <= set(streaming.STREAMING_MODEL_TYPES) <= set(ARCHITECTURE_REGISTRY)
     for model_type, family in FAMILY_REGISTRY.items():
         assert family.model_type == model_type

@@ -224,8 +224,8 @@ def test_families_without_per_layer_configs_refuse_non_uniform_plans(monkeypatch
     with pytest.raises(
         ValueError,
         match=r"need a registered type with `per_layer_config`; 'glm' has none \(supported: \['pruned_bloom', "
-        r"'pruned_glm', 'pruned_glm4', 'pruned_llama', 'pruned_mixtral', 'pruned_opt', 'pruned_qwen2_moe', "
-        r"'pruned_qwen3_moe'\]\)",
+        r"'pruned_gemma2', 'pruned_gemma3_text', 'pruned_glm', 'pruned_glm4', 'pruned_llama', 'pruned_mixtral', "
+        r"'pruned_opt', 'pruned_phi3', 'pruned_qwen2_moe', 'pruned_qwen3', 'pruned_qwen3_moe'\]\)",
     ):
         pruner.prune()
 

@@ -38,9 +38,23 @@ SAMPLES, SEQ_LEN = 6, 16
 DATA = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(3))
 ATOL = 1e-5
 
-BUILD = {family: FAMILIES[family].build for family in ("opt", "bloom", "glm", "glm4")}
+BUILD = {
+    family: FAMILIES[family].build
+    for family in ("opt", "bloom", "glm", "glm4", "qwen3", "phi3", "gemma2", "gemma3_text")
+}
 # What the pruned checkpoint's config.json says (OPT and BLOOM heads need the registered types).
-PRUNED_TYPE = {"opt": "pruned_opt", "bloom": "pruned_bloom", "glm": "glm", "glm4": "glm4"}
+# Sliding-window and global layers: streaming runs them with weight criteria only (see `check_shared_layer_inputs`).
+MIXED_LAYER_TYPES = ("gemma2", "gemma3_text")
+PRUNED_TYPE = {
+    "opt": "pruned_opt",
+    "bloom": "pruned_bloom",
+    "glm": "glm",
+    "glm4": "glm4",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3_text",
+}
 
 
 def _config(importance, **kwargs):
@@ -108,6 +122,7 @@ FAST_CASES = {("bloom", "bip"), ("opt", "mini_llm")}
 DATA_CASES = [
     pytest.param(family, importance, marks=[] if fast else pytest.mark.slow)
     for family in BUILD
+    if family not in MIXED_LAYER_TYPES
     for importance in ("wanda_sp", "bip", "mini_llm")
     for fast in [(importance == "wanda_sp" and family != "glm4") or (family, importance) in FAST_CASES]
 ]
@@ -162,7 +177,7 @@ def test_opt_variants(tmp_path, variant):
     torch.testing.assert_close(logits(_load(tmp_path / "out"), ids), logits(reference, ids), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom", "glm"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "glm", "qwen3", "phi3"])
 def test_captured_inputs_follow_left_padding(family):
     """With a left-padded attention mask, the captured first-layer inputs (OPT's mask and position ids, BLOOM's ALiBi
     tensor and mask, GLM's rotary tables and mask) carried through every layer by `run_layer` give each layer's output
@@ -211,6 +226,14 @@ def test_checkpoints_saved_from_the_base_model(tmp_path, family):
     torch.testing.assert_close(
         logits(_load(tmp_path / "out"), ids), logits(report["plan"].apply(original), ids), atol=ATOL, rtol=0
     )
+
+
+@pytest.mark.parametrize("family", MIXED_LAYER_TYPES)
+def test_calibration_data_is_refused_where_layers_read_different_inputs(checkpoints, tmp_path, family):
+    """One captured mask and one set of position embeddings cannot serve sliding-window and global layers alike."""
+    with pytest.raises(ValueError, match="mixes layer types .*importance='magnitude'"):
+        prune_streaming(checkpoints[family], _config("wanda_sp"), DATA, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_mismatched_tensor_names_are_refused(tmp_path):
@@ -276,6 +299,9 @@ def test_no_tokenizer_is_invented_for_a_checkpoint_without_one(checkpoints, tmp_
         ("opt", {"importance": "wanda_sp", "global_ranking": True}),
         ("bloom", {"importance": "flap", "allocation": "flap"}),
         ("glm", {"importance": "wanda_sp", "global_ranking": True}),
+        ("qwen3", {"importance": "wanda_sp", "global_ranking": True}),
+        ("phi3", {"importance": "wanda_sp", "global_ranking": True}),
+        ("gemma3_text", {"importance": "magnitude", "global_ranking": True}),
         # GLM-4 with FLAP's compensation asked for: the registered type adds the o_proj / down_proj biases.
         pytest.param(
             "glm4", {"importance": "flap", "allocation": "flap", "bias_compensation": True}, marks=pytest.mark.slow

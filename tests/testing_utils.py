@@ -11,6 +11,10 @@ import torch
 from transformers import (
     BloomConfig,
     BloomForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     Glm4Config,
     Glm4ForCausalLM,
     GlmConfig,
@@ -21,8 +25,12 @@ from transformers import (
     MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 
@@ -72,6 +80,63 @@ def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False, **overrides
 def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     """`tiny_llama`'s shape as Qwen2 (q/k/v biases, o_proj and MLP without)."""
     return _tiny_llama_layout(Qwen2Config, Qwen2ForCausalLM, seed, overrides)
+
+
+def tiny_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
+    """`tiny_llama`'s shape as Qwen3 (per-head q_norm/k_norm over head_dim, no biases)."""
+    return _tiny_llama_layout(Qwen3Config, Qwen3ForCausalLM, seed, overrides)
+
+
+def tiny_phi3(seed: int = 0, **overrides) -> Phi3ForCausalLM:
+    """A 3-layer Phi-3: 8 query heads in 4 KV groups of head_dim 6 (`hidden_size // heads`) in a fused qkv_proj, fused
+    gate_up_proj (MLP 80), hidden 48, float32, eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return _randomize(Phi3ForCausalLM(Phi3Config(**kwargs)).eval())
+
+
+def tiny_gemma(seed: int = 0, gemma3: bool = False, **overrides):
+    """A 3-layer Gemma 2 (or Gemma 3 text, with per-head q_norm/k_norm): 8 query heads in 4 KV groups of head_dim 8,
+    GeGLU MLP 80, hidden 48, (1 + w) RMSNorms before and after each branch, embeddings scaled by sqrt(48) and tied,
+    `query_pre_attn_scalar` 16 (not head_dim), attention and final-logit soft-capping, a sliding-window layer between
+    two global ones (window 4), float32, eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=8,
+        max_position_embeddings=128,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        final_logit_softcapping=3.0,
+        attn_logit_softcapping=5.0,
+        rms_norm_eps=1e-6,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    config_class, model_class = (Gemma3TextConfig, Gemma3ForCausalLM) if gemma3 else (Gemma2Config, Gemma2ForCausalLM)
+    return _randomize(model_class(config_class(**kwargs)).eval())
 
 
 def tiny_mistral(seed: int = 0, **overrides) -> MistralForCausalLM:

@@ -1,7 +1,7 @@
 """Architecture specs, one file per family; importing this package registers them (one `register_family` call per
 `model_type`, at the end of each file)."""
 
-from . import bloom, chatglm, glm, llama, moe, opt
+from . import bloom, chatglm, gemma, glm, llama, moe, opt, phi3, qwen3
 from .base import (
     ARCHITECTURE_REGISTRY,
     ATTENTION_HEADS,
@@ -50,11 +50,14 @@ __all__ = [
     "Width",
     "bloom",
     "chatglm",
+    "gemma",
     "get_architecture",
     "glm",
     "llama",
     "moe",
     "opt",
+    "phi3",
+    "qwen3",
     "register_architecture",
     "register_checkpoint_converter",
     "register_family",

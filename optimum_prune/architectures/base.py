@@ -44,23 +44,35 @@ class Member:
         consumer (`bool`, *optional*, defaults to `False`):
             Whether this member *reads* the unit (o_proj columns, down_proj columns). Zeroing the consumer side removes
             a unit's contribution exactly; tests and bias compensation use it.
+        parts (`tuple`, *optional*):
+            Fused layouts with unequal parts (Phi-3's `qkv_proj` holds q, then k, then v, and q is larger under
+            grouped-query attention): one entry per part, the `(parameter, dim)` of this layer whose size that part
+            has, or `None` for the parts that share the rest equally. A unit owns an equal block of each part.
+        owned_parts (`tuple[int, ...]`, *optional*):
+            With `parts`: the parts the units own (all when empty); the others stay whole (query heads own only
+            the q part of a fused qkv).
     """
 
     name: str
     dim: int
     chunks: int = 1
     consumer: bool = False
+    parts: tuple = ()
+    owned_parts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Width:
-    """A config field derived from a tensor's shape: `field = param.shape[dim] // (config.divisor * factor)`."""
+    """A config field derived from a tensor's shape: `field = param.shape[dim] // (config.divisor * factor)`, or
+    `(param.shape[dim] - minus_param.shape[minus_dim]) // ...` with `minus = (minus_param, minus_dim)` (Phi-3's key/value
+    heads: the fused qkv rows less the query rows, over 2 * head_dim)."""
 
     field: str
     param: str
     dim: int
     divisor: str | None = None
     factor: int = 1
+    minus: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,20 @@ class NormSpec:
     # `head_dim`) build theirs from `eps_field` too: hidden-channel pruning leaves them alone, and the registered
     # pruned type builds them with this field.
     fixed_eps_field: str | None = None
+    # `"eps"` (above) or `"residual"`: scale the whole residual stream by c = sqrt(H' / H) instead, so that the sum of
+    # squares over the kept channels divided by H' equals the original mean and epsilon stays as it is. Needed where
+    # other norms read the same epsilon field (Qwen3's and Gemma 3's per-head `q_norm`/`k_norm` over `head_dim`). The
+    # stream's sources get the factor c (`embeddings`, the rows of `residual_writers`), and the norms that read it
+    # (`modules`, `layer_modules`) divide it out of their weights; the final norm also divides out the factor a tied
+    # `lm_head` shares with the embeddings.
+    compensation: str = "eps"
+    embeddings: tuple[str, ...] = ()  # modules whose weight rows are embedding vectors entering the stream
+    # Embeddings that multiply by sqrt(hidden_size) (Gemma's `embed_scale`): the new width brings the factor c itself,
+    # so their weights stay and their `embed_scale` is set to sqrt(H'), as a reloaded model builds it.
+    scaled_embeddings: tuple[str, ...] = ()
+    residual_writers: tuple[str, ...] = ()  # per-layer Linears whose outputs reach the stream (rows and bias scaled)
+    # Norms of Gemma's kind compute `x_hat * (1 + weight)`: the effective scale is `weight_offset + weight`.
+    weight_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +186,10 @@ class ArchitectureSpec:
             construction and read in `forward`, as `derived_fields` rules over *that layer's* width fields (LLaMA's
             `self_attn.num_key_value_groups = num_attention_heads // num_key_value_heads`, which query-head pruning
             changes, per layer under per-layer widths). Surgery sets them from the pruned tensors' shapes.
+        layer_config_modules (`tuple[str, ...]`): modules of a decoder layer whose `forward` reads a width from
+            `self.config` (Phi-3's attention splits its fused qkv at `config.num_attention_heads * head_dim`). Surgery
+            gives them a view of the config with their own layer's widths (`LayerConfigView`), so per-layer widths and
+            the layers streaming prunes one at a time compute what a reloaded model computes.
         bias_fields (`dict[str, str]`): consumer modules (relative to a decoder layer, e.g. `"mlp.down_proj"`) that
             the stock family builds without a bias, mapped to the boolean config field with which the registered
             pruned type builds one (`"down_proj_bias"`). Bias compensation adds a bias there and sets the field;
@@ -183,6 +213,7 @@ class ArchitectureSpec:
     module_attrs: tuple[tuple[str, str], ...] = ()
     config_writers: tuple[ConfigWriter, ...] = ()
     layer_module_attrs: dict[str, tuple] = field(default_factory=dict)
+    layer_config_modules: tuple[str, ...] = ()
     bias_fields: dict[str, str] = field(default_factory=dict)
     bias_compensation_default: bool = True
     extra: dict = field(default_factory=dict)

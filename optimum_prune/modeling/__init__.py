@@ -8,6 +8,8 @@ without optimum-prune, and with plain `AutoModelForCausalLM.from_pretrained` onc
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .modeling_pruned_bloom import PrunedBloomConfig, PrunedBloomForCausalLM
+from .modeling_pruned_gemma2 import PrunedGemma2Config, PrunedGemma2ForCausalLM
+from .modeling_pruned_gemma3_text import PrunedGemma3TextConfig, PrunedGemma3TextForCausalLM
 from .modeling_pruned_glm import PrunedGlm4Config, PrunedGlm4ForCausalLM, PrunedGlmConfig, PrunedGlmForCausalLM
 from .modeling_pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 from .modeling_pruned_moe import (
@@ -19,10 +21,14 @@ from .modeling_pruned_moe import (
     PrunedQwen3MoeForCausalLM,
 )
 from .modeling_pruned_opt import PrunedOPTConfig, PrunedOPTForCausalLM
+from .modeling_pruned_phi3 import PrunedPhi3Config, PrunedPhi3ForCausalLM
+from .modeling_pruned_qwen3 import PrunedQwen3Config, PrunedQwen3ForCausalLM
 
 
 PRUNED_MODEL_CLASSES = {
     PrunedBloomConfig.model_type: (PrunedBloomConfig, PrunedBloomForCausalLM),
+    PrunedGemma2Config.model_type: (PrunedGemma2Config, PrunedGemma2ForCausalLM),
+    PrunedGemma3TextConfig.model_type: (PrunedGemma3TextConfig, PrunedGemma3TextForCausalLM),
     PrunedGlmConfig.model_type: (PrunedGlmConfig, PrunedGlmForCausalLM),
     PrunedGlm4Config.model_type: (PrunedGlm4Config, PrunedGlm4ForCausalLM),
     PrunedLlamaConfig.model_type: (PrunedLlamaConfig, PrunedLlamaForCausalLM),
@@ -30,6 +36,8 @@ PRUNED_MODEL_CLASSES = {
     PrunedMixtralConfig.model_type: (PrunedMixtralConfig, PrunedMixtralForCausalLM),
     PrunedQwen2MoeConfig.model_type: (PrunedQwen2MoeConfig, PrunedQwen2MoeForCausalLM),
     PrunedQwen3MoeConfig.model_type: (PrunedQwen3MoeConfig, PrunedQwen3MoeForCausalLM),
+    PrunedPhi3Config.model_type: (PrunedPhi3Config, PrunedPhi3ForCausalLM),
+    PrunedQwen3Config.model_type: (PrunedQwen3Config, PrunedQwen3ForCausalLM),
 }
 
 for _config_class, _model_class in PRUNED_MODEL_CLASSES.values():
@@ -43,6 +51,10 @@ __all__ = [
     "PRUNED_MODEL_CLASSES",
     "PrunedBloomConfig",
     "PrunedBloomForCausalLM",
+    "PrunedGemma2Config",
+    "PrunedGemma2ForCausalLM",
+    "PrunedGemma3TextConfig",
+    "PrunedGemma3TextForCausalLM",
     "PrunedGlm4Config",
     "PrunedGlm4ForCausalLM",
     "PrunedGlmConfig",
@@ -57,4 +69,8 @@ __all__ = [
     "PrunedQwen2MoeForCausalLM",
     "PrunedQwen3MoeConfig",
     "PrunedQwen3MoeForCausalLM",
+    "PrunedPhi3Config",
+    "PrunedPhi3ForCausalLM",
+    "PrunedQwen3Config",
+    "PrunedQwen3ForCausalLM",
 ]

@@ -108,6 +108,22 @@ class PerLayerConfigMixin:
         return output
 
 
+class LayerConfigView:
+    """The shared config seen by one decoder layer: its own widths (`widths`), everything else read from the shared
+    config when asked, so the attention implementation follows `set_attn_implementation`. For modules whose `forward`
+    reads a width from `self.config` (Phi-3's attention splits its fused qkv at `config.num_attention_heads`)."""
+
+    def __init__(self, config, widths: dict):
+        self.__dict__["_shared"] = config
+        self.__dict__["_widths"] = dict(widths)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or "_shared" not in self.__dict__:  # copy and pickle probe before the state is set
+            raise AttributeError(name)
+        widths = self.__dict__["_widths"]
+        return widths[name] if name in widths else getattr(self.__dict__["_shared"], name)
+
+
 def build_layers(layer_class, config) -> nn.ModuleList:
     """The decoder layers, layer i built by `layer_class(config.layer_config(i), layer_idx=i)` with its own widths, and
     the output biases the config's `OUTPUT_BIASES` fields turn on.
