@@ -115,9 +115,14 @@ def test_data_driven_criterion_equals_zeroed_reference(checkpoints, tmp_path, en
     _check_against_reference("llama", pruned, plan)
 
 
+# Families whose experts are fused 3-D tensors, which this table's Linear zeroing does not describe: every structure
+# of theirs is checked against its own reference (router logits at -inf for removed experts) in tests/test_experts.py.
+MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
+
+
 def test_table_covers_every_registered_family():
     """A family registered without a row here (or a conversion to one) would go untested by every engine."""
     registered = {model_type for model_type, family in FAMILY_REGISTRY.items() if family.spec is not None}
-    assert registered == set(FAMILIES)
+    assert registered == set(FAMILIES) | set(MOE_FAMILIES)
     converted = {model_type for model_type, family in FAMILY_REGISTRY.items() if family.spec is None}
     assert converted == set(CONVERTED) and set(CONVERTED.values()) <= set(FAMILIES)

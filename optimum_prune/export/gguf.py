@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import PruneInputError
 from ..inputs import read_json_object
+from .gguf_vocab import add_tokenizer
 
 
 logger = logging.getLogger(__name__)
@@ -318,8 +319,6 @@ def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = 
     layout = gguf_layout(config)
     _warn_sliding_window(config)
     gguf = _import_gguf()
-    from .gguf_vocab import add_tokenizer
-
     handle, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
     os.close(handle)
     try:
