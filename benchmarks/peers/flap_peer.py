@@ -250,3 +250,51 @@ __all__ = [
     "run_flap",
     "uniform_ratio",
 ]
+
+
+def reference_model_and_windows():
+    """The model and windows of the stored reference plans: the test suite's tiny LLaMA with one KV head per head,
+    and 16 seeded random windows of 32 tokens in the order our calibration takes them (FLAP's estimator is
+    order-dependent)."""
+    from optimum_prune.calibration import prepare_calibration
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.testing_utils import VOCAB, tiny_llama
+
+    ids = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(0))
+    return tiny_llama(num_key_value_heads=8), ids, prepare_calibration(ids, None, 16, 32)
+
+
+def write_reference_plans(checkout: str | Path, path: str | Path) -> dict:
+    """Run FLAP's code (UL-UM at 0.5, AL-AM at 0.3, WIFV, bias compensation) on the reference model and store its
+    plans as JSON (`tests/fixtures/flap_reference_plans.json`): kept indices and bias means, no weights."""
+    import copy
+    import json
+
+    from optimum_prune import count_parameters
+
+    model, ids, windows = reference_model_and_windows()
+    total = count_parameters(model)
+    stored = {"flap_commit": FLAP_COMMIT, "windows": list(windows.shape), "adaptations": list(ADAPTATIONS)}
+    with tempfile.TemporaryDirectory() as model_dir:
+        model.save_pretrained(model_dir)
+        for structure, ratio in (("UL-UM", 0.5), ("AL-AM", 0.3)):
+            peer_model, records = run_flap(
+                checkout, model_dir, windows, method="flap", pruning_ratio=ratio, structure=structure
+            )
+            plan = records_to_plan(records, model.config)
+            removed = 1 - count_parameters(plan.apply(copy.deepcopy(model))) / total
+            stored[structure] = {"flap_ratio": ratio, "removed": removed, "plan": plan.to_dict()}
+            del peer_model
+    Path(path).write_text(json.dumps(stored, indent=1) + "\n", encoding="utf-8")
+    return stored
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the FLAP reference plans the tests compare against.")
+    parser.add_argument("checkout", help="FLAP work tree or git dir")
+    parser.add_argument("output", help="JSON file, e.g. tests/fixtures/flap_reference_plans.json")
+    args = parser.parse_args()
+    write_reference_plans(args.checkout, args.output)
