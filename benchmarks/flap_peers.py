@@ -29,6 +29,7 @@ SHARED = ROOT.parent / "shared"
 CALIBRATION = SHARED / "data" / "corpus" / "calibration.txt"
 EVAL = SHARED / "data" / "corpus" / "eval.txt"
 RESULTS = ROOT / "benchmarks" / "results"
+logger = logging.getLogger("flap_peers")
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
 # Setting -> (FLAP method, FLAP structure, our PrunerConfig keyword arguments).
@@ -37,6 +38,10 @@ SETTINGS: dict[str, tuple[str, str, dict]] = {
     "flap-AL-AM": ("flap", "AL-AM", {"importance": "flap", "allocation": "flap", "bias_compensation": True}),
     "wanda_sp": ("wanda_sp", "UL-UM", {"importance": "wanda_sp", "bias_compensation": False}),
 }
+
+
+def row_peer(row: dict) -> tuple[float, float]:
+    return row["peer_ppl"], row["peer_removed"]
 
 
 def ours_plans(model_dir, config, peer_plan):
@@ -103,6 +108,7 @@ def run_setting(checkout, model_dir, setting: str, target: float, samples: int, 
     row["peer_seconds"] = round(time.perf_counter() - start, 1)
     peer_plan = flap_peer.records_to_plan(records, base.config)
     row["peer_ppl"], row["peer_removed"] = evaluate(model_dir, peer_plan, tokenizer, total)
+    logger.warning("%s %.0f%%: FLAP's plan perplexity %.3f, removed %.4f", setting, target * 100, *row_peer(row))
     row["plan_vs_peer_model_max_logit_diff"] = plan_matches_peer_model(model_dir, peer_plan, flap_model, ids[:2])
     del flap_model
     config = PrunerConfig(
@@ -112,14 +118,21 @@ def run_setting(checkout, model_dir, setting: str, target: float, samples: int, 
         **ours_kwargs,
     )
     own, same_widths = ours_plans(model_dir, config, peer_plan)
+    logger.warning(
+        "%s: ours keeps %s, FLAP %s",
+        setting,
+        own.unit_counts and {k: len(v) for k, v in own.kept.items()},
+        {k: len(v) for k, v in peer_plan.kept.items()},
+    )
     row["ours_ppl"], row["ours_removed"] = evaluate(model_dir, own, tokenizer, total)
+    logger.warning("%s: our perplexity %.3f, removed %.4f", setting, row["ours_ppl"], row["ours_removed"])
     row["ours_same_widths_ppl"], _ = evaluate(model_dir, same_widths, tokenizer, total)
     row["units_differing_same_widths"] = differing_units(peer_plan, same_widths)
     row["units_differing_own_allocation"] = differing_units(peer_plan, own)
     row["peer_heads"] = [len(peer_plan.kept[f"attention_heads.{i}"]) for i in range(base.config.num_hidden_layers)]
-    row["ours_heads"] = [len(own.kept[f"attention_heads.{i}"]) for i in range(base.config.num_hidden_layers)]
+    row["ours_heads"] = [len(own.kept.get(f"attention_heads.{i}", ())) for i in range(base.config.num_hidden_layers)]
     row["peer_channels"] = [len(peer_plan.kept[f"mlp_channels.{i}"]) for i in range(base.config.num_hidden_layers)]
-    row["ours_channels"] = [len(own.kept[f"mlp_channels.{i}"]) for i in range(base.config.num_hidden_layers)]
+    row["ours_channels"] = [len(own.kept.get(f"mlp_channels.{i}", ())) for i in range(base.config.num_hidden_layers)]
     row["peer_plan"] = peer_plan.to_dict() if setting != "wanda_sp" else None
     return row
 
@@ -132,6 +145,7 @@ def main(argv=None):
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
     parser.add_argument("--samples", type=int, default=32, help="calibration windows (FLAP's scripts: 1024)")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--base-ppl", type=float, default=None, help="unpruned perplexity, when already measured")
     parser.add_argument("--output", default=str(RESULTS / "flap_peers.jsonl"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -142,7 +156,9 @@ def main(argv=None):
     from optimum_prune import perplexity
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    base_ppl = perplexity(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), str(EVAL), tokenizer)
+    base_ppl = args.base_ppl or perplexity(
+        AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), str(EVAL), tokenizer
+    )
     print(f"{args.model}: unpruned perplexity {base_ppl:.3f}", flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     for target in args.ratios:
