@@ -40,6 +40,11 @@ SETTINGS: dict[str, tuple[str, str, dict]] = {
 }
 
 
+def widths(plan, key: str) -> int:
+    """Kept units of one group set; a plan leaves out the group sets it does not prune."""
+    return len(plan.kept[key]) if key in plan.kept else plan.unit_counts.get(key, -1)
+
+
 def row_peer(row: dict) -> tuple[float, float]:
     return row["peer_ppl"], row["peer_removed"]
 
@@ -130,9 +135,9 @@ def run_setting(checkout, model_dir, setting: str, target: float, samples: int, 
     row["units_differing_same_widths"] = differing_units(peer_plan, same_widths)
     row["units_differing_own_allocation"] = differing_units(peer_plan, own)
     row["peer_heads"] = [len(peer_plan.kept[f"attention_heads.{i}"]) for i in range(base.config.num_hidden_layers)]
-    row["ours_heads"] = [len(own.kept.get(f"attention_heads.{i}", ())) for i in range(base.config.num_hidden_layers)]
+    row["ours_heads"] = [widths(own, f"attention_heads.{i}") for i in range(base.config.num_hidden_layers)]
     row["peer_channels"] = [len(peer_plan.kept[f"mlp_channels.{i}"]) for i in range(base.config.num_hidden_layers)]
-    row["ours_channels"] = [len(own.kept.get(f"mlp_channels.{i}", ())) for i in range(base.config.num_hidden_layers)]
+    row["ours_channels"] = [widths(own, f"mlp_channels.{i}") for i in range(base.config.num_hidden_layers)]
     row["peer_plan"] = peer_plan.to_dict() if setting != "wanda_sp" else None
     return row
 
