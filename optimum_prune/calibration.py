@@ -152,21 +152,48 @@ class ActivationStatistics:
         self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
         self.sum_abs = torch.zeros_like(self.sum)
         self.sum_sq = torch.zeros_like(self.sum)
+        # FLAP's online fluctuation estimator (`BiasGPT.add_batch`), one calibration window at a time.
+        self.windows = 0
+        self.window_mean = torch.zeros_like(self.sum)
+        self.online_fluctuation = torch.zeros_like(self.sum)
 
     @staticmethod
     @torch.no_grad()
-    def batch_sums(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens, Σx, Σ|x|, Σx²) of one batch ([C] each): float32 within a batch, float64 across batches."""
-        x = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, C]
-        return x.shape[0], x.sum(0), torch.linalg.vector_norm(x, 1, dim=0), torch.linalg.vector_norm(x, 2, dim=0) ** 2
+    def batch_sums(x: torch.Tensor) -> tuple:
+        """(tokens, Σx, Σ|x|, Σx², per-window Σx, per-window Σx²) of one batch: [C] each, the per-window sums
+        [windows, C] (a window is one row of a [B, T, C] batch); float32 within a batch, float64 across batches."""
+        windows = x.detach().reshape(x.shape[0] if x.dim() > 2 else 1, -1, x.shape[-1]).float()  # [B, T, C]
+        x = windows.reshape(-1, x.shape[-1])  # [tokens, C]
+        sums = (
+            x.shape[0],
+            x.sum(0),
+            torch.linalg.vector_norm(x, 1, dim=0),
+            torch.linalg.vector_norm(x, 2, dim=0) ** 2,
+        )
+        return (*sums, windows.sum(1), windows.pow(2).sum(1))
 
-    def add(self, sums: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        count, total, total_abs, total_sq = sums
+    def add(self, sums: tuple) -> None:
+        count, total, total_abs, total_sq, window_sums, window_squares = sums
         self.count += count
         # Under `device_map` a hook may see the input before accelerate moves it to the module's device.
         self.sum += total.to(self.sum.device)
         self.sum_abs += total_abs.to(self.sum.device)
         self.sum_sq += total_sq.to(self.sum.device)
+        tokens = count // window_sums.shape[0]
+        for window_sum, window_sq in zip(window_sums.double(), window_squares.double()):
+            self._add_window(tokens, window_sum.to(self.sum.device), window_sq.to(self.sum.device))
+
+    def _add_window(self, tokens: int, window_sum: torch.Tensor, window_sq: torch.Tensor) -> None:
+        """FLAP's `BiasGPT.add_batch` for one window, from its sums: the running mean of window means is updated
+        first, and the window adds Σ_t (x_t - mean)² with that *new* mean twice (its `old_baseline_inp` aliases the
+        tensor it updates in place), divided by the window count; the first window only sets the mean."""
+        n = self.windows
+        self.window_mean = self.window_mean * (n / (n + 1)) + window_sum / (tokens * (n + 1))
+        if n > 0:
+            mean = self.window_mean
+            scatter = window_sq - 2 * mean * window_sum + tokens * mean * mean
+            self.online_fluctuation = self.online_fluctuation * ((n - 1) / n) + scatter / (n + 1)
+        self.windows += 1
 
     def update(self, x: torch.Tensor) -> None:
         """Add every token of `x` ([..., C])."""
@@ -198,6 +225,12 @@ class ActivationStatistics:
         n = max(self.count, 1)
         mean = self.sum / n
         return (self.sum_sq / n - mean * mean).clamp_min(0).float().cpu()
+
+    @property
+    def flap_fluctuation(self) -> torch.Tensor:
+        """FLAP's code's fluctuation ([C], `fluc_inp` of its `BiasGPT`): per-window scatter around the running mean,
+        the first window left out; close to the variance times the tokens per window once windows are many."""
+        return self.online_fluctuation.float().cpu()
 
 
 SPSA_LOSSES = ("lm", "block")

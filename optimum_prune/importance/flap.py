@@ -12,8 +12,11 @@ Implemented here: the score only. FLAP's adaptive global allocation (AL-AM) is `
 (`allocation.allocate_widths(mode="flap")`), and its bias compensation (folding the mean contribution of removed
 channels into the output bias) is `PrunerConfig(bias_compensation=True)`, on by default with this criterion
 (`surgery.compensate_biases`, from the plan's `bias_means`).
-The fluctuation is the population variance over all calibration tokens; FLAP's online estimator differs by a constant
-factor per module, which standardisation removes.
+The fluctuation is the population variance over all calibration tokens (Eq. 4). FLAP's code estimates it online, one
+window at a time (`BiasGPT.add_batch`): the first window is left out and each window's scatter is taken around the
+running mean of the windows so far, so with few windows its ranking differs by a channel or two per layer (on the
+multi-head tiny LLaMA, 32 windows: 1-3 of 704 channels per layer). `fluctuation="online"` reproduces that estimator
+exactly, for plans identical to FLAP's own code (benchmarks/flap_peers.py); the two agree as windows grow.
 """
 
 import torch
@@ -22,6 +25,9 @@ from ..architectures.base import HEAD_STRUCTURES
 from ..groups import GroupSet
 from ._common import consumer_slices, per_unit_channels
 from .base import ACTIVATIONS, WEIGHTS, Importance, register_importance
+
+
+FLUCTUATIONS = ("variance", "online")
 
 
 def standardize_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -44,6 +50,10 @@ class FlapImportance(Importance):
         attention_power (`float`, *optional*, defaults to `2.0`):
             Power applied to the attention module's channel metric before standardisation (FLAP's code squares the
             o_proj metric; 1 uses the metric of Eq. 4 as written).
+        fluctuation (`str`, *optional*, defaults to `"variance"`):
+            `"variance"`: the population variance of each input channel over all calibration tokens (Eq. 4).
+            `"online"`: FLAP's code's online estimator (first window left out, running mean), window by window in
+            calibration order.
 
     Example:
 
@@ -54,18 +64,23 @@ class FlapImportance(Importance):
 
     needs = frozenset({WEIGHTS, ACTIVATIONS})
 
-    def __init__(self, standardize: bool = True, attention_power: float = 2.0):
+    def __init__(self, standardize: bool = True, attention_power: float = 2.0, fluctuation: str = "variance"):
+        if fluctuation not in FLUCTUATIONS:
+            raise ValueError(f"`fluctuation` must be one of {FLUCTUATIONS}, got {fluctuation!r}.")
         if not isinstance(standardize, bool):
             raise ValueError(f"`standardize` must be True or False, got {standardize!r}.")
         if not attention_power > 0:
             raise ValueError(f"`attention_power` must be > 0, got {attention_power!r}.")
         self.standardize = standardize
         self.attention_power = attention_power
+        self.fluctuation = fluctuation
 
     def channel_metric(self, group_set: GroupSet, stats, name: str) -> torch.Tensor:
         """FLAP's per-channel `WIFV` metric of consumer `name` before standardisation: [in_features]."""
         w = stats.parameter(name).detach().float().cpu()  # [out, in]
-        metric = stats.activation(name).variance * w.pow(2).sum(dim=0)  # [in]
+        record = stats.activation(name)
+        fluctuation = record.variance if self.fluctuation == "variance" else record.flap_fluctuation
+        metric = fluctuation * w.pow(2).sum(dim=0)  # [in]
         if group_set.structure in HEAD_STRUCTURES:
             metric = metric.pow(self.attention_power)
         return metric
