@@ -80,10 +80,12 @@ def ridge_refit(stats: RefitStatistics, damping: float = DEFAULT_DAMPING) -> tup
     if damping > 0 and k:
         diag = torch.arange(k, device=gram.device)
         gram[diag, diag] += damping * gram.diagonal()[:k].mean().clamp_min(torch.finfo(torch.float64).tiny)
-    factor, info = torch.linalg.cholesky_ex(gram)
+    # Undamped, the Gram matrix may be singular (dependent or silent inputs) while Cholesky still succeeds on its
+    # rounding errors: take the minimum-norm least-squares solution from the pseudo-inverse instead.
+    factor, info = torch.linalg.cholesky_ex(gram) if damping > 0 else (None, 1)
     if int(info) == 0:
         solution = torch.cholesky_solve(stats.cross, factor)  # [k(+1), out]
-    else:  # singular (damping 0 and dependent or silent inputs): the minimum-norm least-squares solution
+    else:
         solution = torch.linalg.pinv(gram, hermitian=True) @ stats.cross
     weight = solution[:k].T.contiguous()
     return weight, (solution[k] if stats.intercept else None)
