@@ -41,7 +41,7 @@ $(COMPAT_STAMP): pyproject.toml
 	test -x $(COMPAT_BIN)/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_BIN)/pip install --quiet --upgrade pip
 	$(COMPAT_BIN)/pip install --quiet torch==2.13.0
-	$(COMPAT_BIN)/pip install --quiet $(COMPAT_PINS) -e . pytest datasets --config-settings editable_mode=compat
+	$(COMPAT_BIN)/pip install --quiet $(COMPAT_PINS) -e ".[gguf]" pytest datasets --config-settings editable_mode=compat
 	$(COMPAT_BIN)/python -c "import transformers; assert transformers.__version__ == '4.57.6', transformers.__version__"
 	touch $(COMPAT_STAMP)
 
