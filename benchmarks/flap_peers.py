@@ -37,6 +37,13 @@ SETTINGS: dict[str, tuple[str, str, dict]] = {
     "flap-UL-UM": ("flap", "UL-UM", {"importance": "flap", "bias_compensation": True}),
     "flap-AL-AM": ("flap", "AL-AM", {"importance": "flap", "allocation": "flap", "bias_compensation": True}),
     "wanda_sp": ("wanda_sp", "UL-UM", {"importance": "wanda_sp", "bias_compensation": False}),
+    # FLAP's code removes int(r x heads) per layer: our uniform allocation with its head rounding.
+    "flap-UL-UM-up": ("flap", "UL-UM", {"importance": "flap", "bias_compensation": True, "head_rounding": "up"}),
+    "wanda_sp-up": (
+        "wanda_sp",
+        "UL-UM",
+        {"importance": "wanda_sp", "bias_compensation": False, "head_rounding": "up"},
+    ),
 }
 
 

@@ -45,6 +45,22 @@ METHODS: dict[str, dict] = {
     "mini_llm-block32": {"importance": "mini_llm", "importance_kwargs": {"loss": "block", "num_perturbations": 32}},
     # LLM-Pruner's recipe: spare the first and last layers (tiny models have 6 layers).
     "taylor-layers1-5": {"importance": "taylor", "attention_layers": [1, 2, 3, 4], "mlp_layers": [1, 2, 3, 4]},
+    # The same with LLM-Pruner's own calibration (10 windows of 64 tokens), to measure how much of the gap to its code
+    # the calibration size explains.
+    "taylor-layers1-5-cal10x64": {
+        "importance": "taylor",
+        "attention_layers": [1, 2, 3, 4],
+        "mlp_layers": [1, 2, 3, 4],
+        "num_calibration_samples": 10,
+        "calibration_seq_len": 64,
+    },
+    # The same, rounding kept head counts up as LLM-Pruner's code does (it removes int(ratio x KV groups)).
+    "taylor-layers1-5-up": {
+        "importance": "taylor",
+        "attention_layers": [1, 2, 3, 4],
+        "mlp_layers": [1, 2, 3, 4],
+        "head_rounding": "up",
+    },
     "magnitude-layers1-5": {"importance": "magnitude", "attention_layers": [1, 2, 3, 4], "mlp_layers": [1, 2, 3, 4]},
     # Global ranking: raw scores where they are in comparable units (loss change, block-output change).
     "taylor-global": {"importance": "taylor", "global_ranking": True, "global_normalization": "none"},
@@ -55,6 +71,8 @@ METHODS: dict[str, dict] = {
     "flap-adaptive": {"importance": "flap", "allocation": "flap"},
     "flap-adaptive-nobias": {"importance": "flap", "allocation": "flap", "bias_compensation": False},
     "block_influence-layers": {"importance": "block_influence", "structures": ["layers"]},
+    # Uniform allocation that rounds kept head counts up (FLAP's and LLM-Pruner's code): `<criterion>-up`.
+    **{f"{name}-up": {"importance": name, "head_rounding": "up"} for name in ("taylor", "wanda_sp", "flap", "bip")},
     # Query heads within KV groups (GQA models) instead of whole KV groups, uniform allocation.
     **{
         f"{name}-qheads": {"importance": name, "structures": ["query_heads", "mlp_channels"]}

@@ -85,8 +85,13 @@ def uniform_allocation(
     structures: list[str],
     pruning_ratio: float,
     round_to: int = 1,
+    head_rounding: str = "nearest",
 ) -> dict[str, int]:
-    """Kept units per group set, the same fraction in every layer, meeting `pruning_ratio` of total parameters."""
+    """Kept units per group set, the same fraction in every layer, meeting `pruning_ratio` of total parameters.
+
+    The coarse structures (heads) are rounded down or up, whichever leaves the finest one nearer the uniform
+    fraction; `head_rounding="up"` always rounds kept heads up (removes the floor of the fraction, as FLAP's and
+    LLM-Pruner's code do)."""
     model = ParameterModel(params, group_sets)
     target = model.total * (1 - pruning_ratio)
     order = [s for s in ALLOCATION_ORDER if s in structures]
@@ -119,6 +124,8 @@ def uniform_allocation(
         units, groups = first.num_units, first.num_groups
         step = unit_step(structure, round_to, groups)
         exact = fraction * units
+        if head_rounding == "up" and structure in HEAD_STRUCTURES:
+            return [_round_units(structure, _ceil_steps(exact, step), units, round_to, groups)]
         return sorted(
             {
                 _round_units(structure, math.floor(exact / step) * step, units, round_to, groups),
@@ -182,9 +189,16 @@ def layer_allocation(layer_costs: list[int], total: int, pruning_ratio: float) -
 ALLOCATION_MODES = ("uniform", "ratios", "global", "flap")
 
 
-def _round_kept(value: float, num_units: int, floor: int, step: int) -> int:
-    """Nearest multiple of `step` (monotone in `value`), never below `floor` nor above `num_units`."""
-    return max(floor, min(num_units, int(round(value / step)) * step))
+def _ceil_steps(value: float, step: int) -> int:
+    """The smallest multiple of `step` not below `value` (a float a rounding error above a multiple counts as it)."""
+    return math.ceil(value / step - 1e-9) * step
+
+
+def _round_kept(value: float, num_units: int, floor: int, step: int, up: bool = False) -> int:
+    """Nearest multiple of `step` (or the next one up with `up`; monotone in `value`), never below `floor` nor above
+    `num_units`."""
+    rounded = _ceil_steps(value, step) if up else int(round(value / step)) * step
+    return max(floor, min(num_units, rounded))
 
 
 class _StructureWidths:
@@ -216,8 +230,10 @@ class _StructureWidths:
         normalization="mean",
         allowed=None,
         joint_order=None,
+        round_up=False,
     ):
         self.structure = structure
+        self.round_up = round_up  # uniform and ratio modes: kept counts round up (`head_rounding="up"`)
         self.allowed = sorted(allowed) if allowed else None
         self.keys = keys
         self.units = {k: group_sets[k].num_units for k in keys}
@@ -273,6 +289,7 @@ class _StructureWidths:
                 self.units[k],
                 self.floors[k],
                 self.step[k],
+                up=self.round_up,
             )
             for k in self.keys
         }
@@ -310,6 +327,7 @@ def allocate_widths(
     removed_params: frozenset[str] = frozenset(),
     allowed: dict[str, list[int]] | None = None,
     constraints: str = "",
+    head_rounding: str = "nearest",
 ) -> dict[str, int]:
     """Kept units per prunable group set so that the model loses `pruning_ratio` of its total parameters (±1 point).
 
@@ -317,7 +335,8 @@ def allocate_widths(
     at full size and `removed_params` (removed layers) count as removed. Every structure moves with one shared
     pruning level (see `_StructureWidths`); the coarse ones (heads) are then fixed and the finest one (MLP channels)
     absorbs the rounding. `allowed` restricts a structure's kept counts (e.g. head counts a stock config accepts);
-    `constraints` describes the caller's restrictions for the error messages.
+    `constraints` describes the caller's restrictions for the error messages. `head_rounding="up"` rounds kept head
+    counts up in the uniform and ratio modes (see `uniform_allocation`).
 
     `mode="flap"` is FLAP's adaptive allocation (AL-AM, `prune_flap` in github.com/CASIA-IVA-Lab/FLAP): one threshold
     over the raw scores of heads and channels of every layer. FLAP places it where the kept units, each weighted by
@@ -337,7 +356,7 @@ def allocate_widths(
         raise ValueError(f"No layer may be pruned for {structures}{constraints}; allow some layers.")
     ratios = dict(layer_ratios or {})
     per_structure = _structure_widths(
-        order, group_sets, mode, scores, ratios, normalization, floors, round_to, allowed or {}
+        order, group_sets, mode, scores, ratios, normalization, floors, round_to, allowed or {}, head_rounding
     )
     f_max = 1.0
     if mode == "ratios":
@@ -371,7 +390,9 @@ def allocate_widths(
     return kept
 
 
-def _structure_widths(order, group_sets, mode, scores, ratios, normalization, floors, round_to, allowed):
+def _structure_widths(
+    order, group_sets, mode, scores, ratios, normalization, floors, round_to, allowed, head_rounding
+):
     """One `_StructureWidths` per structure in allocation order (FLAP: one removal order over all of them)."""
     joint_order = None
     if mode == "flap":
@@ -397,6 +418,7 @@ def _structure_widths(order, group_sets, mode, scores, ratios, normalization, fl
             normalization,
             allowed.get(s),
             joint_order,
+            round_up=head_rounding == "up" and s in HEAD_STRUCTURES,
         )
         per_structure.append(widths)
     return per_structure
@@ -425,7 +447,15 @@ def _closest(per_structure, model, target, f_max, removed_params, achieved, prun
     for joint in bisect(per_structure, {}):
         coarse = {k: v for k, v in joint.items() if k not in finest}
         candidates += bisect(per_structure[-1:], coarse) if len(per_structure) > 1 else [joint]
-    return min(candidates, key=lambda c: abs(achieved(c) - pruning_ratio))
+    if not any(w.round_up for w in per_structure[:-1]):
+        return min(candidates, key=lambda c: abs(achieved(c) - pruning_ratio))
+
+    def preference(kept: dict[str, int]) -> tuple:
+        """Rounding up: on target, the candidate that keeps more coarse units (the upper side of the head step)."""
+        error = abs(achieved(kept) - pruning_ratio)
+        return error > TOLERANCE, -sum(v for k, v in kept.items() if k not in finest), error
+
+    return min(candidates, key=preference)
 
 
 def select_top(scores: torch.Tensor, k: int, groups: int = 1) -> list[int]:

@@ -110,6 +110,12 @@ def _add_allocation_args(parser: argparse.ArgumentParser) -> None:
     allocation.add_argument("--uniform", action="store_true", default=None, help="Same widths in every layer.")
     allocation.add_argument("--min-heads", type=int, default=None)
     allocation.add_argument("--min-channels", type=int, default=None)
+    allocation.add_argument(
+        "--head-rounding",
+        choices=["nearest", "up"],
+        default=None,
+        help="Uniform kept head counts: nearest, or up (as FLAP's and LLM-Pruner's code).",
+    )
     allocation.add_argument("--layer-importance", default=None, help="Criterion for whole layers.")
     allocation.add_argument("--num-layers-to-remove", type=int, default=None)
     allocation.add_argument(
@@ -211,6 +217,7 @@ ALLOCATION_ARGS = (
     "uniform",
     "min_heads",
     "min_channels",
+    "head_rounding",
     "layer_importance",
     "num_layers_to_remove",
     "allocation",

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "pruner_config.json"
 GLOBAL_NORMALIZATIONS = ("mean", "none")
 ALLOCATIONS = (None, "flap")
+HEAD_ROUNDINGS = ("nearest", "up")
 WIDTH_STRUCTURES = tuple(s for s in STRUCTURES if s != LAYERS)
 
 
@@ -136,6 +137,11 @@ class PrunerConfig(PushToHubMixin):
             multiple of the KV head count).
         min_channels (`int`, *optional*, defaults to `1`):
             Fewest MLP channels a pruned layer keeps (rounded up to `round_to`).
+        head_rounding (`str`, *optional*, defaults to `"nearest"`):
+            How the uniform and layer-range allocations round each layer's kept head count: `"nearest"`, or `"up"`,
+            which removes the floor of the fraction as FLAP's and LLM-Pruner's code do (more heads kept, the MLP
+            channels absorb the rest). Scores decide the widths under `global_ranking` and `allocation="flap"`, so
+            `"up"` does not apply there.
         layer_importance (`str`, *optional*):
             Registered criterion that scores whole layers when `structures` contains `"layers"` (e.g.
             `"block_influence"`); defaults to `importance`.
@@ -216,6 +222,9 @@ class PrunerConfig(PushToHubMixin):
     uniform: bool = field(default=False, metadata={"help": "Force identical widths in every layer."})
     min_heads: int = field(default=1, metadata={"help": "Fewest query heads a pruned layer keeps."})
     min_channels: int = field(default=1, metadata={"help": "Fewest MLP channels a pruned layer keeps."})
+    head_rounding: str = field(
+        default="nearest", metadata={"help": f"Rounding of uniform kept head counts: {list(HEAD_ROUNDINGS)}."}
+    )
     layer_importance: str | None = field(default=None, metadata={"help": "Criterion for whole layers."})
     num_layers_to_remove: int | None = field(
         default=None, metadata={"help": "Whole layers to remove when combined with width structures."}
@@ -262,6 +271,7 @@ class PrunerConfig(PushToHubMixin):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}.")
         self._validate_allocation(IMPORTANCE_REGISTRY)
+        self._validate_head_rounding()
         self._validate_iterative()
         check_compute_dtype(self.compute_dtype)
         self._validate_reconstruction()
@@ -282,6 +292,15 @@ class PrunerConfig(PushToHubMixin):
         if layer_structures is not None and LAYERS not in layer_structures:
             raise ValueError(
                 f"`layer_importance={self.layer_importance!r}` scores only {list(layer_structures)}, not 'layers'."
+            )
+
+    def _validate_head_rounding(self) -> None:
+        if self.head_rounding not in HEAD_ROUNDINGS:
+            raise ValueError(f"`head_rounding` must be one of {list(HEAD_ROUNDINGS)}, got {self.head_rounding!r}.")
+        if self.head_rounding == "up" and (self.global_ranking or self.allocation == "flap"):
+            raise ValueError(
+                "`head_rounding='up'` rounds uniform or layer-range head counts; with `global_ranking` or "
+                "`allocation='flap'` the scores decide the widths: leave `head_rounding='nearest'`."
             )
 
     def _validate_iterative(self) -> None:

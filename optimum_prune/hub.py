@@ -254,6 +254,8 @@ def describe_allocation(pruner_config, plan=None) -> str:
         parts.append(f"at least {config.min_heads} query heads per pruned layer")
     if config.min_channels > 1:
         parts.append(f"at least {config.min_channels} MLP channels per pruned layer")
+    if config.head_rounding == "up":
+        parts.append("kept head counts rounded up (MLP channels absorb the rest)")
     if config.round_to > 1:
         parts.append(f"channel widths multiples of {config.round_to}")
     if "layers" in config.structures:

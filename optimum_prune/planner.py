@@ -212,7 +212,9 @@ class Planner:
         if config.non_uniform or config.uniform or removed or config.min_heads > 1 or config.min_channels > 1:
             kept = self._allocate_non_uniform(params, group_sets, scores, removed, width_structures)
         else:
-            kept = uniform_allocation(params, group_sets, width_structures, config.pruning_ratio, config.round_to)
+            kept = uniform_allocation(
+                params, group_sets, width_structures, config.pruning_ratio, config.round_to, config.head_rounding
+            )
         self._check_experts_per_token(group_sets, kept)
         return kept
 
@@ -343,6 +345,7 @@ class Planner:
             round_to=config.round_to,
             removed_params=frozenset(n for n in params if prefixes and n.startswith(prefixes)),
             allowed=allowed,
+            head_rounding=config.head_rounding,
             constraints=f" with {', '.join(described)}",
         )
 

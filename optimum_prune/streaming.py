@@ -836,6 +836,7 @@ def _uniform_estimate(planner, group_sets) -> dict[str, int] | None:
             list(config.structures),
             config.pruning_ratio,
             config.round_to,
+            config.head_rounding,
         )
     except ValueError:
         return None

@@ -57,6 +57,7 @@ ROUND_TRIP_CONFIGS = [
     dict(importance="taylor", global_ranking=True, global_normalization="none", min_heads=4, min_channels=8),
     dict(importance="magnitude", attention_layers=(1, 3), mlp_layers=[0, 2], round_to=4, seed=3),
     dict(importance="magnitude", attention_layers=[2], structures=["attention_heads"]),
+    dict(importance="magnitude", head_rounding="up", attention_layers=[1, 2], mlp_layers=[1, 2]),
     dict(importance="magnitude", layer_ratios={0: 0.1, 2: 0.4}),
     dict(importance="magnitude", layer_ratios=[0.1, 0.2, 0.3], num_calibration_samples=4, calibration_seq_len=16),
     dict(importance="flap", allocation="flap", bias_compensation=True),
@@ -123,8 +124,8 @@ REPRODUCE_CASES = {
         ["attention heads pruned only in layers 1-2", "MLP channels pruned only in layers 0, 2"],
     ),
     "layer_ratios": (
-        dict(importance="magnitude", layer_ratios={0: 0.1, 2: 0.5}, round_to=4),
-        ["per-layer ratios", "multiples of 4"],
+        dict(importance="magnitude", layer_ratios={0: 0.1, 2: 0.5}, round_to=4, head_rounding="up"),
+        ["per-layer ratios", "multiples of 4", "head counts rounded up"],
     ),
     "flap": (
         dict(importance="flap", allocation="flap", num_calibration_samples=4, calibration_seq_len=32),
