@@ -81,7 +81,17 @@ METHODS: dict[str, dict] = {
 }
 # Layer-wise reconstruction (the consumers o_proj/down_proj refit by ridge least squares after the plan is chosen) on
 # the best configurations of each allocation: `<method>-recon`.
-RECONSTRUCTED = ("wanda_sp", "taylor", "flap", "bip", "taylor-global", "wanda_sp-global", "flap-adaptive")
+RECONSTRUCTED = (
+    "wanda_sp",
+    "taylor",
+    "flap",
+    "bip",
+    "taylor-global",
+    "wanda_sp-global",
+    "bip-global",
+    "flap-adaptive",
+    "flap-adaptive-nobias",
+)
 METHODS.update({f"{name}-recon": {**METHODS[name], "reconstruction": True} for name in RECONSTRUCTED})
 PEERS = ("torch-pruning",)
 # LLM-Pruner's own code (a checkout + its own Transformers 4.45 venv): peer name -> its block_*_layer_start/end.

@@ -12,10 +12,15 @@ Prints a Markdown table and appends JSON lines to `benchmarks/results/scale.json
     python benchmarks/scale.py --sizes 0.5b 0.5b-32l 3b --modes streaming --criteria wanda_sp
     python benchmarks/scale.py --sizes 0.5b --modes streaming --criteria flap --allocation flap   # two passes
     python benchmarks/scale.py --sizes 0.5b --modes streaming --criteria wanda_sp --compute-dtype float32 bfloat16
+    python benchmarks/scale.py --sizes 0.5b --criteria wanda_sp --allocation global --reconstruction off on
 
 `--compute-dtype` runs each configuration once per compute dtype (`PrunerConfig.compute_dtype`; the checkpoints are
 bfloat16): on CPUs without native bfloat16, `float32` against `bfloat16` shows what computing layer by layer in float32
 saves. The table is headed by `torch.backends.cpu.get_cpu_capability()` and the native half types.
+
+`--reconstruction off on` runs each configuration without and with layer-wise reconstruction
+(`PrunerConfig.reconstruction`), so its time and memory are a ratio within one run. Streaming refits only with the
+two-pass allocations (`--allocation global` or `flap`); uniform streaming with reconstruction is reported as refused.
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ def child(args) -> None:
     mode = args.mode if args.allocation == "uniform" or args.mode == "baseline" else f"{args.mode}, {args.allocation}"
     result = {"size": args.size, "mode": mode, "criterion": args.criterion, "allocation": args.allocation}
     result["compute_dtype"] = args.compute_dtype
+    result["reconstruction"] = args.reconstruction == "on"
     if args.mode != "baseline":
         calibration = torch.randint(0, 32000, (args.samples * args.seq_len * 2,), generator=torch.Generator())
         importance, importance_kwargs = VARIANTS.get(args.criterion, (args.criterion, {}))
@@ -129,6 +135,7 @@ def child(args) -> None:
             calibration_seq_len=args.seq_len,
             streaming=args.mode == "streaming",
             compute_dtype=args.compute_dtype,
+            reconstruction=args.reconstruction == "on",
             **ALLOCATIONS[args.allocation],
         )
         with tempfile.TemporaryDirectory(dir=CHECKPOINTS) as out:
@@ -148,16 +155,18 @@ def child(args) -> None:
     print(json.dumps(result))
 
 
-def _run_child(size, mode, criterion, model, args, compute_dtype: str = "auto") -> dict:
+def _run_child(size, mode, criterion, model, args, compute_dtype: str = "auto", reconstruction: str = "off") -> dict:
     command = [sys.executable, __file__, "--child", "--size", size, "--mode", mode, "--criterion", criterion]
     command += ["--model", str(model), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
-    command += ["--compute-dtype", compute_dtype]
+    command += ["--compute-dtype", compute_dtype, "--reconstruction", reconstruction]
     command += ["--threads", str(args.threads), "--allocation", args.allocation]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
     if done.returncode != 0 and last.startswith("ValueError: "):  # refused (e.g. a criterion that cannot stream)
-        return {"size": size, "mode": mode, "criterion": criterion, "refused": last[len("ValueError: ") :][:160]}
+        refused = last[len("ValueError: ") :][:160]
+        return {"size": size, "mode": mode, "criterion": criterion, "reconstruction": reconstruction == "on",
+                "refused": refused}  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{size} {mode} {criterion} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -181,6 +190,13 @@ def main() -> None:
         choices=["auto", "float32", "bfloat16"],
         help="Run each configuration once per compute dtype (PrunerConfig.compute_dtype), e.g. float32 bfloat16.",
     )
+    parser.add_argument(
+        "--reconstruction",
+        nargs="+",
+        default=["off"],
+        choices=["off", "on"],
+        help="Run each configuration without (off) and/or with (on) layer-wise reconstruction.",
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="Keep the random checkpoints on disk.")
     # Internal: one run in a child process.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -192,6 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         args.compute_dtype = args.compute_dtype[0]
+        args.reconstruction = args.reconstruction[0]
         child(args)
         return
     if args.build:
@@ -211,10 +228,11 @@ def main() -> None:
         for mode in args.modes:
             for criterion in args.criteria:
                 for compute_dtype in args.compute_dtype:
-                    row = _run_child(size, mode, criterion, path, args, compute_dtype)
-                    row["checkpoint_gib"] = checkpoint_gib
-                    logging.info("%s", row)
-                    rows.append(row)
+                    for reconstruction in args.reconstruction:
+                        row = _run_child(size, mode, criterion, path, args, compute_dtype, reconstruction)
+                        row["checkpoint_gib"] = checkpoint_gib
+                        logging.info("%s", row)
+                        rows.append(row)
         if not args.keep_checkpoints:
             shutil.rmtree(path)
     capability = _cpu_capability()
@@ -224,10 +242,10 @@ def main() -> None:
             f.write(json.dumps({**row, **extra}) + "\n")
     print(f"CPU: {capability}; {args.threads} threads; {args.samples} x {args.seq_len} calibration tokens\n")
     print(
-        "| size | checkpoint (GiB) | mode | criterion | compute | peak RSS (GiB) | RSS / checkpoint | est. tensors (GiB) "
-        "| wall (s) | CPU (s) |"
+        "| size | checkpoint (GiB) | mode | criterion | compute | reconstruction | peak RSS (GiB) | RSS / checkpoint "
+        "| est. tensors (GiB) | wall (s) | CPU (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(_table_row(r))
 
@@ -243,7 +261,8 @@ def _cpu_capability() -> str:
 
 def _table_row(r: dict) -> str:
     head = f"| {r['size']} | {r['checkpoint_gib']:.2f} |" if "checkpoint_gib" in r else f"| {r['size']} | - |"
-    head += f" {r['mode']} | {r['criterion']} | {r.get('compute_dtype', '-')} |"
+    recon = {True: "on", False: "off"}.get(r.get("reconstruction"), "-")
+    head += f" {r['mode']} | {r['criterion']} | {r.get('compute_dtype', '-')} | {recon} |"
     if "refused" in r:
         return f"{head} refused: {r['refused']} |"
     ckpt = r.get("checkpoint_gib")

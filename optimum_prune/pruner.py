@@ -138,8 +138,10 @@ class Pruner:
                 "`prune_streaming(..., plan=plan, calibration_data=...)`."
             )
         device = next(self.model.parameters()).device
-        full = capture_layer_inputs(self.model, self.spec, batches.to(device))
-        reconstruct_model(self.model, self.spec, plan, full, plan.reconstruction["damping"])
+        with self._computing():  # the first layer's inputs in the compute dtype, as streaming captures them
+            full = capture_layer_inputs(self.model, self.spec, batches.to(device))
+        dtype = resolve_compute_dtype(self.config.compute_dtype, self.model.dtype, input_device(self.model))
+        reconstruct_model(self.model, self.spec, plan, full, plan.reconstruction["damping"], compute_dtype=dtype)
 
     def _record_pruned(self) -> nn.Module:
         self.params_after = count_parameters(self.model)

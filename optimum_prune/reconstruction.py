@@ -247,18 +247,44 @@ def _advance(layer: nn.Module, inputs) -> None:
 
 
 @torch.no_grad()
-def reconstruct_model(model: nn.Module, spec, plan, full, damping: float) -> None:
+def reconstruct_model(model: nn.Module, spec, plan, full, damping: float, compute_dtype=None) -> None:
     """Refit every consumer `plan` prunes in `model` (unpruned, all layers in memory), layer by layer from the first
     layer's inputs `full` (consumed: they end as the last layer's outputs); `surgery.apply_plan` then slices it. The
-    consumers that gained a bias get one in every layer, and the config field that builds it (`bias_fields`)."""
+    consumers that gained a bias get one in every layer, and the config field that builds it (`bias_fields`).
+
+    With `compute_dtype` (`full` then in that dtype), each layer is refit as a `compute_dtype` copy and cast back, one
+    layer at a time, as streaming refits its loaded layer: a bfloat16 model is refit in float32 on CPUs without
+    native bfloat16 instead of through PyTorch's slow bfloat16 fallback."""
     group_sets = check_plan(model, plan, spec)
     pruned = pruned_stream(full)
     added: set[str] = set()
     for index, layer in enumerate(decoder_layers(model, spec)):
         consumers = layer_consumers(layer, spec, plan, group_sets, index)
-        added.update(reconstruct_layer(layer, consumers, full, pruned, damping))
+        with _layer_in(layer, compute_dtype):
+            added.update(reconstruct_layer(layer, consumers, full, pruned, damping))
         logger.info("Layer %d refit (%d consumers).", index, len(consumers))
     add_missing_biases(model, spec, added)
+
+
+@contextmanager
+def _layer_in(layer: nn.Module, dtype) -> Iterator[None]:
+    """`layer`'s floating-point parameters in `dtype` while active, then each back in its own dtype (a parameter
+    added meanwhile, such as a fitted bias, takes its module's weight dtype). Nothing happens with `dtype=None`."""
+    own = {name: p.dtype for name, p in layer.named_parameters() if p.is_floating_point() and p.dtype != dtype}
+    if dtype is None or not own:
+        yield
+        return
+    for name, param in layer.named_parameters():
+        if name in own:
+            param.data = param.data.to(dtype)
+    try:
+        yield
+    finally:
+        for name, param in layer.named_parameters():
+            owner = name.rpartition(".")[0]
+            back = own.get(name, own.get(f"{owner}.weight" if owner else "weight"))
+            if back is not None and param.is_floating_point() and param.dtype != back:
+                param.data = param.data.to(back)
 
 
 def pruned_stream(full):

@@ -60,3 +60,16 @@ def test_projection_reproduces_the_measured_run_and_grows_with_the_layer():
     assert wider["peak_rss_gib"] > own["peak_rss_gib"] and wider["layer_gib"] == pytest.approx(
         4 * own["layer_gib"], rel=1e-3
     )
+
+
+def test_scale_rows_name_reconstruction_and_quality_has_the_reconstructed_variants():
+    scale = _load(Path(__file__).resolve().parent.parent / "benchmarks" / "scale.py", "scale_benchmark")
+    row = {"size": "0.5b", "checkpoint_gib": 1.0, "mode": "streaming, global", "criterion": "wanda_sp",
+           "compute_dtype": "auto", "reconstruction": True, "peak_rss_gib": 0.5, "wall_s": 10.0, "cpu_s": 8.0}  # fmt: skip
+    assert scale._table_row(row).startswith("| 0.5b | 1.00 | streaming, global | wanda_sp | auto | on | 0.50 |")
+    refused = {"size": "0.5b", "mode": "streaming", "criterion": "wanda_sp", "reconstruction": True, "refused": "no"}
+    assert "| on | refused: no |" in scale._table_row(refused)
+
+    quality = _load(Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py", "quality_benchmark")
+    for name in ("wanda_sp", "taylor-global", "bip-global", "flap-adaptive", "flap-adaptive-nobias"):
+        assert quality.METHODS[f"{name}-recon"] == {**quality.METHODS[name], "reconstruction": True}

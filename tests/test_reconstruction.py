@@ -220,6 +220,21 @@ def test_streaming_gives_the_in_memory_weights(llama_dir, tmp_path, importance, 
     assert saved["reconstruction"] == {"damping": 0.01} and saved["format_version"] == 3
 
 
+def test_bfloat16_model_is_refit_in_the_compute_dtype_as_streaming_does(tmp_path):
+    """In memory, a bfloat16 model is refit a layer at a time in float32 (`compute_dtype`), as streaming refits its
+    loaded layer: the same weights, and the model keeps its dtype."""
+    bf16_dir = sharded_checkpoint(tiny_llama(num_hidden_layers=4).to(torch.bfloat16), tmp_path / "bf16")
+    config = _config(global_ranking=True, compute_dtype="float32")
+    pruner = AutoPruner.from_pretrained(bf16_dir, pruner_config=config, dtype=torch.bfloat16)
+    pruner.prune(calibration_data=DATA)
+    assert {p.dtype for p in pruner.model.parameters()} == {torch.bfloat16}
+    report = prune_streaming(bf16_dir, config, DATA, tmp_path / "streamed")
+    assert report["plan"].kept == pruner.plan.kept
+    streamed = load_eval(tmp_path / "streamed").state_dict()
+    for name, tensor in pruner.model.state_dict().items():
+        torch.testing.assert_close(streamed[name], tensor, msg=name)  # bfloat16 tolerances: one rounding apart
+
+
 def test_plan_says_it_was_refit_and_apply_refuses(tmp_path):
     pruner = AutoPruner.from_model(tiny_llama(), _config())
     pruner.prune(calibration_data=DATA)
