@@ -7,6 +7,7 @@ fresh copy of that checkpoint with each variant: LoRA r=8 on every projection, 6
 
     python benchmarks/recovery.py                         # every variant, 40%
     python benchmarks/recovery.py --variants lm distill --steps 20
+    python benchmarks/recovery.py --importance wanda_sp --reconstruction --variants lm distill   # the best 40% start
 
 Prints a Markdown table and appends JSON lines to `benchmarks/results/recovery.jsonl`.
 """
@@ -40,11 +41,11 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def prune_once(ratio: float, importance: str, output: Path) -> None:
+def prune_once(ratio: float, importance: str, output: Path, reconstruction: bool = False) -> None:
     """The shared pruned start, written as an ordinary checkpoint (its results file records the base model)."""
     from optimum_prune import AutoPruner, PrunerConfig
 
-    config = PrunerConfig(pruning_ratio=ratio, importance=importance)
+    config = PrunerConfig(pruning_ratio=ratio, importance=importance, reconstruction=reconstruction)
     pruner = AutoPruner.from_pretrained(str(MODEL), pruner_config=config, dtype=torch.float32)
     pruner.prune(calibration_data=str(CALIBRATION))
     pruner.save_pretrained(output)
@@ -66,6 +67,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--importance", default="taylor")
+    parser.add_argument("--reconstruction", action="store_true", help="refit the pruned start (layer-wise)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -92,11 +94,17 @@ def main(argv=None) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory(prefix="recovery-benchmark-") as tmp:
         pruned = Path(tmp) / "pruned"
-        prune_once(args.ratio, args.importance, pruned)
+        prune_once(args.ratio, args.importance, pruned, args.reconstruction)
         for variant in args.variants:
             record = recover_variant(pruned, variant, {**training_args, "output_dir": f"{tmp}/{variant}"},
                                      args.eval_windows)  # fmt: skip
-            record.update(ratio=args.ratio, importance=args.importance, steps=args.steps, base_ppl=base_ppl)
+            record.update(
+                ratio=args.ratio,
+                importance=args.importance,
+                reconstruction=args.reconstruction,
+                steps=args.steps,
+                base_ppl=base_ppl,
+            )
             records.append(record)
             print(json.dumps(record), flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +122,7 @@ def main(argv=None) -> list[dict]:
         for r in records
     ]
     print(
-        f"\ntiny-llama, {args.importance} uniform {args.ratio:.0%}; {args.steps} steps of {args.batch_size} x 256 "
+        f"\ntiny-llama, {args.importance} uniform {args.ratio:.0%}{' + reconstruction' * args.reconstruction}; {args.steps} steps of {args.batch_size} x 256 "
         f"tokens; unpruned perplexity {base_ppl:.2f} (eval.txt, {args.eval_windows} windows x 256 tokens)\n"
     )
     print(format_table(["variant", "pruned", "recovered ppl", "recovered vs unpruned", "seconds"], rows))

@@ -91,6 +91,12 @@ def ridge_refit(stats: RefitStatistics, damping: float = DEFAULT_DAMPING) -> tup
     return weight, (solution[k] if stats.intercept else None)
 
 
+def refit_workspace_bytes(in_features: int, out_features: int) -> int:
+    """Peak bytes of one consumer's refit with `in_features` kept inputs: the float64 Gram matrix, its damped copy and
+    Cholesky factor [k, k], and the cross term, solution and transposed weight [k, out] (what `ridge_refit` holds)."""
+    return 8 * 3 * in_features * (in_features + out_features)
+
+
 @dataclass
 class Consumer:
     """One Linear of a decoder layer to refit: its path in the layer, the input columns the plan keeps and whether

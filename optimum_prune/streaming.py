@@ -85,7 +85,7 @@ from .metrics import count_parameters
 from .output_dir import atomic_directory, check_output_directory
 from .plan import PruningPlan
 from .planner import Planner, reconstruction_settings
-from .reconstruction import layer_consumers, pruned_stream, reconstruct_layer
+from .reconstruction import layer_consumers, pruned_stream, reconstruct_layer, refit_workspace_bytes
 from .streaming_checks import (
     LAYER_LOCAL_NEEDS,
     STREAMING_STRUCTURES,
@@ -772,7 +772,9 @@ def estimate_peak_bytes(
     casts coexist while the layer is read), its largest tensor sliced and scored in float32, the hidden states, one
     batch's output and activations) and the copy of the remaining tensors (the largest one). Output shards are written
     in place, never buffered. With `offload` the hidden states are file-backed pages the kernel can drop; one batch of
-    them is counted. Hidden states and the layer forward are in `compute_dtype` (default: the checkpoint's)."""
+    them is counted. Hidden states and the layer forward are in `compute_dtype` (default: the checkpoint's). With
+    `reconstruction` the layer step also holds the pruned model's hidden states and the widest consumer's refit
+    (`refit_workspace_bytes`, its unpruned input width as the bound)."""
     layers = model.get_submodule(spec.layers)
     layer_prefix_ = spec.layers + "."
     head = output_embedding_names(model)
@@ -802,9 +804,13 @@ def estimate_peak_bytes(
         workspace += 3 * batch_tokens * hidden_size * 8
     # The sliced copy of the largest weight and the float32 copies a criterion makes of it (|W|, then a reduction).
     scoring = largest_in_layer + 2 * largest_in_layer * 4 // element
+    refit = 0
+    if pruner_config.reconstruction and needs_data:
+        head_dim = getattr(config, "head_dim", None) or hidden_size // heads
+        refit = refit_workspace_bytes(max(mlp_width, heads * head_dim), hidden_size) + resident
     phases = {
         "inputs": prefix_bytes + resident + workspace,
-        "layer": layer_bytes + layer_compute_bytes + scoring + resident + batch_hidden + workspace,
+        "layer": layer_bytes + layer_compute_bytes + scoring + resident + batch_hidden + workspace + refit,
         "copy": largest_outside,
     }
     return {
@@ -812,6 +818,7 @@ def estimate_peak_bytes(
         "peak": max(phases.values()),
         "layer_bytes": layer_bytes,
         "layer_compute_bytes": layer_compute_bytes,
+        "refit_bytes": refit,
     }
 
 

@@ -35,13 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _config(importance="wanda_sp", **kwargs):
     kwargs.setdefault("pruning_ratio", 0.3)
-    return PrunerConfig(
-        importance=importance,
-        num_calibration_samples=SAMPLES,
-        calibration_seq_len=SEQ_LEN,
-        reconstruction=True,
-        **kwargs,
-    )
+    kwargs.setdefault("reconstruction", True)
+    return PrunerConfig(importance=importance, num_calibration_samples=SAMPLES, calibration_seq_len=SEQ_LEN, **kwargs)
 
 
 def _spec(model):
@@ -284,6 +279,23 @@ def test_config_refuses_what_reconstruction_cannot_do(kwargs, message):
 def test_needs_calibration_data():
     with pytest.raises(ValueError, match="`reconstruction=True` needs calibration data"):
         AutoPruner.from_model(tiny_llama(), _config(importance="magnitude")).prune()
+
+
+def test_dry_run_counts_the_refit(llama_dir, tmp_path):
+    """The estimate holds the widest consumer's float64 refit (down_proj reads the MLP width) and the pruned model's
+    hidden states beside the unpruned ones."""
+    config = load_eval(llama_dir).config
+    with_refit = prune_streaming(llama_dir, _config(global_ranking=True), DATA, tmp_path / "d", dry_run=True)
+    without = prune_streaming(
+        llama_dir, _config(global_ranking=True, reconstruction=False), DATA, tmp_path / "d", dry_run=True
+    )
+    peak, peak_without = with_refit["estimated_peak_bytes"], without["estimated_peak_bytes"]
+    width, hidden = config.intermediate_size, config.hidden_size
+    gram_factor_and_cross = 8 * (3 * width * width + 3 * width * hidden)
+    states = SAMPLES * SEQ_LEN * hidden * 4
+    assert peak["refit_bytes"] == gram_factor_and_cross + states and peak_without["refit_bytes"] == 0
+    assert peak["phase_layer"] == peak_without["phase_layer"] + peak["refit_bytes"]
+    assert not (tmp_path / "d").exists()
 
 
 def test_streaming_refuses_offloaded_hidden_states_with_reconstruction(llama_dir, tmp_path):
