@@ -10,6 +10,7 @@ learning rate, seconds and perplexity; say so beside any number measured on it. 
 
     python benchmarks/train_families.py --threads 1                 # all five, in dependency order
     python benchmarks/train_families.py --models tiny-qwen3 tiny-qwen3-moe --steps 250 --batch 8 --threads 1
+    python benchmarks/train_families.py --routing tiny-mixtral tiny-qwen3-moe   # routing shares of trained MoEs
 
 Routes (shapes of the shared recipe: hidden 256, 6 layers, 8 query heads in 4 KV groups, head_dim 32, vocab 4096):
 
@@ -367,6 +368,31 @@ def train(name: str, steps: int, lr: float, batch: int, out_root: Path) -> dict:
     return record
 
 
+@torch.no_grad()
+def routing_shares(name: str, out_root: Path, windows: int = 32, seq_len: int = 128) -> list[list[float]]:
+    """Per layer, each expert's share of the router's (token, slot) choices on the first `windows` x `seq_len` tokens
+    of calibration.txt (quality.py's calibration windows), busiest first."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(out_root / name, dtype=torch.float32).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out_root / name)
+    ids = tokenizer((CORPUS / "calibration.txt").read_text())["input_ids"][: windows * seq_len]
+    counts = {}
+
+    def hook(index):
+        def record(module, args, output):
+            chosen = torch.bincount(output[2].flatten(), minlength=module.num_experts)
+            counts[index] = counts.get(index, 0) + chosen
+
+        return record
+
+    hooks = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    model(input_ids=torch.tensor(ids).view(windows, seq_len))
+    for handle in hooks:
+        handle.remove()
+    return [(c / c.sum()).sort(descending=True).values.tolist() for _, c in sorted(counts.items())]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -375,10 +401,17 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8, help="windows of 256 tokens per step (the recipe uses 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", default=str(CHECKPOINTS))
+    parser.add_argument("--routing", nargs="+", metavar="MOE_MODEL", help="print routing shares of trained MoE models")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.routing:
+        for name in args.routing:
+            for layer, shares in enumerate(routing_shares(name, Path(args.out))):
+                half = sum(shares[: len(shares) // 2])
+                print(f"{name} layer {layer}: busiest half {half:.1%}, shares {[round(x, 3) for x in shares]}")
+        return
     for name in args.models:
         steps, lr = MODELS[name]
         steps = steps if args.steps is None else args.steps
