@@ -74,6 +74,13 @@ EXPERT_METHODS = {
     f"experts-{name}": {"importance": name, "structures": ["experts"]}
     for name in ("frequency", "reap", "magnitude", "random")
 }
+# Random experts with other seeds (`seed` also seeds calibration sampling, which random scores do not read).
+EXPERT_METHODS.update(
+    {
+        f"experts-random-seed{seed}": {"importance": "random", "structures": ["experts"], "seed": seed}
+        for seed in range(1, 5)
+    }
+)
 METHODS.update(EXPERT_METHODS)
 # Layer-wise reconstruction (the consumers o_proj/down_proj refit by ridge least squares after the plan is chosen) on
 # the best configurations of each allocation: `<method>-recon`.
