@@ -6,6 +6,13 @@ Prints a Markdown table and writes JSON lines to `benchmarks/results/quality.jso
     python benchmarks/quality.py                                   # tiny-llama, 20% and 50%, core criteria + peer
     python benchmarks/quality.py --models tiny-opt tiny-bloom --methods taylor magnitude --ratios 0.2
     python benchmarks/quality.py --methods wanda_sp-recon taylor-global-recon flap-adaptive-recon --ratios 0.2 0.4 0.5
+    python benchmarks/quality.py --models tiny-mixtral --methods experts-frequency experts-reap --ratios 0.25 0.5 --peers
+
+Models are looked up in the shared models (`../shared/models`), then in `benchmarks/checkpoints/` (where
+`benchmarks/train_families.py` and `benchmarks/train_multihead.py` put theirs). For the `experts-*` methods a ratio is
+the fraction of **experts** removed from every MoE layer (0.25 of 8: 2 experts); it is turned into the fraction of
+total parameters that `PrunerConfig.pruning_ratio` takes (those experts' fused weights and router rows), and the row
+records both. For every other method a ratio is the fraction of total parameters.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 MODELS = SHARED / "models"
+CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
 CALIBRATION = SHARED / "data" / "corpus" / "calibration.txt"
 EVAL = SHARED / "data" / "corpus" / "eval.txt"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -79,6 +87,19 @@ METHODS: dict[str, dict] = {
         for name in ("random", "magnitude", "taylor", "wanda_sp", "flap", "bip", "mini_llm")
     },
 }
+# Whole experts of MoE models, uniform: the same number from every layer (ratio = fraction of experts, see above).
+EXPERT_METHODS = {
+    f"experts-{name}": {"importance": name, "structures": ["experts"]}
+    for name in ("frequency", "reap", "magnitude", "random")
+}
+# Random experts with other seeds (`seed` also seeds calibration sampling, which random scores do not read).
+EXPERT_METHODS.update(
+    {
+        f"experts-random-seed{seed}": {"importance": "random", "structures": ["experts"], "seed": seed}
+        for seed in range(1, 5)
+    }
+)
+METHODS.update(EXPERT_METHODS)
 # Layer-wise reconstruction (the consumers o_proj/down_proj refit by ridge least squares after the plan is chosen) on
 # the best configurations of each allocation: `<method>-recon`.
 RECONSTRUCTED = (
@@ -111,14 +132,42 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def model_path(name: str) -> Path:
+    """A shared model, else one trained by a script in `benchmarks/` (`benchmarks/checkpoints/NAME`)."""
+    for root in (MODELS, CHECKPOINTS):
+        if (root / name / "config.json").exists():
+            return root / name
+    raise SystemExit(f"no model {name!r} in {MODELS} or {CHECKPOINTS} (see benchmarks/train_families.py)")
+
+
+def experts_pruning_ratio(path: Path, fraction: float) -> tuple[float, int]:
+    """The `pruning_ratio` (fraction of total parameters) that removes `round(fraction x experts)` experts from every
+    MoE layer: their slices of the fused `gate_up_proj` / `down_proj` and their router rows. Returns it and the
+    number of experts removed per layer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    experts = [p for n, p in model.named_parameters() if n.endswith("mlp.experts.down_proj")]
+    removed = round(fraction * experts[0].shape[0])
+    per_expert = sum(
+        p[0].numel()
+        for n, p in model.named_parameters()
+        if n.endswith(("mlp.gate.weight", "gate_up_proj", "down_proj"))
+    )
+    return round(removed * per_expert / sum(p.numel() for p in model.parameters()), 4), removed
+
+
 def run_single(model_name: str, method: str, ratio: float) -> dict:
     """One pruning run in this process (called in a subprocess by `main`)."""
     import torch
 
     from optimum_prune import AutoPruner, PrunerConfig, count_parameters, perplexity
 
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     row = {"model": model_name, "method": method, "ratio": ratio}
-    path = MODELS / model_name
+    path = model_path(model_name)
     if method == "unpruned":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,8 +175,12 @@ def run_single(model_name: str, method: str, ratio: float) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(path)
         row.update(parameters=count_parameters(model), perplexity=perplexity(model, EVAL, tokenizer), status="ok")
         return row
+    pruning_ratio = ratio
+    if method in EXPERT_METHODS:
+        pruning_ratio, removed_experts = experts_pruning_ratio(path, ratio)
+        row.update(pruning_ratio=pruning_ratio, experts_removed_per_layer=removed_experts)
     try:
-        config = PrunerConfig(pruning_ratio=ratio, **METHODS[method])
+        config = PrunerConfig(pruning_ratio=pruning_ratio, **METHODS[method])
     except (TypeError, ValueError) as err:
         return {**row, "status": "unsupported", "reason": str(err).splitlines()[0][:160]}
     pruner = AutoPruner.from_pretrained(path, pruner_config=config, dtype=torch.float32)
@@ -148,6 +201,8 @@ def run_single(model_name: str, method: str, ratio: float) -> dict:
         model_type=model.config.model_type,
         perplexity=perplexity(model, EVAL, pruner.tokenizer),
     )
+    if method in EXPERT_METHODS:
+        row["experts_kept"] = {key: len(kept) for key, kept in pruner.plan.kept.items() if key.startswith("experts.")}
     return row
 
 
@@ -163,7 +218,7 @@ def run_llm_pruner(model_name: str, peer: str, ratio: float, timeout: int, check
 
     try:
         result = llm_pruner_peer.prune_with_llm_pruner(
-            MODELS / model_name,
+            model_path(model_name),
             ratio,
             checkout=checkout,
             python=python,
@@ -206,7 +261,7 @@ def run_peer(model_name: str, peer: str, ratio: float, timeout: int) -> dict:
         import torch_pruning_peer
     except ImportError as err:
         return {**row, "status": "unavailable", "reason": str(err)}
-    result = torch_pruning_peer.prune_with_torch_pruning(str(MODELS / model_name), ratio, timeout_s=timeout)
+    result = torch_pruning_peer.prune_with_torch_pruning(str(model_path(model_name)), ratio, timeout_s=timeout)
     row.update(
         status=result["status"],
         reason=result.get("reason", ""),

@@ -1,0 +1,423 @@
+"""Small trained models of the families the shared models do not cover (Qwen3, Phi-3, Gemma 3 text, Mixtral,
+Qwen3-MoE), so that `benchmarks/quality.py` measures pruning on trained weights, not random ones.
+
+The shared models took 1600 steps on a GPU; on two shared CPU cores that is hours per model. Every model here therefore
+starts from the shared tiny-llama (`../shared/models/tiny-llama`, trained with `../shared/models/train_tiny.py`) by a
+cheap route and continues the shared recipe (its batches and data; AdamW, 50 warm-up steps, cosine decay to 5% of the
+peak, clipping at 1) for a few hundred steps on the CPU. Each model's `training.json` records its route, steps, batch,
+learning rate, seconds and perplexity; say so beside any number measured on it. Weights go to `benchmarks/checkpoints/`
+(git-ignored), never into the repository.
+
+    python benchmarks/train_families.py --threads 1                 # all five, in dependency order
+    python benchmarks/train_families.py --models tiny-qwen3 tiny-qwen3-moe --steps 250 --batch 8 --threads 1
+    python benchmarks/train_families.py --routing tiny-mixtral tiny-qwen3-moe   # routing shares of trained MoEs
+
+Routes (shapes of the shared recipe: hidden 256, 6 layers, 8 query heads in 4 KV groups, head_dim 32, vocab 4096):
+
+- tiny-phi3: tiny-llama with q/k/v fused into `qkv_proj` and gate/up into `gate_up_proj` (the same function, no
+  training by default).
+- tiny-qwen3: tiny-llama plus per-head `q_norm` / `k_norm`, initialised to the mean per-head RMS of tiny-llama's
+  queries / keys on training text (so the scores keep their scale), then trained.
+- tiny-gemma3: tiny-llama converted to Gemma 3 text: embeddings divided by sqrt(256) (Gemma multiplies them back),
+  `(1 + w)` norms, SwiGLU -> GeGLU (gate rows / 1.702, down x 1.702, since silu(x) ~ 1.702 gelu(x / 1.702)), q/k norms
+  and the post-attention / post-MLP norms initialised to the measured RMS of what they normalise, rope base 10000 on
+  both layer types, sliding window 128 on layers 0-4 (layer 5 global), then trained.
+- tiny-mixtral: tiny-llama's MLP split into 8 experts of 88 channels (MoEfication: expert e owns channels
+  88e..88e+87; down projection scaled by sqrt(experts x top_k) so a top-2 output keeps the dense MLP's norm), a random
+  router, top-2, then trained with the load-balancing loss (coefficient 0.001) so the router learns.
+- tiny-qwen3-moe: tiny-qwen3's attention and q/k norms, its MLP's 640 strongest channels (|up row| x |down column|)
+  split into 16 experts of 40 channels, a random router, top-4 with `norm_topk_prob=True` (as Qwen3-30B-A3B), then
+  trained like tiny-mixtral. Needs tiny-qwen3 first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CORPUS = SHARED / "data" / "corpus"
+TINY_LLAMA = SHARED / "models" / "tiny-llama"
+CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
+
+logger = logging.getLogger(__name__)
+
+# Model -> (default steps, default peak learning rate). Batches of 8 x 256 tokens by default (the recipe uses 16):
+# twice the steps for the same CPU time.
+MODELS: dict[str, tuple[int, float]] = {
+    "tiny-phi3": (0, 5e-4),
+    "tiny-qwen3": (150, 5e-4),
+    "tiny-gemma3": (150, 5e-4),
+    "tiny-mixtral": (250, 1e-3),
+    "tiny-qwen3-moe": (250, 1e-3),
+}
+
+
+def load_recipe():
+    """The shared training script as a module (it lives outside the repository and is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_tiny", SHARED / "models" / "train_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _common(source_config) -> dict:
+    """The shapes every model here shares with tiny-llama."""
+    names = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    common = {name: getattr(source_config, name) for name in names}
+    common.update(
+        head_dim=source_config.head_dim,
+        max_position_embeddings=source_config.max_position_embeddings,
+        rms_norm_eps=source_config.rms_norm_eps,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return common
+
+
+@torch.no_grad()
+def measure_rms(model, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Mean RMS (over tokens, and heads for q/k) of each layer's queries, keys, attention output and MLP output."""
+    sums: dict[str, list[float]] = {}
+    head_dim = model.config.head_dim
+    hooks = []
+
+    def record(name: str, per_head: bool):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if per_head:
+                out = out.reshape(*out.shape[:-1], -1, head_dim)
+            sums.setdefault(name, []).append(out.float().pow(2).mean(-1).sqrt().mean().item())
+
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        hooks.append(layer.self_attn.q_proj.register_forward_hook(record(f"{i}.q", True)))
+        hooks.append(layer.self_attn.k_proj.register_forward_hook(record(f"{i}.k", True)))
+        hooks.append(layer.self_attn.register_forward_hook(record(f"{i}.attn", False)))
+        hooks.append(layer.mlp.register_forward_hook(record(f"{i}.mlp", False)))
+    model.eval()
+    for x in batches:
+        model(input_ids=x)
+    for hook in hooks:
+        hook.remove()
+    return {name: sum(values) / len(values) for name, values in sums.items()}
+
+
+def to_phi3(llama):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        **_common(llama.config),
+        intermediate_size=llama.config.intermediate_size,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+    )
+    model = Phi3ForCausalLM(config)
+    state = {}
+    for name, tensor in llama.state_dict().items():
+        if ".q_proj." in name:
+            prefix = name.replace("q_proj.weight", "")
+            k, v = (llama.state_dict()[f"{prefix}{p}_proj.weight"] for p in "kv")
+            state[f"{prefix}qkv_proj.weight"] = torch.cat([tensor, k, v])
+        elif ".gate_proj." in name:
+            up = llama.state_dict()[name.replace("gate_proj", "up_proj")]
+            state[name.replace("gate_proj", "gate_up_proj")] = torch.cat([tensor, up])  # Phi-3 chunks gate first
+        elif not any(f".{p}_proj." in name for p in ("k", "v", "up")):
+            state[name] = tensor
+    model.load_state_dict(state)
+    return model, "shared tiny-llama, q/k/v fused into qkv_proj and gate/up into gate_up_proj (the same function)"
+
+
+def to_qwen3(llama, rms: dict[str, float]):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        **_common(llama.config),
+        intermediate_size=llama.config.intermediate_size,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        use_sliding_window=False,
+    )
+    model = Qwen3ForCausalLM(config)
+    missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
+    assert not unexpected and all("_norm" in name for name in missing), (missing, unexpected)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.q_norm.weight.fill_(rms[f"{i}.q"])
+            layer.self_attn.k_norm.weight.fill_(rms[f"{i}.k"])
+    return model, "shared tiny-llama plus q_norm/k_norm set to the mean per-head RMS of its queries/keys"
+
+
+def to_gemma3(llama, rms: dict[str, float]):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    config = Gemma3TextConfig(
+        **_common(llama.config),
+        intermediate_size=llama.config.intermediate_size,
+        query_pre_attn_scalar=llama.config.head_dim,  # LLaMA's 1/sqrt(head_dim)
+        sliding_window=128,
+        rope_parameters={"sliding_attention": dict(rope), "full_attention": dict(rope)},
+        hidden_activation="gelu_pytorch_tanh",
+    )
+    model = Gemma3ForCausalLM(config)
+    source = llama.state_dict()
+    state = {}
+    for name, tensor in source.items():
+        if name.endswith("norm.weight"):
+            tensor = tensor - 1  # Gemma's norms multiply by (1 + w)
+            name = name.replace("post_attention_layernorm", "pre_feedforward_layernorm")
+        elif name == "model.embed_tokens.weight":
+            tensor = tensor / config.hidden_size**0.5  # Gemma scales embeddings by sqrt(hidden)
+        elif "gate_proj" in name:
+            tensor = tensor / 1.702
+        elif "down_proj" in name:
+            tensor = tensor * 1.702
+        state[name] = tensor
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        for norm, key in (
+            ("self_attn.q_norm", "q"),
+            ("self_attn.k_norm", "k"),
+            ("post_attention_layernorm", "attn"),
+            ("post_feedforward_layernorm", "mlp"),
+        ):
+            size = config.head_dim if norm.startswith("self_attn") else config.hidden_size
+            state[f"{prefix}{norm}.weight"] = torch.full((size,), rms[f"{i}.{key}"] - 1)
+    model.load_state_dict(state)
+    return model, (
+        "shared tiny-llama converted (embeddings / 16, (1 + w) norms, GeGLU with gate / 1.702 and down x 1.702, q/k and "
+        "post-attention/post-MLP norms at the measured RMS, sliding window 128 on layers 0-4)"
+    )
+
+
+def moefy(dense, moe, channels: list[torch.Tensor], num_experts: int, top_k: int, seed: int) -> None:
+    """Copy `dense` into `moe` except the MLPs: layer i's MLP channels `channels[i]` (in order) are split into
+    `num_experts` equal experts (gate/up rows, down columns), down scaled by sqrt(num_experts x top_k); routers are
+    random (std 0.02)."""
+    source = dense.state_dict()
+    state = {k: v for k, v in source.items() if ".mlp." not in k}
+    width = channels[0].numel() // num_experts
+    scale = math.sqrt(num_experts * top_k)
+    for i in range(dense.config.num_hidden_layers):
+        mlp = f"model.layers.{i}.mlp."
+        gate_proj, up_proj = source[f"{mlp}gate_proj.weight"], source[f"{mlp}up_proj.weight"]
+        gate, up = gate_proj[channels[i]], up_proj[channels[i]]
+        down = source[f"{mlp}down_proj.weight"][:, channels[i]] * scale
+        gate, up = gate.view(num_experts, width, -1), up.view(num_experts, width, -1)
+        state[f"{mlp}experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # each expert chunks gate first
+        state[f"{mlp}experts.down_proj"] = down.view(down.shape[0], num_experts, width).permute(1, 0, 2).contiguous()
+        generator = torch.Generator().manual_seed(seed + i)
+        state[f"{mlp}gate.weight"] = torch.randn(num_experts, dense.config.hidden_size, generator=generator) * 0.02
+    moe.load_state_dict(state)
+
+
+def to_mixtral(llama):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    experts, top_k = 8, 2
+    width = llama.config.intermediate_size // experts
+    config = MixtralConfig(
+        **_common(llama.config),
+        intermediate_size=width,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        router_aux_loss_coef=0.001,
+    )
+    model = MixtralForCausalLM(config)
+    moefy(llama, model, [torch.arange(experts * width)] * config.num_hidden_layers, experts, top_k, seed=1)
+    return (
+        model,
+        f"shared tiny-llama, MLP split into {experts} experts of {width} channels, random router, top-{top_k}",
+    )
+
+
+def to_qwen3_moe(qwen3):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    experts, top_k, width = 16, 4, 40
+    config = Qwen3MoeConfig(
+        **_common(qwen3.config),
+        intermediate_size=qwen3.config.intermediate_size,  # dense layers only; every layer here is sparse
+        moe_intermediate_size=width,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        router_aux_loss_coef=0.001,
+    )
+    model = Qwen3MoeForCausalLM(config)
+    channels = []  # each layer's strongest channels, in their original order
+    for layer in qwen3.model.layers:
+        strength = layer.mlp.up_proj.weight.norm(dim=1) * layer.mlp.down_proj.weight.norm(dim=0)
+        channels.append(strength.argsort(descending=True)[: experts * width].sort().values)
+    moefy(qwen3, model, channels, experts, top_k, seed=2)
+    return model, (
+        f"tiny-qwen3 (this script), each MLP's {experts * width} strongest channels split into {experts} experts of "
+        f"{width}, random router, top-{top_k}, norm_topk_prob"
+    )
+
+
+def train_steps(recipe, model, train_ids, steps: int, lr: float, batch: int) -> float:
+    """The shared recipe's loop (AdamW, 50 warm-up steps, cosine to 5%, clipping at 1) with `batch` windows; MoE
+    models add their load-balancing loss. Returns the last step's language-model loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = 50
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.95 + 0.05,
+    )
+    windows = recipe.batches(train_ids, batch, torch.Generator().manual_seed(0))
+    moe = hasattr(model.config, "router_aux_loss_coef")
+    start, lm_loss = time.time(), float("nan")
+    model.train()
+    for step in range(steps):
+        x = next(windows)
+        out = model(input_ids=x, labels=x, **({"output_router_logits": True} if moe else {}))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        lm_loss = out.loss.item() - (model.config.router_aux_loss_coef * out.aux_loss.item() if moe else 0.0)
+        if step % 25 == 0 or step == steps - 1:
+            logger.info("step %d loss %.3f %.0fs", step, lm_loss, time.time() - start)
+    model.eval()
+    return lm_loss
+
+
+def build(name: str, out_root: Path, rms_batches: list[torch.Tensor]):
+    from transformers import AutoModelForCausalLM
+
+    llama = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32).eval()
+    if name == "tiny-phi3":
+        return to_phi3(llama)
+    if name == "tiny-mixtral":
+        return to_mixtral(llama)
+    if name == "tiny-qwen3-moe":
+        qwen3 = out_root / "tiny-qwen3"
+        if not qwen3.exists():
+            raise SystemExit(f"tiny-qwen3-moe starts from {qwen3}: train tiny-qwen3 first")
+        return to_qwen3_moe(AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32).eval())
+    rms = measure_rms(llama, rms_batches)
+    return to_qwen3(llama, rms) if name == "tiny-qwen3" else to_gemma3(llama, rms)
+
+
+def train(name: str, steps: int, lr: float, batch: int, out_root: Path) -> dict:
+    """Build `name` by its route, continue the recipe for `steps`, save it in bfloat16 (like the shared models) with the
+    shared tokenizer and a training.json."""
+    from transformers import PreTrainedTokenizerFast
+
+    from optimum_prune import perplexity
+
+    recipe = load_recipe()
+    torch.manual_seed(0)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(TINY_LLAMA)
+    train_ids = torch.tensor(tokenizer((CORPUS / "train.txt").read_text())["input_ids"])
+    eval_text = (CORPUS / "eval.txt").read_text()
+    windows = recipe.batches(train_ids, 8, torch.Generator().manual_seed(1))
+    model, init = build(name, out_root, [next(windows) for _ in range(4)])
+    n_params = sum(p.numel() for p in model.parameters())
+    ppl_init = perplexity(model, eval_text, tokenizer)
+    logger.info("%s: %.2fM parameters, eval perplexity %.2f at init, %d steps", name, n_params / 1e6, ppl_init, steps)
+    start = time.time()
+    loss = train_steps(recipe, model, train_ids, steps, lr, batch) if steps else None
+    seconds = time.time() - start
+    model.to("cpu", torch.bfloat16)
+    model.config.use_cache = True
+    out = out_root / name
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # The saved bfloat16 weights, read back in float32: what quality.py measures.
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    record = {
+        "model": name,
+        "model_type": model.config.model_type,
+        "parameters": n_params,
+        "init": init,
+        "eval_perplexity_at_init": round(ppl_init, 3),
+        "steps": steps,
+        "batch": batch,
+        "seq_len": recipe.SEQ,
+        "lr": lr,
+        "last_train_loss": None if loss is None else round(loss, 4),
+        "eval_perplexity": round(perplexity(saved, eval_text, tokenizer), 3),
+        "eval_protocol": "optimum_prune.perplexity on shared/data/corpus/eval.txt, 64 windows of 256 tokens",
+        "train_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "recipe": "shared/models/train_tiny.py batches and schedule (50 warm-up steps, cosine to 5%), AdamW",
+        "script": "benchmarks/train_families.py",
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+@torch.no_grad()
+def routing_shares(name: str, out_root: Path, windows: int = 32, seq_len: int = 128) -> list[list[float]]:
+    """Per layer, each expert's share of the router's (token, slot) choices on the first `windows` x `seq_len` tokens
+    of calibration.txt (quality.py's calibration windows), busiest first."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(out_root / name, dtype=torch.float32).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out_root / name)
+    ids = tokenizer((CORPUS / "calibration.txt").read_text())["input_ids"][: windows * seq_len]
+    counts = {}
+
+    def hook(index):
+        def record(module, args, output):
+            chosen = torch.bincount(output[2].flatten(), minlength=module.num_experts)
+            counts[index] = counts.get(index, 0) + chosen
+
+        return record
+
+    hooks = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    model(input_ids=torch.tensor(ids).view(windows, seq_len))
+    for handle in hooks:
+        handle.remove()
+    return [(c / c.sum()).sort(descending=True).values.tolist() for _, c in sorted(counts.items())]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", type=int, default=None, help="steps per model (default: the model's own)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's own)")
+    parser.add_argument("--batch", type=int, default=8, help="windows of 256 tokens per step (the recipe uses 16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", default=str(CHECKPOINTS))
+    parser.add_argument("--routing", nargs="+", metavar="MOE_MODEL", help="print routing shares of trained MoE models")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.routing:
+        for name in args.routing:
+            for layer, shares in enumerate(routing_shares(name, Path(args.out))):
+                half = sum(shares[: len(shares) // 2])
+                print(f"{name} layer {layer}: busiest half {half:.1%}, shares {[round(x, 3) for x in shares]}")
+        return
+    for name in args.models:
+        steps, lr = MODELS[name]
+        steps = steps if args.steps is None else args.steps
+        record = train(name, steps, args.lr or lr, args.batch, Path(args.out))
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

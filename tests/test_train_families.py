@@ -1,0 +1,84 @@
+"""`benchmarks/train_families.py`'s cheap routes and `benchmarks/quality.py`'s expert ratios, on tiny random models:
+the Phi-3 conversion is the same function, MoEfication with every expert routed is the dense MLP, and an expert
+fraction becomes the parameter ratio that removes exactly that many experts per layer."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from test_experts import tiny_mixtral
+from testing_utils import VOCAB, _randomize, input_ids, logits
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from optimum_prune import AutoPruner, PrunerConfig
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _llama():
+    """hidden = heads x head_dim, as in the shared recipe (Phi-3 derives head_dim from them)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    )
+    return _randomize(LlamaForCausalLM(config).eval())
+
+
+def test_phi3_route_is_the_same_function():
+    train = _load("train_families")
+    llama = _llama()
+    phi3, _ = train.to_phi3(llama)
+    ids = input_ids()
+    assert torch.allclose(logits(phi3.eval(), ids), logits(llama, ids), atol=1e-5)
+
+
+def test_moefy_with_every_expert_routed_is_the_dense_mlp():
+    """Two experts of 40 channels, top-2, zero router: each expert weighs 1/2 and the down projections are scaled by
+    sqrt(2 x 2) = 2, so the MoE layer sums the two halves of the dense MLP."""
+    train = _load("train_families")
+    llama = _llama()
+    rope = {"rope_type": "default", "rope_theta": llama.config.rope_parameters["rope_theta"]}
+    config = MixtralConfig(
+        **train._common(llama.config), intermediate_size=40, num_local_experts=2, rope_parameters=rope
+    )
+    moe = MixtralForCausalLM(config).eval()
+    train.moefy(llama, moe, [torch.arange(80)] * 2, num_experts=2, top_k=2, seed=0)
+    with torch.no_grad():
+        for layer in moe.model.layers:
+            layer.mlp.gate.weight.zero_()
+    ids = input_ids()
+    assert torch.allclose(logits(moe, ids), logits(llama, ids), atol=1e-5)
+
+
+def test_expert_fraction_removes_that_many_experts(tmp_path):
+    quality = _load("quality")
+    tiny_mixtral().save_pretrained(tmp_path)
+    ratio, removed = quality.experts_pruning_ratio(tmp_path, 0.25)
+    assert removed == 2
+    config = PrunerConfig(
+        importance="frequency",
+        pruning_ratio=ratio,
+        structures=["experts"],
+        num_calibration_samples=4,
+        calibration_seq_len=16,
+    )
+    pruner = AutoPruner.from_model(tiny_mixtral(), config)
+    pruner.prune(calibration_data=torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1)))
+    assert {len(kept) for kept in pruner.plan.kept.values()} == {6}
