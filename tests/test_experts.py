@@ -294,6 +294,7 @@ def test_routing_statistics_and_reap():
     ("family", "config", "message"),
     [
         ("mixtral", _config(["experts"], 0.3, "wanda_sp"), "cannot score ['experts'] of 'mixtral'"),
+        ("mixtral", _config(["experts"], 0.3, "taylor"), "'frequency' ranks experts best"),
         (
             "qwen3_moe",
             _config(["mlp_channels"], 0.3, "taylor"),
