@@ -2,24 +2,30 @@
 
 llama.cpp reads `<arch>.attention.head_count`, `.head_count_kv` and `.feed_forward_length` either as one value or as
 one entry per layer, and its `deci` graph (made for NVIDIA's pruned Nemotron-NAS models) builds every layer with its
-own `n_head(il)`, `n_head_kv(il)` and `n_ff(il)`, the head size coming from `attention.key_length`. So:
+own `n_head(il)`, `n_head_kv(il)` and `n_ff(il)`, the head size coming from `attention.key_length`. So (`FAMILIES`,
+one entry per Transformers family, read from llama.cpp's src/models/<arch>.cpp and convert_hf_to_gguf.py):
 
 - a uniform LLaMA / Mistral checkpoint (stock or `pruned_llama`, hidden channels and removed layers included) is
-  written as llama.cpp's `llama` architecture, a uniform Qwen2 one as `qwen2`;
-- a LLaMA-family checkpoint with per-layer widths (`per_layer_config`) as `deci`, with per-layer arrays.
+  written as llama.cpp's `llama` architecture, a uniform Qwen2 one as `qwen2`, Qwen3 as `qwen3` (per-head
+  `attn_q_norm`/`attn_k_norm`), Phi-3 as `phi3` (fused `attn_qkv` and `ffn_up`, MLP channels and layers only:
+  the graph sizes the query as the hidden size);
+- a LLaMA-family checkpoint with per-layer widths (`per_layer_config`) as `deci`, with per-layer arrays; the
+  `qwen3` and `phi3` graphs build every layer with layer 0's widths, so per-layer Qwen3 / Phi-3 is refused.
 
 Tensors get llama.cpp's names; the `llama` and `deci` graphs rotate pairs of adjacent head channels while
 Transformers rotates the two halves of a head, so q/k rows (and biases) are permuted the way llama.cpp's own
-converter does. Written with the `gguf` package (llama.cpp's Python writer). What llama.cpp cannot run is refused
-before anything is written.
+converter does (`qwen2`, `qwen3` and `phi3` rotate halves: no permutation). Written with the `gguf` package
+(llama.cpp's Python writer). What llama.cpp cannot run is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +39,7 @@ from .gguf_vocab import add_tokenizer
 logger = logging.getLogger(__name__)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# Families whose decoder layer is LLaMA's (pre-norm RMSNorm, rotary attention, SwiGLU MLP).
-LLAMA_FAMILIES = ("llama", "mistral", "qwen2")
-# What other families need, for the refusal message.
+# What families without a llama.cpp mapping here need, for the refusal message.
 _STOCK_ONLY = (
     "its llama.cpp graph reads one width for all layers, so prune with uniform=True (the output keeps a stock config) "
     "and convert that with llama.cpp's convert_hf_to_gguf.py"
@@ -43,10 +47,10 @@ _STOCK_ONLY = (
 _OTHER_FAMILIES = {
     "opt": "llama.cpp has no OPT architecture",
     "bloom": _STOCK_ONLY,
-    "glm": _STOCK_ONLY,
-    "glm4": _STOCK_ONLY,
 }
-_LAYER_TENSORS = {
+# Transformers module (under `model.layers.N.`) -> llama.cpp tensor (under `blk.N.`), as llama.cpp's
+# gguf-py/gguf/tensor_mapping.py maps them.
+_LLAMA_TENSORS = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
@@ -64,6 +68,102 @@ _GLOBAL_TENSORS = {
 }
 
 
+@dataclass(frozen=True)
+class GGUFFamily:
+    """How one Transformers family maps onto llama.cpp (read from its src/models/<arch>.cpp and convert_hf_to_gguf.py).
+
+    `arch`: the llama.cpp architecture of stock-shaped (uniform) checkpoints. `per_layer_arch`: the one for per-layer
+    widths, None where no llama.cpp graph runs the family with per-layer widths (refused, naming uniform=True).
+    `tensors`: layer module -> llama.cpp tensor. `biases`: the modules whose bias llama.cpp loads (None: all of
+    `tensors`). `pair_rotary`: llama.cpp's graph rotates adjacent pairs (LLM_ROPE_TYPE_NORM), so q/k rows are permuted;
+    False for NEOX-rope graphs, which rotate halves as Transformers does. `full_query_width`: the graph sizes the
+    query and attention output as the hidden size (head pruning cannot run). `extra_hparams`: family keys its
+    converter writes beyond the common ones."""
+
+    name: str
+    arch: str
+    tensors: dict
+    per_layer_arch: str | None = None
+    biases: frozenset | None = None
+    pair_rotary: bool = False
+    full_query_width: bool = False
+    extra_hparams: Callable | None = None
+
+
+def _phi3_hparams(writer, config: dict) -> None:
+    """Phi3MiniModel.set_gguf_parameters: the pre-scaling context (read for rope scaling) is written too."""
+    original = config.get("original_max_position_embeddings") or _rope_settings(config).get(
+        "original_max_position_embeddings"
+    )
+    if original:
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+
+
+_LLAMA = GGUFFamily("LLaMA", "llama", _LLAMA_TENSORS, per_layer_arch="deci", pair_rotary=True)
+FAMILIES = {
+    "llama": _LLAMA,
+    "mistral": dataclasses.replace(_LLAMA, name="Mistral"),
+    # Uniform Qwen2 runs as llama.cpp's `qwen2` (NEOX rope); per-layer widths as `deci`, which rotates pairs.
+    "qwen2": dataclasses.replace(_LLAMA, name="Qwen2", arch="qwen2", pair_rotary=False),
+    # llama.cpp's `qwen3` graph: per-head attn_q_norm/attn_k_norm before NEOX rope, q/k/v biases optional, no output
+    # bias; every layer built with layer 0's head counts and MLP width.
+    "qwen3": GGUFFamily(
+        "Qwen3",
+        "qwen3",
+        {**_LLAMA_TENSORS, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+        biases=frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),
+    ),
+    # llama.cpp's `phi3` graph: fused attn_qkv (query, key, value rows, as Transformers' qkv_proj) and fused ffn_up
+    # (gate rows then up rows, SwiGLU over the halves, as gate_up_proj); NEOX rope; no biases; query width and
+    # attention output sized as the hidden size.
+    "phi3": GGUFFamily(
+        "Phi-3",
+        "phi3",
+        {
+            "input_layernorm": "attn_norm",
+            "self_attn.qkv_proj": "attn_qkv",
+            "self_attn.o_proj": "attn_output",
+            "post_attention_layernorm": "ffn_norm",
+            "mlp.gate_up_proj": "ffn_up",
+            "mlp.down_proj": "ffn_down",
+        },
+        biases=frozenset(),
+        full_query_width=True,
+        extra_hparams=_phi3_hparams,
+    ),
+    # llama.cpp's `chatglm` graph, which its converter uses for Transformers' GlmForCausalLM (GLM-4-9B-chat-hf): fused
+    # ffn_up, q/k/v biases, NORM rope over half of each head (Transformers' GLM rotates interleaved pairs too), and the
+    # attention output sized as the hidden size.
+    "glm": GGUFFamily(
+        "GLM",
+        "chatglm",
+        {
+            **{module: name for module, name in _LLAMA_TENSORS.items() if not module.startswith("mlp.")},
+            "mlp.gate_up_proj": "ffn_up",
+            "mlp.down_proj": "ffn_down",
+        },
+        biases=frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),
+        full_query_width=True,
+    ),
+    # llama.cpp's `glm4` graph (GLM-4-0414): norms after attention and MLP too, fused ffn_up, q/k/v biases, NORM rope
+    # over the first half of each head (Transformers' GLM-4 rotates interleaved pairs too: no permutation).
+    "glm4": GGUFFamily(
+        "GLM-4",
+        "glm4",
+        {
+            **{module: name for module, name in _LLAMA_TENSORS.items() if not module.startswith("mlp.")},
+            "post_self_attn_layernorm": "post_attention_norm",
+            "post_attention_layernorm": "ffn_norm",
+            "mlp.gate_up_proj": "ffn_up",
+            "mlp.down_proj": "ffn_down",
+            "post_mlp_layernorm": "post_ffw_norm",
+        },
+        biases=frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),
+    ),
+}
+_SUPPORTED = "LLaMA, Mistral, Qwen2, Qwen3, Phi-3, GLM and GLM-4"
+
+
 @dataclass
 class GGUFLayout:
     """What llama.cpp needs to know about a checkpoint's shape: its architecture and every layer's widths."""
@@ -75,21 +175,31 @@ class GGUFLayout:
     heads: list[int]
     kv_heads: list[int]
     ffn: list[int]
+    rope_dim: int = 0
+
+    def __post_init__(self):
+        self.rope_dim = self.rope_dim or self.head_dim
+
+    @property
+    def spec(self) -> GGUFFamily:
+        return FAMILIES[self.family]
 
     @property
     def per_layer(self) -> bool:
-        return self.arch == "deci"
+        return self.arch == self.spec.per_layer_arch
 
     @property
     def permutes_rotary(self) -> bool:
-        """llama.cpp's `llama`/`deci` graphs rotate adjacent pairs (Transformers: halves); `qwen2` rotates halves."""
-        return self.arch in ("llama", "deci")
+        """llama.cpp's `llama`/`deci` graphs rotate adjacent pairs (Transformers: halves); NEOX-rope graphs
+        (`qwen2`, `qwen3`, `phi3`) rotate halves."""
+        return self.spec.pair_rotary or self.per_layer
 
 
 def gguf_layout(config: dict) -> GGUFLayout:
     """The llama.cpp architecture and per-layer widths of a checkpoint's config.json, or one line saying why
     llama.cpp cannot run it and what would."""
     family = _family(config)
+    spec = FAMILIES[family]
     num_layers = int(config["num_hidden_layers"])
     overrides = {int(k): v for k, v in (config.get("per_layer_config") or {}).items()}
 
@@ -104,26 +214,40 @@ def gguf_layout(config: dict) -> GGUFLayout:
     ffn = widths("intermediate_size")
     _check_widths(heads, kv_heads, ffn)
     uniform = len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(ffn)) == 1
-    arch = ("qwen2" if family == "qwen2" else "llama") if uniform else "deci"
+    if not uniform and spec.per_layer_arch is None:
+        raise PruneInputError(
+            f"GGUF export: llama.cpp's `{spec.arch}` graph builds every layer with one set of widths, and this "
+            f"{spec.name} checkpoint's layers differ (per_layer_config); prune with uniform=True for a stock-shaped "
+            "checkpoint llama.cpp runs."
+        )
+    arch = spec.arch if uniform else spec.per_layer_arch
     hidden_size = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden_size // int(config["num_attention_heads"]))
-    return GGUFLayout(arch, family, hidden_size, head_dim, heads, kv_heads, ffn)
+    if spec.full_query_width and heads[0] * head_dim != hidden_size:
+        raise PruneInputError(
+            f"GGUF export: llama.cpp's `{spec.arch}` graph sizes the query and attention output as the hidden size "
+            f"({hidden_size}), and this {spec.name} checkpoint's are {heads[0]} heads x {head_dim}; prune "
+            "structures=['mlp_channels'] or ['layers'] for llama.cpp (attention heads and hidden channels change it)."
+        )
+    rope_dim = int(head_dim * float(_rope_settings(config).get("partial_rotary_factor", 1.0)))
+    return GGUFLayout(arch, family, hidden_size, head_dim, heads, kv_heads, ffn, rope_dim)
 
 
 def _family(config: dict) -> str:
     """The base family of a stock or `pruned_*` config; refuses families llama.cpp cannot run as exported."""
     model_type = config.get("model_type")
     family = config.get("base_model_type") or str(model_type).removeprefix("pruned_")
-    if family in LLAMA_FAMILIES:
+    if family in FAMILIES:
         if config.get("hidden_act", "silu") != "silu":
             raise PruneInputError(
-                f"GGUF export needs `hidden_act` silu (llama.cpp's LLaMA graph), got {config.get('hidden_act')!r}."
+                f"GGUF export needs `hidden_act` silu (llama.cpp's {FAMILIES[family].arch} graph), got "
+                f"{config.get('hidden_act')!r}."
             )
         return family
     reason = _OTHER_FAMILIES.get(family, "this exporter does not know it")
     raise PruneInputError(
-        f"GGUF export supports LLaMA, Mistral and Qwen2 checkpoints (stock, pruned, per-layer widths), not "
-        f"`{model_type}`: {reason}."
+        f"GGUF export supports {_SUPPORTED} checkpoints (stock and pruned; per-layer widths for LLaMA, Mistral and "
+        f"Qwen2), not `{model_type}`: {reason}."
     )
 
 
@@ -152,20 +276,28 @@ def unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """llama.cpp's name for a Transformers tensor name; None for buffers llama.cpp recomputes (rotary inv_freq)."""
+def gguf_tensor_name(hf_name: str, family: str = "llama") -> str | None:
+    """llama.cpp's name for a Transformers tensor name of `family`; None for buffers llama.cpp recomputes (rotary
+    inv_freq). Refuses tensors llama.cpp's graph for the family would not load."""
     if hf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[hf_name]
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None
+    spec = FAMILIES[family]
     parts = hf_name.split(".")
     if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
         module, kind = ".".join(parts[3:-1]), parts[-1]
-        if module in _LAYER_TENSORS and kind in ("weight", "bias"):
-            return f"blk.{parts[2]}.{_LAYER_TENSORS[module]}.{kind}"
+        if module in spec.tensors and kind == "bias" and spec.biases is not None and module not in spec.biases:
+            raise PruneInputError(
+                f"GGUF export: llama.cpp's `{spec.arch}` graph has no bias on `{module}` (`{hf_name}`); prune "
+                "without output-bias compensation for llama.cpp."
+            )
+        if module in spec.tensors and kind in ("weight", "bias"):
+            return f"blk.{parts[2]}.{spec.tensors[module]}.{kind}"
+    modules = ", ".join(sorted(spec.tensors))
     raise PruneInputError(
-        f"GGUF export does not know the tensor `{hf_name}` (a LLaMA-family checkpoint has "
-        "embed_tokens, layers.N.{self_attn,mlp,*_layernorm}, norm and lm_head)."
+        f"GGUF export does not know the tensor `{hf_name}` (a {spec.name} checkpoint has embed_tokens, "
+        f"layers.N.{{{modules}}}, norm and lm_head)."
     )
 
 
@@ -226,7 +358,7 @@ def _write_hparams(writer, config: dict, layout: GGUFLayout, outtype: str, name:
     writer.add_head_count_kv(per_layer(layout.kv_heads))
     writer.add_key_length(layout.head_dim)
     writer.add_value_length(layout.head_dim)
-    writer.add_rope_dimension_count(layout.head_dim)
+    writer.add_rope_dimension_count(layout.rope_dim)
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(int(config["vocab_size"]))
     rope = _rope_settings(config)
@@ -234,6 +366,8 @@ def _write_hparams(writer, config: dict, layout: GGUFLayout, outtype: str, name:
     if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if layout.spec.extra_hparams is not None:
+        layout.spec.extra_hparams(writer, config)
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
 
 
@@ -258,14 +392,28 @@ def _encode(name: str, array: np.ndarray, outtype: str) -> tuple[np.ndarray, obj
         return array.astype(np.float16), None
 
 
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise PruneInputError(f"{model_dir} has no *.safetensors weights; GGUF export reads safetensors checkpoints.")
+    return files
+
+
+def _check_tensor_names(model_dir: Path, family: str) -> None:
+    """Every tensor has a llama.cpp name for the family (read from the shards' headers, before anything is written)."""
+    from safetensors import safe_open
+
+    for file in _safetensors_files(model_dir):
+        with safe_open(file, framework="pt") as shard:
+            for hf_name in shard.keys():
+                gguf_tensor_name(hf_name, family)
+
+
 def _checkpoint_tensors(model_dir: Path):
     """(name, float32 array) for every tensor of the checkpoint's safetensors shards."""
     from safetensors import safe_open
 
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise PruneInputError(f"{model_dir} has no *.safetensors weights; GGUF export reads safetensors checkpoints.")
-    for file in files:
+    for file in _safetensors_files(model_dir):
         with safe_open(file, framework="pt") as shard:
             for hf_name in shard.keys():
                 yield hf_name, shard.get_tensor(hf_name).float().numpy()
@@ -275,7 +423,7 @@ def _add_tensors(writer, model_dir: Path, layout: GGUFLayout, config: dict, outt
     """Every tensor under its llama.cpp name, q/k permuted for the pair-rotating graphs."""
     seen = set()
     for hf_name, array in _checkpoint_tensors(model_dir):
-        name = gguf_tensor_name(hf_name)
+        name = gguf_tensor_name(hf_name, layout.family)
         if name is None:
             continue
         heads = _rotary_heads(hf_name, layout)
@@ -288,7 +436,7 @@ def _add_tensors(writer, model_dir: Path, layout: GGUFLayout, config: dict, outt
         raise PruneInputError(f"{model_dir} has no lm_head.weight and `tie_word_embeddings` is false.")
     rope = _rope_settings(config)
     if rope["rope_type"] == "llama3":
-        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, layout.head_dim))
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, layout.rope_dim))
 
 
 def _warn_sliding_window(config: dict) -> None:
@@ -305,8 +453,8 @@ def _warn_sliding_window(config: dict) -> None:
 
 
 def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = False) -> Path:
-    """Write the checkpoint in `model_dir` (stock or pruned LLaMA / Mistral / Qwen2, per-layer widths included) as
-    one GGUF file for llama.cpp, with its tokenizer. Returns the written path.
+    """Write the checkpoint in `model_dir` (stock or pruned LLaMA / Mistral / Qwen2, per-layer widths included;
+    stock-shaped Qwen3 and Phi-3) as one GGUF file for llama.cpp, with its tokenizer. Returns the written path.
 
     `outtype`: f32 (exact), f16, bf16 or q8_0 (matrices only; norms stay f32). An existing file is replaced only
     with `overwrite=True`; the file is written beside its target and renamed into place, so a failed export leaves
@@ -317,6 +465,7 @@ def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = 
     _check_output(output_path, overwrite)
     config = read_json_object(model_dir / "config.json", "a checkpoint's config.json holds an object")
     layout = gguf_layout(config)
+    _check_tensor_names(model_dir, layout.family)
     _warn_sliding_window(config)
     gguf = _import_gguf()
     handle, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
