@@ -222,6 +222,15 @@ def test_phi3_fused_qkv_and_gate_up(tmp_path):
     assert np.array_equal(tensors["blk.2.ffn_up.weight"][0], state["model.layers.2.mlp.gate_up_proj.weight"])
 
 
+def test_phi3_name_without_phi3_tokens_is_renamed(tmp_path, caplog):
+    """llama.cpp looks up </s>, <unk>, <s> and <|endoftext|> when general.name contains phi3 and fails to load the file
+    without them: the example tokenizer has only <|endoftext|>, so the name loses "phi3"."""
+    path = _save(tiny_phi3(vocab_size=VOCAB), tmp_path / "my-Phi3-pruned")
+    reader = gguf.GGUFReader(export_gguf(path, tmp_path / "m.gguf"))
+    assert _fields(reader)["general.name"] == "my-phi-pruned"
+    assert "looks up </s>, <unk>, <s>, which this tokenizer lacks" in caplog.text
+
+
 def test_phi3_pruned_heads_refused():
     """llama.cpp's `phi3` graph sizes the query as the hidden size: MLP-only pruning runs, head pruning cannot."""
     config = tiny_phi3().config.to_dict()

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import numpy as np
 
 from ..errors import PruneInputError
 from ..inputs import read_json_object
-from .gguf_vocab import add_tokenizer
+from .gguf_vocab import add_tokenizer, token_texts
 
 
 logger = logging.getLogger(__name__)
@@ -75,17 +76,18 @@ class GGUFFamily:
     `arch`: the llama.cpp architecture of stock-shaped (uniform) checkpoints. `per_layer_arch`: the one for per-layer
     widths, None where no llama.cpp graph runs the family with per-layer widths (refused, naming uniform=True).
     `tensors`: layer module -> llama.cpp tensor. `biases`: the modules whose bias llama.cpp loads (None: all of
-    `tensors`). `pair_rotary`: llama.cpp's graph rotates adjacent pairs (LLM_ROPE_TYPE_NORM), so q/k rows are permuted;
-    False for NEOX-rope graphs, which rotate halves as Transformers does. `full_query_width`: the graph sizes the
-    query and attention output as the hidden size (head pruning cannot run). `extra_hparams`: family keys its
-    converter writes beyond the common ones."""
+    `tensors`). `permute_qk`: llama.cpp's graph rotates adjacent pairs of head channels (NORM rope) where Transformers'
+    code for the family rotates the two halves of a head, so q/k rows are permuted as the converter does for LLaMA;
+    False where both rotate the same channels (NEOX-rope graphs, and GLM, whose Transformers code rotates interleaved
+    pairs). `full_query_width`: the graph sizes the query and attention output as the hidden size (head pruning cannot
+    run). `extra_hparams`: family keys its converter writes beyond the common ones."""
 
     name: str
     arch: str
     tensors: dict
     per_layer_arch: str | None = None
     biases: frozenset | None = None
-    pair_rotary: bool = False
+    permute_qk: bool = False
     full_query_width: bool = False
     extra_hparams: Callable | None = None
 
@@ -99,12 +101,12 @@ def _phi3_hparams(writer, config: dict) -> None:
         writer.add_rope_scaling_orig_ctx_len(int(original))
 
 
-_LLAMA = GGUFFamily("LLaMA", "llama", _LLAMA_TENSORS, per_layer_arch="deci", pair_rotary=True)
+_LLAMA = GGUFFamily("LLaMA", "llama", _LLAMA_TENSORS, per_layer_arch="deci", permute_qk=True)
 FAMILIES = {
     "llama": _LLAMA,
     "mistral": dataclasses.replace(_LLAMA, name="Mistral"),
     # Uniform Qwen2 runs as llama.cpp's `qwen2` (NEOX rope); per-layer widths as `deci`, which rotates pairs.
-    "qwen2": dataclasses.replace(_LLAMA, name="Qwen2", arch="qwen2", pair_rotary=False),
+    "qwen2": dataclasses.replace(_LLAMA, name="Qwen2", arch="qwen2", permute_qk=False),
     # llama.cpp's `qwen3` graph: per-head attn_q_norm/attn_k_norm before NEOX rope, q/k/v biases optional, no output
     # bias; every layer built with layer 0's head counts and MLP width.
     "qwen3": GGUFFamily(
@@ -190,9 +192,9 @@ class GGUFLayout:
 
     @property
     def permutes_rotary(self) -> bool:
-        """llama.cpp's `llama`/`deci` graphs rotate adjacent pairs (Transformers: halves); NEOX-rope graphs
-        (`qwen2`, `qwen3`, `phi3`) rotate halves."""
-        return self.spec.pair_rotary or self.per_layer
+        """q/k rows permuted: the family's own graph rotates pairs where Transformers rotates halves, or per-layer
+        widths run on `deci` (pairs)."""
+        return self.spec.permute_qk or self.per_layer
 
 
 def gguf_layout(config: dict) -> GGUFLayout:
@@ -472,7 +474,7 @@ def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = 
     os.close(handle)
     try:
         writer = gguf.GGUFWriter(temporary, layout.arch)
-        _write_hparams(writer, config, layout, outtype, model_dir.resolve().name)
+        _write_hparams(writer, config, layout, outtype, _model_name(model_dir))
         add_tokenizer(writer, model_dir, int(config["vocab_size"]))
         _add_tensors(writer, model_dir, layout, config, outtype)
         writer.write_header_to_file()
@@ -486,6 +488,31 @@ def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = 
             os.unlink(temporary)
     logger.info("Wrote %s (llama.cpp architecture `%s`, %s).", output_path, layout.arch, outtype)
     return output_path
+
+
+# llama-vocab.cpp sets per-token attributes by `general.name`: for a name containing "phi-3" or "phi3" it looks these
+# tokens up by text and fails to load the file when one is missing.
+_PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+_PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _model_name(model_dir: Path) -> str:
+    """`general.name`: the checkpoint directory's name, less "phi3" / "phi-3" when the vocabulary lacks the tokens
+    llama.cpp then looks up (a Phi-3 name on another tokenizer would make the file fail to load)."""
+    name = model_dir.resolve().name
+    if _PHI3_NAME.search(name) and (model_dir / "tokenizer.json").is_file():
+        missing = [token for token in _PHI3_NAME_TOKENS if token not in token_texts(model_dir)]
+        if missing:
+            renamed = _PHI3_NAME.sub("phi", name)
+            logger.warning(
+                "general.name written as %r, not %r: for a name with phi3 llama.cpp looks up %s, which this "
+                "tokenizer lacks, and would not load the file.",
+                renamed,
+                name,
+                ", ".join(missing),
+            )
+            name = renamed
+    return name
 
 
 def _check_output(output_path: Path, overwrite: bool) -> None:
