@@ -7,9 +7,9 @@ llama.cpp runs in .venv-gguf (llama-cpp-python compiled from source, `LLAMA_CPP_
 Measured on tiny-llama (23 prompt tokens, logits up to |22|): f32 GGUF with an f32 KV cache differs from Transformers
 by at most 1e-5 (float32 summation order), f16 by 3.3e-3, q8_0 by 0.16.
 
-The other families (Qwen3 as `qwen3`, Phi-3 as `phi3`, GLM as `chatglm`, GLM-4 as `glm4`, Mistral as `llama`) are tiny random models
-built here (`testing_utils`), saved with tiny-llama's tokenizer, dense and pruned with `uniform=True` the way their
-llama.cpp graph allows.
+The other families (Qwen3 as `qwen3`, Phi-3 as `phi3`, GLM as `chatglm`, GLM-4 as `glm4`, Mistral as `llama`) are tiny
+random models built here (`testing_utils`), saved with tiny-llama's tokenizer, dense and pruned to stock shapes
+(uniform heads and MLP, hidden channels, a removed layer) the way their llama.cpp graph allows.
 """
 
 from __future__ import annotations
@@ -71,25 +71,30 @@ def checkpoints(tmp_path_factory):
 # Stock-shaped checkpoints of other families: (builder, pruning options or None for dense, llama.cpp architecture).
 # Ratios are of all parameters, most of which are the 4096-token embeddings and head: 5% takes 2 of 8 query heads,
 # 1 of 4 KV groups and 37 of 80 MLP channels from every Qwen3 / Mistral layer (2 of 6 heads, 1 of 3 KV groups and
-# 36 channels from GLM-4's), 3% takes about 30 of 80 MLP channels from Phi-3's and GLM's (their llama.cpp graphs need all heads).
-HEADS_AND_MLP = dict(structures=["attention_heads", "mlp_channels"], pruning_ratio=0.05)
+# 36 channels from GLM-4's), 3% takes about 30 of 80 MLP channels from Phi-3's and GLM's (their llama.cpp graphs need
+# all heads); 10% of hidden channels leaves 43 of 48; 4.6% is one of Qwen3's three layers.
+HEADS_AND_MLP = dict(structures=["attention_heads", "mlp_channels"], pruning_ratio=0.05, uniform=True)
+MLP = dict(structures=["mlp_channels"], pruning_ratio=0.03, uniform=True)
 tiny_glm4 = functools.partial(tiny_glm, glm4=True)
 FAMILY_VARIANTS = {
     "qwen3-dense": (tiny_qwen3, None, "qwen3"),
     "qwen3-uniform": (tiny_qwen3, HEADS_AND_MLP, "qwen3"),
+    "qwen3-hidden": (tiny_qwen3, dict(structures=["hidden_channels"], pruning_ratio=0.1), "qwen3"),
+    "qwen3-layers": (tiny_qwen3, dict(structures=["layers"], pruning_ratio=0.046), "qwen3"),
     "phi3-dense": (tiny_phi3, None, "phi3"),
-    "phi3-mlp": (tiny_phi3, dict(structures=["mlp_channels"], pruning_ratio=0.03), "phi3"),
+    "phi3-mlp": (tiny_phi3, MLP, "phi3"),
     "glm-dense": (tiny_glm, None, "chatglm"),
-    "glm-mlp": (tiny_glm, dict(structures=["mlp_channels"], pruning_ratio=0.03), "chatglm"),
+    "glm-mlp": (tiny_glm, MLP, "chatglm"),
     "glm4-dense": (tiny_glm4, None, "glm4"),
     "glm4-uniform": (tiny_glm4, HEADS_AND_MLP, "glm4"),
+    "glm4-hidden": (tiny_glm4, dict(structures=["hidden_channels"], pruning_ratio=0.1), "glm4"),
     "mistral-uniform": (tiny_mistral, HEADS_AND_MLP, "llama"),
 }
 
 
 @pytest.fixture(scope="module")
 def family_checkpoints(tmp_path_factory):
-    """Each random family model saved with tiny-llama's tokenizer (4096 tokens), and pruned with `uniform=True`."""
+    """Each random family model saved with tiny-llama's tokenizer (4096 tokens), and pruned to a stock shape."""
     root = tmp_path_factory.mktemp("gguf-families")
     paths = {}
     for name, (build, options, _) in FAMILY_VARIANTS.items():
@@ -99,7 +104,7 @@ def family_checkpoints(tmp_path_factory):
             shutil.copy(os.path.join(TINY_LLAMA, file), dense / file)
         paths[name] = str(dense)
         if options is not None:
-            config = PrunerConfig(importance="magnitude", uniform=True, **options)
+            config = PrunerConfig(importance="magnitude", **options)
             pruner = AutoPruner.from_pretrained(str(dense), pruner_config=config, dtype=torch.float32)
             pruner.prune(calibration_data=CALIBRATION)
             pruner.save_pretrained(root / name)
