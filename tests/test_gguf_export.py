@@ -249,8 +249,13 @@ def test_family_tensor_names_are_llama_cpps(family):
     for arch in {spec.arch, spec.per_layer_arch} - {None}:
         arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
         names = gguf.get_tensor_name_map(arch_enum, 4)
+
+        strip = "transformer." if arch == "bloom" else ""  # llama.cpp's BLOOM converter strips it before the lookup
         for module, name in spec.tensors.items():
-            assert names.get_name(f"model.layers.3.{module}") == f"blk.3.{name}", (arch, module)
+            found = names.get_name(f"{spec.layers}.3.{module}".removeprefix(strip))
+            assert found == f"blk.3.{name}", (arch, module)
+        for hf_name, name in spec.global_tensors.items():
+            assert names.get_name(hf_name.removeprefix(strip), try_suffixes=(".weight", ".bias")) == name, hf_name
 
 
 def test_glm4_sandwich_norms_fused_mlp_and_partial_rotary(tmp_path):
@@ -303,17 +308,62 @@ def test_refuses_opt_with_what_works(tmp_path):
     path = tmp_path / "opt"
     tiny_opt().save_pretrained(path)
     with pytest.raises(
-        PruneInputError, match=r"LLaMA, Mistral, Qwen2, Qwen3, Phi-3, GLM and GLM-4 .* not `opt`: llama.cpp has no OPT"
+        PruneInputError,
+        match=r"LLaMA, Mistral, Qwen2, Qwen3, Phi-3, GLM, GLM-4 and BLOOM .* not `opt`: llama.cpp has no OPT",
     ):
         export_gguf(path, tmp_path / "opt.gguf")
     assert not (tmp_path / "opt.gguf").exists()
 
 
-def test_refuses_bloom_saying_what_works(tmp_path):
+def test_refuses_gemma_saying_what_works():
+    config = tiny_llama().config.to_dict()
+    config["model_type"] = "gemma2"
+    with pytest.raises(
+        PruneInputError, match=r"not `gemma2`: not mapped here yet, so prune with uniform=True .* convert_hf"
+    ):
+        gguf_layout(config)
+
+
+def test_bloom_fused_qkv_reordered_layer_norms_and_no_rope(tmp_path):
+    """llama.cpp's `bloom`: BLOOM's per-head [q, k, v] rows regrouped as all q, all k, all v (as its converter does),
+    LayerNorm weights and biases (the embedding one too), `layer_norm_epsilon`, no rope keys, tied output."""
+    model = tiny_bloom(vocab_size=VOCAB)
     path = tmp_path / "bloom"
-    tiny_bloom().save_pretrained(path)
-    with pytest.raises(PruneInputError, match=r"not `bloom`: .*prune with uniform=True .* convert_hf_to_gguf.py"):
-        export_gguf(path, tmp_path / "bloom.gguf")
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(TOKENIZER_DIR, name), path / name)
+    reader = gguf.GGUFReader(export_gguf(path, tmp_path / "bloom.gguf"))
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "bloom"
+    assert fields["bloom.attention.head_count"] == fields["bloom.attention.head_count_kv"] == 6
+    assert fields["bloom.feed_forward_length"] == 4 * 48
+    assert fields["bloom.attention.layer_norm_epsilon"] == pytest.approx(model.config.layer_norm_epsilon)
+    assert not [key for key in fields if ".rope." in key]
+    tensors = _tensors(reader)
+    state = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert len(tensors) == len(state) and "output.weight" not in tensors
+    assert np.array_equal(tensors["token_embd_norm.bias"][0], state["transformer.word_embeddings_layernorm.bias"])
+    qkv = state["transformer.h.1.self_attention.query_key_value.weight"].reshape(6, 3, 8, 48)
+    assert np.array_equal(
+        tensors["blk.1.attn_qkv.weight"][0], np.concatenate([qkv[:, 0], qkv[:, 1], qkv[:, 2]]).reshape(-1, 48)
+    )
+    bias = state["transformer.h.1.self_attention.query_key_value.bias"].reshape(6, 3, 8)
+    assert np.array_equal(tensors["blk.1.attn_qkv.bias"][0], bias.transpose(1, 0, 2).reshape(-1))
+
+
+def test_bloom_pruned_heads_refused():
+    """llama.cpp's `bloom` sizes the query as the hidden size and computes ALiBi slopes from the head count, while
+    BLOOM's pruned heads keep their original slopes: MLP-only pruning runs, head pruning cannot."""
+    config = tiny_bloom().config.to_dict()
+    config.update(model_type="pruned_bloom", intermediate_size=100)
+    assert gguf_layout(config).ffn == [100] * config["n_layer"]
+    config.update(n_head=4, head_dim=8)
+    with pytest.raises(PruneInputError, match=r"`bloom` graph sizes the query .* 4 heads x 8"):
+        gguf_layout(config)
+    # heads and hidden channels pruned together can match the query width, but not the slopes
+    config.update(hidden_size=32, alibi_num_heads=6, alibi_head_indices=[[0, 1, 3, 5]] * 3)
+    with pytest.raises(PruneInputError, match=r"original ALiBi slopes, .* from the head count"):
+        gguf_layout(config)
 
 
 def test_refuses_a_layer_without_mlp_channels():

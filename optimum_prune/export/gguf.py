@@ -7,14 +7,15 @@ one entry per Transformers family, read from llama.cpp's src/models/<arch>.cpp a
 
 - a uniform LLaMA / Mistral checkpoint (stock or `pruned_llama`, hidden channels and removed layers included) is
   written as llama.cpp's `llama` architecture, a uniform Qwen2 one as `qwen2`, Qwen3 as `qwen3` (per-head
-  `attn_q_norm`/`attn_k_norm`), Phi-3 as `phi3` (fused `attn_qkv` and `ffn_up`, MLP channels and layers only:
-  the graph sizes the query as the hidden size);
-- a LLaMA-family checkpoint with per-layer widths (`per_layer_config`) as `deci`, with per-layer arrays; the
-  `qwen3` and `phi3` graphs build every layer with layer 0's widths, so per-layer Qwen3 / Phi-3 is refused.
+  `attn_q_norm`/`attn_k_norm`), GLM-4 as `glm4`; Phi-3 as `phi3`, GLM as `chatglm` and BLOOM as `bloom` with MLP
+  channels and removed layers only (their graphs size the query as the hidden size);
+- a LLaMA-family checkpoint with per-layer widths (`per_layer_config`) as `deci`, with per-layer arrays; the other
+  graphs build every layer with layer 0's widths, so per-layer checkpoints of the other families are refused.
 
 Tensors get llama.cpp's names; the `llama` and `deci` graphs rotate pairs of adjacent head channels while
 Transformers rotates the two halves of a head, so q/k rows (and biases) are permuted the way llama.cpp's own
-converter does (`qwen2`, `qwen3` and `phi3` rotate halves: no permutation). Written with the `gguf` package
+converter does (`qwen2`, `qwen3` and `phi3` rotate halves, GLM's Transformers code interleaved pairs: no permutation);
+BLOOM's fused per-head [q, k, v] rows are regrouped as llama.cpp's converter does. Written with the `gguf` package
 (llama.cpp's Python writer). What llama.cpp cannot run is refused before anything is written.
 """
 
@@ -26,9 +27,10 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -42,12 +44,13 @@ logger = logging.getLogger(__name__)
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # What families without a llama.cpp mapping here need, for the refusal message.
 _STOCK_ONLY = (
-    "its llama.cpp graph reads one width for all layers, so prune with uniform=True (the output keeps a stock config) "
-    "and convert that with llama.cpp's convert_hf_to_gguf.py"
+    "not mapped here yet, so prune with uniform=True (the output keeps a stock config) and convert that with "
+    "llama.cpp's convert_hf_to_gguf.py"
 )
 _OTHER_FAMILIES = {
     "opt": "llama.cpp has no OPT architecture",
-    "bloom": _STOCK_ONLY,
+    "gemma2": _STOCK_ONLY,
+    "gemma3_text": _STOCK_ONLY,
 }
 # Transformers module (under `model.layers.N.`) -> llama.cpp tensor (under `blk.N.`), as llama.cpp's
 # gguf-py/gguf/tensor_mapping.py maps them.
@@ -62,11 +65,13 @@ _LLAMA_TENSORS = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-_GLOBAL_TENSORS = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
+_GLOBAL_TENSORS = MappingProxyType(
+    {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -80,16 +85,32 @@ class GGUFFamily:
     code for the family rotates the two halves of a head, so q/k rows are permuted as the converter does for LLaMA;
     False where both rotate the same channels (NEOX-rope graphs, and GLM, whose Transformers code rotates interleaved
     pairs). `full_query_width`: the graph sizes the query and attention output as the hidden size (head pruning cannot
-    run). `extra_hparams`: family keys its converter writes beyond the common ones."""
+    run). `extra_hparams`: family keys its converter writes beyond the common ones.
+
+    For families not laid out as LLaMA: `layers` (the decoder layers' prefix), `global_tensors` (full names),
+    `config_aliases` (the family's config field -> the common name, per-layer overrides included), `config_defaults`
+    (fields the config leaves implicit), `activation` (the `hidden_act` the graph computes; None: fixed, not read),
+    `norm` ("rms" or "layer": which epsilon key), `rotary` (rope keys written), `transforms` (layer module ->
+    f(array, heads), rows reordered into llama.cpp's layout), `check` (f(config, heads) raising what else the graph
+    cannot run)."""
 
     name: str
     arch: str
-    tensors: dict
+    tensors: Mapping
     per_layer_arch: str | None = None
     biases: frozenset | None = None
     permute_qk: bool = False
     full_query_width: bool = False
     extra_hparams: Callable | None = None
+    layers: str = "model.layers"
+    global_tensors: Mapping = field(default_factory=lambda: _GLOBAL_TENSORS)
+    config_aliases: Mapping = field(default_factory=dict)
+    config_defaults: Callable | None = None
+    activation: str | None = "silu"
+    norm: str = "rms"
+    rotary: bool = True
+    transforms: Mapping = field(default_factory=dict)
+    check: Callable | None = None
 
 
 def _phi3_hparams(writer, config: dict) -> None:
@@ -99,6 +120,24 @@ def _phi3_hparams(writer, config: dict) -> None:
     )
     if original:
         writer.add_rope_scaling_orig_ctx_len(int(original))
+
+
+def bloom_qkv_to_llama_cpp(array: np.ndarray, heads: int) -> np.ndarray:
+    """BLOOM's query_key_value rows (or bias), per head [q, k, v], as llama.cpp's attn_qkv: all query rows, then all
+    key rows, then all value rows (BloomModel.modify_tensors in llama.cpp's converter)."""
+    rows = array.shape[0]
+    return array.reshape(heads, 3, rows // heads // 3, *array.shape[1:]).swapaxes(0, 1).reshape(array.shape)
+
+
+def _check_bloom_alibi(config: dict, heads: list[int]) -> None:
+    """A `pruned_bloom` keeps its heads' original ALiBi slopes; llama.cpp computes them from the head count."""
+    original = config.get("alibi_num_heads") or heads[0]
+    indices = config.get("alibi_head_indices") or [list(range(original))] * len(heads)
+    if original != heads[0] or any(list(kept) != list(range(original)) for kept in indices):
+        raise PruneInputError(
+            "GGUF export: this BLOOM checkpoint's heads keep their original ALiBi slopes, and llama.cpp's `bloom` "
+            "graph computes slopes from the head count; prune structures=['mlp_channels'] or ['layers'] for llama.cpp."
+        )
 
 
 _LLAMA = GGUFFamily("LLaMA", "llama", _LLAMA_TENSORS, per_layer_arch="deci", permute_qk=True)
@@ -162,8 +201,42 @@ FAMILIES = {
         },
         biases=frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),
     ),
+    # llama.cpp's `bloom` graph: LayerNorms with biases (the embedding one too), fused attn_qkv, GELU MLP with biases,
+    # ALiBi slopes computed from the head count, query and attention output sized as the hidden size. So MLP channels
+    # and removed layers run; pruned heads (which keep their original slopes) and hidden channels do not.
+    "bloom": GGUFFamily(
+        "BLOOM",
+        "bloom",
+        {
+            "input_layernorm": "attn_norm",
+            "self_attention.query_key_value": "attn_qkv",
+            "self_attention.dense": "attn_output",
+            "post_attention_layernorm": "ffn_norm",
+            "mlp.dense_h_to_4h": "ffn_up",
+            "mlp.dense_4h_to_h": "ffn_down",
+        },
+        full_query_width=True,
+        layers="transformer.h",
+        global_tensors=MappingProxyType(
+            {
+                "transformer.word_embeddings.weight": "token_embd.weight",
+                "transformer.word_embeddings_layernorm.weight": "token_embd_norm.weight",
+                "transformer.word_embeddings_layernorm.bias": "token_embd_norm.bias",
+                "transformer.ln_f.weight": "output_norm.weight",
+                "transformer.ln_f.bias": "output_norm.bias",
+                "lm_head.weight": "output.weight",
+            }
+        ),
+        config_aliases=MappingProxyType({"n_head": "num_attention_heads", "n_layer": "num_hidden_layers"}),
+        config_defaults=lambda config: {"intermediate_size": 4 * int(config["hidden_size"])},
+        activation=None,
+        norm="layer",
+        rotary=False,
+        transforms=MappingProxyType({"self_attention.query_key_value": bloom_qkv_to_llama_cpp}),
+        check=_check_bloom_alibi,
+    ),
 }
-_SUPPORTED = "LLaMA, Mistral, Qwen2, Qwen3, Phi-3, GLM and GLM-4"
+_SUPPORTED = "LLaMA, Mistral, Qwen2, Qwen3, Phi-3, GLM, GLM-4 and BLOOM"
 
 
 @dataclass
@@ -197,16 +270,36 @@ class GGUFLayout:
         return self.spec.permute_qk or self.per_layer
 
 
+def normalized_config(config: dict) -> dict:
+    """The config with the family's own field names (BLOOM's `n_head`, `n_layer`) under the common ones, per-layer
+    overrides included, and its implicit fields filled in; refuses families llama.cpp cannot run as exported."""
+    spec = FAMILIES[_family(config)]
+    if not spec.config_aliases and spec.config_defaults is None:
+        return config
+    out = {spec.config_aliases.get(key, key): value for key, value in config.items()}
+    if config.get("per_layer_config"):
+        out["per_layer_config"] = {
+            layer: {spec.config_aliases.get(key, key): value for key, value in fields.items()}
+            for layer, fields in config["per_layer_config"].items()
+        }
+    if spec.config_defaults is not None:
+        for key, value in spec.config_defaults(out).items():
+            if out.get(key) is None:
+                out[key] = value
+    return out
+
+
 def gguf_layout(config: dict) -> GGUFLayout:
     """The llama.cpp architecture and per-layer widths of a checkpoint's config.json, or one line saying why
     llama.cpp cannot run it and what would."""
+    config = normalized_config(config)
     family = _family(config)
     spec = FAMILIES[family]
     num_layers = int(config["num_hidden_layers"])
     overrides = {int(k): v for k, v in (config.get("per_layer_config") or {}).items()}
 
-    def widths(field):
-        return [int(overrides.get(i, {}).get(field, config[field])) for i in range(num_layers)]
+    def widths(key):
+        return [int(overrides.get(i, {}).get(key, config[key])) for i in range(num_layers)]
 
     heads = widths("num_attention_heads")
     kv_heads = [
@@ -223,6 +316,8 @@ def gguf_layout(config: dict) -> GGUFLayout:
             "checkpoint llama.cpp runs."
         )
     arch = spec.arch if uniform else spec.per_layer_arch
+    if spec.check is not None:
+        spec.check(config, heads)
     hidden_size = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden_size // int(config["num_attention_heads"]))
     if spec.full_query_width and heads[0] * head_dim != hidden_size:
@@ -231,7 +326,7 @@ def gguf_layout(config: dict) -> GGUFLayout:
             f"({hidden_size}), and this {spec.name} checkpoint's are {heads[0]} heads x {head_dim}; prune "
             "structures=['mlp_channels'] or ['layers'] for llama.cpp (attention heads and hidden channels change it)."
         )
-    rope_dim = int(head_dim * float(_rope_settings(config).get("partial_rotary_factor", 1.0)))
+    rope_dim = int(head_dim * float(_rope_settings(config).get("partial_rotary_factor", 1.0))) if spec.rotary else 0
     return GGUFLayout(arch, family, hidden_size, head_dim, heads, kv_heads, ffn, rope_dim)
 
 
@@ -240,9 +335,10 @@ def _family(config: dict) -> str:
     model_type = config.get("model_type")
     family = config.get("base_model_type") or str(model_type).removeprefix("pruned_")
     if family in FAMILIES:
-        if config.get("hidden_act", "silu") != "silu":
+        activation = FAMILIES[family].activation
+        if activation is not None and config.get("hidden_act", activation) != activation:
             raise PruneInputError(
-                f"GGUF export needs `hidden_act` silu (llama.cpp's {FAMILIES[family].arch} graph), got "
+                f"GGUF export needs `hidden_act` {activation} (llama.cpp's {FAMILIES[family].arch} graph), got "
                 f"{config.get('hidden_act')!r}."
             )
         return family
@@ -278,38 +374,52 @@ def unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _layer_tensor(hf_name: str, spec: GGUFFamily) -> tuple[int, str, str] | None:
+    """(layer index, module, weight/bias) of a decoder-layer tensor name, None for other names."""
+    prefix = spec.layers.split(".")
+    parts = hf_name.split(".")
+    if len(parts) < len(prefix) + 3 or parts[: len(prefix)] != prefix or not parts[len(prefix)].isdigit():
+        return None
+    return int(parts[len(prefix)]), ".".join(parts[len(prefix) + 1 : -1]), parts[-1]
+
+
 def gguf_tensor_name(hf_name: str, family: str = "llama") -> str | None:
     """llama.cpp's name for a Transformers tensor name of `family`; None for buffers llama.cpp recomputes (rotary
     inv_freq). Refuses tensors llama.cpp's graph for the family would not load."""
-    if hf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[hf_name]
+    spec = FAMILIES[family]
+    if hf_name in spec.global_tensors:
+        return spec.global_tensors[hf_name]
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None
-    spec = FAMILIES[family]
-    parts = hf_name.split(".")
-    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        module, kind = ".".join(parts[3:-1]), parts[-1]
+    found = _layer_tensor(hf_name, spec)
+    if found is not None:
+        layer, module, kind = found
         if module in spec.tensors and kind == "bias" and spec.biases is not None and module not in spec.biases:
             raise PruneInputError(
                 f"GGUF export: llama.cpp's `{spec.arch}` graph has no bias on `{module}` (`{hf_name}`); prune "
                 "without output-bias compensation for llama.cpp."
             )
         if module in spec.tensors and kind in ("weight", "bias"):
-            return f"blk.{parts[2]}.{spec.tensors[module]}.{kind}"
+            return f"blk.{layer}.{spec.tensors[module]}.{kind}"
     modules = ", ".join(sorted(spec.tensors))
+    others = ", ".join(sorted(spec.global_tensors))
     raise PruneInputError(
-        f"GGUF export does not know the tensor `{hf_name}` (a {spec.name} checkpoint has embed_tokens, "
-        f"layers.N.{{{modules}}}, norm and lm_head)."
+        f"GGUF export does not know the tensor `{hf_name}` (a {spec.name} checkpoint has {spec.layers}.N.{{{modules}}} "
+        f"and {others})."
     )
 
 
-def _rotary_heads(hf_name: str, layout: GGUFLayout) -> int | None:
-    """How many heads a q/k tensor holds (the permutation's block count), None for other tensors."""
-    parts = hf_name.split(".")
-    if len(parts) < 5 or parts[3] != "self_attn" or parts[4] not in ("q_proj", "k_proj"):
-        return None
-    layer = int(parts[2])
-    return layout.heads[layer] if parts[4] == "q_proj" else layout.kv_heads[layer]
+def _to_llama_cpp_rows(hf_name: str, array: np.ndarray, layout: GGUFLayout) -> np.ndarray:
+    """A tensor's rows in llama.cpp's layout: q/k permuted for pair-rotating graphs, the family's transforms."""
+    found = _layer_tensor(hf_name, layout.spec)
+    if found is None:
+        return array
+    layer, module, _ = found
+    if layout.permutes_rotary and module in ("self_attn.q_proj", "self_attn.k_proj"):
+        array = permute_rotary(array, layout.heads[layer] if module == "self_attn.q_proj" else layout.kv_heads[layer])
+    if module in layout.spec.transforms:
+        array = layout.spec.transforms[module](array, layout.heads[layer])
+    return array
 
 
 def _rope_settings(config: dict) -> dict:
@@ -360,14 +470,18 @@ def _write_hparams(writer, config: dict, layout: GGUFLayout, outtype: str, name:
     writer.add_head_count_kv(per_layer(layout.kv_heads))
     writer.add_key_length(layout.head_dim)
     writer.add_value_length(layout.head_dim)
-    writer.add_rope_dimension_count(layout.rope_dim)
-    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    if layout.spec.norm == "rms":
+        writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    else:
+        writer.add_layer_norm_eps(float(config["layer_norm_epsilon"]))
     writer.add_vocab_size(int(config["vocab_size"]))
-    rope = _rope_settings(config)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    if rope["rope_type"] == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if layout.spec.rotary:
+        rope = _rope_settings(config)
+        writer.add_rope_dimension_count(layout.rope_dim)
+        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        if rope["rope_type"] == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
     if layout.spec.extra_hparams is not None:
         layout.spec.extra_hparams(writer, config)
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
@@ -422,22 +536,20 @@ def _checkpoint_tensors(model_dir: Path):
 
 
 def _add_tensors(writer, model_dir: Path, layout: GGUFLayout, config: dict, outtype: str) -> None:
-    """Every tensor under its llama.cpp name, q/k permuted for the pair-rotating graphs."""
+    """Every tensor under its llama.cpp name, its rows in llama.cpp's layout."""
     seen = set()
     for hf_name, array in _checkpoint_tensors(model_dir):
         name = gguf_tensor_name(hf_name, layout.family)
         if name is None:
             continue
-        heads = _rotary_heads(hf_name, layout)
-        if heads is not None and layout.permutes_rotary:
-            array = permute_rotary(array, heads)
+        array = _to_llama_cpp_rows(hf_name, array, layout)
         data, raw_dtype = _encode(name, array, outtype)
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
         seen.add(name)
     if "output.weight" not in seen and not config.get("tie_word_embeddings", False):
         raise PruneInputError(f"{model_dir} has no lm_head.weight and `tie_word_embeddings` is false.")
     rope = _rope_settings(config)
-    if rope["rope_type"] == "llama3":
+    if layout.spec.rotary and rope["rope_type"] == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, layout.rope_dim))
 
 
@@ -456,7 +568,7 @@ def _warn_sliding_window(config: dict) -> None:
 
 def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = False) -> Path:
     """Write the checkpoint in `model_dir` (stock or pruned LLaMA / Mistral / Qwen2, per-layer widths included;
-    stock-shaped Qwen3 and Phi-3) as one GGUF file for llama.cpp, with its tokenizer. Returns the written path.
+    stock-shaped Qwen3, Phi-3, GLM, GLM-4 and BLOOM) as one GGUF file for llama.cpp, with its tokenizer. Returns the written path.
 
     `outtype`: f32 (exact), f16, bf16 or q8_0 (matrices only; norms stay f32). An existing file is replaced only
     with `overwrite=True`; the file is written beside its target and renamed into place, so a failed export leaves
@@ -465,7 +577,9 @@ def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = 
         raise PruneInputError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}.")
     model_dir, output_path = Path(model_dir), Path(output_path)
     _check_output(output_path, overwrite)
-    config = read_json_object(model_dir / "config.json", "a checkpoint's config.json holds an object")
+    config = normalized_config(
+        read_json_object(model_dir / "config.json", "a checkpoint's config.json holds an object")
+    )
     layout = gguf_layout(config)
     _check_tensor_names(model_dir, layout.family)
     _warn_sliding_window(config)
