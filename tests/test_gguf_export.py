@@ -11,12 +11,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from testing_utils import tiny_bloom, tiny_llama, tiny_opt, tiny_qwen2
+from testing_utils import tiny_bloom, tiny_glm, tiny_llama, tiny_opt, tiny_phi3, tiny_qwen2, tiny_qwen3
 
 from optimum_prune.commands.cli import main
 from optimum_prune.errors import PruneInputError
 from optimum_prune.export import export_gguf
-from optimum_prune.export.gguf import gguf_layout, permute_rotary, unpermute_rotary
+from optimum_prune.export.gguf import FAMILIES, gguf_layout, permute_rotary, unpermute_rotary
 from optimum_prune.modeling import PrunedLlamaConfig, PrunedLlamaForCausalLM
 
 
@@ -149,6 +149,150 @@ def test_qwen2_keeps_rotate_half_and_biases(tmp_path):
     assert np.array_equal(tensors["blk.0.attn_k.bias"][0], state["model.layers.0.self_attn.k_proj.bias"].numpy())
 
 
+def test_qwen3_metadata_head_norms_and_unpermuted_rotary(tmp_path):
+    """llama.cpp's `qwen3`: head size 8 from key_length (8 heads x 8 = 64 query rows on a hidden size of 48), the
+    per-head norms as attn_q_norm / attn_k_norm, q/k rows as Transformers has them (NEOX rope rotates halves)."""
+    model = tiny_qwen3(vocab_size=VOCAB)
+    reader = gguf.GGUFReader(export_gguf(_save(model, tmp_path / "qwen3"), tmp_path / "qwen3.gguf"))
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "qwen3"
+    assert fields["qwen3.block_count"] == 3
+    assert fields["qwen3.embedding_length"] == 48
+    assert fields["qwen3.feed_forward_length"] == 80
+    assert fields["qwen3.attention.head_count"] == 8
+    assert fields["qwen3.attention.head_count_kv"] == 4
+    assert fields["qwen3.attention.key_length"] == fields["qwen3.attention.value_length"] == 8
+    assert fields["qwen3.rope.dimension_count"] == 8
+    assert fields["qwen3.rope.freq_base"] == pytest.approx(10000.0)
+    assert fields["qwen3.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    tensors = _tensors(reader)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert len(tensors) == len(state) == 3 * 11 + 3
+    assert {n for n in tensors if n.startswith("blk.0.")} == {
+        f"blk.0.{t}.weight"
+        for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm")
+        + ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+    }
+    assert tensors["blk.1.attn_q.weight"][0].shape == (64, 48)
+    assert tensors["blk.1.attn_output.weight"][0].shape == (48, 64)
+    assert tensors["blk.1.attn_q_norm.weight"][0].shape == (8,)
+    for hf, cpp in [
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.q_norm", "attn_q_norm"),
+    ]:
+        assert np.array_equal(tensors[f"blk.2.{cpp}.weight"][0], state[f"model.layers.2.{hf}.weight"])
+    assert np.array_equal(tensors["blk.0.attn_k_norm.weight"][0], state["model.layers.0.self_attn.k_norm.weight"])
+
+
+def test_qwen3_per_layer_widths_and_output_bias_refused(tmp_path):
+    """llama.cpp's `qwen3` graph builds every layer with layer 0's widths, and loads no attention-output bias."""
+    config = tiny_qwen3().config.to_dict()
+    config["model_type"] = "pruned_qwen3"
+    config["per_layer_config"] = {"1": {"intermediate_size": 40}}
+    with pytest.raises(PruneInputError, match=r"`qwen3` graph builds every layer .* prune with uniform=True"):
+        gguf_layout(config)
+    config["per_layer_config"] = {str(i): {"intermediate_size": 40} for i in range(3)}
+    assert gguf_layout(config).ffn == [40, 40, 40] and gguf_layout(config).arch == "qwen3"
+
+    path = _save(tiny_qwen3(vocab_size=VOCAB, attention_bias=True), tmp_path / "bias")
+    with pytest.raises(PruneInputError, match=r"`qwen3` graph has no bias on `self_attn.o_proj`"):
+        export_gguf(path, tmp_path / "bias.gguf")
+    assert not (tmp_path / "bias.gguf").exists()
+
+
+def test_phi3_fused_qkv_and_gate_up(tmp_path):
+    """llama.cpp's `phi3`: qkv_proj as attn_qkv (query, key, value rows) and gate_up_proj as ffn_up (2 x 80 rows),
+    unpermuted (NEOX rope), head size 6, the pre-scaling context written."""
+    model = tiny_phi3(vocab_size=VOCAB)
+    reader = gguf.GGUFReader(export_gguf(_save(model, tmp_path / "phi3"), tmp_path / "phi3.gguf"))
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "phi3"
+    assert fields["phi3.attention.head_count"] == 8 and fields["phi3.attention.head_count_kv"] == 4
+    assert fields["phi3.attention.key_length"] == fields["phi3.rope.dimension_count"] == 6
+    assert fields["phi3.feed_forward_length"] == 80
+    assert fields["phi3.rope.scaling.original_context_length"] == 128
+    tensors = _tensors(reader)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert len(tensors) == len(state) == 3 * 6 + 3
+    assert tensors["blk.0.attn_qkv.weight"][0].shape == (96, 48)
+    assert tensors["blk.0.ffn_up.weight"][0].shape == (160, 48)
+    assert "blk.0.ffn_gate.weight" not in tensors
+    assert np.array_equal(tensors["blk.2.attn_qkv.weight"][0], state["model.layers.2.self_attn.qkv_proj.weight"])
+    assert np.array_equal(tensors["blk.2.ffn_up.weight"][0], state["model.layers.2.mlp.gate_up_proj.weight"])
+
+
+def test_phi3_name_without_phi3_tokens_is_renamed(tmp_path, caplog):
+    """llama.cpp looks up </s>, <unk>, <s> and <|endoftext|> when general.name contains phi3 and fails to load the file
+    without them: the example tokenizer has only <|endoftext|>, so the name loses "phi3"."""
+    path = _save(tiny_phi3(vocab_size=VOCAB), tmp_path / "my-Phi3-pruned")
+    reader = gguf.GGUFReader(export_gguf(path, tmp_path / "m.gguf"))
+    assert _fields(reader)["general.name"] == "my-phi-pruned"
+    assert "looks up </s>, <unk>, <s>, which this tokenizer lacks" in caplog.text
+
+
+def test_phi3_pruned_heads_refused():
+    """llama.cpp's `phi3` graph sizes the query as the hidden size: MLP-only pruning runs, head pruning cannot."""
+    config = tiny_phi3().config.to_dict()
+    config["intermediate_size"] = 64
+    assert gguf_layout(config).arch == "phi3"
+    config.update(num_attention_heads=6, num_key_value_heads=3, head_dim=6)
+    with pytest.raises(PruneInputError, match=r"`phi3` graph sizes the query .* \(48\), .* 6 heads x 6"):
+        gguf_layout(config)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_tensor_names_are_llama_cpps(family):
+    """Each family's table gives the names llama.cpp's own converter does (the `gguf` package's tensor map for the
+    architecture), and the architecture is one the package knows."""
+    spec = FAMILIES[family]
+    for arch in {spec.arch, spec.per_layer_arch} - {None}:
+        arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+        names = gguf.get_tensor_name_map(arch_enum, 4)
+
+        strip = "transformer." if arch == "bloom" else ""  # llama.cpp's BLOOM converter strips it before the lookup
+        for module, name in spec.tensors.items():
+            found = names.get_name(f"{spec.layers}.3.{module}".removeprefix(strip))
+            assert found == f"blk.3.{name}", (arch, module)
+        for hf_name, name in spec.global_tensors.items():
+            assert names.get_name(hf_name.removeprefix(strip), try_suffixes=(".weight", ".bias")) == name, hf_name
+
+
+def test_glm4_sandwich_norms_fused_mlp_and_partial_rotary(tmp_path):
+    """llama.cpp's `glm4`: post-attention and post-MLP norms, gate_up_proj as ffn_up, q/k/v biases, rotary over
+    half of each head (4 of 8 channels), q/k unpermuted (both rotate interleaved pairs)."""
+    model = tiny_glm(glm4=True, vocab_size=VOCAB)
+    reader = gguf.GGUFReader(export_gguf(_save(model, tmp_path / "glm4"), tmp_path / "glm4.gguf"))
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "glm4"
+    assert fields["glm4.attention.head_count"] == 6 and fields["glm4.attention.head_count_kv"] == 3
+    assert fields["glm4.attention.key_length"] == 8 and fields["glm4.rope.dimension_count"] == 4
+    tensors = _tensors(reader)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert len(tensors) == len(state) == 3 * 13 + 3
+    assert tensors["blk.0.ffn_up.weight"][0].shape == (160, 48)
+    pairs = [
+        ("self_attn.q_proj.weight", "attn_q.weight"),
+        ("self_attn.k_proj.bias", "attn_k.bias"),
+        ("post_self_attn_layernorm.weight", "post_attention_norm.weight"),
+        ("post_attention_layernorm.weight", "ffn_norm.weight"),
+        ("post_mlp_layernorm.weight", "post_ffw_norm.weight"),
+    ]
+    for hf, cpp in pairs:
+        assert np.array_equal(tensors[f"blk.1.{cpp}"][0], state[f"model.layers.1.{hf}"]), cpp
+
+
+def test_glm_runs_as_chatglm_with_all_heads():
+    """Transformers' GLM is llama.cpp's `chatglm` (as its converter maps GlmForCausalLM): rotary over half of each head;
+    its attention output is sized as the hidden size, so head pruning is refused."""
+    config = tiny_glm().config.to_dict()
+    layout = gguf_layout(config)
+    assert (layout.arch, layout.head_dim, layout.rope_dim, layout.heads) == ("chatglm", 8, 4, [6, 6, 6])
+    config.update(num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(PruneInputError, match=r"`chatglm` graph sizes the query .* 4 heads x 8"):
+        gguf_layout(config)
+
+
 def test_q8_0_quantizes_matrices_and_keeps_norms_f32(tmp_path):
     """Rows of 64 split into q8_0 blocks of 32; rows of 80 (ffn_down) do not and fall back to f16."""
     model = tiny_llama(vocab_size=VOCAB, hidden_size=64, intermediate_size=80)
@@ -163,16 +307,63 @@ def test_q8_0_quantizes_matrices_and_keeps_norms_f32(tmp_path):
 def test_refuses_opt_with_what_works(tmp_path):
     path = tmp_path / "opt"
     tiny_opt().save_pretrained(path)
-    with pytest.raises(PruneInputError, match=r"LLaMA, Mistral and Qwen2 .* not `opt`: llama.cpp has no OPT"):
+    with pytest.raises(
+        PruneInputError,
+        match=r"LLaMA, Mistral, Qwen2, Qwen3, Phi-3, GLM, GLM-4 and BLOOM .* not `opt`: llama.cpp has no OPT",
+    ):
         export_gguf(path, tmp_path / "opt.gguf")
     assert not (tmp_path / "opt.gguf").exists()
 
 
-def test_refuses_bloom_saying_what_works(tmp_path):
+def test_refuses_gemma_saying_what_works():
+    config = tiny_llama().config.to_dict()
+    config["model_type"] = "gemma2"
+    with pytest.raises(
+        PruneInputError, match=r"not `gemma2`: not mapped here yet, so prune with uniform=True .* convert_hf"
+    ):
+        gguf_layout(config)
+
+
+def test_bloom_fused_qkv_reordered_layer_norms_and_no_rope(tmp_path):
+    """llama.cpp's `bloom`: BLOOM's per-head [q, k, v] rows regrouped as all q, all k, all v (as its converter does),
+    LayerNorm weights and biases (the embedding one too), `layer_norm_epsilon`, no rope keys, tied output."""
+    model = tiny_bloom(vocab_size=VOCAB)
     path = tmp_path / "bloom"
-    tiny_bloom().save_pretrained(path)
-    with pytest.raises(PruneInputError, match=r"not `bloom`: .*prune with uniform=True .* convert_hf_to_gguf.py"):
-        export_gguf(path, tmp_path / "bloom.gguf")
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(TOKENIZER_DIR, name), path / name)
+    reader = gguf.GGUFReader(export_gguf(path, tmp_path / "bloom.gguf"))
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "bloom"
+    assert fields["bloom.attention.head_count"] == fields["bloom.attention.head_count_kv"] == 6
+    assert fields["bloom.feed_forward_length"] == 4 * 48
+    assert fields["bloom.attention.layer_norm_epsilon"] == pytest.approx(model.config.layer_norm_epsilon)
+    assert not [key for key in fields if ".rope." in key]
+    tensors = _tensors(reader)
+    state = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert len(tensors) == len(state) and "output.weight" not in tensors
+    assert np.array_equal(tensors["token_embd_norm.bias"][0], state["transformer.word_embeddings_layernorm.bias"])
+    qkv = state["transformer.h.1.self_attention.query_key_value.weight"].reshape(6, 3, 8, 48)
+    assert np.array_equal(
+        tensors["blk.1.attn_qkv.weight"][0], np.concatenate([qkv[:, 0], qkv[:, 1], qkv[:, 2]]).reshape(-1, 48)
+    )
+    bias = state["transformer.h.1.self_attention.query_key_value.bias"].reshape(6, 3, 8)
+    assert np.array_equal(tensors["blk.1.attn_qkv.bias"][0], bias.transpose(1, 0, 2).reshape(-1))
+
+
+def test_bloom_pruned_heads_refused():
+    """llama.cpp's `bloom` sizes the query as the hidden size and computes ALiBi slopes from the head count, while
+    BLOOM's pruned heads keep their original slopes: MLP-only pruning runs, head pruning cannot."""
+    config = tiny_bloom().config.to_dict()
+    config.update(model_type="pruned_bloom", intermediate_size=100)
+    assert gguf_layout(config).ffn == [100] * config["n_layer"]
+    config.update(n_head=4, head_dim=8)
+    with pytest.raises(PruneInputError, match=r"`bloom` graph sizes the query .* 4 heads x 8"):
+        gguf_layout(config)
+    # heads and hidden channels pruned together can match the query width, but not the slopes
+    config.update(hidden_size=32, alibi_num_heads=6, alibi_head_indices=[[0, 1, 3, 5]] * 3)
+    with pytest.raises(PruneInputError, match=r"original ALiBi slopes, .* from the head count"):
+        gguf_layout(config)
 
 
 def test_refuses_a_layer_without_mlp_channels():

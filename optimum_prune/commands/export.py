@@ -17,7 +17,12 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
 
 def add_gguf_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of `export gguf` (the same for both command-line entry points)."""
-    parser.add_argument("--model", required=True, help="A checkpoint directory (stock or pruned LLaMA/Mistral/Qwen2).")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="A checkpoint directory: LLaMA/Mistral/Qwen2 (per-layer widths included), or uniform Qwen3, Phi-3, GLM, "
+        "GLM-4 or BLOOM.",
+    )
     parser.add_argument("--output", required=True, help="The .gguf file to write.")
     parser.add_argument(
         "--outtype",

@@ -39,6 +39,14 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
         _add_byte_level_bpe(writer, model_dir, tokenizer, vocab_size)
 
 
+def token_texts(model_dir: Path) -> set[str]:
+    """The texts of every token in the checkpoint's tokenizer.json (vocabulary and added tokens)."""
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tokenizer.get("model", {}).get("vocab") or {}
+    texts = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab}  # BPE: dict; Unigram: pairs
+    return texts | {added["content"] for added in tokenizer.get("added_tokens", [])}
+
+
 def byte_level_tokens(tokenizer: dict, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token texts and llama.cpp token types, index = token id: vocabulary NORMAL, special added tokens CONTROL, other
     added tokens USER_DEFINED, and UNUSED `[PAD<id>]` placeholders up to the embedding's row count."""
