@@ -33,21 +33,21 @@ Routes (shapes of the shared recipe: hidden 256, 6 layers, 8 query heads in 4 KV
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-CORPUS = SHARED / "data" / "corpus"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, also when this file is loaded by path
+from train_multihead import CHECKPOINTS, CORPUS, SHARED, load_recipe, run_recipe  # noqa: E402
+
+
 TINY_LLAMA = SHARED / "models" / "tiny-llama"
-CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +60,6 @@ MODELS: dict[str, tuple[int, float]] = {
     "tiny-mixtral": (250, 1e-3),
     "tiny-qwen3-moe": (250, 1e-3),
 }
-
-
-def load_recipe():
-    """The shared training script as a module (it lives outside the repository and is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_tiny", SHARED / "models" / "train_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _common(source_config) -> dict:
@@ -272,34 +264,6 @@ def to_qwen3_moe(qwen3):
     )
 
 
-def train_steps(recipe, model, train_ids, steps: int, lr: float, batch: int) -> float:
-    """The shared recipe's loop (AdamW, 50 warm-up steps, cosine to 5%, clipping at 1) with `batch` windows; MoE
-    models add their load-balancing loss. Returns the last step's language-model loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warm = 50
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.95 + 0.05,
-    )
-    windows = recipe.batches(train_ids, batch, torch.Generator().manual_seed(0))
-    moe = hasattr(model.config, "router_aux_loss_coef")
-    start, lm_loss = time.time(), float("nan")
-    model.train()
-    for step in range(steps):
-        x = next(windows)
-        out = model(input_ids=x, labels=x, **({"output_router_logits": True} if moe else {}))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        lm_loss = out.loss.item() - (model.config.router_aux_loss_coef * out.aux_loss.item() if moe else 0.0)
-        if step % 25 == 0 or step == steps - 1:
-            logger.info("step %d loss %.3f %.0fs", step, lm_loss, time.time() - start)
-    model.eval()
-    return lm_loss
-
-
 def build(name: str, out_root: Path, rms_batches: list[torch.Tensor]):
     from transformers import AutoModelForCausalLM
 
@@ -335,7 +299,7 @@ def train(name: str, steps: int, lr: float, batch: int, out_root: Path) -> dict:
     ppl_init = perplexity(model, eval_text, tokenizer)
     logger.info("%s: %.2fM parameters, eval perplexity %.2f at init, %d steps", name, n_params / 1e6, ppl_init, steps)
     start = time.time()
-    loss = train_steps(recipe, model, train_ids, steps, lr, batch) if steps else None
+    loss = run_recipe(recipe, model, train_ids, steps, lr, batch) if steps else None
     seconds = time.time() - start
     model.to("cpu", torch.bfloat16)
     model.config.use_cache = True

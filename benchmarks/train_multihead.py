@@ -77,27 +77,32 @@ def expand_kv_heads(model, source) -> None:
     model.load_state_dict(state)
 
 
-def run_recipe(recipe, model, train_ids: torch.Tensor, steps: int, lr: float) -> None:
-    """The shared recipe's loop: AdamW, 50 warm-up steps, cosine decay to 5%, 16 x 256-token batches, clipping at 1."""
+def run_recipe(recipe, model, train_ids: torch.Tensor, steps: int, lr: float, batch: int = 16) -> float:
+    """The shared recipe's loop: AdamW, 50 warm-up steps, cosine decay to 5%, `batch` x 256-token windows (the recipe
+    uses 16), clipping at 1; MoE models add their load-balancing loss. Returns the last step's language-model loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = 50
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.95 + 0.05,
     )
-    windows = recipe.batches(train_ids, 16, torch.Generator().manual_seed(0))
-    start = time.time()
+    windows = recipe.batches(train_ids, batch, torch.Generator().manual_seed(0))
+    moe = hasattr(model.config, "router_aux_loss_coef")
+    start, lm_loss = time.time(), float("nan")
     model.train()
     for step in range(steps):
         x = next(windows)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
+        out = model(input_ids=x, labels=x, **({"output_router_logits": True} if moe else {}))
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == steps - 1:
-            logger.info("step %d loss %.3f %.0fs", step, loss.item(), time.time() - start)
+        lm_loss = out.loss.item() - (model.config.router_aux_loss_coef * out.aux_loss.item() if moe else 0.0)
+        if step % 25 == 0 or step == steps - 1:
+            logger.info("step %d loss %.3f %.0fs", step, lm_loss, time.time() - start)
+    model.eval()
+    return lm_loss
 
 
 def train(variant: str, steps: int, out_root: Path, lr: float = 2e-3, init_from_gqa: bool = False) -> dict:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 from test_experts import tiny_mixtral
-from testing_utils import VOCAB, _randomize, input_ids, logits
-from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from testing_utils import VOCAB, input_ids, logits, tiny_llama
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from optimum_prune import AutoPruner, PrunerConfig
 
@@ -23,27 +23,9 @@ def _load(name):
     return module
 
 
-def _llama():
-    """hidden = heads x head_dim, as in the shared recipe (Phi-3 derives head_dim from them)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=8,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-    )
-    return _randomize(LlamaForCausalLM(config).eval())
-
-
 def test_phi3_route_is_the_same_function():
     train = _load("train_families")
-    llama = _llama()
+    llama = tiny_llama(hidden_size=64, num_hidden_layers=2)  # hidden = heads x head_dim, as Phi-3 derives it
     phi3, _ = train.to_phi3(llama)
     ids = input_ids()
     assert torch.allclose(logits(phi3.eval(), ids), logits(llama, ids), atol=1e-5)
@@ -53,7 +35,7 @@ def test_moefy_with_every_expert_routed_is_the_dense_mlp():
     """Two experts of 40 channels, top-2, zero router: each expert weighs 1/2 and the down projections are scaled by
     sqrt(2 x 2) = 2, so the MoE layer sums the two halves of the dense MLP."""
     train = _load("train_families")
-    llama = _llama()
+    llama = tiny_llama(hidden_size=64, num_hidden_layers=2)  # hidden = heads x head_dim, as Phi-3 derives it
     rope = {"rope_type": "default", "rope_theta": llama.config.rope_parameters["rope_theta"]}
     config = MixtralConfig(
         **train._common(llama.config), intermediate_size=40, num_local_experts=2, rope_parameters=rope
