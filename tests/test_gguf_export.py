@@ -11,13 +11,25 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from testing_utils import tiny_bloom, tiny_glm, tiny_llama, tiny_opt, tiny_phi3, tiny_qwen2, tiny_qwen3
+from test_experts import tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe
+from testing_utils import (
+    tiny_bloom,
+    tiny_gemma,
+    tiny_glm,
+    tiny_llama,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen2,
+    tiny_qwen3,
+)
 
+from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.commands.cli import main
 from optimum_prune.errors import PruneInputError
 from optimum_prune.export import export_gguf
-from optimum_prune.export.gguf import FAMILIES, gguf_layout, permute_rotary, unpermute_rotary
+from optimum_prune.export.gguf import FAMILIES, ExpertStacks, gguf_layout, permute_rotary, unpermute_rotary
 from optimum_prune.modeling import PrunedLlamaConfig, PrunedLlamaForCausalLM
+from optimum_prune.modeling.modeling_pruned_moe import PrunedQwen3MoeConfig, PrunedQwen3MoeForCausalLM
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,7 +267,10 @@ def test_family_tensor_names_are_llama_cpps(family):
             found = names.get_name(f"{spec.layers}.3.{module}".removeprefix(strip))
             assert found == f"blk.3.{name}", (arch, module)
         for hf_name, name in spec.global_tensors.items():
-            assert names.get_name(hf_name.removeprefix(strip), try_suffixes=(".weight", ".bias")) == name, hf_name
+            if name is not None:
+                assert names.get_name(hf_name.removeprefix(strip), try_suffixes=(".weight", ".bias")) == name, hf_name
+        for template, name in (spec.experts.per_expert if spec.experts else {}).items():
+            assert names.get_name(f"{spec.layers}.3.{template.replace('.{}', '')}") == f"blk.3.{name}", template
 
 
 def test_glm4_sandwich_norms_fused_mlp_and_partial_rotary(tmp_path):
@@ -309,19 +324,10 @@ def test_refuses_opt_with_what_works(tmp_path):
     tiny_opt().save_pretrained(path)
     with pytest.raises(
         PruneInputError,
-        match=r"LLaMA, Mistral, Qwen2, Qwen3, Phi-3, GLM, GLM-4 and BLOOM .* not `opt`: llama.cpp has no OPT",
+        match=r"LLaMA, Mistral, .*, BLOOM, Gemma 2, Gemma 3, Mixtral, Qwen2-MoE and Qwen3-MoE .* not `opt`: llama.cpp has",
     ):
         export_gguf(path, tmp_path / "opt.gguf")
     assert not (tmp_path / "opt.gguf").exists()
-
-
-def test_refuses_gemma_saying_what_works():
-    config = tiny_llama().config.to_dict()
-    config["model_type"] = "gemma2"
-    with pytest.raises(
-        PruneInputError, match=r"not `gemma2`: not mapped here yet, so prune with uniform=True .* convert_hf"
-    ):
-        gguf_layout(config)
 
 
 def test_bloom_fused_qkv_reordered_layer_norms_and_no_rope(tmp_path):
@@ -400,3 +406,167 @@ def test_cli_export_and_refusal(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"optimum-prune: error: {tmp_path / 'm.gguf'} exists; pass --overwrite (overwrite=True) to replace it."
     ]
+
+
+def _export(model, tmp_path, name: str, **options):
+    """The model saved with the example tokenizer and exported; the GGUF read back as (fields, tensors)."""
+    reader = gguf.GGUFReader(export_gguf(_save(model, tmp_path / name), tmp_path / f"{name}.gguf", **options))
+    return _fields(reader), _tensors(reader)
+
+
+def test_gemma2_norms_query_scale_soft_capping_and_sliding_layers(tmp_path):
+    """llama.cpp's `gemma2`: every (1 + w) norm stored as 1 + w, the query rows times sqrt(8 / 16) (llama.cpp scales by
+    1/sqrt(head_dim), Transformers by 1/sqrt(query_pre_attn_scalar)), both soft-cappings, the window and which layers
+    slide, the embeddings as the output."""
+    model = tiny_gemma(vocab_size=VOCAB)
+    fields, tensors = _export(model, tmp_path, "gemma2")
+    state = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert fields["general.architecture"] == "gemma2"
+    assert fields["gemma2.attention.head_count"] == 8 and fields["gemma2.attention.key_length"] == 8
+    assert fields["gemma2.attn_logit_softcapping"] == pytest.approx(5.0)
+    assert fields["gemma2.final_logit_softcapping"] == pytest.approx(3.0)
+    assert fields["gemma2.attention.sliding_window"] == 4
+    assert fields["gemma2.attention.sliding_window_pattern"] == [False, True, False]
+    assert len(tensors) == len(state) and "output.weight" not in tensors
+    for hf, cpp in [
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
+    ]:
+        assert np.array_equal(tensors[f"blk.1.{cpp}.weight"][0], state[f"model.layers.1.{hf}.weight"] + 1), cpp
+    assert np.array_equal(tensors["output_norm.weight"][0], state["model.norm.weight"] + 1)
+    q = state["model.layers.2.self_attn.q_proj.weight"]
+    np.testing.assert_allclose(tensors["blk.2.attn_q.weight"][0], q * np.sqrt(0.5), rtol=1e-7)
+    assert np.array_equal(tensors["blk.2.attn_k.weight"][0], state["model.layers.2.self_attn.k_proj.weight"])
+    assert np.array_equal(tensors["token_embd.weight"][0], state["model.embed_tokens.weight"])
+
+
+def test_gemma3_head_norms_carry_the_query_scale_and_sliding_rope_base(tmp_path):
+    """llama.cpp's `gemma3`: q_norm stored as (1 + w) * sqrt(8 / 16) and the query rows as they are, k_norm as 1 + w,
+    the full-attention layers' rotary base and the sliding ones' own, no attention soft-capping."""
+    model = tiny_gemma(gemma3=True, vocab_size=VOCAB, attn_logit_softcapping=None, final_logit_softcapping=None)
+    fields, tensors = _export(model, tmp_path, "gemma3")
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert fields["general.architecture"] == "gemma3"
+    assert fields["gemma3.rope.freq_base"] == pytest.approx(1e6)
+    assert fields["gemma3.rope.freq_base_swa"] == pytest.approx(1e4)
+    assert fields["gemma3.attention.sliding_window_pattern"] == [False, True, False]
+    assert not [key for key in fields if "softcapping" in key]
+    q_norm = state["model.layers.0.self_attn.q_norm.weight"]
+    np.testing.assert_allclose(tensors["blk.0.attn_q_norm.weight"][0], (q_norm + 1) * np.sqrt(0.5), rtol=1e-7)
+    assert np.array_equal(tensors["blk.0.attn_k_norm.weight"][0], state["model.layers.0.self_attn.k_norm.weight"] + 1)
+    assert np.array_equal(tensors["blk.0.attn_q.weight"][0], state["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_gemma_refusals_say_what_runs():
+    """What llama.cpp's gemma graphs cannot express, one line each."""
+    gemma2, gemma3 = tiny_gemma().config.to_dict(), tiny_gemma(gemma3=True).config.to_dict()
+    assert gguf_layout(gemma2).query_scale == pytest.approx(np.sqrt(0.5))
+    with pytest.raises(PruneInputError, match=r"`gemma3` graph has no attention soft-capping, .*=5.0"):
+        gguf_layout(gemma3)
+    with pytest.raises(PruneInputError, match=r"`gemma2` graph always soft-caps attention and final logits"):
+        gguf_layout({**gemma2, "final_logit_softcapping": None})
+    with pytest.raises(PruneInputError, match=r"`gemma2` graph reads the embeddings as its output layer"):
+        gguf_layout({**gemma2, "tie_word_embeddings": False})
+    with pytest.raises(PruneInputError, match=r"`gemma2` graph needs a sliding-window layer .* keep one"):
+        gguf_layout({**gemma2, "num_hidden_layers": 2, "layer_types": ["full_attention"] * 2})
+    per_layer = {**gemma2, "model_type": "pruned_gemma2", "per_layer_config": {"1": {"intermediate_size": 40}}}
+    with pytest.raises(PruneInputError, match=r"`gemma2` graph builds every layer .* prune with uniform=True"):
+        gguf_layout(per_layer)
+    with pytest.raises(PruneInputError, match=r"`hidden_activation` gelu_pytorch_tanh .* got 'gelu'"):
+        gguf_layout({**gemma2, "hidden_activation": "gelu"})
+
+
+def test_mixtral_experts_stacked_router_f32_and_expert_metadata(tmp_path):
+    """Mixtral as llama.cpp's `llama` with experts: w1 / w3 / w2 of every expert stacked into ffn_gate_exps /
+    ffn_up_exps / ffn_down_exps ([experts, rows, columns]), the router as ffn_gate_inp (kept f32 in q8_0, as the
+    converter keeps it), expert counts and width in the metadata, q/k permuted as LLaMA's."""
+    model = tiny_mixtral(vocab_size=VOCAB, hidden_size=64)
+    fields, tensors = _export(model, tmp_path, "mixtral", outtype="q8_0")
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.expert_count"] == 8 and fields["llama.expert_used_count"] == 2
+    assert fields["llama.feed_forward_length"] == fields["llama.expert_feed_forward_length"] == 32
+    assert tensors["blk.1.ffn_gate_inp.weight"][1] == "F32" and tensors["blk.1.ffn_gate_exps.weight"][1] == "Q8_0"
+    fields, tensors = _export(model, tmp_path, "mixtral-f32")
+    experts = model.model.layers[1].mlp.experts
+    gate, up = experts.gate_up_proj.detach().numpy().reshape(8, 2, 32, 64).swapaxes(0, 1)
+    assert tensors["blk.1.ffn_gate_exps.weight"][0].shape == (8, 32, 64)
+    assert np.array_equal(tensors["blk.1.ffn_gate_exps.weight"][0], gate)
+    assert np.array_equal(tensors["blk.1.ffn_up_exps.weight"][0], up)
+    assert np.array_equal(tensors["blk.1.ffn_down_exps.weight"][0], experts.down_proj.detach().numpy())
+    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"][0], model.model.layers[1].mlp.gate.weight.detach())
+    q = model.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    assert np.array_equal(unpermute_rotary(tensors["blk.1.attn_q.weight"][0], 8), q)
+    assert len(tensors) == 3 * 10 + 3  # norms, q/k/v/o, router and three stacks per layer
+
+
+def test_qwen2_moe_shared_expert_and_pruned_expert_count(tmp_path):
+    """Qwen2-MoE as `qwen2moe`: the shared expert's projections and its 1-D sigmoid gate, expert and shared widths;
+    experts removed by pruning give the pruned count and the kept experts in the router's order."""
+    dense = _save(tiny_qwen2_moe(vocab_size=VOCAB), tmp_path / "qwen2-moe")
+    config = PrunerConfig(importance="magnitude", structures=["experts"], pruning_ratio=0.05, uniform=True)
+    pruner = AutoPruner.from_pretrained(str(dense), pruner_config=config, dtype=torch.float32)
+    pruner.prune(calibration_data=os.path.join(ROOT, "examples", "data", "calibration.txt"))
+    model = pruner.model
+    fields, tensors = _export(model, tmp_path, "pruned")
+    assert fields["general.architecture"] == "qwen2moe"
+    assert fields["qwen2moe.expert_count"] == 6 and fields["qwen2moe.expert_used_count"] == 2
+    assert fields["qwen2moe.expert_feed_forward_length"] == 32
+    assert fields["qwen2moe.expert_shared_feed_forward_length"] == 24
+    mlp = model.model.layers[0].mlp
+    assert tensors["blk.0.ffn_gate_inp_shexp.weight"][0].shape == (48,)
+    assert np.array_equal(tensors["blk.0.ffn_gate_inp_shexp.weight"][0], mlp.shared_expert_gate.weight[0].detach())
+    assert np.array_equal(tensors["blk.0.ffn_up_shexp.weight"][0], mlp.shared_expert.up_proj.weight.detach())
+    assert np.array_equal(tensors["blk.0.ffn_gate_inp.weight"][0], mlp.gate.weight.detach())
+    assert np.array_equal(tensors["blk.0.ffn_down_exps.weight"][0], mlp.experts.down_proj.detach())
+
+
+def test_fused_experts_of_a_pruned_checkpoint_are_split(tmp_path):
+    """A `pruned_qwen3_moe` stores Transformers 5's fused [experts, 2 x width, hidden] gate_up_proj; equal per-layer
+    expert counts run on `qwen3moe`, the halves as ffn_gate_exps and ffn_up_exps; unequal ones are refused."""
+    base = tiny_qwen3_moe(vocab_size=VOCAB, norm_topk_prob=True).config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        base.pop(key, None)
+    equal = {str(i): {"num_experts": 6} for i in range(3)}
+    torch.manual_seed(0)
+    model = PrunedQwen3MoeForCausalLM(PrunedQwen3MoeConfig(**base, per_layer_config=equal)).eval()
+    fields, tensors = _export(model, tmp_path, "fused")
+    assert fields["general.architecture"] == "qwen3moe" and fields["qwen3moe.expert_count"] == 6
+    gate_up = model.model.layers[2].mlp.experts.gate_up_proj.detach().numpy()
+    assert np.array_equal(tensors["blk.2.ffn_gate_exps.weight"][0], gate_up[:, :32])
+    assert np.array_equal(tensors["blk.2.ffn_up_exps.weight"][0], gate_up[:, 32:])
+    config = {**model.config.to_dict(), "per_layer_config": {"1": {"num_experts": 6}}}
+    with pytest.raises(PruneInputError, match=r"`qwen3moe` graph builds every layer .* prune with uniform=True"):
+        gguf_layout(config)
+
+
+def test_moe_refusals_say_what_runs():
+    """What llama.cpp's MoE graphs fix: top-k renormalisation per family, every layer sparse, one norm epsilon, and
+    (qwen2moe) the query sized as the hidden size."""
+    qwen3 = tiny_qwen3_moe().config.to_dict()
+    with pytest.raises(PruneInputError, match=r"renormalises the top-k expert weights, .* norm_topk_prob=False"):
+        gguf_layout(qwen3)
+    qwen3["norm_topk_prob"] = True
+    assert gguf_layout(qwen3).widths == {"num_experts": 8, "moe_intermediate_size": 32}
+    with pytest.raises(PruneInputError, match=r"every layer sparse, .* dense MLP layers"):
+        gguf_layout({**qwen3, "mlp_only_layers": [1]})
+    with pytest.raises(PruneInputError, match=r"one epsilon for every norm, .* prune without hidden_channels"):
+        gguf_layout({**qwen3, "model_type": "pruned_qwen3_moe", "head_norm_eps": 2e-6})
+    qwen2 = tiny_qwen2_moe().config.to_dict()
+    with pytest.raises(PruneInputError, match=r"does not renormalise the top-k expert weights"):
+        gguf_layout({**qwen2, "norm_topk_prob": True})
+    with pytest.raises(PruneInputError, match=r"`qwen2moe` graph sizes the query .* 4 heads x 8"):
+        gguf_layout({**qwen2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8})
+
+
+def test_expert_stacks_need_every_expert():
+    stacks = ExpertStacks(3)
+    assert stacks.add("blk.0.ffn_up_exps.weight", 2, np.full((2, 4), 2.0)) is None
+    assert stacks.add("blk.0.ffn_up_exps.weight", 0, np.zeros((2, 4))) is None
+    with pytest.raises(PruneInputError, match=r"expert 3, and the config counts 3 experts"):
+        stacks.add("blk.0.ffn_up_exps.weight", 3, np.zeros((2, 4)))
+    with pytest.raises(PruneInputError, match=r"lacks experts \[1\] of `blk.0.ffn_up_exps.weight`"):
+        stacks.check_complete()
+    stacked = stacks.add("blk.0.ffn_up_exps.weight", 1, np.ones((2, 4)))
+    assert stacked.shape == (3, 2, 4) and list(stacked[:, 0, 0]) == [0.0, 1.0, 2.0]

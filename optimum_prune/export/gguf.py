@@ -2,241 +2,47 @@
 
 llama.cpp reads `<arch>.attention.head_count`, `.head_count_kv` and `.feed_forward_length` either as one value or as
 one entry per layer, and its `deci` graph (made for NVIDIA's pruned Nemotron-NAS models) builds every layer with its
-own `n_head(il)`, `n_head_kv(il)` and `n_ff(il)`, the head size coming from `attention.key_length`. So (`FAMILIES`,
-one entry per Transformers family, read from llama.cpp's src/models/<arch>.cpp and convert_hf_to_gguf.py):
+own `n_head(il)`, `n_head_kv(il)` and `n_ff(il)`, the head size coming from `attention.key_length`. So (`FAMILIES` in
+`gguf_families.py`, one entry per Transformers family, read from llama.cpp's src/models/<arch>.cpp and its converter):
 
-- a uniform LLaMA / Mistral checkpoint (stock or `pruned_llama`, hidden channels and removed layers included) is
-  written as llama.cpp's `llama` architecture, a uniform Qwen2 one as `qwen2`, Qwen3 as `qwen3` (per-head
-  `attn_q_norm`/`attn_k_norm`), GLM-4 as `glm4`; Phi-3 as `phi3`, GLM as `chatglm` and BLOOM as `bloom` with MLP
-  channels and removed layers only (their graphs size the query as the hidden size);
+- a uniform checkpoint (stock or `pruned_*` with equal layers, hidden channels and removed layers included) is
+  written as its family's llama.cpp architecture: LLaMA / Mistral / Mixtral as `llama`, Qwen2 as `qwen2`, Qwen3 as
+  `qwen3`, GLM-4 as `glm4`, Gemma 2 / 3 as `gemma2` / `gemma3`, Qwen2-MoE / Qwen3-MoE as `qwen2moe` / `qwen3moe`;
+  Phi-3, GLM, BLOOM and Qwen2-MoE with MLP channels (experts), removed layers and (Qwen2-MoE) experts only, their
+  graphs sizing the query as the hidden size;
 - a LLaMA-family checkpoint with per-layer widths (`per_layer_config`) as `deci`, with per-layer arrays; the other
-  graphs build every layer with layer 0's widths, so per-layer checkpoints of the other families are refused.
+  graphs build every layer with layer 0's widths (and expert count), so per-layer checkpoints of the other families
+  are refused.
 
 Tensors get llama.cpp's names; the `llama` and `deci` graphs rotate pairs of adjacent head channels while
 Transformers rotates the two halves of a head, so q/k rows (and biases) are permuted the way llama.cpp's own
-converter does (`qwen2`, `qwen3` and `phi3` rotate halves, GLM's Transformers code interleaved pairs: no permutation);
-BLOOM's fused per-head [q, k, v] rows are regrouped as llama.cpp's converter does. Written with the `gguf` package
-(llama.cpp's Python writer). What llama.cpp cannot run is refused before anything is written.
+converter does (the NEOX-rope graphs rotate halves, GLM's Transformers code interleaved pairs: no permutation);
+BLOOM's fused per-head [q, k, v] rows are regrouped, Gemma's (1 + w) norms stored as 1 + w, and a layer's experts
+stacked into one tensor per projection, as llama.cpp's converter does. Written with the `gguf` package (llama.cpp's
+Python writer). What llama.cpp cannot run is refused before anything is written.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 
 from ..errors import PruneInputError
 from ..inputs import read_json_object
+from .gguf_families import FAMILIES, OTHER_FAMILIES, SUPPORTED, GGUFFamily, rope_settings
 from .gguf_vocab import add_tokenizer, token_texts
 
 
 logger = logging.getLogger(__name__)
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# What families without a llama.cpp mapping here need, for the refusal message.
-_STOCK_ONLY = (
-    "not mapped here yet, so prune with uniform=True (the output keeps a stock config) and convert that with "
-    "llama.cpp's convert_hf_to_gguf.py"
-)
-_OTHER_FAMILIES = {
-    "opt": "llama.cpp has no OPT architecture",
-    "gemma2": _STOCK_ONLY,
-    "gemma3_text": _STOCK_ONLY,
-}
-# Transformers module (under `model.layers.N.`) -> llama.cpp tensor (under `blk.N.`), as llama.cpp's
-# gguf-py/gguf/tensor_mapping.py maps them.
-_LLAMA_TENSORS = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_GLOBAL_TENSORS = MappingProxyType(
-    {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-)
-
-
-@dataclass(frozen=True)
-class GGUFFamily:
-    """How one Transformers family maps onto llama.cpp (read from its src/models/<arch>.cpp and convert_hf_to_gguf.py).
-
-    `arch`: the llama.cpp architecture of stock-shaped (uniform) checkpoints. `per_layer_arch`: the one for per-layer
-    widths, None where no llama.cpp graph runs the family with per-layer widths (refused, naming uniform=True).
-    `tensors`: layer module -> llama.cpp tensor. `biases`: the modules whose bias llama.cpp loads (None: all of
-    `tensors`). `permute_qk`: llama.cpp's graph rotates adjacent pairs of head channels (NORM rope) where Transformers'
-    code for the family rotates the two halves of a head, so q/k rows are permuted as the converter does for LLaMA;
-    False where both rotate the same channels (NEOX-rope graphs, and GLM, whose Transformers code rotates interleaved
-    pairs). `full_query_width`: the graph sizes the query and attention output as the hidden size (head pruning cannot
-    run). `extra_hparams`: family keys its converter writes beyond the common ones.
-
-    For families not laid out as LLaMA: `layers` (the decoder layers' prefix), `global_tensors` (full names),
-    `config_aliases` (the family's config field -> the common name, per-layer overrides included), `config_defaults`
-    (fields the config leaves implicit), `activation` (the `hidden_act` the graph computes; None: fixed, not read),
-    `norm` ("rms" or "layer": which epsilon key), `rotary` (rope keys written), `transforms` (layer module ->
-    f(array, heads), rows reordered into llama.cpp's layout), `check` (f(config, heads) raising what else the graph
-    cannot run)."""
-
-    name: str
-    arch: str
-    tensors: Mapping
-    per_layer_arch: str | None = None
-    biases: frozenset | None = None
-    permute_qk: bool = False
-    full_query_width: bool = False
-    extra_hparams: Callable | None = None
-    layers: str = "model.layers"
-    global_tensors: Mapping = field(default_factory=lambda: _GLOBAL_TENSORS)
-    config_aliases: Mapping = field(default_factory=dict)
-    config_defaults: Callable | None = None
-    activation: str | None = "silu"
-    norm: str = "rms"
-    rotary: bool = True
-    transforms: Mapping = field(default_factory=dict)
-    check: Callable | None = None
-
-
-def _phi3_hparams(writer, config: dict) -> None:
-    """Phi3MiniModel.set_gguf_parameters: the pre-scaling context (read for rope scaling) is written too."""
-    original = config.get("original_max_position_embeddings") or _rope_settings(config).get(
-        "original_max_position_embeddings"
-    )
-    if original:
-        writer.add_rope_scaling_orig_ctx_len(int(original))
-
-
-def bloom_qkv_to_llama_cpp(array: np.ndarray, heads: int) -> np.ndarray:
-    """BLOOM's query_key_value rows (or bias), per head [q, k, v], as llama.cpp's attn_qkv: all query rows, then all
-    key rows, then all value rows (BloomModel.modify_tensors in llama.cpp's converter)."""
-    rows = array.shape[0]
-    return array.reshape(heads, 3, rows // heads // 3, *array.shape[1:]).swapaxes(0, 1).reshape(array.shape)
-
-
-def _check_bloom_alibi(config: dict, heads: list[int]) -> None:
-    """A `pruned_bloom` keeps its heads' original ALiBi slopes; llama.cpp computes them from the head count."""
-    original = config.get("alibi_num_heads") or heads[0]
-    indices = config.get("alibi_head_indices") or [list(range(original))] * len(heads)
-    if original != heads[0] or any(list(kept) != list(range(original)) for kept in indices):
-        raise PruneInputError(
-            "GGUF export: this BLOOM checkpoint's heads keep their original ALiBi slopes, and llama.cpp's `bloom` "
-            "graph computes slopes from the head count; prune structures=['mlp_channels'] or ['layers'] for llama.cpp."
-        )
-
-
-_LLAMA = GGUFFamily("LLaMA", "llama", _LLAMA_TENSORS, per_layer_arch="deci", permute_qk=True)
-FAMILIES = {
-    "llama": _LLAMA,
-    "mistral": dataclasses.replace(_LLAMA, name="Mistral"),
-    # Uniform Qwen2 runs as llama.cpp's `qwen2` (NEOX rope); per-layer widths as `deci`, which rotates pairs.
-    "qwen2": dataclasses.replace(_LLAMA, name="Qwen2", arch="qwen2", permute_qk=False),
-    # llama.cpp's `qwen3` graph: per-head attn_q_norm/attn_k_norm before NEOX rope, q/k/v biases optional, no output
-    # bias; every layer built with layer 0's head counts and MLP width.
-    "qwen3": GGUFFamily(
-        "Qwen3",
-        "qwen3",
-        {**_LLAMA_TENSORS, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
-        biases=frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),
-    ),
-    # llama.cpp's `phi3` graph: fused attn_qkv (query, key, value rows, as Transformers' qkv_proj) and fused ffn_up
-    # (gate rows then up rows, SwiGLU over the halves, as gate_up_proj); NEOX rope; no biases; query width and
-    # attention output sized as the hidden size.
-    "phi3": GGUFFamily(
-        "Phi-3",
-        "phi3",
-        {
-            "input_layernorm": "attn_norm",
-            "self_attn.qkv_proj": "attn_qkv",
-            "self_attn.o_proj": "attn_output",
-            "post_attention_layernorm": "ffn_norm",
-            "mlp.gate_up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down",
-        },
-        biases=frozenset(),
-        full_query_width=True,
-        extra_hparams=_phi3_hparams,
-    ),
-    # llama.cpp's `chatglm` graph, which its converter uses for Transformers' GlmForCausalLM (GLM-4-9B-chat-hf): fused
-    # ffn_up, q/k/v biases, NORM rope over half of each head (Transformers' GLM rotates interleaved pairs too), and the
-    # attention output sized as the hidden size.
-    "glm": GGUFFamily(
-        "GLM",
-        "chatglm",
-        {
-            **{module: name for module, name in _LLAMA_TENSORS.items() if not module.startswith("mlp.")},
-            "mlp.gate_up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down",
-        },
-        biases=frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),
-        full_query_width=True,
-    ),
-    # llama.cpp's `glm4` graph (GLM-4-0414): norms after attention and MLP too, fused ffn_up, q/k/v biases, NORM rope
-    # over the first half of each head (Transformers' GLM-4 rotates interleaved pairs too: no permutation).
-    "glm4": GGUFFamily(
-        "GLM-4",
-        "glm4",
-        {
-            **{module: name for module, name in _LLAMA_TENSORS.items() if not module.startswith("mlp.")},
-            "post_self_attn_layernorm": "post_attention_norm",
-            "post_attention_layernorm": "ffn_norm",
-            "mlp.gate_up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down",
-            "post_mlp_layernorm": "post_ffw_norm",
-        },
-        biases=frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}),
-    ),
-    # llama.cpp's `bloom` graph: LayerNorms with biases (the embedding one too), fused attn_qkv, GELU MLP with biases,
-    # ALiBi slopes computed from the head count, query and attention output sized as the hidden size. So MLP channels
-    # and removed layers run; pruned heads (which keep their original slopes) and hidden channels do not.
-    "bloom": GGUFFamily(
-        "BLOOM",
-        "bloom",
-        {
-            "input_layernorm": "attn_norm",
-            "self_attention.query_key_value": "attn_qkv",
-            "self_attention.dense": "attn_output",
-            "post_attention_layernorm": "ffn_norm",
-            "mlp.dense_h_to_4h": "ffn_up",
-            "mlp.dense_4h_to_h": "ffn_down",
-        },
-        full_query_width=True,
-        layers="transformer.h",
-        global_tensors=MappingProxyType(
-            {
-                "transformer.word_embeddings.weight": "token_embd.weight",
-                "transformer.word_embeddings_layernorm.weight": "token_embd_norm.weight",
-                "transformer.word_embeddings_layernorm.bias": "token_embd_norm.bias",
-                "transformer.ln_f.weight": "output_norm.weight",
-                "transformer.ln_f.bias": "output_norm.bias",
-                "lm_head.weight": "output.weight",
-            }
-        ),
-        config_aliases=MappingProxyType({"n_head": "num_attention_heads", "n_layer": "num_hidden_layers"}),
-        config_defaults=lambda config: {"intermediate_size": 4 * int(config["hidden_size"])},
-        activation=None,
-        norm="layer",
-        rotary=False,
-        transforms=MappingProxyType({"self_attention.query_key_value": bloom_qkv_to_llama_cpp}),
-        check=_check_bloom_alibi,
-    ),
-}
-_SUPPORTED = "LLaMA, Mistral, Qwen2, Qwen3, Phi-3, GLM, GLM-4 and BLOOM"
 
 
 @dataclass
@@ -251,6 +57,8 @@ class GGUFLayout:
     kv_heads: list[int]
     ffn: list[int]
     rope_dim: int = 0
+    widths: dict = field(default_factory=dict)  # the family's other fields read once for every layer (expert counts)
+    query_scale: float = 1.0  # folded into the query rows: llama.cpp's attention scale -> Transformers'
 
     def __post_init__(self):
         self.rope_dim = self.rope_dim or self.head_dim
@@ -308,7 +116,8 @@ def gguf_layout(config: dict) -> GGUFLayout:
     ]
     ffn = widths("intermediate_size")
     _check_widths(heads, kv_heads, ffn)
-    uniform = len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(ffn)) == 1
+    others = {key: widths(key) for key in spec.uniform_fields}
+    uniform = all(len(set(values)) == 1 for values in (heads, kv_heads, ffn, *others.values()))
     if not uniform and spec.per_layer_arch is None:
         raise PruneInputError(
             f"GGUF export: llama.cpp's `{spec.arch}` graph builds every layer with one set of widths, and this "
@@ -326,8 +135,12 @@ def gguf_layout(config: dict) -> GGUFLayout:
             f"({hidden_size}), and this {spec.name} checkpoint's are {heads[0]} heads x {head_dim}; prune "
             "structures=['mlp_channels'] or ['layers'] for llama.cpp (attention heads and hidden channels change it)."
         )
-    rope_dim = int(head_dim * float(_rope_settings(config).get("partial_rotary_factor", 1.0))) if spec.rotary else 0
-    return GGUFLayout(arch, family, hidden_size, head_dim, heads, kv_heads, ffn, rope_dim)
+    rope_dim = int(head_dim * float(rope_settings(config).get("partial_rotary_factor", 1.0))) if spec.rotary else 0
+    widths_once = {key: values[0] for key, values in others.items()}
+    layout = GGUFLayout(arch, family, hidden_size, head_dim, heads, kv_heads, ffn, rope_dim, widths_once)
+    if spec.query_scale is not None:
+        layout.query_scale = spec.query_scale(config, layout)
+    return layout
 
 
 def _family(config: dict) -> str:
@@ -335,16 +148,16 @@ def _family(config: dict) -> str:
     model_type = config.get("model_type")
     family = config.get("base_model_type") or str(model_type).removeprefix("pruned_")
     if family in FAMILIES:
-        activation = FAMILIES[family].activation
-        if activation is not None and config.get("hidden_act", activation) != activation:
+        spec = FAMILIES[family]
+        if spec.activation is not None and config.get(spec.activation_field, spec.activation) != spec.activation:
             raise PruneInputError(
-                f"GGUF export needs `hidden_act` {activation} (llama.cpp's {FAMILIES[family].arch} graph), got "
-                f"{config.get('hidden_act')!r}."
+                f"GGUF export needs `{spec.activation_field}` {spec.activation} (llama.cpp's {spec.arch} graph), got "
+                f"{config.get(spec.activation_field)!r}."
             )
         return family
-    reason = _OTHER_FAMILIES.get(family, "this exporter does not know it")
+    reason = OTHER_FAMILIES.get(family, "this exporter does not know it")
     raise PruneInputError(
-        f"GGUF export supports {_SUPPORTED} checkpoints (stock and pruned; per-layer widths for LLaMA, Mistral and "
+        f"GGUF export supports {SUPPORTED} checkpoints (stock and pruned; per-layer widths for LLaMA, Mistral and "
         f"Qwen2), not `{model_type}`: {reason}."
     )
 
@@ -401,7 +214,10 @@ def gguf_tensor_name(hf_name: str, family: str = "llama") -> str | None:
             )
         if module in spec.tensors and kind in ("weight", "bias"):
             return f"blk.{layer}.{spec.tensors[module]}.{kind}"
-    modules = ", ".join(sorted(spec.tensors))
+    experts = spec.experts
+    modules = ", ".join(
+        sorted([*spec.tensors, *(experts.per_expert if experts else ()), *(experts.fused if experts else ())])
+    )
     others = ", ".join(sorted(spec.global_tensors))
     raise PruneInputError(
         f"GGUF export does not know the tensor `{hf_name}` (a {spec.name} checkpoint has {spec.layers}.N.{{{modules}}} "
@@ -410,29 +226,99 @@ def gguf_tensor_name(hf_name: str, family: str = "llama") -> str | None:
 
 
 def _to_llama_cpp_rows(hf_name: str, array: np.ndarray, layout: GGUFLayout) -> np.ndarray:
-    """A tensor's rows in llama.cpp's layout: q/k permuted for pair-rotating graphs, the family's transforms."""
-    found = _layer_tensor(hf_name, layout.spec)
+    """A tensor's values in llama.cpp's layout: norm offsets added, q/k permuted for pair-rotating graphs, the query
+    scale folded in, the family's transforms."""
+    spec = layout.spec
+    if spec.norm_offset and hf_name.endswith("norm.weight"):
+        array = array + np.float32(spec.norm_offset)
+    found = _layer_tensor(hf_name, spec)
     if found is None:
         return array
     layer, module, _ = found
     if layout.permutes_rotary and module in ("self_attn.q_proj", "self_attn.k_proj"):
         array = permute_rotary(array, layout.heads[layer] if module == "self_attn.q_proj" else layout.kv_heads[layer])
-    if module in layout.spec.transforms:
-        array = layout.spec.transforms[module](array, layout.heads[layer])
+    if module == spec.query_scale_module and layout.query_scale != 1.0:
+        array = array * np.float32(layout.query_scale)
+    if module in spec.transforms:
+        array = spec.transforms[module](array, layout.heads[layer])
     return array
 
 
-def _rope_settings(config: dict) -> dict:
-    """Rotary base and scaling from `rope_parameters` (Transformers 5) or `rope_theta`/`rope_scaling` (4.x)."""
-    params = dict(config.get("rope_parameters") or {})
-    if not params:
-        params = dict(config.get("rope_scaling") or {})
-        params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "llama3"):
-        raise PruneInputError(f"GGUF export supports rotary scaling default, linear and llama3, not {rope_type!r}.")
-    params["rope_type"] = rope_type
-    return params
+@dataclass(frozen=True)
+class ExpertTensor:
+    """Where a tensor of a layer's experts goes: llama.cpp's stacked tensors (`names`, full names) and the expert it
+    holds (`index`), None for a fused parameter of every expert (Transformers 5), split into `names` by rows."""
+
+    layer: int
+    names: tuple[str, ...]
+    index: int | None
+
+
+_PER_EXPERT = re.compile(r"(?P<block>.*\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)\.weight")
+
+
+def expert_tensor(hf_name: str, spec: GGUFFamily) -> ExpertTensor | None:
+    """The llama.cpp destination of an expert's projection or of a fused expert parameter; None for other tensors."""
+    prefix = f"{spec.layers}."
+    if spec.experts is None or not hf_name.startswith(prefix):
+        return None
+    layer, _, rest = hf_name.removeprefix(prefix).partition(".")
+    if not layer.isdigit():
+        return None
+    if rest in spec.experts.fused:
+        return ExpertTensor(int(layer), tuple(f"blk.{layer}.{t}.weight" for t in spec.experts.fused[rest]), None)
+    match = _PER_EXPERT.fullmatch(rest)
+    template = match and f"{match['block']}.{{}}.{match['proj']}"
+    if template in spec.experts.per_expert:
+        name = f"blk.{layer}.{spec.experts.per_expert[template]}.weight"
+        return ExpertTensor(int(layer), (name,), int(match["index"]))
+    return None
+
+
+class ExpertStacks:
+    """Experts' projections collected until a layer has all `count` of one, then stacked as llama.cpp stores them:
+    [experts, rows, columns] (ggml's {columns, rows, experts}), expert i at index i as the router's row i."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.parts: dict[str, dict[int, np.ndarray]] = {}
+
+    def add(self, name: str, index: int, array: np.ndarray) -> np.ndarray | None:
+        if index >= self.count:
+            raise PruneInputError(f"`{name}` has expert {index}, and the config counts {self.count} experts.")
+        parts = self.parts.setdefault(name, {})
+        parts[index] = array
+        if len(parts) < self.count:
+            return None
+        del self.parts[name]
+        return np.stack([parts[i] for i in range(self.count)])
+
+    def split(self, names: tuple[str, ...], array: np.ndarray):
+        """A fused [experts, k x rows, columns] parameter as k stacked tensors (Qwen2MoeModel.modify_tensors)."""
+        if array.shape[0] != self.count or array.shape[1] % len(names):
+            raise PruneInputError(
+                f"Fused experts of shape {tuple(array.shape)} for {self.count} experts ({names[0]})."
+            )
+        return zip(names, np.split(array, len(names), axis=1))
+
+    def check_complete(self) -> None:
+        for name, parts in self.parts.items():
+            missing = sorted(set(range(self.count)) - set(parts))
+            raise PruneInputError(f"The checkpoint lacks experts {missing} of `{name}` ({self.count} in the config).")
+
+
+def _llama_cpp_tensors(hf_name: str, array: np.ndarray, layout: GGUFLayout, stacks: ExpertStacks):
+    """(llama.cpp name, array) for what one checkpoint tensor contributes: itself in llama.cpp's layout, an expert's
+    stack once complete, or a fused expert parameter's parts; nothing for buffers llama.cpp recomputes."""
+    expert = expert_tensor(hf_name, layout.spec)
+    if expert is None:
+        name = gguf_tensor_name(hf_name, layout.family)
+        if name is not None:
+            yield name, _to_llama_cpp_rows(hf_name, array, layout)
+    elif expert.index is None:
+        yield from stacks.split(expert.names, array)
+    elif (stacked := stacks.add(expert.names[0], expert.index, array)) is not None:
+        yield expert.names[0], stacked
 
 
 def _llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
@@ -476,14 +362,14 @@ def _write_hparams(writer, config: dict, layout: GGUFLayout, outtype: str, name:
         writer.add_layer_norm_eps(float(config["layer_norm_epsilon"]))
     writer.add_vocab_size(int(config["vocab_size"]))
     if layout.spec.rotary:
-        rope = _rope_settings(config)
+        rope = rope_settings(config)
         writer.add_rope_dimension_count(layout.rope_dim)
         writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
         if rope["rope_type"] == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope["factor"]))
     if layout.spec.extra_hparams is not None:
-        layout.spec.extra_hparams(writer, config)
+        layout.spec.extra_hparams(writer, config, layout)
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
 
 
@@ -496,7 +382,9 @@ def _encode(name: str, array: np.ndarray, outtype: str) -> tuple[np.ndarray, obj
     import gguf
 
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if array.ndim == 1 or outtype == "f32":
+    if (
+        array.ndim == 1 or outtype == "f32" or ".ffn_gate_inp." in name
+    ):  # routers stay f32, as the converter keeps them
         return array, None
     if outtype == "f16":
         return array.astype(np.float16), None
@@ -522,7 +410,8 @@ def _check_tensor_names(model_dir: Path, family: str) -> None:
     for file in _safetensors_files(model_dir):
         with safe_open(file, framework="pt") as shard:
             for hf_name in shard.keys():
-                gguf_tensor_name(hf_name, family)
+                if expert_tensor(hf_name, FAMILIES[family]) is None:
+                    gguf_tensor_name(hf_name, family)
 
 
 def _checkpoint_tensors(model_dir: Path):
@@ -536,25 +425,28 @@ def _checkpoint_tensors(model_dir: Path):
 
 
 def _add_tensors(writer, model_dir: Path, layout: GGUFLayout, config: dict, outtype: str) -> None:
-    """Every tensor under its llama.cpp name, its rows in llama.cpp's layout."""
+    """Every tensor under its llama.cpp name, in llama.cpp's layout, a layer's experts stacked."""
     seen = set()
+    experts = layout.spec.experts
+    stacks = ExpertStacks(layout.widths[experts.count] if experts is not None else 0)
     for hf_name, array in _checkpoint_tensors(model_dir):
-        name = gguf_tensor_name(hf_name, layout.family)
-        if name is None:
-            continue
-        array = _to_llama_cpp_rows(hf_name, array, layout)
-        data, raw_dtype = _encode(name, array, outtype)
-        writer.add_tensor(name, data, raw_dtype=raw_dtype)
-        seen.add(name)
+        for name, values in _llama_cpp_tensors(hf_name, array, layout, stacks):
+            data, raw_dtype = _encode(name, values, outtype)
+            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+            seen.add(name)
+    stacks.check_complete()
     if "output.weight" not in seen and not config.get("tie_word_embeddings", False):
         raise PruneInputError(f"{model_dir} has no lm_head.weight and `tie_word_embeddings` is false.")
-    rope = _rope_settings(config)
+    rope = rope_settings(config)
     if layout.spec.rotary and rope["rope_type"] == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, layout.rope_dim))
 
 
-def _warn_sliding_window(config: dict) -> None:
-    """llama.cpp's `llama`/`qwen2` graphs attend to the whole context; Transformers honours a sliding window."""
+def _warn_sliding_window(config: dict, spec: GGUFFamily) -> None:
+    """llama.cpp's `llama`/`qwen2` graphs attend to the whole context; Transformers honours a sliding window (written
+    only for the graphs that run one)."""
+    if spec.sliding_window:
+        return
     window = config.get("sliding_window")
     uses_window = config.get("use_sliding_window", config.get("model_type") != "qwen2")
     if window and uses_window and int(window) < int(config.get("max_position_embeddings", 0)):
@@ -568,7 +460,7 @@ def _warn_sliding_window(config: dict) -> None:
 
 def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = False) -> Path:
     """Write the checkpoint in `model_dir` (stock or pruned LLaMA / Mistral / Qwen2, per-layer widths included;
-    stock-shaped Qwen3, Phi-3, GLM, GLM-4 and BLOOM) as one GGUF file for llama.cpp, with its tokenizer. Returns the written path.
+    stock-shaped Qwen3, Phi-3, GLM, GLM-4, BLOOM, Gemma 2 / 3, Mixtral, Qwen2-MoE and Qwen3-MoE) as one GGUF file for llama.cpp, with its tokenizer. Returns the written path.
 
     `outtype`: f32 (exact), f16, bf16 or q8_0 (matrices only; norms stay f32). An existing file is replaced only
     with `overwrite=True`; the file is written beside its target and renamed into place, so a failed export leaves
@@ -582,7 +474,7 @@ def export_gguf(model_dir, output_path, outtype: str = "f32", overwrite: bool = 
     )
     layout = gguf_layout(config)
     _check_tensor_names(model_dir, layout.family)
-    _warn_sliding_window(config)
+    _warn_sliding_window(config, layout.spec)
     gguf = _import_gguf()
     handle, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
     os.close(handle)
