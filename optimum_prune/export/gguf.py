@@ -7,9 +7,9 @@ own `n_head(il)`, `n_head_kv(il)` and `n_ff(il)`, the head size coming from `att
 
 - a uniform checkpoint (stock or `pruned_*` with equal layers, hidden channels and removed layers included) is
   written as its family's llama.cpp architecture: LLaMA / Mistral / Mixtral as `llama`, Qwen2 as `qwen2`, Qwen3 as
-  `qwen3`, GLM-4 as `glm4`, Gemma 2 / 3 as `gemma2` / `gemma3`, Qwen2-MoE / Qwen3-MoE as `qwen2moe` / `qwen3moe`;
-  Phi-3, GLM, BLOOM and Qwen2-MoE with MLP channels (experts), removed layers and (Qwen2-MoE) experts only, their
-  graphs sizing the query as the hidden size;
+  `qwen3`, GLM-4 as `glm4`, Gemma 2 / 3 as `gemma2` / `gemma3`, Qwen2-MoE / Qwen3-MoE as `qwen2moe` / `qwen3moe`,
+  removed experts included; Phi-3 (`phi3`), GLM (`chatglm`), BLOOM (`bloom`) and Qwen2-MoE with all their heads and
+  hidden channels, their graphs sizing the query as the hidden size;
 - a LLaMA-family checkpoint with per-layer widths (`per_layer_config`) as `deci`, with per-layer arrays; the other
   graphs build every layer with layer 0's widths (and expert count), so per-layer checkpoints of the other families
   are refused.
