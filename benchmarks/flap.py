@@ -68,6 +68,7 @@ def main(argv=None):
                 config = PrunerConfig(
                     pruning_ratio=ratio,
                     importance="flap",
+                    reconstruction=False,
                     num_calibration_samples=args.calibration_samples,
                     calibration_seq_len=args.calibration_seq_len,
                     **VARIANTS[variant],

@@ -127,7 +127,7 @@ def run_setting(checkout, model_dir, setting: str, target: float, samples: int, 
         pruning_ratio=round(row["peer_removed"], 4),
         num_calibration_samples=samples,
         calibration_seq_len=seq_len,
-        **ours_kwargs,
+        **{"reconstruction": False, **ours_kwargs},
     )
     own, same_widths = ours_plans(model_dir, config, peer_plan)
     logger.warning(

@@ -25,8 +25,10 @@ CALIBRATION = SHARED / "data" / "corpus" / "calibration.txt"
 EVAL = SHARED / "data" / "corpus" / "eval.txt"
 
 # Mode name -> PrunerConfig keyword arguments (added to importance and pruning_ratio).
+# What the modes below leave unset is pinned, so that "uniform" stays uniform and nothing is reconstructed.
+PINNED = {"reconstruction": False}
 MODES: dict[str, dict] = {
-    "uniform": {},
+    "uniform": {"global_ranking": False},
     "ranges": {"attention_layers": (1, 5), "mlp_layers": (1, 5)},  # LLM-Pruner: spare the first and last layers
     "global_mean": {"global_ranking": True},
     "global_raw": {"global_ranking": True, "global_normalization": "none"},
@@ -75,7 +77,7 @@ def main(argv=None):
                 start = time.perf_counter()
                 record = {"ratio": ratio, "importance": importance, "mode": mode, "base_ppl": base_ppl}
                 try:
-                    config = PrunerConfig(pruning_ratio=ratio, importance=importance, **MODES[mode])
+                    config = PrunerConfig(pruning_ratio=ratio, importance=importance, **PINNED, **MODES[mode])
                     pruner = AutoPruner.from_pretrained(str(MODEL), pruner_config=config, dtype=torch.float32)
                     model = pruner.prune(calibration_data=str(CALIBRATION))
                     record.update(

@@ -114,9 +114,22 @@ RECONSTRUCTED = (
     "flap-adaptive-nobias",
 )
 METHODS.update({f"{name}-recon": {**METHODS[name], "reconstruction": True} for name in RECONSTRUCTED})
+# Calibration size under reconstruction: 128 windows of 128 tokens instead of 32.
+METHODS["taylor-global-recon-cal128"] = {**METHODS["taylor-global-recon"], "num_calibration_samples": 128}
+METHODS["wanda_sp-recon-cal128"] = {**METHODS["wanda_sp-recon"], "num_calibration_samples": 128}
+# Whatever `PrunerConfig(pruning_ratio=...)` does with no other argument (not pinned, see `method_kwargs`).
+METHODS["default"] = {}
 PEERS = ("torch-pruning",)
 # LLM-Pruner's own code (a checkout + its own Transformers 4.45 venv): peer name -> its block_*_layer_start/end.
 LLM_PRUNER_PEERS = {"llm-pruner": None, "llm-pruner-layers1-4": (1, 5)}
+
+
+def method_kwargs(method: str) -> dict:
+    """A method's `PrunerConfig` arguments. Every method but `default` is pinned to uniform allocation without
+    reconstruction unless it names them, so that its rows mean what they did before those became defaults."""
+    if method == "default":
+        return {}
+    return {"global_ranking": False, "reconstruction": False, **METHODS[method]}
 
 
 def peak_rss_mib() -> float:
@@ -180,7 +193,7 @@ def run_single(model_name: str, method: str, ratio: float) -> dict:
         pruning_ratio, removed_experts = experts_pruning_ratio(path, ratio)
         row.update(pruning_ratio=pruning_ratio, experts_removed_per_layer=removed_experts)
     try:
-        config = PrunerConfig(pruning_ratio=pruning_ratio, **METHODS[method])
+        config = PrunerConfig(pruning_ratio=pruning_ratio, **method_kwargs(method))
     except (TypeError, ValueError) as err:
         return {**row, "status": "unsupported", "reason": str(err).splitlines()[0][:160]}
     pruner = AutoPruner.from_pretrained(path, pruner_config=config, dtype=torch.float32)
@@ -278,7 +291,7 @@ def run_peer(model_name: str, peer: str, ratio: float, timeout: int) -> dict:
     return row
 
 
-def _subprocess_row(args: list[str]) -> dict:
+def subprocess_row(args: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -343,12 +356,12 @@ def main(argv=None):
                 "model": model,
                 "method": "unpruned",
                 "ratio": 0.0,
-                **_subprocess_row(["--single", model, "unpruned", "0"]),
+                **subprocess_row(["--single", model, "unpruned", "0"]),
             }
         )
         for ratio in args.ratios:
             for method in args.methods:
-                row = _subprocess_row(["--single", model, method, str(ratio)])
+                row = subprocess_row(["--single", model, method, str(ratio)])
                 rows.append({"model": model, "method": method, "ratio": ratio, **row})
                 print(json.dumps(rows[-1]), file=sys.stderr)
             for peer in args.peers:

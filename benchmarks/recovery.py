@@ -45,7 +45,9 @@ def prune_once(ratio: float, importance: str, output: Path, reconstruction: bool
     """The shared pruned start, written as an ordinary checkpoint (its results file records the base model)."""
     from optimum_prune import AutoPruner, PrunerConfig
 
-    config = PrunerConfig(pruning_ratio=ratio, importance=importance, reconstruction=reconstruction)
+    config = PrunerConfig(
+        pruning_ratio=ratio, importance=importance, global_ranking=False, reconstruction=reconstruction
+    )
     pruner = AutoPruner.from_pretrained(str(MODEL), pruner_config=config, dtype=torch.float32)
     pruner.prune(calibration_data=str(CALIBRATION))
     pruner.save_pretrained(output)

@@ -58,7 +58,11 @@ SIZES: dict[str, dict] = {
                num_key_value_heads=32),
 }  # fmt: skip
 MODES = ("streaming", "in-memory")
-ALLOCATIONS = {"uniform": {}, "global": {"global_ranking": True}, "flap": {"allocation": "flap"}}
+ALLOCATIONS = {  # pinned, so that the rows keep their meaning under the criterion-dependent defaults
+    "uniform": {"global_ranking": False},
+    "global": {"global_ranking": True, "global_normalization": "mean"},
+    "flap": {"allocation": "flap"},
+}
 CRITERIA = ("wanda_sp", "bip")
 # Criterion names with a variant: name -> (importance, importance_kwargs).
 VARIANTS = {"mini_llm-block": ("mini_llm", {"loss": "block"})}

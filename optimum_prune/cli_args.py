@@ -105,7 +105,12 @@ def _add_allocation_args(parser: argparse.ArgumentParser) -> None:
     )
     allocation.add_argument("--mlp-layers", type=_layers, default=None, help="e.g. 4:29 (end exclusive) or 1,2,3.")
     allocation.add_argument("--layer-ratios", type=_layer_ratios, default=None, help='JSON list or {"layer": ratio}.')
-    allocation.add_argument("--global-ranking", action="store_true", default=None, help="One threshold per structure.")
+    allocation.add_argument(
+        "--global-ranking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="One threshold per structure across layers (default: on for taylor and bip, unless widths are given).",
+    )
     allocation.add_argument("--global-normalization", choices=["mean", "none"], default=None)
     allocation.add_argument("--uniform", action="store_true", default=None, help="Same widths in every layer.")
     allocation.add_argument("--min-heads", type=int, default=None)
@@ -135,9 +140,10 @@ def _add_reconstruction_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reconstruction (see PrunerConfig)")
     group.add_argument(
         "--reconstruction",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="Refit o_proj/down_proj (each family's consumers) by ridge least squares on the calibration data.",
+        help="Refit o_proj/down_proj (each family's consumers) by ridge least squares on the calibration data "
+        "(default: on where it applies: a criterion that reads calibration data, heads and MLP channels).",
     )
     group.add_argument(
         "--reconstruction-damping",

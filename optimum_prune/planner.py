@@ -36,7 +36,9 @@ from .groups import (
     width_of,
 )
 from .modeling import PRUNED_MODEL_CLASSES
+from .offload import is_offloaded
 from .plan import PruningPlan
+from .streaming_checks import mixed_layer_types
 from .surgery import consumer_modules, removed_channels
 from .utils.compat import fails_transformers_5_validation
 
@@ -109,6 +111,7 @@ class Planner:
         self._align_round_to()
         self._check_round_to()
         self._resolve_bias_compensation()
+        self._resolve_reconstruction()
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -143,6 +146,18 @@ class Planner:
             bias_means=self.bias_means(group_sets, kept, means) if means is not None else {},
             reconstruction=reconstruction_settings(self.config),
         )
+
+    def _resolve_reconstruction(self) -> None:
+        """`reconstruction=None` left by `PrunerConfig` (where the config allows it) becomes `True` unless the family's
+        consumers cannot be refit yet (fused MoE experts), the model is offloaded (`device_map` to CPU or disk) or its
+        layers read different attention masks (sliding and global `layer_types`): reconstruction refuses those."""
+        if self.config.reconstruction is None:
+            offloaded, mixed = is_offloaded(self.model), mixed_layer_types(self.model.config)
+            self.config.reconstruction = EXPERTS not in self.spec.structures and not offloaded and not mixed
+            if offloaded or mixed:
+                logger.info(
+                    "Pruning without reconstruction: %s.", "offloaded model" if offloaded else f"layers {mixed}"
+                )
 
     def _resolve_bias_compensation(self) -> None:
         """`bias_compensation=None` becomes `True` for the `flap` criterion where every consumer (o_proj, down_proj)

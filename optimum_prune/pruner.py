@@ -32,6 +32,7 @@ from .planner import Planner
 from .reconstruction import reconstruct_model
 from .recovery import DistillationConfig, check_recovery_method, recover_model
 from .streaming import capture_layer_inputs
+from .streaming_checks import mixed_layer_types
 from .utils.safe_weights import weights_loading_kwargs
 from .writer import describe_data, run_summary, summary_card, write_run_files
 
@@ -131,6 +132,13 @@ class Pruner:
     def _reconstruct(self, plan: PruningPlan, batches: torch.Tensor) -> None:
         """Refit every pruned consumer layer by layer on the calibration windows (see `optimum_prune.reconstruction`),
         before surgery slices the model."""
+        kinds = mixed_layer_types(self.model.config)
+        if kinds:
+            raise ValueError(
+                f"Reconstruction replays the calibration inputs layer by layer with the first layer's attention mask, "
+                f"and this {self.model.config.model_type!r} model mixes layer types {kinds}; prune it with "
+                "`reconstruction=False` (drop --reconstruction)."
+            )
         if is_offloaded(self.model):
             raise ValueError(
                 "Reconstruction runs every decoder layer twice per calibration batch on its own device, and this model "
@@ -485,6 +493,13 @@ class Pruner:
             teacher = self._distillation_teacher(teacher, teacher_kwargs, allow_pickle)
         elif teacher is not None:
             raise ValueError("A teacher is only used by `method='distill'` (`--method distill`); drop it or distil.")
+        kinds = mixed_layer_types(self.model.config)
+        if kinds:
+            raise ValueError(
+                f"Reconstruction replays the calibration inputs layer by layer with the first layer's attention mask, "
+                f"and this {self.model.config.model_type!r} model mixes layer types {kinds}; prune it with "
+                "`reconstruction=False` (drop --reconstruction)."
+            )
         if is_offloaded(self.model):
             raise ValueError(
                 "LoRA recovery trains with the weights on its training devices, and this model has weights offloaded "

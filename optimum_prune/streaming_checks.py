@@ -81,12 +81,19 @@ def check_streaming_config(pruner_config, model_type: str | None = None) -> None
     check_streaming_family(model_type)
 
 
+def mixed_layer_types(config) -> list[str]:
+    """The attention kinds of a model whose decoder layers read different masks (Gemma's sliding-window and global
+    layers, Qwen3 with sliding layers); empty when every layer reads the same inputs."""
+    kinds = sorted(set(getattr(config, "layer_types", None) or ()))
+    return kinds if len(kinds) > 1 else []
+
+
 def check_shared_layer_inputs(config) -> None:
     """Refuse data-driven streaming where decoder layers read different attention inputs: streaming captures the first
-    layer's mask and position embeddings and gives them to every layer, and models that mix `layer_types` (Gemma's
-    sliding-window and global layers, Qwen3 with sliding layers) build one of each kind."""
-    kinds = sorted(set(getattr(config, "layer_types", None) or ()))
-    if len(kinds) > 1:
+    layer's mask and position embeddings and gives them to every layer, and models that mix `layer_types` build one of
+    each kind."""
+    kinds = mixed_layer_types(config)
+    if kinds:
         raise ValueError(
             f"Streaming with calibration data gives every decoder layer the first layer's attention inputs, and this "
             f"{config.model_type!r} model mixes layer types {kinds}. Use a weight criterion (importance='magnitude'), "

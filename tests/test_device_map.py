@@ -100,6 +100,7 @@ def test_disk_offloaded_model_prunes_like_the_model_in_memory(checkpoint, tmp_pa
         structures=structures or ["attention_heads", "mlp_channels"],
         num_calibration_samples=4,
         calibration_seq_len=16,
+        reconstruction=False,  # offloaded models are not refit (tested below); this compares the statistics
     )
     reference = _prune(checkpoint, tmp_path, config, offload=None)
     offloaded = _prune(checkpoint, tmp_path, config, offload="auto")
@@ -133,6 +134,7 @@ def test_other_families_prune_offloaded_like_in_memory(tmp_path, family, importa
         structures=structures,
         num_calibration_samples=4,
         calibration_seq_len=16,
+        reconstruction=False,
     )
     reference = _prune(path, tmp_path, config, offload=None)
     offloaded = _prune(path, tmp_path, config, offload="auto")
@@ -150,6 +152,7 @@ def test_mixed_device_map_with_layer_removal_saves_the_same_checkpoint(checkpoin
         num_layers_to_remove=1,
         num_calibration_samples=4,
         calibration_seq_len=16,
+        reconstruction=False,  # offloaded models are not refit (tested below); this compares the statistics
     )
     reference = _prune(checkpoint, tmp_path, config, offload=None)
     offloaded = _prune(checkpoint, tmp_path, config, offload="mixed")
@@ -243,3 +246,12 @@ def test_cli_device_map_max_memory_offload_folder(checkpoint, tmp_path):
     torch.testing.assert_close(_logits(reloaded), _logits(reference), rtol=0, atol=0)
     assert cli_main([*common, "--output", str(tmp_path / "bad"), "--max-memory", "cpu=1GiB"]) == 2
     assert cli_main([*common, "--output", str(tmp_path / "bad"), "--device", "cpu", *offload]) == 2
+
+
+def test_offloaded_model_is_not_refit_by_default(checkpoint, tmp_path):
+    """Unset `reconstruction` is on where it applies; an offloaded model is pruned without it (a refit would run every
+    layer twice from disk), and the plan says so."""
+    config = dict(pruning_ratio=0.3, importance="wanda_sp", num_calibration_samples=4, calibration_seq_len=16)
+    assert _prune(checkpoint, tmp_path, config, offload=None).plan.reconstruction
+    offloaded = _prune(checkpoint, tmp_path, config, offload="auto")
+    assert offloaded.plan.reconstruction == {} and offloaded.config.reconstruction is False

@@ -41,6 +41,9 @@ class Importance(ABC):
     # Constructor arguments of a variant that needs only one layer at a time, for a criterion whose default does not
     # (mini_llm's block-local loss); streaming's errors name it.
     layer_local_variant: ClassVar[dict | None] = None
+    # Scores in units that compare across layers (an estimated loss change, a bound on the block output): ranked
+    # globally and raw by default (`PrunerConfig.global_ranking` / `global_normalization` unset).
+    comparable_across_layers: ClassVar[bool] = False
 
     @property
     def needs_data(self) -> bool:

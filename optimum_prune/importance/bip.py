@@ -52,6 +52,8 @@ class BIPImportance(Importance):
     ```
     """
 
+    comparable_across_layers = True
+
     needs = frozenset({WEIGHTS, ACTIVATIONS})
 
     def __init__(self, gate: str = "up", mlp_gain: bool = True):

@@ -27,6 +27,8 @@ class TaylorImportance(Importance):
             first, last.
     """
 
+    comparable_across_layers = True
+
     def __init__(self, order: str = "first", granularity: str = "element", group_reduction: str = "sum"):
         if order not in TAYLOR_ORDERS:
             raise ValueError(f"`order` must be one of {TAYLOR_ORDERS}, got {order!r}.")
