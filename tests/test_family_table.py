@@ -59,6 +59,7 @@ def _config(family: str, structures: list[str], importance: str = "magnitude", r
         num_calibration_samples=4,
         calibration_seq_len=16,
         bias_compensation=False,  # the zeroed reference has no compensating biases
+        reconstruction=False,  # nor refit consumers (tests/test_reconstruction.py tests the refit)
     )
 
 

@@ -21,6 +21,7 @@ def _config(**kwargs):
         "pruning_ratio": 0.4,
         "num_calibration_samples": 4,
         "calibration_seq_len": 16,
+        "reconstruction": False,  # iterative pruning cannot refit; the one-step path compared with it must not either
         **kwargs,
     }
     return PrunerConfig(**kwargs)
