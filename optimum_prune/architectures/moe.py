@@ -21,10 +21,15 @@ Structures:
 
 Qwen3-MoE layers listed in `mlp_only_layers` (or off `decoder_sparse_step`) have a dense LLaMA MLP instead: they have
 no `experts` units, and their `mlp.*_proj` members stay in hidden-channel pruning.
+
+Checkpoints on disk name the experts as Transformers 4.x does (one Linear per expert; 5.x fuses them on load and
+splits them on save): `extra["module_list_experts"]` declares those names for code that reads safetensors itself
+(`utils.expert_layout.fuse_experts` / `split_experts`).
 """
 
 import dataclasses
 
+from ..utils.expert_layout import MIXTRAL_EXPERTS, QWEN_MOE_EXPERTS, ModuleListExperts
 from .base import (
     ATTENTION_HEADS,
     EXPERTS,
@@ -73,7 +78,13 @@ _MOE_HIDDEN_LAYER_MEMBERS = (
 )
 
 
-def moe_spec(model_type: str, experts_field: str, intermediate_field: str, pruned_model_type: str):
+def moe_spec(
+    model_type: str,
+    experts_field: str,
+    intermediate_field: str,
+    pruned_model_type: str,
+    module_list_experts: ModuleListExperts = QWEN_MOE_EXPERTS,
+):
     """LLaMA's spec with the MoE block's structures in place of the dense MLP's."""
     return dataclasses.replace(
         LLAMA_SPEC,
@@ -101,16 +112,18 @@ def moe_spec(model_type: str, experts_field: str, intermediate_field: str, prune
         bias_fields={"self_attn.o_proj": "o_proj_bias"},
         lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
         # The router's top-k (every layer keeps at least that many experts), the fused-experts module that routing
-        # criteria hook, and the channel multiple Transformers' `grouped_mm` experts kernel needs (16-byte rows).
+        # criteria hook, the channel multiple Transformers' `grouped_mm` experts kernel needs (16-byte rows), and the
+        # experts' names on disk.
         extra={
             "experts_per_token_field": "num_experts_per_tok",
             "experts_module": "mlp.experts",
             "channel_multiple": 8,
+            "module_list_experts": module_list_experts,
         },
     )
 
 
-MIXTRAL_SPEC = moe_spec("mixtral", "num_local_experts", "intermediate_size", "pruned_mixtral")
+MIXTRAL_SPEC = moe_spec("mixtral", "num_local_experts", "intermediate_size", "pruned_mixtral", MIXTRAL_EXPERTS)
 QWEN3_MOE_SPEC = dataclasses.replace(
     moe_spec("qwen3_moe", "num_experts", "moe_intermediate_size", "pruned_qwen3_moe"),
     # `q_norm`/`k_norm` act over `head_dim` with `rms_norm_eps`, which hidden-channel pruning rescales for the others.
