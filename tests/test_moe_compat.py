@@ -159,6 +159,25 @@ def test_4_57_moe_prunes_under_5x_and_loads_back_under_4_57(v4_pruned, family, p
         assert outcome <= ATOL, (name, outcome)
 
 
+@pytest.mark.compat
+@pytest.mark.skipif(IS_TRANSFORMERS_V5, reason="optimum-onnx needs Transformers 4.57: run in .venv-compat")
+@pytest.mark.skipif(not MAIN_PYTHON.exists(), reason=f"no Transformers 5.x interpreter at {MAIN_PYTHON}")
+def test_qwen3_moe_outputs_run_in_onnx_runtime(v4_pruned):
+    """optimum-onnx 0.1.0 exports Qwen3-MoE (it has no config for Mixtral or Qwen2-MoE): the stock and registered
+    outputs run in ONNX Runtime as in PyTorch under 4.57, with and without the KV cache."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from test_compat import _check_ort_generates_like_pytorch, _check_ort_logits
+
+    import optimum_prune  # noqa: F401  (registers the pruned types and their ONNX configs)
+
+    out, _ = v4_pruned
+    for kind in ("experts", "per-layer-experts", "hidden"):
+        pytorch_model = AutoModelForCausalLM.from_pretrained(out / f"qwen3_moe-{kind}").eval()
+        ort_model = ORTModelForCausalLM.from_pretrained(out / f"qwen3_moe-{kind}", export=True)
+        _check_ort_logits(ort_model, pytorch_model)
+        _check_ort_generates_like_pytorch(ort_model, pytorch_model)
+
+
 NEEDS_V5 = pytest.mark.skipif(not IS_TRANSFORMERS_V5, reason="5.x fuses the experts this checks")
 
 
