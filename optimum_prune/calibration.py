@@ -686,15 +686,15 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
         stats.layer_influences[i] = influence_sums[i] / max(token_counts[i], 1)
 
 
-@torch.no_grad()
-def _collect_routing(stats: Statistics, batches: torch.Tensor, batch_size: int) -> None:
-    """One forward pass with a hook on every MoE layer's experts module (`spec.extra["experts_module"]`), whose inputs
-    are the hidden states and the router's top-k choice and weights."""
-    model, path = stats.model, stats.spec.extra.get("experts_module")
+def hook_expert_routing(stats: Statistics, layers) -> list:
+    """Pre-hooks recording, into `stats.routing[i]`, what the experts module (`spec.extra["experts_module"]`) of each
+    `(i, layer)` in `layers` receives: the hidden states and the router's top-k choice and weights. Returns the
+    handles; dense layers (Qwen3-MoE's `mlp_only_layers`) and models without MoE get none."""
+    path = stats.spec.extra.get("experts_module")
     handles = []
-    for i, layer in enumerate(decoder_layers(model, stats.spec)):
+    for i, layer in layers:
         experts = get_submodule_or_none(layer, path) if path else None
-        if experts is None:  # a dense layer (Qwen3-MoE's `mlp_only_layers`), or no MoE at all
+        if experts is None:
             continue
         record = stats.routing[i] = ExpertRouting(experts.gate_up_proj.shape[0])
 
@@ -702,6 +702,15 @@ def _collect_routing(stats: Statistics, batches: torch.Tensor, batch_size: int) 
             record.update(module, *args[:3])
 
         handles.append(experts.register_forward_pre_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def _collect_routing(stats: Statistics, batches: torch.Tensor, batch_size: int) -> None:
+    """One forward pass with a hook on every MoE layer's experts module (`spec.extra["experts_module"]`), whose inputs
+    are the hidden states and the router's top-k choice and weights."""
+    model = stats.model
+    handles = hook_expert_routing(stats, enumerate(decoder_layers(model, stats.spec)))
     device = _device_of(model)
     try:
         for start in tqdm(range(0, len(batches), batch_size), desc="Routing", leave=False):

@@ -132,6 +132,6 @@ QWEN2_MOE_SPEC = dataclasses.replace(
     derived_fields={"head_dim": ("hidden_size", "num_attention_heads")},
 )
 
-register_family("mixtral", MIXTRAL_SPEC)
-register_family("qwen2_moe", QWEN2_MOE_SPEC)
-register_family("qwen3_moe", QWEN3_MOE_SPEC)
+register_family("mixtral", MIXTRAL_SPEC, streaming=True)
+register_family("qwen2_moe", QWEN2_MOE_SPEC, streaming=True)
+register_family("qwen3_moe", QWEN3_MOE_SPEC, streaming=True)
