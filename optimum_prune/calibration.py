@@ -236,6 +236,13 @@ class ActivationStatistics:
 SPSA_LOSSES = ("lm", "block")
 
 
+def expert_hidden(experts: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+    """What expert `expert` of a fused-experts module (`gate_up_proj` [E, 2I, H]: gate rows, then up rows) feeds its
+    `down_proj[expert]` for the tokens `hidden` [n, H]: act(gate) * up, [n, I], as the module computes it."""
+    gate, up = nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
 class ExpertRouting:
     """Per expert of one MoE layer, over the calibration tokens: `count`, the (token, slot) pairs routed to it;
     `weighted_norm`, the sum over those pairs of gate weight x ||expert output||_2 (REAP's numerator). float64 [E]."""
@@ -253,8 +260,7 @@ class ExpertRouting:
             if expert >= len(self.count):  # Transformers' padding index for dropped slots
                 continue
             token, slot = torch.where(top_k_index == expert)
-            gate, up = nn.functional.linear(hidden[token], experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            output = nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+            output = nn.functional.linear(expert_hidden(experts, expert, hidden[token]), experts.down_proj[expert])
             weights = top_k_weights[token, slot].double()
             self.count[expert] += token.numel()
             self.weighted_norm[expert] += (weights * output.double().norm(dim=-1)).sum().item()

@@ -87,7 +87,14 @@ from .metrics import count_parameters
 from .output_dir import atomic_directory, check_output_directory
 from .plan import PruningPlan
 from .planner import Planner, reconstruction_settings
-from .reconstruction import layer_consumers, pruned_stream, reconstruct_layer, refit_workspace_bytes
+from .reconstruction import (
+    experts_refit_bytes,
+    layer_consumers,
+    layer_routers,
+    pruned_stream,
+    reconstruct_layer,
+    refit_workspace_bytes,
+)
 from .streaming_checks import (
     LAYER_LOCAL_NEEDS,
     STREAMING_STRUCTURES,
@@ -796,7 +803,7 @@ def estimate_peak_bytes(
     in place, never buffered. With `offload` the hidden states are file-backed pages the kernel can drop; one batch of
     them is counted. Hidden states and the layer forward are in `compute_dtype` (default: the checkpoint's). With
     `reconstruction` the layer step also holds the pruned model's hidden states and the widest consumer's refit
-    (`refit_workspace_bytes`, its unpruned input width as the bound)."""
+    (`refit_workspace_bytes`, its unpruned input width as the bound; an MoE layer's experts are refit together)."""
     layers = model.get_submodule(spec.layers)
     layer_prefix_ = spec.layers + "."
     head = output_embedding_names(model)
@@ -829,7 +836,8 @@ def estimate_peak_bytes(
     refit = 0
     if pruner_config.reconstruction and needs_data:
         head_dim = getattr(config, "head_dim", None) or hidden_size // heads
-        refit = refit_workspace_bytes(max(mlp_width, heads * head_dim), hidden_size) + resident
+        linear = refit_workspace_bytes(max(mlp_width, heads * head_dim), hidden_size)
+        refit = max(linear, experts_refit_bytes(layers, spec)) + resident
     phases = {
         "inputs": prefix_bytes + resident + workspace,
         "layer": layer_bytes + layer_compute_bytes + scoring + resident + batch_hidden + workspace + refit,
@@ -1082,7 +1090,8 @@ def _reconstruct_layer(run: _Run, layer_index: int, inputs: LayerInputs, pruned:
     the same function the in-memory engine runs on every layer (`reconstruction.reconstruct_layer`)."""
     layer = run.layers[layer_index]
     consumers = layer_consumers(layer, run.spec, run.plan, run.all_group_sets, layer_index)
-    reconstruct_layer(layer, consumers, inputs, pruned, run.reconstruction["damping"])
+    routers = layer_routers(run.spec, run.plan, run.all_group_sets, layer_index)
+    reconstruct_layer(layer, consumers, inputs, pruned, run.reconstruction["damping"], routers)
 
 
 def _set_shape_model(run: _Run) -> None:

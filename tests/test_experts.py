@@ -299,7 +299,6 @@ def test_routing_statistics_and_reap():
             _config(["mlp_channels"], 0.3, "taylor"),
             "use one of ['magnitude', 'random', 'frequency', 'reap']",
         ),
-        ("qwen2_moe", _config(["attention_heads"], 0.1, "wanda_sp", reconstruction=True), "not refit yet"),
     ],
 )
 def test_moe_refusals(family, config, message):
