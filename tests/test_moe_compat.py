@@ -25,9 +25,8 @@ from testing_utils import input_ids, logits, word_tokenizer
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import AutoPruner
-from optimum_prune.architectures import get_architecture
+from optimum_prune.checkpoint_conversion import StoredNames, saved_tensors
 from optimum_prune.utils import IS_TRANSFORMERS_V5, legacy_field_names
-from optimum_prune.utils.expert_layout import fuse_experts, split_experts
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,6 +177,8 @@ def test_qwen3_moe_outputs_run_in_onnx_runtime(v4_pruned):
         _check_ort_generates_like_pytorch(ort_model, pytorch_model)
 
 
+# The module holding a layer's router and experts in 4.x names.
+EXPERT_BLOCKS = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
 NEEDS_V5 = pytest.mark.skipif(not IS_TRANSFORMERS_V5, reason="5.x fuses the experts this checks")
 
 
@@ -193,17 +194,21 @@ def _assert_same_tensors(got: dict, want: dict):
 
 
 @NEEDS_V5
+@pytest.mark.parametrize("pruned", [False, True], ids=["stock", "pruned-per-layer"])
 @pytest.mark.parametrize("family", sorted(BUILDERS))
-def test_fuse_and_split_experts_match_transformers(family, tmp_path):
-    """The declared 4.x names convert as Transformers 5 does: splitting the loaded model's fused tensors gives the
-    file `save_pretrained` writes, and fusing that file gives the loaded model's state dict."""
+def test_checkpoint_conversion_matches_transformers(family, pruned, tmp_path):
+    """Streaming converts as Transformers 5 does, stock and registered `pruned_*` types alike: reverting the model's
+    fused tensors gives the file `save_pretrained` writes, and building from that file gives the model's state dict."""
     model = BUILDERS[family]()
+    if pruned:
+        model = AutoPruner.from_model(model, pruner_config(family, "per-layer-experts")).prune(CALIBRATION)
     model.save_pretrained(tmp_path)
-    layout = get_architecture(family).extra["module_list_experts"]
     on_disk = _saved_tensors(tmp_path)
     assert any(".experts.0." in name for name in on_disk)
-    _assert_same_tensors(split_experts(model.state_dict(), layout), on_disk)
-    _assert_same_tensors(fuse_experts(on_disk, layout), model.state_dict())
+    _assert_same_tensors(saved_tensors(model, model.state_dict()), on_disk)
+    names, remaining = StoredNames(model, on_disk), dict(on_disk)
+    _assert_same_tensors({name: names.build(name, remaining) for name in model.state_dict()}, model.state_dict())
+    assert not remaining
 
 
 @NEEDS_V5
@@ -217,7 +222,7 @@ def test_pruned_checkpoints_store_4x_expert_names(family, tmp_path):
     pruner.save_pretrained(tmp_path / "out")
     names = _saved_tensors(tmp_path / "out")
     assert not any(name.endswith(("gate_up_proj", "experts.down_proj")) for name in names)
-    block = get_architecture(family).extra["module_list_experts"].block
+    block = EXPERT_BLOCKS[family]
     counts = [len({n for n in names if n.startswith(f"model.layers.{i}.{block}.experts.")}) // 3 for i in range(3)]
     assert counts == [layer.mlp.gate.weight.shape[0] for layer in model.model.layers] == [7, 5, 3]
     saved = json.loads((tmp_path / "out" / "config.json").read_text())

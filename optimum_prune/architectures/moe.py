@@ -23,13 +23,12 @@ Qwen3-MoE layers listed in `mlp_only_layers` (or off `decoder_sparse_step`) have
 no `experts` units, and their `mlp.*_proj` members stay in hidden-channel pruning.
 
 Checkpoints on disk name the experts as Transformers 4.x does (one Linear per expert; 5.x fuses them on load and
-splits them on save): `extra["module_list_experts"]` declares those names for code that reads safetensors itself
-(`utils.expert_layout.fuse_experts` / `split_experts`).
+splits them on save through its conversion mapping, keyed by `model_type`); code that reads safetensors itself
+converts through that same mapping (`checkpoint_conversion.py`), so no expert names are declared here.
 """
 
 import dataclasses
 
-from ..utils.expert_layout import MIXTRAL_EXPERTS, QWEN_MOE_EXPERTS, ModuleListExperts
 from .base import (
     ATTENTION_HEADS,
     EXPERTS,
@@ -78,13 +77,7 @@ _MOE_HIDDEN_LAYER_MEMBERS = (
 )
 
 
-def moe_spec(
-    model_type: str,
-    experts_field: str,
-    intermediate_field: str,
-    pruned_model_type: str,
-    module_list_experts: ModuleListExperts = QWEN_MOE_EXPERTS,
-):
+def moe_spec(model_type: str, experts_field: str, intermediate_field: str, pruned_model_type: str):
     """LLaMA's spec with the MoE block's structures in place of the dense MLP's."""
     return dataclasses.replace(
         LLAMA_SPEC,
@@ -112,18 +105,16 @@ def moe_spec(
         bias_fields={"self_attn.o_proj": "o_proj_bias"},
         lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
         # The router's top-k (every layer keeps at least that many experts), the fused-experts module that routing
-        # criteria hook, the channel multiple Transformers' `grouped_mm` experts kernel needs (16-byte rows), and the
-        # experts' names on disk.
+        # criteria hook, and the channel multiple Transformers' `grouped_mm` experts kernel needs (16-byte rows).
         extra={
             "experts_per_token_field": "num_experts_per_tok",
             "experts_module": "mlp.experts",
             "channel_multiple": 8,
-            "module_list_experts": module_list_experts,
         },
     )
 
 
-MIXTRAL_SPEC = moe_spec("mixtral", "num_local_experts", "intermediate_size", "pruned_mixtral", MIXTRAL_EXPERTS)
+MIXTRAL_SPEC = moe_spec("mixtral", "num_local_experts", "intermediate_size", "pruned_mixtral")
 QWEN3_MOE_SPEC = dataclasses.replace(
     moe_spec("qwen3_moe", "num_experts", "moe_intermediate_size", "pruned_qwen3_moe"),
     # `q_norm`/`k_norm` act over `head_dim` with `rms_norm_eps`, which hidden-channel pruning rescales for the others.
@@ -145,6 +136,12 @@ QWEN2_MOE_SPEC = dataclasses.replace(
     derived_fields={"head_dim": ("hidden_size", "num_attention_heads")},
 )
 
-register_family("mixtral", MIXTRAL_SPEC)
-register_family("qwen2_moe", QWEN2_MOE_SPEC)
-register_family("qwen3_moe", QWEN3_MOE_SPEC)
+register_family("mixtral", MIXTRAL_SPEC, streaming=True)
+register_family("qwen2_moe", QWEN2_MOE_SPEC, streaming=True)
+register_family("qwen3_moe", QWEN3_MOE_SPEC, streaming=True)
+# Our per-layer outputs (`per_layer_config`) prune again, streamed too: their family's spec reads every width from the
+# tensors, and their per-expert checkpoints convert as the stock type's (the pruned types register its mapping).
+for _spec in (MIXTRAL_SPEC, QWEN2_MOE_SPEC, QWEN3_MOE_SPEC):
+    register_family(
+        _spec.pruned_model_type, dataclasses.replace(_spec, model_types=(_spec.pruned_model_type,)), streaming=True
+    )
