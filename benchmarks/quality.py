@@ -103,6 +103,8 @@ METHODS.update(EXPERT_METHODS)
 # Layer-wise reconstruction (the consumers o_proj/down_proj refit by ridge least squares after the plan is chosen) on
 # the best configurations of each allocation: `<method>-recon`.
 RECONSTRUCTED = (
+    "magnitude",  # with magnitude-global: the criteria that score MoE expert channels
+    "magnitude-global",
     "wanda_sp",
     "taylor",
     "flap",

@@ -236,6 +236,13 @@ class ActivationStatistics:
 SPSA_LOSSES = ("lm", "block")
 
 
+def expert_hidden(experts: nn.Module, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+    """What expert `expert` of a fused-experts module (`gate_up_proj` [E, 2I, H]: gate rows, then up rows) feeds its
+    `down_proj[expert]` for the tokens `hidden` [n, H]: act(gate) * up, [n, I], as the module computes it."""
+    gate, up = nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
 class ExpertRouting:
     """Per expert of one MoE layer, over the calibration tokens: `count`, the (token, slot) pairs routed to it;
     `weighted_norm`, the sum over those pairs of gate weight x ||expert output||_2 (REAP's numerator). float64 [E]."""
@@ -253,8 +260,7 @@ class ExpertRouting:
             if expert >= len(self.count):  # Transformers' padding index for dropped slots
                 continue
             token, slot = torch.where(top_k_index == expert)
-            gate, up = nn.functional.linear(hidden[token], experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            output = nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+            output = nn.functional.linear(expert_hidden(experts, expert, hidden[token]), experts.down_proj[expert])
             weights = top_k_weights[token, slot].double()
             self.count[expert] += token.numel()
             self.weighted_norm[expert] += (weights * output.double().norm(dim=-1)).sum().item()
@@ -686,15 +692,15 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
         stats.layer_influences[i] = influence_sums[i] / max(token_counts[i], 1)
 
 
-@torch.no_grad()
-def _collect_routing(stats: Statistics, batches: torch.Tensor, batch_size: int) -> None:
-    """One forward pass with a hook on every MoE layer's experts module (`spec.extra["experts_module"]`), whose inputs
-    are the hidden states and the router's top-k choice and weights."""
-    model, path = stats.model, stats.spec.extra.get("experts_module")
+def hook_expert_routing(stats: Statistics, layers) -> list:
+    """Pre-hooks recording, into `stats.routing[i]`, what the experts module (`spec.extra["experts_module"]`) of each
+    `(i, layer)` in `layers` receives: the hidden states and the router's top-k choice and weights. Returns the
+    handles; dense layers (Qwen3-MoE's `mlp_only_layers`) and models without MoE get none."""
+    path = stats.spec.extra.get("experts_module")
     handles = []
-    for i, layer in enumerate(decoder_layers(model, stats.spec)):
+    for i, layer in layers:
         experts = get_submodule_or_none(layer, path) if path else None
-        if experts is None:  # a dense layer (Qwen3-MoE's `mlp_only_layers`), or no MoE at all
+        if experts is None:
             continue
         record = stats.routing[i] = ExpertRouting(experts.gate_up_proj.shape[0])
 
@@ -702,6 +708,15 @@ def _collect_routing(stats: Statistics, batches: torch.Tensor, batch_size: int) 
             record.update(module, *args[:3])
 
         handles.append(experts.register_forward_pre_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def _collect_routing(stats: Statistics, batches: torch.Tensor, batch_size: int) -> None:
+    """One forward pass with a hook on every MoE layer's experts module (`spec.extra["experts_module"]`), whose inputs
+    are the hidden states and the router's top-k choice and weights."""
+    model = stats.model
+    handles = hook_expert_routing(stats, enumerate(decoder_layers(model, stats.spec)))
     device = _device_of(model)
     try:
         for start in tqdm(range(0, len(batches), batch_size), desc="Routing", leave=False):

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from transformers.utils import PushToHubMixin
 
-from .architectures.base import HEAD_STRUCTURES, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, STRUCTURES
+from .architectures.base import EXPERTS, HEAD_STRUCTURES, HIDDEN_CHANNELS, LAYERS, MLP_CHANNELS, STRUCTURES
 from .compute_dtype import COMPUTE_DTYPE_CHOICES, check_compute_dtype
 from .errors import PruneInputError
 from .importance import IMPORTANCE_REGISTRY, get_importance
@@ -180,11 +180,13 @@ class PrunerConfig(PushToHubMixin):
             out_proj/fc2, BLOOM's dense/dense_4h_to_h) layer by layer by ridge least squares, so that each pruned
             layer's outputs match the unpruned layer's on the calibration data (see `optimum_prune.reconstruction`).
             Same checkpoint shape; needs calibration data. Only for 'attention_heads' (or 'query_heads') and
-            'mlp_channels', in one step; streaming reconstructs with the two-pass allocations or a given plan.
-            Unset: on where it applies, i.e. when the criterion reads calibration data anyway (not `magnitude` or
-            `random`), the structures are those, `iterative_steps=1`, the family can be refit and streaming (if
-            asked) runs two passes; off otherwise. Measured, it lowers perplexity in every pair on every family
-            (README, "Layer-wise reconstruction").
+            'mlp_channels' (MoE: each kept expert's down_proj, on the tokens routed to it, gate-weighted; 'experts'
+            may be removed too, which refits nothing itself), in one step; streaming reconstructs with the two-pass
+            allocations or a given plan. Unset: on where it applies, i.e. when the criterion reads calibration data
+            anyway (not `magnitude` or `random`), the structures are heads and MLP channels, `iterative_steps=1`, the
+            model is not offloaded, its layers share one attention mask, it is not an MoE model (not measured there
+            yet) and streaming (if asked) runs two passes; off otherwise. Measured, it lowers perplexity in every
+            pair on every dense family (README, "Layer-wise reconstruction").
         reconstruction_damping (`float`, *optional*, defaults to `0.01`):
             Ridge damping of the refit, relative to the mean diagonal of the inputs' Gram matrix.
 
@@ -384,11 +386,12 @@ class PrunerConfig(PushToHubMixin):
             self._resolve_reconstruction()
         if not self.reconstruction:
             return
-        other = [s for s in self.structures if s not in (*HEAD_STRUCTURES, MLP_CHANNELS)]
+        other = [s for s in self.structures if s not in (*HEAD_STRUCTURES, MLP_CHANNELS, EXPERTS)]
         if other:
             raise ValueError(
                 f"`reconstruction=True` refits the Linears that read 'attention_heads', 'query_heads' and "
-                f"'mlp_channels'; it cannot run with {other} in `structures`."
+                f"'mlp_channels' (with 'experts' of MoE models, which refit nothing themselves); it cannot run with "
+                f"{other} in `structures`."
             )
         if self.iterative_steps != 1:
             raise ValueError(

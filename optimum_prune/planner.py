@@ -70,11 +70,6 @@ def check_expert_criterion(model: nn.Module, spec: ArchitectureSpec, config: Pru
             "Transformers 5 to prune it."
         )
     fused = [s for s in config.structures if s in (EXPERTS, MLP_CHANNELS)]
-    if config.reconstruction:
-        raise ValueError(
-            f"`reconstruction` refits Linear consumers; {model.config.model_type!r} models are not refit yet (their "
-            "experts are fused 3-D tensors): prune them with `reconstruction=False` (drop --reconstruction)."
-        )
     if fused and config.importance not in EXPERT_CRITERIA:
         raise ValueError(
             f"`importance={config.importance!r}` cannot score {fused} of {model.config.model_type!r}, whose experts are "

@@ -17,6 +17,16 @@ inputs with the bias fit exactly. FLAP's bias compensation (the removed channels
 bias, weights kept) is the zeroth-order special case; with reconstruction the intercept replaces it. A consumer without
 a bias and without compensation is fit without one, so the checkpoint keeps its shape.
 
+Mixture-of-Experts layers (fused experts, `mlp.experts.down_proj` [E, H, I]): attention's `o_proj` is refit as above.
+Each kept expert's `down_proj` [H, I] is refit on its kept channels, one ridge problem per expert over the tokens the
+pruned layer routes to it, each token's row of `Xs` and `Y` scaled by its gate weight g (so the Gram matrix sums
+g^2 x x^T): the layer adds g * expert(x), so this is the least-squares problem of the expert's share of the layer
+output, exactly the layer's under top-1 routing and the block-diagonal part of the joint problem under top-k
+(`_refit_experts`). `Y` is the unpruned expert's output on the unpruned model's input at that token. Removed experts
+have no consumer (their output goes straight into the residual stream): they are refit nothing, and the pruned stream
+routes around them (router logits at -inf, `RoutedAround`) so that later consumers and layers see the pruned layer.
+Qwen2-MoE's shared expert is never pruned, so it is not refit.
+
 The pass runs on the *unpruned-shaped* layer: the pruned layer computes exactly what the unpruned one computes with
 the removed units' consumer columns zeroed (the project's exactness property), so the removed columns are zeroed, the
 kept ones refit, and ordinary surgery then slices the layer as the plan says. Every engine (in memory, streaming) runs
@@ -25,6 +35,7 @@ this same function on one layer at a time, so they give the same weights.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,8 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibration import layer_output
-from .groups import GroupSet, decoder_layers
+from .architectures.base import EXPERTS
+from .calibration import expert_hidden, layer_output
+from .groups import GroupSet, decoder_layers, get_submodule_or_none, layer_prefix
 from .surgery import add_missing_biases, check_plan, consumer_modules, removed_channels
 
 
@@ -97,6 +109,19 @@ def refit_workspace_bytes(in_features: int, out_features: int) -> int:
     return 8 * 3 * in_features * (in_features + out_features)
 
 
+def experts_refit_bytes(layers, spec) -> int:
+    """Peak bytes of the widest MoE layer's expert refit: every expert's problem is accumulated in one pass over the
+    calibration batches, so E workspaces of its channel width at once (0 for a model without fused experts)."""
+    path = spec.extra.get("experts_module")
+    widest = 0
+    for layer in layers if path else ():
+        experts = get_submodule_or_none(layer, path)
+        if experts is not None:
+            num_experts, hidden, width = experts.down_proj.shape
+            widest = max(widest, num_experts * refit_workspace_bytes(width, hidden))
+    return widest
+
+
 @dataclass
 class Consumer:
     """One Linear of a decoder layer to refit: its path in the layer, the input columns the plan keeps and whether
@@ -107,22 +132,69 @@ class Consumer:
     intercept: bool
 
 
-def layer_consumers(layer: nn.Module, spec, plan, group_sets: dict[str, GroupSet], layer_index: int) -> list[Consumer]:
-    """The consumers of decoder layer `layer_index` that `plan` prunes, in the layer's forward order (attention
-    before MLP: the spec's structure order), with the columns they keep."""
-    consumers = []
+@dataclass
+class ExpertConsumer:
+    """The fused experts of an MoE layer whose channels are pruned (`mlp.experts`: `down_proj` [E, H, I] reads them):
+    each kept expert's `down_proj` is refit on its kept columns, on the tokens routed to it (see `_refit_experts`)."""
+
+    path: str
+    kept_columns: torch.Tensor  # LongTensor [k], ascending: channels kept in every expert (tied across experts)
+    experts: torch.Tensor  # LongTensor: the experts the plan keeps; the removed ones are routed around, not refit
+
+
+@dataclass
+class RoutedAround:
+    """A router (`mlp.gate`) whose removed experts the pruned layer never picks: the pruned stream runs it on its kept
+    rows only (softmax and top-k over the kept experts' logits = over all with the others at -inf)."""
+
+    path: str
+    kept: torch.Tensor  # LongTensor [kept experts], ascending
+
+
+def _layer_group_sets(spec, plan, group_sets: dict[str, GroupSet], layer_index: int):
+    """`(key, group set, kept units)` of the layer's pruned group sets, in the spec's structure (forward) order."""
     for structure in spec.structures:
         for key, kept in plan.kept.items():
             group_set = group_sets.get(key)
-            if group_set is None or group_set.layer != layer_index or group_set.structure != structure:
-                continue
-            for s, path in consumer_modules(spec, group_set):
-                module = layer.get_submodule(path)
-                removed = removed_channels(group_set, s, group_set.num_units, kept, module.in_features)
-                mask = torch.ones(module.in_features, dtype=torch.bool)
-                mask[removed] = False
-                compensated = s.name in plan.bias_means.get(key, {})
-                consumers.append(Consumer(path, mask.nonzero().flatten(), module.bias is not None or compensated))
+            if group_set is not None and group_set.layer == layer_index and group_set.structure == structure:
+                yield key, group_set, kept
+
+
+def layer_routers(spec, plan, group_sets: dict[str, GroupSet], layer_index: int) -> list[RoutedAround]:
+    """The routers of decoder layer `layer_index` whose experts `plan` removes, with the experts kept."""
+    found = []
+    for _, group_set, kept in _layer_group_sets(spec, plan, group_sets, layer_index):
+        if group_set.structure == EXPERTS:
+            router = spec.structures[EXPERTS].members[0].name.rpartition(".")[0]  # "mlp.gate"
+            found.append(RoutedAround(router, torch.tensor(sorted(kept), dtype=torch.long)))
+    return found
+
+
+def layer_consumers(layer: nn.Module, spec, plan, group_sets: dict[str, GroupSet], layer_index: int) -> list:
+    """The consumers of decoder layer `layer_index` that `plan` prunes, in the layer's forward order (attention
+    before MLP: the spec's structure order), with the columns they keep: [`Consumer`]s (Linears) and
+    [`ExpertConsumer`]s (fused experts, whose removed experts are not refit). Removing whole experts alone leaves
+    no consumer to refit: what reads an expert's output is the residual stream itself."""
+    consumers = []
+    prefix = layer_prefix(spec, layer_index)
+    kept_experts = {r.path: r.kept for r in layer_routers(spec, plan, group_sets, layer_index)}
+    for key, group_set, kept in _layer_group_sets(spec, plan, group_sets, layer_index):
+        for s, path in consumer_modules(spec, group_set):
+            module = layer.get_submodule(path)
+            removed = removed_channels(group_set, s, group_set.num_units, kept, module.in_features)
+            mask = torch.ones(module.in_features, dtype=torch.bool)
+            mask[removed] = False
+            compensated = s.name in plan.bias_means.get(key, {})
+            consumers.append(Consumer(path, mask.nonzero().flatten(), module.bias is not None or compensated))
+        for s in group_set.slices:
+            if s.consumer and s.dim == 2:  # fused experts' down_proj [E, H, I]
+                path = s.name.removeprefix(prefix).rpartition(".")[0]
+                num_experts, _, width = layer.get_parameter(s.name.removeprefix(prefix)).shape
+                mask = torch.ones(width, dtype=torch.bool)
+                mask[removed_channels(group_set, s, group_set.num_units, kept, width)] = False
+                router = next(iter(kept_experts), None)
+                experts = kept_experts[router] if router is not None else torch.arange(num_experts)
+                consumers.append(ExpertConsumer(path, mask.nonzero().flatten(), experts))
     return consumers
 
 
@@ -132,10 +204,11 @@ class _Stop(Exception):
 
 @contextmanager
 def _capture(module: nn.Module, store: dict, what: str) -> Iterator[None]:
-    """Record `module`'s input (`what="input"`) or output (`"output"`) in `store[what]` and stop the forward."""
+    """Record `module`'s first input (`what="input"`), all its positional inputs (`"inputs"`) or its output
+    (`"output"`) in `store[what]` and stop the forward."""
 
     def hook(mod, args, output):
-        store[what] = args[0] if what == "input" else output
+        store[what] = {"input": args[0] if args else None, "inputs": args, "output": output}[what]
         raise _Stop
 
     handle = module.register_forward_hook(hook)
@@ -145,8 +218,8 @@ def _capture(module: nn.Module, store: dict, what: str) -> Iterator[None]:
         handle.remove()
 
 
-def _run_until(layer: nn.Module, module: nn.Module, what: str, hidden, args, kwargs) -> torch.Tensor:
-    """`module`'s input or output when `layer` runs on one batch (the forward stops there)."""
+def _run_until(layer: nn.Module, module: nn.Module, what: str, hidden, args, kwargs):
+    """`module`'s input(s) or output when `layer` runs on one batch (the forward stops there)."""
     store: dict = {}
     with _capture(module, store, what):
         try:
@@ -158,24 +231,52 @@ def _run_until(layer: nn.Module, module: nn.Module, what: str, hidden, args, kwa
     return store[what]
 
 
+def _set_tensors(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Set the data of the layer's parameters named in `tensors`; returns what they held."""
+    previous = {}
+    for name, tensor in tensors.items():
+        param = layer.get_parameter(name)
+        previous[name] = param.data
+        param.data = tensor
+    return previous
+
+
 @contextmanager
-def _weights(layer: nn.Module, tensors: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> Iterator[None]:
-    """Run `layer` with the consumers' weights and biases set to `tensors` ({path: (weight, bias)}), then restore."""
-    saved = {}
-    for path, (weight, bias) in tensors.items():
-        module = layer.get_submodule(path)
-        saved[path] = (module.weight.data, None if module.bias is None else module.bias.data)
-        module.weight.data = weight
-        if bias is not None:
-            module.bias.data = bias
+def _weights(layer: nn.Module, tensors: dict[str, torch.Tensor], routers=()) -> Iterator[None]:
+    """Run `layer` with the parameters named in `tensors` set to them and, with `routers`, routing around the removed
+    experts as the pruned layer does; then restore."""
+    saved = _set_tensors(layer, tensors)
+    try:
+        with _routed_around(layer, routers):
+            yield
+    finally:
+        _set_tensors(layer, saved)
+
+
+@contextmanager
+def _routed_around(layer: nn.Module, routers) -> Iterator[None]:
+    """Each router of `routers` scores only its kept experts (its weight's kept rows: softmax, top-k and
+    renormalisation over them equal those over all experts with the removed ones' logits at -inf, the pruned layer's
+    routing), and its choices are mapped back to the original expert indices, which the unpruned experts module
+    reads."""
+    handles, saved = [], {}
+    for router in routers:
+        module = layer.get_submodule(router.path)
+        kept = router.kept.to(module.weight.device)
+        saved[f"{router.path}.weight"] = module.weight.data.index_select(0, kept)
+        handles.append(module.register_forward_hook(functools.partial(_original_experts, kept=kept)))
+    saved = _set_tensors(layer, saved)
     try:
         yield
     finally:
-        for path, (weight, bias) in saved.items():
-            module = layer.get_submodule(path)
-            module.weight.data = weight
-            if bias is not None:
-                module.bias.data = bias
+        for handle in handles:
+            handle.remove()
+        _set_tensors(layer, saved)
+
+
+def _original_experts(module, args, output, kept: torch.Tensor):
+    """A router's output (`logits, weights, indices`) with its indices among the kept experts made original ones."""
+    return (*output[:-1], kept[output[-1]])
 
 
 def _add_zero_bias(module: nn.Linear) -> None:
@@ -185,60 +286,100 @@ def _add_zero_bias(module: nn.Linear) -> None:
     )
 
 
-def _pruned_start(module: nn.Linear, consumer: Consumer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The consumer as the pruned layer has it before its refit: removed input columns zeroed."""
-    weight = torch.zeros_like(module.weight.data)
+def _pruned_start(layer: nn.Module, consumer) -> dict[str, torch.Tensor]:
+    """The consumer's parameters as the pruned layer has them before its refit: removed input columns zeroed (the last
+    dimension: a Linear's inputs, each expert's channels in the fused `down_proj`), bias unchanged."""
+    name = f"{consumer.path}.down_proj" if isinstance(consumer, ExpertConsumer) else f"{consumer.path}.weight"
+    weight = layer.get_parameter(name).data
+    start = torch.zeros_like(weight)
     columns = consumer.kept_columns.to(weight.device)
-    weight[:, columns] = module.weight.data[:, columns]
-    return weight, None if module.bias is None else module.bias.data.clone()
+    start[..., columns] = weight[..., columns]
+    bias = None if isinstance(consumer, ExpertConsumer) else layer.get_submodule(consumer.path).bias
+    return {name: start} | ({} if bias is None else {f"{consumer.path}.bias": bias.data.clone()})
+
+
+def _refit_linear(layer, consumer: Consumer, full, pruned, original, current, routers, damping: float) -> dict:
+    """A Linear's ridge problem: its pruned-stream inputs (kept columns) against its unpruned outputs."""
+    module = layer.get_submodule(consumer.path)
+    stats = RefitStatistics.empty(
+        consumer.kept_columns.numel(), module.out_features, consumer.intercept, module.weight.device
+    )
+    columns = consumer.kept_columns.to(module.weight.device)
+    for batch_full, batch_pruned in zip(_batches(full), _batches(pruned)):
+        with _weights(layer, original):
+            targets = _run_until(layer, module, "output", *batch_full)
+        with _weights(layer, current, routers):
+            inputs = _run_until(layer, module, "input", *batch_pruned)
+        stats.add(inputs.index_select(-1, columns), targets)
+    weight, bias = ridge_refit(stats, damping)
+    new_weight = torch.zeros_like(module.weight.data)
+    new_weight[:, columns] = weight.to(new_weight.dtype)
+    return {f"{consumer.path}.weight": new_weight} | ({} if bias is None else {f"{consumer.path}.bias": bias})
+
+
+def _refit_experts(layer, consumer: ExpertConsumer, full, pruned, original, current, routers, damping: float) -> dict:
+    """Each kept expert's `down_proj` [H, I] on its kept columns: one ridge problem per expert, over the tokens the
+    pruned layer routes to it, each token's row (inputs and targets) scaled by its gate weight g.
+
+    The layer adds g_e * down_e(a_e) for each expert e a token is routed to, so an expert's error reaches the layer's
+    output scaled by g_e: min sum_t g_t^2 ||W' a'_t - y_t||^2 is the least-squares problem of the expert's share of
+    the layer output (with top-1 routing exactly the layer's; with top-k, the block-diagonal part of the joint problem
+    over all experts, whose sum bounds it: ||sum_e g_e r_e||^2 <= k sum_e g_e^2 ||r_e||^2). Unweighted rows would fit
+    a token the router barely uses as closely as one it relies on. `a'_t` is the expert's intermediate activation in
+    the pruned stream (kept channels), `y_t` the unpruned expert's output on the unpruned stream's input. An expert
+    the calibration data never routes to keeps its (column-pruned) weights."""
+    experts = layer.get_submodule(consumer.path)
+    down = original[f"{consumer.path}.down_proj"]  # [E, H, I], unpruned
+    columns = consumer.kept_columns.to(down.device)
+    stats = {
+        e: RefitStatistics.empty(len(columns), down.shape[1], False, down.device) for e in consumer.experts.tolist()
+    }
+    for batch_full, batch_pruned in zip(_batches(full), _batches(pruned)):
+        with _weights(layer, original):
+            hidden_full = _run_until(layer, experts, "inputs", *batch_full)[0]  # [T, H]
+        with _weights(layer, current, routers):
+            hidden, index, gates = _run_until(layer, experts, "inputs", *batch_pruned)[:3]  # [T, H], [T, k], [T, k]
+        for expert, record in stats.items():
+            token, slot = torch.where(index == expert)
+            gate = gates[token, slot].unsqueeze(-1)
+            inputs = expert_hidden(experts, expert, hidden[token]).index_select(-1, columns)
+            targets = nn.functional.linear(expert_hidden(experts, expert, hidden_full[token]), down[expert])
+            record.add(inputs * gate, targets * gate)
+    new = current[f"{consumer.path}.down_proj"].clone()
+    for expert, record in stats.items():
+        if record.tokens:
+            new[expert][:, columns] = ridge_refit(record, damping)[0].to(new.dtype)
+    return {f"{consumer.path}.down_proj": new}
 
 
 @torch.no_grad()
-def reconstruct_layer(layer: nn.Module, consumers: list[Consumer], full, pruned, damping: float) -> list[str]:
+def reconstruct_layer(layer: nn.Module, consumers: list, full, pruned, damping: float, routers=()) -> list[str]:
     """Refit `consumers` of one unpruned-shaped decoder layer in place, then advance both streams to the next layer.
 
     `full` and `pruned` are the layer's inputs (`streaming.LayerInputs`: hidden states, args, kwargs per batch) in the
-    unpruned and in the pruned-and-refit model. Consumers are refit in order, each on the pruned stream's inputs with
-    the earlier ones already refit. The layer is left with every consumer's removed columns zeroed and its kept
-    columns (and bias, with an intercept) refit, ready for surgery to slice; both streams' hidden states are replaced
-    by the layer's outputs. Returns the consumer paths that gained a (zero-initialised, then fit) bias.
+    unpruned and in the pruned-and-refit model; `routers` ([`RoutedAround`]) say which experts the pruned layer
+    routes around. Consumers are refit in order, each on the pruned stream's inputs with the earlier ones already
+    refit. The layer is left with every consumer's removed columns zeroed and its kept columns (and bias, with an
+    intercept) refit, ready for surgery to slice; both streams' hidden states are replaced by the layer's outputs.
+    Returns the consumer paths that gained a (zero-initialised, then fit) bias.
     """
     added = []
     for consumer in consumers:
         module = layer.get_submodule(consumer.path)
-        if consumer.intercept and module.bias is None:
+        if isinstance(consumer, Consumer) and consumer.intercept and module.bias is None:
             _add_zero_bias(module)
             added.append(consumer.path)
-    original = {c.path: (layer.get_submodule(c.path).weight.data, layer.get_submodule(c.path).bias) for c in consumers}
-    original = {p: (w, None if b is None else b.data) for p, (w, b) in original.items()}
-    current = {c.path: _pruned_start(layer.get_submodule(c.path), c) for c in consumers}
+    current = {name: t for consumer in consumers for name, t in _pruned_start(layer, consumer).items()}
+    original = {name: layer.get_parameter(name).data for name in current}
     for consumer in consumers:
-        module = layer.get_submodule(consumer.path)
-        stats = RefitStatistics.empty(
-            consumer.kept_columns.numel(), module.out_features, consumer.intercept, module.weight.device
-        )
-        columns = consumer.kept_columns.to(module.weight.device)
-        for (h_full, a_full, k_full), (h_pruned, a_pruned, k_pruned) in zip(_batches(full), _batches(pruned)):
-            with _weights(layer, original):
-                targets = _run_until(layer, module, "output", h_full, a_full, k_full)
-            with _weights(layer, current):
-                inputs = _run_until(layer, module, "input", h_pruned, a_pruned, k_pruned)
-            stats.add(inputs.index_select(-1, columns), targets)
-        weight, bias = ridge_refit(stats, damping)
-        new_weight = torch.zeros_like(module.weight.data)
-        new_weight[:, columns] = weight.to(new_weight.dtype)
-        new_bias = current[consumer.path][1]
-        if bias is not None:
-            new_bias = bias.to(module.bias.dtype)
-        current[consumer.path] = (new_weight, new_bias)
+        refit = _refit_experts if isinstance(consumer, ExpertConsumer) else _refit_linear
+        fitted = refit(layer, consumer, full, pruned, original, current, routers, damping)
+        current.update({name: t.to(current[name].dtype) for name, t in fitted.items()})
     with _weights(layer, original):
         _advance(layer, full)
-    for path, (weight, bias) in current.items():
-        module = layer.get_submodule(path)
-        module.weight.data = weight
-        if bias is not None:
-            module.bias.data = bias
-    _advance(layer, pruned)
+    _set_tensors(layer, current)
+    with _routed_around(layer, routers):
+        _advance(layer, pruned)
     return added
 
 
@@ -266,8 +407,9 @@ def reconstruct_model(model: nn.Module, spec, plan, full, damping: float, comput
     added: set[str] = set()
     for index, layer in enumerate(decoder_layers(model, spec)):
         consumers = layer_consumers(layer, spec, plan, group_sets, index)
+        routers = layer_routers(spec, plan, group_sets, index)
         with _layer_in(layer, compute_dtype):
-            added.update(reconstruct_layer(layer, consumers, full, pruned, damping))
+            added.update(reconstruct_layer(layer, consumers, full, pruned, damping, routers))
         logger.info("Layer %d refit (%d consumers).", index, len(consumers))
     add_missing_biases(model, spec, added)
 

@@ -25,9 +25,11 @@ Two flows, chosen by the allocation:
   pruned type with `per_layer_config`, as in memory.
 
 Families: those registered with `register_family(..., streaming=True)`, listed by `STREAMING_MODEL_TYPES` (LLaMA,
-Mistral, Qwen2, OPT, BLOOM, GLM and GLM-4). What a family computes before its first layer (OPT's learned positions and
-`project_in`, BLOOM's embedding LayerNorm and ALiBi tensor, rotary tables, the causal mask) is computed by the family's
-own forward and captured at the first layer. After pruning, a layer is made
+Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3, OPT, BLOOM, GLM, GLM-4 and the MoE families Mixtral, Qwen2-MoE, Qwen3-MoE
+and their `pruned_*` types, whose per-expert checkpoints are read and written through Transformers' own conversions,
+`checkpoint_conversion.py`). What a family computes before its first layer (OPT's learned positions and `project_in`,
+BLOOM's embedding LayerNorm and ALiBi tensor, rotary tables, the causal mask) is computed by the family's own forward
+and captured at the first layer. After pruning, a layer is made
 to compute what it computes in the pruned checkpoint from the spec alone (`_sync_layer_attrs`): the module attributes
 surgery syncs, the config records (BLOOM's original ALiBi heads), and the pruned type's layer class where it has one.
 ChatGLM remote-code checkpoints are refused: convert them to `glm` once first (`convert_chatglm_checkpoint`).
@@ -66,12 +68,13 @@ from .architectures.base import (
     get_architecture,
     streaming_model_types,
 )
-from .calibration import Statistics, hook_linear_inputs, layer_output, prepare_calibration
+from .calibration import Statistics, hook_expert_routing, hook_linear_inputs, layer_output, prepare_calibration
+from .checkpoint_conversion import StoredNames, saved_tensors
 from .compute_dtype import cast_floating, compute_in, resolve_compute_dtype, upcast
 from .configuration import PrunerConfig
 from .groups import GroupSet, decoder_layers, layer_prefix
 from .hub import count_macs_per_token
-from .importance.base import BLOCK_LOSS
+from .importance.base import BLOCK_LOSS, ROUTING
 from .inputs import (
     check_model_config,
     check_model_source,
@@ -85,7 +88,14 @@ from .metrics import count_parameters
 from .output_dir import atomic_directory, check_output_directory
 from .plan import PruningPlan
 from .planner import Planner, reconstruction_settings
-from .reconstruction import layer_consumers, pruned_stream, reconstruct_layer, refit_workspace_bytes
+from .reconstruction import (
+    experts_refit_bytes,
+    layer_consumers,
+    layer_routers,
+    pruned_stream,
+    reconstruct_layer,
+    refit_workspace_bytes,
+)
 from .streaming_checks import (
     LAYER_LOCAL_NEEDS,
     STREAMING_STRUCTURES,
@@ -177,6 +187,7 @@ class CheckpointReader:
                 "streaming pruning reads safetensors only. Re-save the model with `save_pretrained`."
             )
         self.stored: dict[str, str] = {}  # model name -> name in the shard, where they differ (`add_prefix`)
+        self.names: StoredNames | None = None  # model names -> stored names (`convert_names`)
 
     def add_prefix(self, prefix: str, names: set[str]) -> None:
         """Read the tensors of `names` that the shards store without `prefix` under their prefixed name."""
@@ -185,11 +196,21 @@ class CheckpointReader:
                 self.files[prefix + name] = self.files.pop(name)
                 self.stored[prefix + name] = name
 
+    def convert_names(self, model: nn.Module) -> None:
+        """Read `model`'s tensors through the conversions Transformers applies when it loads this checkpoint
+        (per-expert Linears stacked into fused experts); call after `add_prefix`."""
+        self.names = StoredNames(model, self.files)
+
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return name in (self.files if self.names is None else self.names.sources)
 
     def keys(self) -> list[str]:
-        return list(self.files)
+        """The model's names of the stored tensors (after `convert_names`; the stored names before)."""
+        return list(self.files if self.names is None else self.names.sources)
+
+    def source_names(self, name: str) -> list[str]:
+        """The stored tensors (under `files`' names) that make model tensor `name`."""
+        return [name] if self.names is None else self.names.sources[name]
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's floating-point tensors (of the first one listed)."""
@@ -218,18 +239,22 @@ class CheckpointReader:
         return layout
 
     def load(self, names) -> dict[str, torch.Tensor]:
-        """Read `names` (grouped by shard, each shard opened once)."""
+        """Read `names` (model names; grouped by shard, each shard opened once), converting stored tensors where the
+        model's differ (`convert_names`)."""
         from safetensors import safe_open
 
+        names = list(names)
         by_file: dict[str, list[str]] = {}
-        for name in names:
+        for name in names if self.names is None else self.names.stored_names(names):
             by_file.setdefault(self.files[name], []).append(name)
         tensors = {}
         for file, file_names in by_file.items():
             with safe_open(file, "pt") as f:
                 for name in file_names:
                     tensors[name] = f.get_tensor(self.stored.get(name, name))
-        return tensors
+        if self.names is None:
+            return tensors
+        return {name: self.names.build(name, tensors) for name in names}
 
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()} | {
@@ -493,9 +518,12 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def layer_statistics(model: nn.Module, layer_index: int, spec, names: set[str], inputs: LayerInputs) -> Statistics:
+def layer_statistics(
+    model: nn.Module, layer_index: int, spec, names: set[str], inputs: LayerInputs, needs=frozenset()
+) -> Statistics:
     """[`Statistics`] of one decoder layer: per-input-channel activation statistics of its scored Linears, from its
-    inputs, with the same per-batch reductions (shared by Linears that read the same tensor) as `collect_statistics`."""
+    inputs, with the same per-batch reductions (shared by Linears that read the same tensor) as `collect_statistics`;
+    and, when `needs` has `routing`, what its router does (frequency, REAP), recorded as `collect_statistics` does."""
     stats = Statistics(model, None, param_names=names)
     stats._spec = spec
     prefix = layer_prefix(spec, layer_index)
@@ -506,6 +534,8 @@ def layer_statistics(model: nn.Module, layer_index: int, spec, names: set[str], 
         if isinstance(module, nn.Linear) and f"{prefix}{name}.weight" in names
     ]
     handles = hook_linear_inputs(stats, linears)
+    if ROUTING in needs:
+        handles += hook_expert_routing(stats, [(layer_index, layer)])
     try:
         for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
             layer(hidden, *args, **kwargs)  # only the hooks' sums are kept: no second copy of the hidden states
@@ -539,7 +569,7 @@ def prune_layer(
     keys = [key for key, gs in group_sets.items() if gs.layer == layer_index]
     names = {s.name for key in keys for s in group_sets[key].slices}
     if importance.needs_data:
-        stats = layer_statistics(model, layer_index, spec, names, inputs)
+        stats = layer_statistics(model, layer_index, spec, names, inputs, importance.needs)
     else:
         stats = Statistics(model, None, param_names=names)
         stats._spec = spec
@@ -774,7 +804,7 @@ def estimate_peak_bytes(
     in place, never buffered. With `offload` the hidden states are file-backed pages the kernel can drop; one batch of
     them is counted. Hidden states and the layer forward are in `compute_dtype` (default: the checkpoint's). With
     `reconstruction` the layer step also holds the pruned model's hidden states and the widest consumer's refit
-    (`refit_workspace_bytes`, its unpruned input width as the bound)."""
+    (`refit_workspace_bytes`, its unpruned input width as the bound; an MoE layer's experts are refit together)."""
     layers = model.get_submodule(spec.layers)
     layer_prefix_ = spec.layers + "."
     head = output_embedding_names(model)
@@ -807,7 +837,8 @@ def estimate_peak_bytes(
     refit = 0
     if pruner_config.reconstruction and needs_data:
         head_dim = getattr(config, "head_dim", None) or hidden_size // heads
-        refit = refit_workspace_bytes(max(mlp_width, heads * head_dim), hidden_size) + resident
+        linear = refit_workspace_bytes(max(mlp_width, heads * head_dim), hidden_size)
+        refit = max(linear, experts_refit_bytes(layers, spec)) + resident
     phases = {
         "inputs": prefix_bytes + resident + workspace,
         "layer": layer_bytes + layer_compute_bytes + scoring + resident + batch_hidden + workspace + refit,
@@ -894,7 +925,7 @@ def _score_all_layers(model, spec, reader, importance, group_sets, inputs, means
         names = {s.name for key in keys for s in group_sets[key].slices}
         materialize(model, f"{spec.layers}.{i}", reader, dtype=dtype if inputs is not None else None)
         if inputs is not None:
-            stats = layer_statistics(model, i, spec, names, inputs)
+            stats = layer_statistics(model, i, spec, names, inputs, importance.needs)
         else:
             stats = Statistics(model, None, param_names=names)
             stats._spec = spec
@@ -994,6 +1025,7 @@ def _open_checkpoint(model_dir: str, pruner_config: PrunerConfig, plan, trust_re
     model = build_skeleton(config, checkpoint_dtype, trust_remote_code)
     expected = set(model.state_dict())
     reader.add_prefix(f"{model.base_model_prefix}.", expected)  # checkpoints saved from the base model
+    reader.convert_names(model)  # per-expert checkpoints of the fused MoE experts
     tied = output_embedding_names(model) if getattr(model.config, "tie_word_embeddings", False) else set()
     unknown = sorted(set(reader.keys()) - expected)
     absent = sorted(expected - set(reader.keys()) - tied)
@@ -1059,7 +1091,8 @@ def _reconstruct_layer(run: _Run, layer_index: int, inputs: LayerInputs, pruned:
     the same function the in-memory engine runs on every layer (`reconstruction.reconstruct_layer`)."""
     layer = run.layers[layer_index]
     consumers = layer_consumers(layer, run.spec, run.plan, run.all_group_sets, layer_index)
-    reconstruct_layer(layer, consumers, inputs, pruned, run.reconstruction["damping"])
+    routers = layer_routers(run.spec, run.plan, run.all_group_sets, layer_index)
+    reconstruct_layer(layer, consumers, inputs, pruned, run.reconstruction["damping"], routers)
 
 
 def _set_shape_model(run: _Run) -> None:
@@ -1168,9 +1201,12 @@ def _output_layout(run: _Run) -> dict:
     layer_names = run.spec.layers + "."
     shapes = {name: tuple(t.shape) for name, t in run.shape_model.state_dict().items()}
     source = run.reader.layout()
-    names = list(source) + [n for n in shapes if n not in source and n not in run.tied]
-    order = sorted(names, key=lambda n: (not n.startswith(layer_names), _layer_index(n, layer_names), n))
-    return {n: (source[n][0] if n in source else run.checkpoint_dtype, shapes[n]) for n in order}
+    names = run.reader.keys() + [n for n in shapes if n not in run.reader and n not in run.tied]
+    dtypes = {n: source[run.reader.source_names(n)[0]][0] if n in run.reader else run.checkpoint_dtype for n in names}
+    meta = {n: torch.empty(shapes[n], dtype=dtypes[n], device="meta") for n in names}
+    saved = saved_tensors(run.shape_model, meta)  # the names `save_pretrained` writes (per-expert MoE Linears)
+    order = sorted(saved, key=lambda n: (not n.startswith(layer_names), _layer_index(n, layer_names), n))
+    return {n: (saved[n].dtype, tuple(saved[n].shape)) for n in order}
 
 
 def _write_layers(run: _Run, writer: ShardWriter, inputs, progress) -> dict[str, list[int]]:
@@ -1192,8 +1228,7 @@ def _write_layers(run: _Run, writer: ShardWriter, inputs, progress) -> dict[str,
             _sync_layer_attrs(model, spec, i, run.shape_model, kept)
             if inputs is not None and i + 1 < len(layers):
                 advance_inputs(layers[i], inputs)
-        for name, tensor in layers[i].state_dict().items():
-            writer.add(f"{layer_name}.{name}", tensor.to(writer.dtype(f"{layer_name}.{name}")))
+        _write_tensors(run, writer, {f"{layer_name}.{n}": t for n, t in layers[i].state_dict().items()})
         release(layers[i])
         logger.info("Layer %d/%d pruned%s.", i + 1, len(layers), " (pass 2 of 2)" if run.two_pass else "")
         if progress is not None:
@@ -1206,8 +1241,14 @@ def _copy_other_tensors(run: _Run, writer: ShardWriter) -> None:
     layer_names = run.spec.layers + "."
     for name in run.reader.keys():
         if not name.startswith(layer_names):
-            writer.add(name, run.reader.load([name])[name])
+            _write_tensors(run, writer, run.reader.load([name]))
     writer.close()
+
+
+def _write_tensors(run: _Run, writer: ShardWriter, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` (model names) under the names and in the dtypes of the output layout."""
+    for name, tensor in saved_tensors(run.shape_model, tensors).items():
+        writer.add(name, tensor.to(writer.dtype(name)))
 
 
 def _write_config(run: _Run, directory: str) -> None:
@@ -1251,7 +1292,8 @@ def prune_streaming(
         model_dir: a local checkpoint directory (config.json + safetensors shards) of a type in
             `STREAMING_MODEL_TYPES`; shards saved from the base model (no `transformer.`/`model.` prefix) work too.
         pruner_config (`PrunerConfig`): a layer-local criterion (magnitude, random, wanda_sp, flap, bip, mini_llm
-            with `loss="block"`) and the structures `attention_heads` (or `query_heads`) / `mlp_channels`.
+            with `loss="block"`; frequency and reap for experts) and the structures `attention_heads` (or
+            `query_heads`) / `mlp_channels` / `experts`.
         calibration_data: as for [`Pruner.prune`] (needed by data-driven criteria).
         output_dir: where the pruned checkpoint goes (written atomically); not needed for `dry_run`.
         tokenizer: defaults to the checkpoint's own (needed for text calibration data, copied to the output).

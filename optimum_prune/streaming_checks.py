@@ -9,19 +9,20 @@ from __future__ import annotations
 from .architectures.base import (
     ATTENTION_HEADS,
     CHECKPOINT_CONVERTERS,
+    EXPERTS,
     MLP_CHANNELS,
     QUERY_HEADS,
     streaming_model_types,
 )
 from .importance import IMPORTANCE_REGISTRY
-from .importance.base import ACTIVATIONS, BLOCK_LOSS, WEIGHTS
+from .importance.base import ACTIVATIONS, BLOCK_LOSS, ROUTING, WEIGHTS
 
 
-# Structures a single layer can be scored and pruned for on its own.
-STREAMING_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS)
-# What a layer-local criterion may need: its layer's weights, the activations of its layer's inputs, and forward passes
-# of its layer alone (mini_llm's block-local loss).
-LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS, BLOCK_LOSS})
+# Structures a single layer can be scored and pruned for on its own (a MoE layer's experts and expert channels too).
+STREAMING_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, EXPERTS)
+# What a layer-local criterion may need: its layer's weights, the activations of its layer's inputs, forward passes
+# of its layer alone (mini_llm's block-local loss), and what its router does on its inputs (frequency, REAP).
+LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS, BLOCK_LOSS, ROUTING})
 
 
 def layer_local_criteria() -> list[str]:
@@ -62,8 +63,7 @@ def check_streaming_config(pruner_config, model_type: str | None = None) -> None
     if other:
         raise ValueError(
             f"Streaming pruning supports the per-layer structures {list(STREAMING_STRUCTURES)}, got {other} "
-            "(hidden channels and layer removal need every layer at once; experts are not streamed yet); prune them "
-            "in memory."
+            "(hidden channels and layer removal need every layer at once); prune them in memory."
         )
     if pruner_config.bias_compensation and not needs_global_scores(pruner_config):
         raise ValueError(

@@ -41,7 +41,6 @@ from optimum_prune import AutoPruner, PrunerConfig
 from optimum_prune.calibration import collect_statistics
 from optimum_prune.groups import build_group_sets
 from optimum_prune.importance import ROUTING, get_importance
-from optimum_prune.streaming import prune_streaming
 
 
 ATOL = 1e-5
@@ -300,7 +299,6 @@ def test_routing_statistics_and_reap():
             _config(["mlp_channels"], 0.3, "taylor"),
             "use one of ['magnitude', 'random', 'frequency', 'reap']",
         ),
-        ("qwen2_moe", _config(["attention_heads"], 0.1, "wanda_sp", reconstruction=True), "not refit yet"),
     ],
 )
 def test_moe_refusals(family, config, message):
@@ -328,15 +326,6 @@ def test_experts_refused_on_dense_and_routing_criteria_on_other_structures():
         AutoPruner.from_model(tiny_llama(), _config(["experts"], 0.2))
     with pytest.raises(ValueError, match=r"`importance='reap'` scores only \['experts'\]"):
         _config(["attention_heads"], 0.2, "reap")
-
-
-def test_streaming_refuses_moe(tmp_path):
-    """Streaming has not been checked on MoE layers: the family and the `experts` structure are refused by name."""
-    tiny_mixtral().save_pretrained(tmp_path / "moe")
-    with pytest.raises(ValueError, match="Streaming pruning is supported for model types .* got 'mixtral'"):
-        prune_streaming(tmp_path / "moe", _config(["attention_heads"], 0.05), output_dir=tmp_path / "out")
-    with pytest.raises(ValueError, match=r"got \['experts'\] .*experts are not streamed yet"):
-        prune_streaming(tmp_path / "moe", _config(["experts"], 0.2), output_dir=tmp_path / "out")
 
 
 def test_module_list_experts_refused():

@@ -90,3 +90,28 @@ def test_5x_checkpoints_load_under_4_57(v5_checkpoints, family, package):
     for path in paths:
         want = torch.load(path + ".pt")
         torch.testing.assert_close(torch.load(path + ".loaded.pt"), want, atol=ATOL.get(family, 0), rtol=0)
+
+
+# optimum-onnx 0.1.0 has ONNX configs for these families (and for gemma2 and qwen3_moe; none for mixtral, qwen2_moe).
+ONNX_FAMILIES = ("qwen3", "phi3", "gemma3_text")
+
+
+@pytest.mark.compat
+@pytest.mark.skipif(IS_TRANSFORMERS_V5, reason="optimum-onnx needs Transformers 4.57: run in .venv-compat")
+@pytest.mark.skipif(not MAIN_PYTHON.exists(), reason=f"no Transformers 5.x interpreter at {MAIN_PYTHON}")
+@pytest.mark.parametrize("family", ONNX_FAMILIES)
+def test_5x_checkpoints_run_in_onnx_runtime(v5_checkpoints, family):
+    """Each kind's 5.x checkpoint exports to ONNX under 4.57 (`ORTModelForCausalLM(export=True)`, stock and registered
+    types) and ONNX Runtime matches PyTorch's logits with and without the KV cache, and its greedy tokens."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from test_compat import _check_ort_generates_like_pytorch, _check_ort_logits
+    from transformers import AutoModelForCausalLM
+
+    import optimum_prune  # noqa: F401  (registers the pruned types and their ONNX configs)
+
+    for kind in KINDS:
+        path = v5_checkpoints / f"{family}-{kind}"
+        pytorch_model = AutoModelForCausalLM.from_pretrained(path).eval()
+        ort_model = ORTModelForCausalLM.from_pretrained(path, export=True)
+        _check_ort_logits(ort_model, pytorch_model)
+        _check_ort_generates_like_pytorch(ort_model, pytorch_model)

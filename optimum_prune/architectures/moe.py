@@ -21,6 +21,10 @@ Structures:
 
 Qwen3-MoE layers listed in `mlp_only_layers` (or off `decoder_sparse_step`) have a dense LLaMA MLP instead: they have
 no `experts` units, and their `mlp.*_proj` members stay in hidden-channel pruning.
+
+Checkpoints on disk name the experts as Transformers 4.x does (one Linear per expert; 5.x fuses them on load and
+splits them on save through its conversion mapping, keyed by `model_type`); code that reads safetensors itself
+converts through that same mapping (`checkpoint_conversion.py`), so no expert names are declared here.
 """
 
 import dataclasses
@@ -132,6 +136,12 @@ QWEN2_MOE_SPEC = dataclasses.replace(
     derived_fields={"head_dim": ("hidden_size", "num_attention_heads")},
 )
 
-register_family("mixtral", MIXTRAL_SPEC)
-register_family("qwen2_moe", QWEN2_MOE_SPEC)
-register_family("qwen3_moe", QWEN3_MOE_SPEC)
+register_family("mixtral", MIXTRAL_SPEC, streaming=True)
+register_family("qwen2_moe", QWEN2_MOE_SPEC, streaming=True)
+register_family("qwen3_moe", QWEN3_MOE_SPEC, streaming=True)
+# Our per-layer outputs (`per_layer_config`) prune again, streamed too: their family's spec reads every width from the
+# tensors, and their per-expert checkpoints convert as the stock type's (the pruned types register its mapping).
+for _spec in (MIXTRAL_SPEC, QWEN2_MOE_SPEC, QWEN3_MOE_SPEC):
+    register_family(
+        _spec.pruned_model_type, dataclasses.replace(_spec, model_types=(_spec.pruned_model_type,)), streaming=True
+    )

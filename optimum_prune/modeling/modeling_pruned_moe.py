@@ -4,8 +4,13 @@
 head counts (`per_layer_config`, see `per_layer_config.py`), and an output bias on `o_proj` (`o_proj_bias`: FLAP's
 bias compensation). Each decoder layer is built from its own config copy, so its router and experts have that layer's
 expert count; everything else, forward passes included, is the stock code.
+
+Weights are stored as Transformers 4.x names them (one Linear per expert), which each version reads with its own
+stock code: 4.x builds module lists; 5.x fuses them into 3-D tensors on load and splits them on save through the
+stock family's conversion mapping, registered here for the pruned types (5.x skips custom code's types otherwise).
 """
 
+import transformers
 from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
@@ -43,7 +48,15 @@ try:  # Transformers 5 configs are strict dataclasses whose validators are colle
     from huggingface_hub.dataclasses import strict
 except ImportError:  # Transformers 4.x
     strict = None
+try:  # Transformers 5: weight conversions between 4.x checkpoints and its fused experts.
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+except ImportError:  # Transformers 4.x reads module-list experts as they are stored
+    register_checkpoint_conversion_mapping = None
 
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 MOE_OUTPUT_BIASES = {"o_proj_bias": "self_attn.o_proj"}
 
 
@@ -148,6 +161,22 @@ class PrunedMixtralForCausalLM(MixtralForCausalLM):
         _init_moe_causal_lm(self, config, PrunedMixtralModel)
 
 
+def check_4x_qwen2_moe_attention(config) -> None:
+    """Transformers 4.x's Qwen2-MoE attention is `hidden_size` wide (it checks heads x `head_dim` against it and
+    reshapes its output to it), so pruned heads or hidden channels need 5.x: refused by name rather than left to a
+    shape error."""
+    for index in range(config.num_hidden_layers):
+        layer = config.layer_config(index)
+        head_dim = getattr(layer, "head_dim", None) or layer.hidden_size // layer.num_attention_heads
+        width = layer.num_attention_heads * head_dim
+        if width != layer.hidden_size:
+            raise ValueError(
+                f"Layer {index} of this pruned Qwen2-MoE has {layer.num_attention_heads} heads of {head_dim} "
+                f"({width} channels) and hidden_size {layer.hidden_size}; Transformers 4.x's Qwen2-MoE attention needs "
+                "them equal: load it with Transformers 5 (or prune only experts and their channels for 4.x)."
+            )
+
+
 class PrunedQwen2MoeModel(Qwen2MoeModel):
     """`Qwen2MoeModel` whose decoder layers are built from per-layer configs."""
 
@@ -155,6 +184,8 @@ class PrunedQwen2MoeModel(Qwen2MoeModel):
 
     def __init__(self, config: PrunedQwen2MoeConfig):
         Qwen2MoePreTrainedModel.__init__(self, config)
+        if TRANSFORMERS_4:
+            check_4x_qwen2_moe_attention(config)
         init_rotary_decoder(self, config, Qwen2MoeDecoderLayer, Qwen2MoeRMSNorm, Qwen2MoeRotaryEmbedding)
 
 
@@ -186,6 +217,18 @@ class PrunedQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
     def __init__(self, config: PrunedQwen3MoeConfig):
         Qwen3MoePreTrainedModel.__init__(self, config)
         _init_moe_causal_lm(self, config, PrunedQwen3MoeModel)
+
+
+# Each pruned type stores its experts as its stock type does (overwrite: the package and a `trust_remote_code` copy of
+# this file may both register).
+if register_checkpoint_conversion_mapping is not None:
+    for _pruned, _stock in (
+        (PrunedMixtralConfig, MixtralConfig),
+        (PrunedQwen2MoeConfig, Qwen2MoeConfig),
+        (PrunedQwen3MoeConfig, Qwen3MoeConfig),
+    ):
+        _mapping = get_checkpoint_conversion_mapping(_stock.model_type)
+        register_checkpoint_conversion_mapping(_pruned.model_type, _mapping, overwrite=True)
 
 
 __all__ = [

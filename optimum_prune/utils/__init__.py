@@ -4,6 +4,7 @@ from .compat import (
     IS_TRANSFORMERS_V5,
     TRANSFORMERS_VERSION,
     fails_transformers_5_validation,
+    legacy_field_names,
     legacy_rope_fields,
     make_checkpoint_portable,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "IS_TRANSFORMERS_V5",
     "TRANSFORMERS_VERSION",
     "fails_transformers_5_validation",
+    "legacy_field_names",
     "legacy_rope_fields",
     "make_checkpoint_portable",
 ]

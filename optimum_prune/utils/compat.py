@@ -7,6 +7,8 @@ both. What differs is what 5.x *writes*, which 4.57 reads differently:
 - RoPE: 5.x writes `rope_parameters = {"rope_type", "rope_theta", ...}`; 4.57 reads `rope_theta` and `rope_scaling`
   and ignores `rope_parameters`, so a 5.x checkpoint with a non-default base frequency would load under 4.57 with
   `rope_theta=10000` and silently different logits.
+- Renamed fields: 5.x writes Qwen3-MoE's expert count as `num_local_experts` (reading `num_experts` through its
+  `attribute_map`); 4.57 reads only `num_experts`, and would build its default 128 experts.
 - Tokenizers: 5.x writes `"tokenizer_class": "TokenizersBackend"`, a class 4.57 does not have (`AutoTokenizer` raises
   "Tokenizer class TokenizersBackend does not exist"). Both majors load the same `tokenizer.json` as
   `PreTrainedTokenizerFast` (5.x maps that name back to `TokenizersBackend`).
@@ -34,6 +36,12 @@ logger = logging.getLogger(__name__)
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 IS_TRANSFORMERS_V5 = TRANSFORMERS_VERSION.major >= 5
 
+# model_type -> {5.x field: 4.57 field} where 5.x renamed a field that 4.57 reads under its old name only.
+_LEGACY_FIELD_NAMES = {
+    "qwen3_moe": {"num_local_experts": "num_experts"},
+    "pruned_qwen3_moe": {"num_local_experts": "num_experts"},
+}
+
 # 5.x class name -> a name both majors resolve to the same fast tokenizer.
 _PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
@@ -57,6 +65,24 @@ def legacy_rope_fields(config_dict: dict) -> dict:
     scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     return {"rope_theta": params["rope_theta"], "rope_scaling": None if rope_type == "default" else scaling}
+
+
+def legacy_field_names(config_dict: dict) -> dict:
+    """The fields 4.57 reads under their old names (`_LEGACY_FIELD_NAMES`), with the values 5.x wrote.
+
+    Example:
+
+    ```python
+    >>> legacy_field_names({"model_type": "qwen3_moe", "num_local_experts": 6})
+    {'num_experts': 6}
+    ```
+    """
+    renames = _LEGACY_FIELD_NAMES.get(config_dict.get("model_type"), {})
+    return {old: config_dict[new] for new, old in renames.items() if new in config_dict and old not in config_dict}
+
+
+def _legacy_config_fields(config_dict: dict) -> dict:
+    return {**legacy_rope_fields(config_dict), **legacy_field_names(config_dict)}
 
 
 def _update_json(path: str, update) -> bool:
@@ -89,8 +115,8 @@ def make_checkpoint_portable(save_directory: str | os.PathLike) -> None:
             A directory written by `save_pretrained`.
     """
     config_path = os.path.join(save_directory, "config.json")
-    if _update_json(config_path, legacy_rope_fields):
-        logger.debug("Added rope_theta/rope_scaling to %s for Transformers 4.x.", config_path)
+    if _update_json(config_path, _legacy_config_fields):
+        logger.debug("Added the Transformers 4.x spelling of rope and renamed fields to %s.", config_path)
     tokenizer_path = os.path.join(save_directory, "tokenizer_config.json")
     if _update_json(tokenizer_path, _portable_tokenizer_class):
         logger.debug("Wrote a tokenizer_class that Transformers 4.x knows in %s.", tokenizer_path)
