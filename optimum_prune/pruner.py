@@ -493,13 +493,6 @@ class Pruner:
             teacher = self._distillation_teacher(teacher, teacher_kwargs, allow_pickle)
         elif teacher is not None:
             raise ValueError("A teacher is only used by `method='distill'` (`--method distill`); drop it or distil.")
-        kinds = mixed_layer_types(self.model.config)
-        if kinds:
-            raise ValueError(
-                f"Reconstruction replays the calibration inputs layer by layer with the first layer's attention mask, "
-                f"and this {self.model.config.model_type!r} model mixes layer types {kinds}; prune it with "
-                "`reconstruction=False` (drop --reconstruction)."
-            )
         if is_offloaded(self.model):
             raise ValueError(
                 "LoRA recovery trains with the weights on its training devices, and this model has weights offloaded "
