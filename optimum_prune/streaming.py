@@ -621,11 +621,15 @@ def _planner(model: nn.Module, spec: ArchitectureSpec, pruner_config: PrunerConf
 
     Building it resolves `bias_compensation` as the in-memory path does. Only the two-pass allocations can compensate
     (their statistics are the unpruned model's, as in memory); a one-pass run plans with it off and leaves
-    `pruner_config` untouched (an explicit `True` was refused by `check_streaming_config`).
+    `pruner_config` untouched (an explicit `True` was refused by `check_streaming_config`). Unset reconstruction is
+    resolved the same way: by the planner in two passes, off in one.
     """
     if not needs_global_scores(pruner_config):
         pruner_config = copy.copy(pruner_config)
         pruner_config.bias_compensation = False
+        pruner_config.reconstruction = bool(
+            pruner_config.reconstruction
+        )  # unset: off, as `streaming=True` resolves it
     # The parameters allocation counts, taken now: materialising the embeddings later unties a tied LM head, which
     # `named_parameters` would then list (and count) twice.
     planner = Planner(model, spec, pruner_config, params=dict(model.named_parameters()))
@@ -1316,6 +1320,11 @@ def prune_streaming(
         `dict` with `params_before`, `params_after`, `planned_widths`, `widths_from_scores` (True for two-pass
         configs), `estimated_peak_bytes` and, unless `dry_run`, `plan` (the [`PruningPlan`]).
     """
+    if (
+        pruner_config.reconstruction is None
+    ):  # resolved on a copy (the planner writes it back); off where it cannot run
+        unset = None if offload_hidden_states is None else False
+        pruner_config = dataclasses.replace(pruner_config, reconstruction=unset)
     run = _open_checkpoint(os.fspath(model_dir), pruner_config, plan, trust_remote_code)
     _plan_shapes(run)
     needs_data = ((run.importance.needs_data or run.compensate) and run.plan is None) or bool(run.reconstruction)

@@ -154,6 +154,7 @@ def test_every_criterion_prunes_query_heads_exactly(family, criterion):
         num_calibration_samples=4,
         calibration_seq_len=16,
         bias_compensation=False,  # the zeroed reference has no compensated biases
+        reconstruction=False,  # nor refit consumers
     )
     calibration = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(5))
     pruner = AutoPruner.from_model(model, config)

@@ -59,6 +59,7 @@ PRUNED_TYPE = {
 
 def _config(importance, **kwargs):
     kwargs.setdefault("pruning_ratio", 0.2)
+    kwargs.setdefault("global_ranking", False)  # one pass, as the sequential references prune, unless asked
     return PrunerConfig(importance=importance, num_calibration_samples=SAMPLES, calibration_seq_len=SEQ_LEN, **kwargs)
 
 

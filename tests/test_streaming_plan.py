@@ -18,6 +18,7 @@ DISK = {"cpu": 1000}  # bytes: nothing fits, so `device_map="auto"` offloads eve
 
 def _config(importance="taylor", **kwargs):
     kwargs.setdefault("pruning_ratio", 0.3)
+    kwargs.setdefault("reconstruction", False)  # a plan that slices only streams without calibration data
     return PrunerConfig(importance=importance, num_calibration_samples=6, calibration_seq_len=16, **kwargs)
 
 
