@@ -209,6 +209,7 @@ def checkpoints(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a CLI process with teacher and student; the Python API tests below cover the distillation itself
 def test_recover_command_distills_from_teacher(checkpoints, tmp_path):
     out = tmp_path / "out"
     root = checkpoints

@@ -192,7 +192,10 @@ def test_experts_equal_masked_router(family, importance, tmp_path):
     _check_exact_and_reload(family, model, plan, tmp_path, stock=True)
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
+# Two fresh interpreters per family: one family by default, the others with the slow tests.
+@pytest.mark.parametrize(
+    "family", [f if f == "mixtral" else pytest.param(f, marks=pytest.mark.slow) for f in sorted(BUILDERS)]
+)
 def test_experts_per_layer_counts(family, tmp_path):
     """REAP with per-layer ratios keeps different expert counts per layer: the registered per-layer type, exact, and
     reloaded in a fresh process with and without optimum-prune installed."""

@@ -204,8 +204,9 @@ RELOAD = [pytest.param(f, marks=pytest.mark.slow) if "-" in f else f for f in FA
 
 @pytest.mark.parametrize("family_name", RELOAD)
 def test_reload_in_fresh_process(tmp_path, family_name):
-    """Every structure's checkpoint reloads with identical logits: with the package imported, and without it through
-    `trust_remote_code=True` (stock types need no remote code; registered types load from the copied modeling file)."""
+    """Every structure's checkpoint, and a per-layer one, reloads with identical logits: with the package imported, and
+    without it through `trust_remote_code=True` (stock types need no remote code; registered types load from the copied
+    modeling file, per-layer ones with `per_layer_config.py`)."""
     family = FAMILIES[family_name]
     ids = input_ids()
     paths, expected = [], []
@@ -221,6 +222,15 @@ def test_reload_in_fresh_process(tmp_path, family_name):
             assert "auto_map" in config and (out / f"modeling_{family.pruned_type}.py").exists()
         paths.append(out)
         expected.append(logits(case.pruned, ids))
+    if family_name in PER_LAYER:  # the per-layer checkpoint reloads in the same two interpreters
+        pruner, pruned, _ = _per_layer_case(family_name)
+        out = tmp_path / "per_layer"
+        pruner.save_pretrained(out)
+        assert (out / "per_layer_config.py").is_file()  # imported by the copied modeling file
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["per_layer_config"] and saved["model_type"] == family.pruned_type
+        paths.append(out)
+        expected.append(logits(pruned, ids))
     for import_package in (True, False):
         loaded = fresh_process_logits(paths, ids, trust_remote_code=not import_package, import_package=import_package)
         for path, want, (got, _) in zip(paths, expected, loaded):
@@ -340,19 +350,3 @@ def test_per_layer_widths_equal_reference(family_name):
             assert attention.num_heads == len(kept)
     ids = input_ids()
     torch.testing.assert_close(logits(pruned, ids), logits(reference, ids), atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("family_name", [f for f in PER_LAYER if "-" not in f])
-def test_per_layer_checkpoints_reload_in_fresh_process(tmp_path, family_name):
-    pruner, pruned, _ = _per_layer_case(family_name)
-    pruner.save_pretrained(tmp_path / "out")
-    assert (tmp_path / "out" / "per_layer_config.py").is_file()  # imported by the copied modeling file
-    saved = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert saved["per_layer_config"] and saved["model_type"] == FAMILIES[family_name].pruned_type
-    ids = input_ids()
-    want = logits(pruned, ids)
-    for import_package in (True, False):
-        ((got, _),) = fresh_process_logits(
-            [tmp_path / "out"], ids, trust_remote_code=not import_package, import_package=import_package
-        )
-        torch.testing.assert_close(got, want, atol=0, rtol=0)

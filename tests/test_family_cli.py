@@ -16,7 +16,12 @@ from testing_utils import input_ids, load_eval, logits
 from optimum_prune.plan import PruningPlan
 
 
-CLI_FAMILIES = ["qwen3", "phi3", "gemma3_text"]
+# The command is family-agnostic past loading: one family runs by default, the others (a CLI process each) when slow.
+CLI_FAMILIES = [
+    "qwen3",
+    pytest.param("phi3", marks=pytest.mark.slow),
+    pytest.param("gemma3_text", marks=pytest.mark.slow),
+]
 
 
 def _cli() -> list[str]:

@@ -252,7 +252,10 @@ def test_plan_reapplies_compensation(tmp_path):
 
 @pytest.mark.parametrize(
     ("build", "model_type", "cls_name"),
-    [(tiny_llama, "pruned_llama", "PrunedLlamaForCausalLM"), (tiny_glm, "pruned_glm", "PrunedGlmForCausalLM")],
+    [
+        (tiny_llama, "pruned_llama", "PrunedLlamaForCausalLM"),
+        pytest.param(tiny_glm, "pruned_glm", "PrunedGlmForCausalLM", marks=pytest.mark.slow),  # two interpreters each
+    ],
 )
 def test_compensated_checkpoint_reloads_both_ways(tmp_path, build, model_type, cls_name):
     """Per-layer widths and added biases: `from_pretrained` with the package, and `trust_remote_code=True` without it

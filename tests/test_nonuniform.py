@@ -333,6 +333,7 @@ def test_per_layer_config_reads_natively(tmp_path):
     assert _config_widths(native) == _layer_widths(pruner.model)
 
 
+@pytest.mark.slow  # tests/test_families.py reloads a per-layer LLaMA in fresh processes by default
 def test_reload_in_fresh_processes_identical(tmp_path):
     pruner = _non_uniform_pruner()
     out = tmp_path / "out"
