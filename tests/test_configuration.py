@@ -23,3 +23,20 @@ def test_json_sorted():
     text = PrunerConfig().to_json_string()
     keys = list(json.loads(text))
     assert keys == sorted(keys)
+
+
+def test_default_is_the_configuration_benchmarks_defaults_chose():
+    """`benchmarks/defaults.py` picked Taylor scores ranked across layers on their raw values, then reconstruction
+    (README, "Defaults"): the unset fields resolve to exactly that, and step back where another option decides."""
+    default = PrunerConfig(pruning_ratio=0.3)
+    assert (default.importance, default.global_ranking, default.global_normalization) == ("taylor", True, "none")
+    assert default.structures == ["attention_heads", "mlp_channels"] and default.num_calibration_samples == 32
+    assert default.reconstruction is None  # on, once the planner has seen the family (tests/test_reconstruction.py)
+    assert PrunerConfig(uniform=True).global_ranking is False
+    assert PrunerConfig(importance="wanda_sp").global_ranking is False
+    assert PrunerConfig(importance="bip").global_normalization == "none"
+    assert PrunerConfig(importance="magnitude", global_ranking=True).global_normalization == "mean"
+    assert PrunerConfig(importance="magnitude").reconstruction is False  # it reads no calibration data
+    assert PrunerConfig(structures=["attention_heads", "layers"]).reconstruction is False
+    assert PrunerConfig(importance="wanda_sp", streaming=True).reconstruction is False  # one pass
+    assert PrunerConfig(importance="wanda_sp", streaming=True, allocation="flap").reconstruction is None  # two passes

@@ -347,3 +347,24 @@ def test_reconstruction_improves_tiny_llama_perplexity():
         ratios[reconstruction] = pruned / base
     assert ratios[True] < 1.35 < ratios[False], ratios
     assert ratios[True] < 0.8 * ratios[False], ratios
+
+
+def test_unset_reconstruction_refits_where_it_applies():
+    """The default (`reconstruction` unset) refits a LLaMA pruned with a data criterion, and records it in the plan;
+    with a weight-only criterion, or layers that read different masks, it prunes by slicing alone."""
+    small = dict(pruning_ratio=0.3, num_calibration_samples=4, calibration_seq_len=16)
+    refit = AutoPruner.from_model(tiny_llama(), PrunerConfig(importance="wanda_sp", **small))
+    refit.prune(calibration_data=DATA)
+    sliced = AutoPruner.from_model(tiny_llama(), PrunerConfig(importance="wanda_sp", reconstruction=False, **small))
+    sliced.prune(calibration_data=DATA)
+    assert refit.config.reconstruction is True and refit.plan.reconstruction == {"damping": 0.01}
+    assert refit.plan.kept == sliced.plan.kept and sliced.plan.reconstruction == {}
+    o_proj = [layer.self_attn.o_proj.weight for layer in (refit.model.model.layers[0], sliced.model.model.layers[0])]
+    assert not torch.equal(*o_proj)
+    weights_only = AutoPruner.from_model(tiny_llama(), PrunerConfig(importance="magnitude", **small))
+    weights_only.prune()
+    assert weights_only.plan.reconstruction == {}
+    sliding = tiny_llama()
+    sliding.config.layer_types = ["sliding_attention", "full_attention"] * (sliding.config.num_hidden_layers // 2)
+    mixed = AutoPruner.from_model(sliding, PrunerConfig(importance="wanda_sp", **small))
+    assert mixed.config.reconstruction is False
