@@ -1269,6 +1269,14 @@ def _write_config(run: _Run, directory: str) -> None:
         shutil.copy(generation, directory)
 
 
+def _unset_reconstruction(pruner_config: PrunerConfig, offload_hidden_states) -> PrunerConfig:
+    """Unset `reconstruction` is resolved on a copy of the config (the planner writes it back), and is off with
+    offloaded hidden states, which a refit cannot run with."""
+    if pruner_config.reconstruction is not None:
+        return pruner_config
+    return dataclasses.replace(pruner_config, reconstruction=None if offload_hidden_states is None else False)
+
+
 def prune_streaming(
     model_dir: str | os.PathLike,
     pruner_config: PrunerConfig,
@@ -1313,18 +1321,13 @@ def prune_streaming(
             it (`pruner_config` is the config it was made with, recorded in the output), e.g. Taylor on a model
             offloaded with `device_map`: the pruned checkpoint is then written without loading the offloaded part.
             Heads and MLP channels of the streamed families; bias compensation (the plan's means) included.
-        overwrite (`bool`, *optional*, defaults to `False`): write into a non-empty `output_dir` that is not a
-            previous optimum-prune output, replacing only the checkpoint's own files there (see `output_dir.py`).
+        overwrite (`bool`, *optional*, defaults to `False`): write into a non-empty `output_dir` (see `output_dir.py`).
 
     Returns:
         `dict` with `params_before`, `params_after`, `planned_widths`, `widths_from_scores` (True for two-pass
         configs), `estimated_peak_bytes` and, unless `dry_run`, `plan` (the [`PruningPlan`]).
     """
-    if (
-        pruner_config.reconstruction is None
-    ):  # resolved on a copy (the planner writes it back); off where it cannot run
-        unset = None if offload_hidden_states is None else False
-        pruner_config = dataclasses.replace(pruner_config, reconstruction=unset)
+    pruner_config = _unset_reconstruction(pruner_config, offload_hidden_states)
     run = _open_checkpoint(os.fspath(model_dir), pruner_config, plan, trust_remote_code)
     _plan_shapes(run)
     needs_data = ((run.importance.needs_data or run.compensate) and run.plan is None) or bool(run.reconstruction)
