@@ -64,3 +64,19 @@ def test_expert_fraction_removes_that_many_experts(tmp_path):
     pruner = AutoPruner.from_model(tiny_mixtral(), config)
     pruner.prune(calibration_data=torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1)))
     assert {len(kept) for kept in pruner.plan.kept.values()} == {6}
+
+
+def test_qwen2_moe_route_with_every_expert_routed_is_the_dense_model():
+    """Shared expert of the 16 strongest channels (zero gate: sigmoid 1/2, down x 2), two routed experts of 32 with
+    zero routers and no top-k normalisation (each weighs 1/2, down x 2), zero q/k/v biases: tiny-llama's function."""
+    train = _load("train_families")
+    llama = tiny_llama(hidden_size=64, num_hidden_layers=2)
+    moe, _ = train.to_qwen2_moe(llama, experts=2, top_k=2, shared=16)
+    moe.eval()
+    with torch.no_grad():
+        for layer in moe.model.layers:
+            layer.mlp.gate.weight.zero_()
+    assert moe.model.layers[0].self_attn.q_proj.bias is not None
+    assert moe.model.layers[0].mlp.shared_expert.up_proj.weight.shape == (16, 64)
+    ids = input_ids()
+    assert torch.allclose(logits(moe, ids), logits(llama, ids), atol=1e-5)
