@@ -43,6 +43,8 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,17 +57,6 @@ from train_multihead import CHECKPOINTS, CORPUS, SHARED, load_recipe, run_recipe
 TINY_LLAMA = SHARED / "models" / "tiny-llama"
 
 logger = logging.getLogger(__name__)
-
-# Model -> (default steps, default peak learning rate). Batches of 8 x 256 tokens by default (the recipe uses 16):
-# twice the steps for the same CPU time.
-MODELS: dict[str, tuple[int, float]] = {
-    "tiny-phi3": (0, 5e-4),
-    "tiny-qwen3": (150, 5e-4),
-    "tiny-gemma3": (150, 5e-4),
-    "tiny-mixtral": (250, 1e-3),
-    "tiny-qwen3-moe": (250, 1e-3),
-    "tiny-qwen2-moe": (250, 1e-3),
-}
 
 
 def _common(source_config) -> dict:
@@ -321,23 +312,38 @@ def to_qwen2_moe(llama, experts: int = 16, top_k: int = 4, shared: int = 192):
     )
 
 
+@dataclass(frozen=True)
+class Route:
+    """How a model is made: `convert(source[, rms])` from `source` (tiny-llama, or a model this script trains first;
+    `rms`: `measure_rms` of the source on training text), then `steps` at peak `lr`."""
+
+    convert: Callable
+    steps: int
+    lr: float
+    source: str = "tiny-llama"
+    rms: bool = False
+
+
+# Batches of 8 x 256 tokens by default (the recipe uses 16): twice the steps for the same CPU time. In dependency order.
+ROUTES: dict[str, Route] = {
+    "tiny-phi3": Route(to_phi3, 0, 5e-4),
+    "tiny-qwen3": Route(to_qwen3, 150, 5e-4, rms=True),
+    "tiny-gemma3": Route(to_gemma3, 150, 5e-4, rms=True),
+    "tiny-mixtral": Route(to_mixtral, 250, 1e-3),
+    "tiny-qwen3-moe": Route(to_qwen3_moe, 250, 1e-3, source="tiny-qwen3"),
+    "tiny-qwen2-moe": Route(to_qwen2_moe, 250, 1e-3),
+}
+
+
 def build(name: str, out_root: Path, rms_batches: list[torch.Tensor]):
     from transformers import AutoModelForCausalLM
 
-    llama = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32).eval()
-    if name == "tiny-phi3":
-        return to_phi3(llama)
-    if name == "tiny-mixtral":
-        return to_mixtral(llama)
-    if name == "tiny-qwen2-moe":
-        return to_qwen2_moe(llama)
-    if name == "tiny-qwen3-moe":
-        qwen3 = out_root / "tiny-qwen3"
-        if not qwen3.exists():
-            raise SystemExit(f"tiny-qwen3-moe starts from {qwen3}: train tiny-qwen3 first")
-        return to_qwen3_moe(AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32).eval())
-    rms = measure_rms(llama, rms_batches)
-    return to_qwen3(llama, rms) if name == "tiny-qwen3" else to_gemma3(llama, rms)
+    route = ROUTES[name]
+    path = TINY_LLAMA if route.source == "tiny-llama" else out_root / route.source
+    if not path.exists():
+        raise SystemExit(f"{name} starts from {path}: train {route.source} first")
+    source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return route.convert(source, *([measure_rms(source, rms_batches)] if route.rms else []))
 
 
 def train(name: str, steps: int, lr: float, batch: int, out_root: Path) -> dict:
@@ -418,7 +424,7 @@ def routing_shares(name: str, out_root: Path, windows: int = 32, seq_len: int = 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(ROUTES), choices=list(ROUTES))
     parser.add_argument("--steps", type=int, default=None, help="steps per model (default: the model's own)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's own)")
     parser.add_argument("--batch", type=int, default=8, help="windows of 256 tokens per step (the recipe uses 16)")
@@ -436,9 +442,9 @@ def main(argv=None):
                 print(f"{name} layer {layer}: busiest half {half:.1%}, shares {[round(x, 3) for x in shares]}")
         return
     for name in args.models:
-        steps, lr = MODELS[name]
-        steps = steps if args.steps is None else args.steps
-        record = train(name, steps, args.lr or lr, args.batch, Path(args.out))
+        route = ROUTES[name]
+        steps = route.steps if args.steps is None else args.steps
+        record = train(name, steps, args.lr or route.lr, args.batch, Path(args.out))
         print(json.dumps(record), flush=True)
 
 
