@@ -1,5 +1,5 @@
 """Small trained models of the families the shared models do not cover (Qwen3, Phi-3, Gemma 3 text, Mixtral,
-Qwen3-MoE), so that `benchmarks/quality.py` measures pruning on trained weights, not random ones.
+Qwen3-MoE, Qwen2-MoE), so that `benchmarks/quality.py` measures pruning on trained weights, not random ones.
 
 The shared models took 1600 steps on a GPU; on two shared CPU cores that is hours per model. Every model here therefore
 starts from the shared tiny-llama (`../shared/models/tiny-llama`, trained with `../shared/models/train_tiny.py`) by a
@@ -8,7 +8,7 @@ peak, clipping at 1) for a few hundred steps on the CPU. Each model's `training.
 learning rate, seconds and perplexity; say so beside any number measured on it. Weights go to `benchmarks/checkpoints/`
 (git-ignored), never into the repository.
 
-    python benchmarks/train_families.py --threads 1                 # all five, in dependency order
+    python benchmarks/train_families.py --threads 1                 # all six, in dependency order
     python benchmarks/train_families.py --models tiny-qwen3 tiny-qwen3-moe --steps 250 --batch 8 --threads 1
     python benchmarks/train_families.py --routing tiny-mixtral tiny-qwen3-moe   # routing shares of trained MoEs
 
@@ -28,6 +28,11 @@ Routes (shapes of the shared recipe: hidden 256, 6 layers, 8 query heads in 4 KV
 - tiny-qwen3-moe: tiny-qwen3's attention and q/k norms, its MLP's 640 strongest channels (|up row| x |down column|)
   split into 16 experts of 40 channels, a random router, top-4 with `norm_topk_prob=True` (as Qwen3-30B-A3B), then
   trained like tiny-mixtral. Needs tiny-qwen3 first.
+- tiny-qwen2-moe: tiny-llama with zero q/k/v biases; each MLP's 192 strongest channels become the shared expert (its
+  down projection x 2 beside a zero `shared_expert_gate`, whose sigmoid is 1/2: no bias to push it to 1), the other
+  512 are split into 16 experts of 32 (down scaled by sqrt(16 / 4) x 16, the routing weight being ~1/16 without
+  top-k normalisation), a random router, top-4 without `norm_topk_prob` (as Qwen1.5-MoE-A2.7B), then trained like
+  tiny-mixtral.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,16 +57,6 @@ from train_multihead import CHECKPOINTS, CORPUS, SHARED, load_recipe, run_recipe
 TINY_LLAMA = SHARED / "models" / "tiny-llama"
 
 logger = logging.getLogger(__name__)
-
-# Model -> (default steps, default peak learning rate). Batches of 8 x 256 tokens by default (the recipe uses 16):
-# twice the steps for the same CPU time.
-MODELS: dict[str, tuple[int, float]] = {
-    "tiny-phi3": (0, 5e-4),
-    "tiny-qwen3": (150, 5e-4),
-    "tiny-gemma3": (150, 5e-4),
-    "tiny-mixtral": (250, 1e-3),
-    "tiny-qwen3-moe": (250, 1e-3),
-}
 
 
 def _common(source_config) -> dict:
@@ -196,25 +193,52 @@ def to_gemma3(llama, rms: dict[str, float]):
     )
 
 
-def moefy(dense, moe, channels: list[torch.Tensor], num_experts: int, top_k: int, seed: int) -> None:
-    """Copy `dense` into `moe` except the MLPs: layer i's MLP channels `channels[i]` (in order) are split into
-    `num_experts` equal experts (gate/up rows, down columns), down scaled by sqrt(num_experts x top_k); routers are
-    random (std 0.02)."""
+def moefy(dense, moe, channels: list[torch.Tensor], num_experts: int, top_k: int, seed: int, **extra) -> None:
+    """Copy `dense` into `moe`, its MLPs as `moe_mlps` makes them (`extra` is passed on); biases `dense` lacks are zero."""
+    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+    state.update(moe_mlps(dense, channels, num_experts, top_k, seed, **extra))
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    assert not unexpected and all(name.endswith("_proj.bias") for name in missing), (missing, unexpected)
+    with torch.no_grad():
+        for name in missing:  # attention biases the dense model lacks (Qwen2-MoE's q/k/v) start at zero
+            moe.get_parameter(name).zero_()
+
+
+def moe_mlps(
+    dense, channels, num_experts: int, top_k: int, seed: int, weight: float | None = None, shared=None
+) -> dict[str, torch.Tensor]:
+    """The MoE MLPs' state: layer i's MLP channels `channels[i]` (in order) split into `num_experts` equal experts
+    (gate/up rows, down columns), down scaled by sqrt(num_experts / top_k) / `weight` (the routing weight a chosen
+    expert gets at first: 1 / top_k by default, as `norm_topk_prob` gives) so that a top-k output keeps the dense
+    MLP's norm; routers random (std 0.02). `shared[i]`, if given, are layer i's channels for a shared expert, its down
+    projection x 2 beside a zero `shared_expert_gate` (sigmoid 1/2: the same function as those dense channels)."""
     source = dense.state_dict()
-    state = {k: v for k, v in source.items() if ".mlp." not in k}
+    state = {}
     width = channels[0].numel() // num_experts
-    scale = math.sqrt(num_experts * top_k)
+    scale = math.sqrt(num_experts / top_k) / (weight or 1 / top_k)
     for i in range(dense.config.num_hidden_layers):
         mlp = f"model.layers.{i}.mlp."
         gate_proj, up_proj = source[f"{mlp}gate_proj.weight"], source[f"{mlp}up_proj.weight"]
+        down_proj = source[f"{mlp}down_proj.weight"]
         gate, up = gate_proj[channels[i]], up_proj[channels[i]]
-        down = source[f"{mlp}down_proj.weight"][:, channels[i]] * scale
+        down = down_proj[:, channels[i]] * scale
         gate, up = gate.view(num_experts, width, -1), up.view(num_experts, width, -1)
         state[f"{mlp}experts.gate_up_proj"] = torch.cat([gate, up], dim=1)  # each expert chunks gate first
         state[f"{mlp}experts.down_proj"] = down.view(down.shape[0], num_experts, width).permute(1, 0, 2).contiguous()
         generator = torch.Generator().manual_seed(seed + i)
         state[f"{mlp}gate.weight"] = torch.randn(num_experts, dense.config.hidden_size, generator=generator) * 0.02
-    moe.load_state_dict(state)
+        if shared is not None:
+            state[f"{mlp}shared_expert.gate_proj.weight"] = gate_proj[shared[i]]
+            state[f"{mlp}shared_expert.up_proj.weight"] = up_proj[shared[i]]
+            state[f"{mlp}shared_expert.down_proj.weight"] = down_proj[:, shared[i]] * 2
+            state[f"{mlp}shared_expert_gate.weight"] = torch.zeros(1, dense.config.hidden_size)
+    return state
+
+
+def strongest_channels(mlp, count: int) -> torch.Tensor:
+    """The MLP's `count` strongest channels (|up row| x |down column|), in their original order."""
+    strength = mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
+    return strength.argsort(descending=True)[:count].sort().values
 
 
 def to_mixtral(llama):
@@ -253,10 +277,7 @@ def to_qwen3_moe(qwen3):
         router_aux_loss_coef=0.001,
     )
     model = Qwen3MoeForCausalLM(config)
-    channels = []  # each layer's strongest channels, in their original order
-    for layer in qwen3.model.layers:
-        strength = layer.mlp.up_proj.weight.norm(dim=1) * layer.mlp.down_proj.weight.norm(dim=0)
-        channels.append(strength.argsort(descending=True)[: experts * width].sort().values)
+    channels = [strongest_channels(layer.mlp, experts * width) for layer in qwen3.model.layers]
     moefy(qwen3, model, channels, experts, top_k, seed=2)
     return model, (
         f"tiny-qwen3 (this script), each MLP's {experts * width} strongest channels split into {experts} experts of "
@@ -264,21 +285,65 @@ def to_qwen3_moe(qwen3):
     )
 
 
+def to_qwen2_moe(llama, experts: int = 16, top_k: int = 4, shared: int = 192):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    width = (llama.config.intermediate_size - shared) // experts
+    config = Qwen2MoeConfig(
+        **_common(llama.config),
+        intermediate_size=llama.config.intermediate_size,  # dense layers only; every layer here is sparse
+        moe_intermediate_size=width,
+        shared_expert_intermediate_size=shared,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=False,  # as Qwen1.5-MoE-A2.7B and Qwen2-57B-A14B
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        router_aux_loss_coef=0.001,
+    )
+    model = Qwen2MoeForCausalLM(config)
+    strong = [strongest_channels(layer.mlp, shared) for layer in llama.model.layers]
+    everything = torch.arange(llama.config.intermediate_size)
+    rest = [everything[~torch.isin(everything, s)][: experts * width] for s in strong]
+    moefy(llama, model, rest, experts, top_k, seed=3, weight=1 / experts, shared=strong)
+    return model, (
+        f"shared tiny-llama, each MLP's {shared} strongest channels as the shared expert (zero shared_expert_gate, "
+        f"down x 2), the other {experts * width} split into {experts} experts of {width}, random router, top-{top_k} "
+        "without norm_topk_prob, zero q/k/v biases"
+    )
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a model is made: `convert(source[, rms])` from `source` (tiny-llama, or a model this script trains first;
+    `rms`: `measure_rms` of the source on training text), then `steps` at peak `lr`."""
+
+    convert: Callable
+    steps: int
+    lr: float
+    source: str = "tiny-llama"
+    rms: bool = False
+
+
+# Batches of 8 x 256 tokens by default (the recipe uses 16): twice the steps for the same CPU time. In dependency order.
+ROUTES: dict[str, Route] = {
+    "tiny-phi3": Route(to_phi3, 0, 5e-4),
+    "tiny-qwen3": Route(to_qwen3, 150, 5e-4, rms=True),
+    "tiny-gemma3": Route(to_gemma3, 150, 5e-4, rms=True),
+    "tiny-mixtral": Route(to_mixtral, 250, 1e-3),
+    "tiny-qwen3-moe": Route(to_qwen3_moe, 250, 1e-3, source="tiny-qwen3"),
+    "tiny-qwen2-moe": Route(to_qwen2_moe, 250, 1e-3),
+}
+
+
 def build(name: str, out_root: Path, rms_batches: list[torch.Tensor]):
     from transformers import AutoModelForCausalLM
 
-    llama = AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32).eval()
-    if name == "tiny-phi3":
-        return to_phi3(llama)
-    if name == "tiny-mixtral":
-        return to_mixtral(llama)
-    if name == "tiny-qwen3-moe":
-        qwen3 = out_root / "tiny-qwen3"
-        if not qwen3.exists():
-            raise SystemExit(f"tiny-qwen3-moe starts from {qwen3}: train tiny-qwen3 first")
-        return to_qwen3_moe(AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32).eval())
-    rms = measure_rms(llama, rms_batches)
-    return to_qwen3(llama, rms) if name == "tiny-qwen3" else to_gemma3(llama, rms)
+    route = ROUTES[name]
+    path = TINY_LLAMA if route.source == "tiny-llama" else out_root / route.source
+    if not path.exists():
+        raise SystemExit(f"{name} starts from {path}: train {route.source} first")
+    source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return route.convert(source, *([measure_rms(source, rms_batches)] if route.rms else []))
 
 
 def train(name: str, steps: int, lr: float, batch: int, out_root: Path) -> dict:
@@ -359,7 +424,7 @@ def routing_shares(name: str, out_root: Path, windows: int = 32, seq_len: int = 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(ROUTES), choices=list(ROUTES))
     parser.add_argument("--steps", type=int, default=None, help="steps per model (default: the model's own)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's own)")
     parser.add_argument("--batch", type=int, default=8, help="windows of 256 tokens per step (the recipe uses 16)")
@@ -377,9 +442,9 @@ def main(argv=None):
                 print(f"{name} layer {layer}: busiest half {half:.1%}, shares {[round(x, 3) for x in shares]}")
         return
     for name in args.models:
-        steps, lr = MODELS[name]
-        steps = steps if args.steps is None else args.steps
-        record = train(name, steps, args.lr or lr, args.batch, Path(args.out))
+        route = ROUTES[name]
+        steps = route.steps if args.steps is None else args.steps
+        record = train(name, steps, args.lr or route.lr, args.batch, Path(args.out))
         print(json.dumps(record), flush=True)
 
 
