@@ -241,7 +241,8 @@ def test_fused_checkpoint_of_a_registered_type_still_loads(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
     assert "model.layers.0.mlp.experts.gate_up_proj" in _saved_tensors(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert torch.equal(logits(reloaded, input_ids()), logits(model, input_ids()))
+    # Not bitwise: with several threads the stored layout changes the expert kernels' summation order.
+    torch.testing.assert_close(logits(reloaded, input_ids()), logits(model, input_ids()), rtol=0, atol=1e-6)
 
 
 def test_legacy_field_names():
