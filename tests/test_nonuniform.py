@@ -277,6 +277,7 @@ def _fresh_processes(path, ids) -> dict:
     for name, import_package in (("registered", True), ("trust_remote_code", False)):
         code = textwrap.dedent(f"""
             import sys, torch
+            torch.set_num_threads({torch.get_num_threads()})  # the parent's summation order, for bitwise equality
             {"import optimum_prune" if import_package else "sys.modules['optimum_prune'] = None  # package absent"}
             from transformers import AutoModelForCausalLM
             model = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code={not import_package}).eval()
