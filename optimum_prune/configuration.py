@@ -15,7 +15,7 @@ from .compute_dtype import COMPUTE_DTYPE_CHOICES, check_compute_dtype
 from .errors import PruneInputError
 from .importance import IMPORTANCE_REGISTRY, get_importance
 from .inputs import read_json_object
-from .streaming_checks import check_streaming_config
+from .streaming_checks import check_streaming_config, needs_global_scores
 
 
 logger = logging.getLogger(__name__)
@@ -320,10 +320,9 @@ class PrunerConfig(PushToHubMixin):
             self.global_normalization = "none" if comparable else "mean"
         if self.global_ranking is not None:
             return
-        widths_given = [
-            n for n in ("attention_layers", "mlp_layers", "layer_ratios", "allocation") if getattr(self, n)
-        ]
-        widths_given += [n for n in ("uniform",) if self.uniform is True]
+        widths_given = any(
+            getattr(self, n) for n in ("attention_layers", "mlp_layers", "layer_ratios", "allocation", "uniform")
+        )
         per_layer = [s for s in self.structures if s in (*HEAD_STRUCTURES, MLP_CHANNELS)]
         self.global_ranking = bool(
             comparable
@@ -404,7 +403,7 @@ class PrunerConfig(PushToHubMixin):
         several steps, one-pass streaming, a criterion that reads no calibration data); the rest (the family) is
         decided by the planner, which writes the value back."""
         refits = all(s in (*HEAD_STRUCTURES, MLP_CHANNELS) for s in self.structures) and self.iterative_steps == 1
-        one_pass = self.streaming and not (self.global_ranking or self.allocation == "flap")
+        one_pass = self.streaming and not needs_global_scores(self)
         if not refits or one_pass or not self.build_importance().needs_data:
             self.reconstruction = False
 
