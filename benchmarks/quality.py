@@ -116,6 +116,13 @@ RECONSTRUCTED = (
     "flap-adaptive-nobias",
 )
 METHODS.update({f"{name}-recon": {**METHODS[name], "reconstruction": True} for name in RECONSTRUCTED})
+# Units chosen by the error left after the refit (structured OBS); the criterion still sets the widths.
+METHODS.update(
+    {
+        f"{name}-recon-error": {**METHODS[name], "reconstruction": True, "reconstruction_selection": "error"}
+        for name in ("taylor-global", "wanda_sp", "flap-adaptive-nobias", "bip-global")
+    }
+)
 # Calibration size under reconstruction: 128 windows of 128 tokens instead of 32.
 METHODS["taylor-global-recon-cal128"] = {**METHODS["taylor-global-recon"], "num_calibration_samples": 128}
 METHODS["wanda_sp-recon-cal128"] = {**METHODS["wanda_sp-recon"], "num_calibration_samples": 128}

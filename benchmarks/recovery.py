@@ -7,7 +7,8 @@ fresh copy of that checkpoint with each variant: LoRA r=8 on every projection, 6
 
     python benchmarks/recovery.py                         # every variant, 40%
     python benchmarks/recovery.py --variants lm distill --steps 20
-    python benchmarks/recovery.py --importance wanda_sp --reconstruction --variants lm distill   # the best 40% start
+    python benchmarks/recovery.py --importance wanda_sp --reconstruction --variants lm distill   # uniform + refit
+    python benchmarks/recovery.py --start default --variants lm distill lm-full distill-full     # from the default
 
 Prints a Markdown table and appends JSON lines to `benchmarks/results/recovery.jsonl`.
 """
@@ -17,11 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import METHODS, method_kwargs  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,16 +44,23 @@ VARIANTS: dict[str, dict] = {
     "distill-T2": {"method": "distill", "distillation": {"temperature": 2.0}},
     "distill+lm": {"method": "distill", "distillation": {"temperature": 1.0, "lm_weight": 1.0}},
     "distill+hidden": {"method": "distill", "distillation": {"temperature": 1.0, "hidden_weight": 1.0}},
+    # Every weight instead of LoRA adapters, at the learning rate `--full-learning-rate`.
+    "lm-full": {"method": "lm", "full_finetune": True},
+    "distill-full": {"method": "distill", "distillation": {"temperature": 1.0}, "full_finetune": True},
 }
 
 
-def prune_once(ratio: float, importance: str, output: Path, reconstruction: bool = False) -> None:
-    """The shared pruned start, written as an ordinary checkpoint (its results file records the base model)."""
+def prune_once(ratio: float, importance: str, output: Path, reconstruction: bool = False, start=None) -> None:
+    """The shared pruned start, written as an ordinary checkpoint (its results file records the base model): uniform
+    `importance`, or with `start` a method of `benchmarks/quality.py` (`default`: what `PrunerConfig(ratio)` does)."""
     from optimum_prune import AutoPruner, PrunerConfig
 
-    config = PrunerConfig(
-        pruning_ratio=ratio, importance=importance, global_ranking=False, reconstruction=reconstruction
-    )
+    if start is not None:
+        config = PrunerConfig(pruning_ratio=ratio, **method_kwargs(start))
+    else:
+        config = PrunerConfig(
+            pruning_ratio=ratio, importance=importance, global_ranking=False, reconstruction=reconstruction
+        )
     pruner = AutoPruner.from_pretrained(str(MODEL), pruner_config=config, dtype=torch.float32)
     pruner.prune(calibration_data=str(CALIBRATION))
     pruner.save_pretrained(output)
@@ -70,6 +83,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--importance", default="taylor")
     parser.add_argument("--reconstruction", action="store_true", help="refit the pruned start (layer-wise)")
+    parser.add_argument("--start", choices=sorted(METHODS), help="prune as this quality.py method instead")
+    parser.add_argument("--full-learning-rate", type=float, default=1e-4, help="learning rate of the *-full variants")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -96,13 +111,16 @@ def main(argv=None) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory(prefix="recovery-benchmark-") as tmp:
         pruned = Path(tmp) / "pruned"
-        prune_once(args.ratio, args.importance, pruned, args.reconstruction)
+        prune_once(args.ratio, args.importance, pruned, args.reconstruction, args.start)
         for variant in args.variants:
-            record = recover_variant(pruned, variant, {**training_args, "output_dir": f"{tmp}/{variant}"},
-                                     args.eval_windows)  # fmt: skip
+            variant_args = {**training_args, "output_dir": f"{tmp}/{variant}"}
+            if VARIANTS[variant].get("full_finetune"):
+                variant_args["learning_rate"] = args.full_learning_rate
+            record = recover_variant(pruned, variant, variant_args, args.eval_windows)
             record.update(
                 ratio=args.ratio,
                 importance=args.importance,
+                start=args.start,
                 reconstruction=args.reconstruction,
                 steps=args.steps,
                 base_ppl=base_ppl,
@@ -124,7 +142,8 @@ def main(argv=None) -> list[dict]:
         for r in records
     ]
     print(
-        f"\ntiny-llama, {args.importance} uniform {args.ratio:.0%}{' + reconstruction' * args.reconstruction}; {args.steps} steps of {args.batch_size} x 256 "
+        f"\ntiny-llama, {args.start or args.importance + ' uniform'} {args.ratio:.0%}"
+        f"{' + reconstruction' * args.reconstruction}; {args.steps} steps of {args.batch_size} x 256 "
         f"tokens; unpruned perplexity {base_ppl:.2f} (eval.txt, {args.eval_windows} windows x 256 tokens)\n"
     )
     print(format_table(["variant", "pruned", "recovered ppl", "recovered vs unpruned", "seconds"], rows))

@@ -18,6 +18,7 @@ from .architectures.base import STRUCTURES
 from .compute_dtype import COMPUTE_DTYPE_CHOICES
 from .configuration import PrunerConfig
 from .inputs import parse_size
+from .refit_selection import RECONSTRUCTION_SELECTIONS
 
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,14 @@ def _add_reconstruction_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Ridge damping of the refit, relative to the mean Gram diagonal (default 0.01).",
     )
+    group.add_argument(
+        "--reconstruction-selection",
+        choices=RECONSTRUCTION_SELECTIONS,
+        default=None,
+        help="Units each layer keeps under reconstruction: the criterion's top units, or those whose removal leaves "
+        "the least error after the refit (structured OBS). The criterion sets the widths either way (default: "
+        "error).",
+    )
 
 
 def _add_streaming_args(parser: argparse.ArgumentParser) -> None:
@@ -231,6 +240,7 @@ ALLOCATION_ARGS = (
     "iterative_steps",
     "reconstruction",
     "reconstruction_damping",
+    "reconstruction_selection",
 )
 
 

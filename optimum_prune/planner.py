@@ -38,7 +38,6 @@ from .groups import (
 from .modeling import PRUNED_MODEL_CLASSES
 from .offload import is_offloaded
 from .plan import PruningPlan
-from .streaming_checks import mixed_layer_types
 from .surgery import consumer_modules, removed_channels
 from .utils.compat import fails_transformers_5_validation
 
@@ -47,8 +46,14 @@ logger = logging.getLogger(__name__)
 
 
 def reconstruction_settings(pruner_config) -> dict:
-    """The plan's `reconstruction` entry for a [`PrunerConfig`]: its damping when it reconstructs, else empty."""
-    return {"damping": pruner_config.reconstruction_damping} if pruner_config.reconstruction else {}
+    """The plan's `reconstruction` entry for a [`PrunerConfig`]: its damping (and a selection by refit error) when it
+    reconstructs, else empty."""
+    if not pruner_config.reconstruction:
+        return {}
+    selection = pruner_config.reconstruction_selection
+    return {"damping": pruner_config.reconstruction_damping} | (
+        {"selection": selection} if selection == "error" else {}
+    )
 
 
 # Criteria that score the fused 3-D expert tensors of MoE families (`experts`, and `mlp_channels` inside experts):
@@ -143,16 +148,14 @@ class Planner:
         )
 
     def _resolve_reconstruction(self) -> None:
-        """`reconstruction=None` left by `PrunerConfig` (where the config allows it) becomes `True` unless the family's
-        consumers cannot be refit yet (fused MoE experts), the model is offloaded (`device_map` to CPU or disk) or its
-        layers read different attention masks (sliding and global `layer_types`): reconstruction refuses those."""
+        """`reconstruction=None` left by `PrunerConfig` (where the config allows it) becomes `True` unless the model is
+        an MoE model (not measured on a trained one yet) or offloaded (`device_map` to CPU or disk), which
+        reconstruction refuses."""
         if self.config.reconstruction is None:
-            offloaded, mixed = is_offloaded(self.model), mixed_layer_types(self.model.config)
-            self.config.reconstruction = EXPERTS not in self.spec.structures and not offloaded and not mixed
-            if offloaded or mixed:
-                logger.info(
-                    "Pruning without reconstruction: %s.", "offloaded model" if offloaded else f"layers {mixed}"
-                )
+            offloaded = is_offloaded(self.model)
+            self.config.reconstruction = EXPERTS not in self.spec.structures and not offloaded
+            if offloaded:
+                logger.info("Pruning without reconstruction: offloaded model.")
 
     def _resolve_bias_compensation(self) -> None:
         """`bias_compensation=None` becomes `True` for the `flap` criterion where every consumer (o_proj, down_proj)

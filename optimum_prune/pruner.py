@@ -32,7 +32,6 @@ from .planner import Planner
 from .reconstruction import reconstruct_model
 from .recovery import DistillationConfig, check_recovery_method, recover_model
 from .streaming import capture_layer_inputs
-from .streaming_checks import mixed_layer_types
 from .utils.safe_weights import weights_loading_kwargs
 from .writer import describe_data, run_summary, summary_card, write_run_files
 
@@ -132,13 +131,6 @@ class Pruner:
     def _reconstruct(self, plan: PruningPlan, batches: torch.Tensor) -> None:
         """Refit every pruned consumer layer by layer on the calibration windows (see `optimum_prune.reconstruction`),
         before surgery slices the model."""
-        kinds = mixed_layer_types(self.model.config)
-        if kinds:
-            raise ValueError(
-                f"Reconstruction replays the calibration inputs layer by layer with the first layer's attention mask, "
-                f"and this {self.model.config.model_type!r} model mixes layer types {kinds}; prune it with "
-                "`reconstruction=False` (drop --reconstruction)."
-            )
         if is_offloaded(self.model):
             raise ValueError(
                 "Reconstruction runs every decoder layer twice per calibration batch on its own device, and this model "
@@ -149,7 +141,7 @@ class Pruner:
         with self._computing():  # the first layer's inputs in the compute dtype, as streaming captures them
             full = capture_layer_inputs(self.model, self.spec, batches.to(device))
         dtype = resolve_compute_dtype(self.config.compute_dtype, self.model.dtype, input_device(self.model))
-        reconstruct_model(self.model, self.spec, plan, full, plan.reconstruction["damping"], compute_dtype=dtype)
+        reconstruct_model(self.model, self.spec, plan, full, compute_dtype=dtype)
 
     def _record_pruned(self) -> nn.Module:
         self.params_after = count_parameters(self.model)

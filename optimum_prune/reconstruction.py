@@ -47,6 +47,7 @@ from torch import nn
 from .architectures.base import EXPERTS
 from .calibration import expert_hidden, layer_output
 from .groups import GroupSet, decoder_layers, get_submodule_or_none, layer_prefix
+from .refit_selection import UnitChoice, choose_units
 from .surgery import add_missing_biases, check_plan, consumer_modules, removed_channels
 
 
@@ -72,6 +73,13 @@ class RefitStatistics:
         size = in_features + int(intercept)
         gram = torch.zeros(size, size, dtype=torch.float64, device=device)
         return cls(gram, torch.zeros(size, out_features, dtype=torch.float64, device=device), intercept)
+
+    def subset(self, columns: torch.Tensor) -> RefitStatistics:
+        """The statistics of the input columns `columns` only (the intercept, if any, kept last)."""
+        index = columns.to(self.gram.device)
+        if self.intercept:
+            index = torch.cat([index, torch.tensor([self.gram.shape[0] - 1], device=index.device)])
+        return RefitStatistics(self.gram[index][:, index], self.cross[index], self.intercept, self.tokens)
 
     def add(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Add tokens: `inputs` [..., k] (the pruned model's kept input columns), `targets` [..., out]."""
@@ -104,9 +112,10 @@ def ridge_refit(stats: RefitStatistics, damping: float = DEFAULT_DAMPING) -> tup
 
 
 def refit_workspace_bytes(in_features: int, out_features: int) -> int:
-    """Peak bytes of one consumer's refit with `in_features` kept inputs: the float64 Gram matrix, its damped copy and
-    Cholesky factor [k, k], and the cross term, solution and transposed weight [k, out] (what `ridge_refit` holds)."""
-    return 8 * 3 * in_features * (in_features + out_features)
+    """Peak bytes of one consumer's refit with `in_features` inputs, in float64: choosing units by refit error
+    (`refit_selection.choose_units`) holds the Gram matrix, its damped copy, Cholesky factor and inverse [n, n] and the
+    cross term and solution [n, out]; `ridge_refit` then holds three [k, k] and three [k, out] of the kept ones."""
+    return 8 * max(4 * in_features**2 + 2 * in_features * out_features, 3 * in_features * (in_features + out_features))
 
 
 def experts_refit_bytes(layers, spec) -> int:
@@ -130,6 +139,9 @@ class Consumer:
     path: str
     kept_columns: torch.Tensor  # LongTensor [k], ascending
     intercept: bool
+    choice: UnitChoice | None = (
+        None  # with selection by refit error: the units to choose among (see `refit_selection`)
+    )
 
 
 @dataclass
@@ -174,18 +186,28 @@ def layer_consumers(layer: nn.Module, spec, plan, group_sets: dict[str, GroupSet
     """The consumers of decoder layer `layer_index` that `plan` prunes, in the layer's forward order (attention
     before MLP: the spec's structure order), with the columns they keep: [`Consumer`]s (Linears) and
     [`ExpertConsumer`]s (fused experts, whose removed experts are not refit). Removing whole experts alone leaves
-    no consumer to refit: what reads an expert's output is the residual stream itself."""
+    no consumer to refit: what reads an expert's output is the residual stream itself.
+
+    With `plan.reconstruction["selection"] == "error"`, a group set read by a single Linear, without bias
+    compensation or tied groups, has its units chosen anew by that Linear's refit error (`Consumer.choice`): the
+    plan then gives only how many units it keeps."""
     consumers = []
     prefix = layer_prefix(spec, layer_index)
     kept_experts = {r.path: r.kept for r in layer_routers(spec, plan, group_sets, layer_index)}
+    selecting = plan.reconstruction.get("selection") == "error"
     for key, group_set, kept in _layer_group_sets(spec, plan, group_sets, layer_index):
-        for s, path in consumer_modules(spec, group_set):
+        linears = consumer_modules(spec, group_set)
+        for s, path in linears:
             module = layer.get_submodule(path)
             removed = removed_channels(group_set, s, group_set.num_units, kept, module.in_features)
             mask = torch.ones(module.in_features, dtype=torch.bool)
             mask[removed] = False
             compensated = s.name in plan.bias_means.get(key, {})
-            consumers.append(Consumer(path, mask.nonzero().flatten(), module.bias is not None or compensated))
+            consumer = Consumer(path, mask.nonzero().flatten(), module.bias is not None or compensated)
+            if selecting and len(linears) == 1 and group_set.num_groups == 1 and not plan.bias_means.get(key):
+                columns = s.unit_indices(module.in_features, group_set.num_units).reshape(group_set.num_units, -1)
+                consumer.choice = UnitChoice(key, columns, len(kept))
+            consumers.append(consumer)
         for s in group_set.slices:
             if s.consumer and s.dim == 2:  # fused experts' down_proj [E, H, I]
                 path = s.name.removeprefix(prefix).rpartition(".")[0]
@@ -301,16 +323,21 @@ def _pruned_start(layer: nn.Module, consumer) -> dict[str, torch.Tensor]:
 def _refit_linear(layer, consumer: Consumer, full, pruned, original, current, routers, damping: float) -> dict:
     """A Linear's ridge problem: its pruned-stream inputs (kept columns) against its unpruned outputs."""
     module = layer.get_submodule(consumer.path)
-    stats = RefitStatistics.empty(
-        consumer.kept_columns.numel(), module.out_features, consumer.intercept, module.weight.device
-    )
-    columns = consumer.kept_columns.to(module.weight.device)
+    choosing = consumer.choice is not None  # then every column's statistics, to choose the kept ones from
+    width = module.in_features if choosing else consumer.kept_columns.numel()
+    stats = RefitStatistics.empty(width, module.out_features, consumer.intercept, module.weight.device)
+    columns = torch.arange(width) if choosing else consumer.kept_columns
+    columns = columns.to(module.weight.device)
     for batch_full, batch_pruned in zip(_batches(full), _batches(pruned)):
         with _weights(layer, original):
             targets = _run_until(layer, module, "output", *batch_full)
         with _weights(layer, current, routers):
             inputs = _run_until(layer, module, "input", *batch_pruned)
         stats.add(inputs.index_select(-1, columns), targets)
+    if choosing:
+        consumer.choice.kept = choose_units(stats.gram, stats.cross, consumer.choice, damping, stats.intercept)
+        columns = consumer.choice.columns[consumer.choice.kept].flatten().sort().values.to(columns.device)
+        consumer.kept_columns, stats = columns, stats.subset(columns)
     weight, bias = ridge_refit(stats, damping)
     new_weight = torch.zeros_like(module.weight.data)
     new_weight[:, columns] = weight.to(new_weight.dtype)
@@ -394,9 +421,25 @@ def _advance(layer: nn.Module, inputs) -> None:
 
 
 @torch.no_grad()
-def reconstruct_model(model: nn.Module, spec, plan, full, damping: float, compute_dtype=None) -> None:
-    """Refit every consumer `plan` prunes in `model` (unpruned, all layers in memory), layer by layer from the first
-    layer's inputs `full` (consumed: they end as the last layer's outputs); `surgery.apply_plan` then slices it. The
+def reconstruct_planned_layer(layer: nn.Module, spec, plan, group_sets, index: int, full, pruned) -> list[str]:
+    """Refit decoder layer `index` as `plan` says (`reconstruct_layer`) and, where the plan chooses units by refit
+    error, write the chosen units into `plan.kept` (before surgery slices the layer). Returns the paths that gained a
+    bias."""
+    consumers = layer_consumers(layer, spec, plan, group_sets, index)
+    routers = layer_routers(spec, plan, group_sets, index)
+    added = reconstruct_layer(layer, consumers, full, pruned, plan.reconstruction["damping"], routers)
+    for consumer in consumers:
+        choice = getattr(consumer, "choice", None)
+        if choice is not None:
+            plan.kept[choice.key] = choice.kept
+    logger.info("Layer %d refit (%d consumers).", index, len(consumers))
+    return added
+
+
+@torch.no_grad()
+def reconstruct_model(model: nn.Module, spec, plan, full, compute_dtype=None) -> None:
+    """Refit every consumer `plan` prunes in `model` (unpruned, all layers in memory, with the plan's damping), layer
+    by layer from the first layer's inputs `full` (consumed: they end as the last layer's outputs); `surgery.apply_plan` then slices it. The
     consumers that gained a bias get one in every layer, and the config field that builds it (`bias_fields`).
 
     With `compute_dtype` (`full` then in that dtype), each layer is refit as a `compute_dtype` copy and cast back, one
@@ -406,11 +449,10 @@ def reconstruct_model(model: nn.Module, spec, plan, full, damping: float, comput
     pruned = pruned_stream(full)
     added: set[str] = set()
     for index, layer in enumerate(decoder_layers(model, spec)):
-        consumers = layer_consumers(layer, spec, plan, group_sets, index)
-        routers = layer_routers(spec, plan, group_sets, index)
+        full.for_layer(model.config, index)  # the layer's own mask where layers mix kinds (Gemma)
+        pruned.for_layer(model.config, index)
         with _layer_in(layer, compute_dtype):
-            added.update(reconstruct_layer(layer, consumers, full, pruned, damping, routers))
-        logger.info("Layer %d refit (%d consumers).", index, len(consumers))
+            added.update(reconstruct_planned_layer(layer, spec, plan, group_sets, index, full, pruned))
     add_missing_biases(model, spec, added)
 
 
@@ -438,4 +480,4 @@ def _layer_in(layer: nn.Module, dtype) -> Iterator[None]:
 def pruned_stream(full):
     """The pruned model's first-layer inputs: the same as the unpruned model's (width pruning changes nothing before
     the first layer), as a separate copy of the hidden states."""
-    return type(full)([h.clone() for h in full.hidden], list(full.args), list(full.kwargs))
+    return type(full)([h.clone() for h in full.hidden], list(full.args), list(full.kwargs), dict(full.by_type))

@@ -53,7 +53,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -90,19 +90,17 @@ from .plan import PruningPlan
 from .planner import Planner, reconstruction_settings
 from .reconstruction import (
     experts_refit_bytes,
-    layer_consumers,
-    layer_routers,
     pruned_stream,
-    reconstruct_layer,
+    reconstruct_planned_layer,
     refit_workspace_bytes,
 )
 from .streaming_checks import (
     LAYER_LOCAL_NEEDS,
     STREAMING_STRUCTURES,
-    check_shared_layer_inputs,
     check_streaming_config,
     check_streaming_family,
     layer_local_criteria,
+    mixed_layer_types,
     needs_global_scores,
 )
 from .surgery import (
@@ -452,13 +450,16 @@ class _Captured(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for the first decoder layer: records what the model passes it (hidden states, the causal mask, the
-    rotary `position_embeddings` or BLOOM's `alibi`, position ids, ...) and stops the forward pass. So every family's
-    own forward builds the layer inputs, however it builds them."""
+    """Stands in for a decoder layer: records what the model passes it (hidden states, the causal mask, the rotary
+    `position_embeddings` or BLOOM's `alibi`, position ids, ...) and stops the forward pass. So every family's own
+    forward builds the layer inputs, however it builds them. With `stop=False` it passes its input on instead (the
+    layers before the first of each `layer_types` kind in models that mix them); with `record=False` it records
+    nothing."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, record: bool = True, stop: bool = True):
         super().__init__()
         self.layer = layer
+        self.record, self.stop = record, stop
         self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
 
     def __getattr__(self, name):  # the model may read attributes of its layers (e.g. `attention_type`)
@@ -470,17 +471,41 @@ class _Catcher(nn.Module):
     def forward(self, *args, **kwargs):
         hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
         rest = args[1:] if "hidden_states" not in kwargs and args else args
-        self.calls.append((hidden, rest, kwargs))
-        raise _Captured
+        if self.record:
+            self.calls.append((hidden, rest, kwargs))
+        if self.stop:
+            raise _Captured
+        return hidden  # only the next catcher reads it (and ignores it): no real layer runs before the last catcher
 
 
 @dataclass
 class LayerInputs:
-    """The inputs of the current decoder layer, one entry per calibration batch."""
+    """The inputs of the current decoder layer, one entry per calibration batch.
+
+    A model whose layers mix `layer_types` (Gemma's sliding-window and global layers) builds one mask (and, for Gemma
+    3, one set of position embeddings) per kind: `by_type` holds each kind's `(args, kwargs)` per batch, and
+    [`~LayerInputs.for_layer`] points `args`/`kwargs` at the ones a layer reads. Empty for every other model."""
 
     hidden: list[torch.Tensor]  # [B, T, H] each
     args: list[tuple]
     kwargs: list[dict]
+    by_type: dict[str, tuple[list[tuple], list[dict]]] = field(default_factory=dict)
+
+    def for_layer(self, config, index: int) -> LayerInputs:
+        """These inputs with the attention arguments of decoder layer `index` (its `layer_types` kind); returns self."""
+        if self.by_type:
+            self.args, self.kwargs = self.by_type[config.layer_types[index]]
+        return self
+
+
+def first_layer_of_each_type(config) -> dict[str, int]:
+    """`{kind: first layer index}` of a model whose layers mix `layer_types`; empty when all read the same inputs."""
+    if not mixed_layer_types(config):
+        return {}
+    firsts: dict[str, int] = {}
+    for index, kind in enumerate(config.layer_types[: config.num_hidden_layers]):
+        firsts.setdefault(kind, index)
+    return firsts
 
 
 @torch.no_grad()
@@ -491,12 +516,18 @@ def capture_layer_inputs(
 
     Calibration windows are unpadded, so `attention_mask` ([n, seq_len], 0 on padding) is usually absent; with one,
     the family's own forward turns it into what its layers read (OPT's mask and position ids, BLOOM's ALiBi tensor).
+    In a model that mixes `layer_types`, the layers up to the first of each kind are stood in for by catchers too, so
+    each kind's attention arguments are recorded (`LayerInputs.by_type`) and no real layer runs.
     """
-    check_shared_layer_inputs(model.config)
     layers = model.get_submodule(spec.layers)
-    first = layers[0]
-    catcher = _Catcher(first)
-    layers[0] = catcher
+    firsts = first_layer_of_each_type(model.config)
+    last = max(firsts.values(), default=0)
+    originals = [layers[i] for i in range(last + 1)]
+    catchers = [
+        _Catcher(layer, record=i == 0 or i in firsts.values(), stop=i == last) for i, layer in enumerate(originals)
+    ]
+    for i, catcher in enumerate(catchers):
+        layers[i] = catcher
     try:
         for start in range(0, len(batches), BATCH_SIZE):
             try:
@@ -505,10 +536,14 @@ def capture_layer_inputs(
             except _Captured:
                 pass
     finally:
-        layers[0] = first
-    if len(catcher.calls) != math.ceil(len(batches) / BATCH_SIZE):
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    if len(catchers[-1].calls) != math.ceil(len(batches) / BATCH_SIZE):
         raise RuntimeError("The model's forward did not reach its first decoder layer.")
-    return LayerInputs(*map(list, zip(*catcher.calls)))
+    inputs = LayerInputs(*map(list, zip(*catchers[0].calls)))
+    for kind, index in firsts.items():
+        inputs.by_type[kind] = ([c[1] for c in catchers[index].calls], [c[2] for c in catchers[index].calls])
+    return inputs.for_layer(model.config, 0)
 
 
 @torch.no_grad()
@@ -744,7 +779,11 @@ def capture_inputs(
         inputs.hidden.append(view)
         inputs.args.append(part.args[0])
         inputs.kwargs.append(part.kwargs[0])
-    return inputs, store
+        for kind, (args, kwargs) in part.by_type.items():
+            inputs.by_type.setdefault(kind, ([], []))
+            inputs.by_type[kind][0].append(args[0])
+            inputs.by_type[kind][1].append(kwargs[0])
+    return inputs.for_layer(model.config, 0), store
 
 
 def sequential_plan(model: nn.Module, pruner_config: PrunerConfig, batches: torch.Tensor | None) -> PruningPlan:
@@ -775,6 +814,8 @@ def sequential_plan(model: nn.Module, pruner_config: PrunerConfig, batches: torc
     with compute_in(work, layers, dtype):  # as streaming computes: a layer at a time in the compute dtype
         inputs = capture_layer_inputs(work, spec, batches) if importance.needs_data else None
         for i in range(len(layers)):
+            if inputs is not None:
+                inputs.for_layer(work.config, i)
             kept.update(prune_layer(work, spec, i, importance, group_sets, kept_counts, inputs))
             _sync_layer_attrs(work, spec, i, shape_model, kept)
             if inputs is not None and i + 1 < len(layers):
@@ -929,6 +970,7 @@ def _score_all_layers(model, spec, reader, importance, group_sets, inputs, means
         names = {s.name for key in keys for s in group_sets[key].slices}
         materialize(model, f"{spec.layers}.{i}", reader, dtype=dtype if inputs is not None else None)
         if inputs is not None:
+            inputs.for_layer(model.config, i)
             stats = layer_statistics(model, i, spec, names, inputs, importance.needs)
         else:
             stats = Statistics(model, None, param_names=names)
@@ -1040,8 +1082,6 @@ def _open_checkpoint(model_dir: str, pruner_config: PrunerConfig, plan, trust_re
         )
     spec = get_architecture(config.model_type)
     importance = pruner_config.build_importance()
-    if plan is None and importance.needs_data:
-        check_shared_layer_inputs(config)
     run = _Run(model_dir, pruner_config, config, spec, reader, model, tied, plan, importance)
     run.checkpoint_dtype = checkpoint_dtype
     run.compute_dtype = resolve_compute_dtype(pruner_config.compute_dtype, checkpoint_dtype, "cpu")
@@ -1094,9 +1134,7 @@ def _reconstruct_layer(run: _Run, layer_index: int, inputs: LayerInputs, pruned:
     """Refit the consumers the plan prunes in the (unpruned-shaped, materialised) layer and advance both streams;
     the same function the in-memory engine runs on every layer (`reconstruction.reconstruct_layer`)."""
     layer = run.layers[layer_index]
-    consumers = layer_consumers(layer, run.spec, run.plan, run.all_group_sets, layer_index)
-    routers = layer_routers(run.spec, run.plan, run.all_group_sets, layer_index)
-    reconstruct_layer(layer, consumers, inputs, pruned, run.reconstruction["damping"], routers)
+    reconstruct_planned_layer(layer, run.spec, run.plan, run.all_group_sets, layer_index, inputs, pruned)
 
 
 def _set_shape_model(run: _Run) -> None:
@@ -1223,6 +1261,9 @@ def _write_layers(run: _Run, writer: ShardWriter, inputs, progress) -> dict[str,
         layer_name = f"{spec.layers}.{i}"
         computing = inputs is not None and (run.plan is None or bool(run.reconstruction))  # else only slicing
         materialize(model, layer_name, run.reader, dtype=run.compute_dtype if computing else None)
+        for stream in (inputs, pruned):
+            if stream is not None:
+                stream.for_layer(model.config, i)
         if run.plan is not None:
             if pruned is not None:
                 _reconstruct_layer(run, i, inputs, pruned)

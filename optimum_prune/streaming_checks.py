@@ -88,19 +88,6 @@ def mixed_layer_types(config) -> list[str]:
     return kinds if len(kinds) > 1 else []
 
 
-def check_shared_layer_inputs(config) -> None:
-    """Refuse data-driven streaming where decoder layers read different attention inputs: streaming captures the first
-    layer's mask and position embeddings and gives them to every layer, and models that mix `layer_types` build one of
-    each kind."""
-    kinds = mixed_layer_types(config)
-    if kinds:
-        raise ValueError(
-            f"Streaming with calibration data gives every decoder layer the first layer's attention inputs, and this "
-            f"{config.model_type!r} model mixes layer types {kinds}. Use a weight criterion (importance='magnitude'), "
-            "or prune it in memory (without `streaming`)."
-        )
-
-
 def check_streaming_family(model_type: str | None) -> None:
     """Refuse checkpoints the layer-by-layer path has not been checked on (ChatGLM until converted)."""
     if model_type in CHECKPOINT_CONVERTERS:
@@ -120,7 +107,6 @@ def check_streaming_family(model_type: str | None) -> None:
 __all__ = [
     "LAYER_LOCAL_NEEDS",
     "STREAMING_STRUCTURES",
-    "check_shared_layer_inputs",
     "check_streaming_config",
     "check_streaming_family",
     "layer_local_criteria",

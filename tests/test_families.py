@@ -198,15 +198,8 @@ def test_pruned_equals_reference_with_padding(family_name, structure):
     torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=0)
 
 
-# Variants share their family's modeling code: their reloads (two interpreters each) run with the slow tests.
-RELOAD = [pytest.param(f, marks=pytest.mark.slow) if "-" in f else f for f in FAMILIES]
-
-
-@pytest.mark.parametrize("family_name", RELOAD)
-def test_reload_in_fresh_process(tmp_path, family_name):
-    """Every structure's checkpoint, and a per-layer one, reloads with identical logits: with the package imported, and
-    without it through `trust_remote_code=True` (stock types need no remote code; registered types load from the copied
-    modeling file, per-layer ones with `per_layer_config.py`)."""
+def _saved_checkpoints(tmp_path, family_name):
+    """Every structure's checkpoint of a family (and its per-layer one) saved under `tmp_path`, with their logits."""
     family = FAMILIES[family_name]
     ids = input_ids()
     paths, expected = [], []
@@ -214,7 +207,7 @@ def test_reload_in_fresh_process(tmp_path, family_name):
         if structure in family.unsupported:
             continue
         case = _case(family_name, structure)
-        out = tmp_path / structure
+        out = tmp_path / family_name / structure
         case.pruner.save_pretrained(out)
         config = json.loads((out / "config.json").read_text())
         assert config["model_type"] in {family.stock_type, family.pruned_type}
@@ -222,19 +215,44 @@ def test_reload_in_fresh_process(tmp_path, family_name):
             assert "auto_map" in config and (out / f"modeling_{family.pruned_type}.py").exists()
         paths.append(out)
         expected.append(logits(case.pruned, ids))
-    if family_name in PER_LAYER:  # the per-layer checkpoint reloads in the same two interpreters
+    if family_name in PER_LAYER:
         pruner, pruned, _ = _per_layer_case(family_name)
-        out = tmp_path / "per_layer"
+        out = tmp_path / family_name / "per_layer"
         pruner.save_pretrained(out)
         assert (out / "per_layer_config.py").is_file()  # imported by the copied modeling file
         saved = json.loads((out / "config.json").read_text())
         assert saved["per_layer_config"] and saved["model_type"] == family.pruned_type
         paths.append(out)
         expected.append(logits(pruned, ids))
+    return paths, expected
+
+
+def _reload_in_fresh_processes(tmp_path, family_names):
+    """Every checkpoint of `family_names` reloads with identical logits in two fresh interpreters (shared by all of
+    them, since starting one costs more than loading a tiny checkpoint): with the package imported, and without it
+    through `trust_remote_code=True` (stock types need no remote code; registered types load from the copied modeling
+    file, per-layer ones with `per_layer_config.py`)."""
+    paths, expected = [], []
+    for family_name in family_names:
+        family_paths, family_expected = _saved_checkpoints(tmp_path, family_name)
+        paths += family_paths
+        expected += family_expected
+    ids = input_ids()
     for import_package in (True, False):
         loaded = fresh_process_logits(paths, ids, trust_remote_code=not import_package, import_package=import_package)
         for path, want, (got, _) in zip(paths, expected, loaded):
-            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"{path.name}: reload differs")
+            name = f"{path.parent.name}/{path.name}"
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"{name}: reload differs")
+
+
+def test_reload_in_fresh_process(tmp_path):
+    """Every family's checkpoints (variants apart, which share their family's modeling code)."""
+    _reload_in_fresh_processes(tmp_path, [f for f in FAMILIES if "-" not in f])
+
+
+@pytest.mark.slow
+def test_variants_reload_in_fresh_process(tmp_path):
+    _reload_in_fresh_processes(tmp_path, [f for f in FAMILIES if "-" in f])
 
 
 @pytest.mark.parametrize("family_name", list(FAMILIES))

@@ -73,7 +73,9 @@ ROUND_TRIP_CONFIGS = [
     dict(importance="taylor", iterative_steps=3),
     dict(importance="wanda_sp", streaming=True),
     dict(importance="magnitude", compute_dtype="bfloat16"),
-    dict(importance="wanda_sp", reconstruction=True, reconstruction_damping=0.05),
+    dict(
+        importance="wanda_sp", reconstruction=True, reconstruction_damping=0.05, reconstruction_selection="criterion"
+    ),
 ]
 
 

@@ -91,7 +91,7 @@ def test_every_refit_expert_solves_its_gate_weighted_least_squares_problem(famil
     )
     pruned = pruner.prune(calibration_data=DATA)
     plan = pruner.plan
-    assert plan.reconstruction == {"damping": damping}
+    assert plan.reconstruction["damping"] == damping
     targets, inputs = _experts_io(original), _experts_io(pruned)
     checked = 0
     for i, layer in enumerate(pruned.model.layers):

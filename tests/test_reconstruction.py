@@ -5,12 +5,23 @@ Exactness changes meaning for refit layers: instead of "equals the zeroed origin
 weight solves its least-squares problem on the final model's own inputs, that nothing removed means nothing changed,
 that every engine gives the same weights and that a plan says it was refit."""
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import VOCAB, WORDS, load_eval, sharded_checkpoint, tiny_bloom, tiny_llama, tiny_opt, word_tokenizer
+from testing_utils import (
+    VOCAB,
+    WORDS,
+    load_eval,
+    sharded_checkpoint,
+    tiny_bloom,
+    tiny_gemma,
+    tiny_llama,
+    tiny_opt,
+    word_tokenizer,
+)
 
 from optimum_prune import AutoPruner, PrunerConfig, PruningPlan
 from optimum_prune.architectures import get_architecture
@@ -34,8 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(importance="wanda_sp", **kwargs):
+    """Reconstruction of the criterion's units (tests/test_refit_selection.py chooses them by refit error)."""
     kwargs.setdefault("pruning_ratio", 0.3)
     kwargs.setdefault("reconstruction", True)
+    kwargs.setdefault("reconstruction_selection", "criterion")
     return PrunerConfig(importance=importance, num_calibration_samples=SAMPLES, calibration_seq_len=SEQ_LEN, **kwargs)
 
 
@@ -140,6 +153,9 @@ def _activations(model, paths, batches):
         (tiny_opt, {}),  # consumers with biases
         (tiny_bloom, {"structures": ["attention_heads", "mlp_channels"]}),
         (tiny_llama, {"structures": ["query_heads", "mlp_channels"], "reconstruction_damping": 0.1}),
+        (tiny_opt, {"reconstruction_selection": "error"}),  # units chosen by the refit error, then refit the same way
+        (tiny_gemma, {}),  # sliding-window and global layers: each layer replayed with its own mask
+        (functools.partial(tiny_gemma, gemma3=True), {"reconstruction_selection": "error"}),  # and rotary bases
     ],
 )
 def test_every_refit_consumer_solves_its_least_squares_problem(build, kwargs):
@@ -151,7 +167,7 @@ def test_every_refit_consumer_solves_its_least_squares_problem(build, kwargs):
     pruner = AutoPruner.from_model(build(), config)
     pruner.prune(calibration_data=DATA)
     plan = pruner.plan
-    assert plan.reconstruction == {"damping": config.reconstruction_damping}
+    assert plan.reconstruction["damping"] == config.reconstruction_damping
     groups = build_group_sets(original, spec, sorted({k.split(".")[0] for k in plan.unit_counts}))
     paths = [
         layer_prefix(spec, groups[key].layer) + path
@@ -282,8 +298,9 @@ def test_needs_calibration_data():
 
 
 def test_dry_run_counts_the_refit(llama_dir, tmp_path):
-    """The estimate holds the widest consumer's float64 refit (down_proj reads the MLP width) and the pruned model's
-    hidden states beside the unpruned ones."""
+    """The estimate holds the widest consumer's float64 refit (down_proj reads the MLP width; choosing its units by
+    refit error holds four [width, width] matrices and two [width, hidden]) and the pruned model's hidden states
+    beside the unpruned ones."""
     config = load_eval(llama_dir).config
     with_refit = prune_streaming(llama_dir, _config(global_ranking=True), DATA, tmp_path / "d", dry_run=True)
     without = prune_streaming(
@@ -291,7 +308,7 @@ def test_dry_run_counts_the_refit(llama_dir, tmp_path):
     )
     peak, peak_without = with_refit["estimated_peak_bytes"], without["estimated_peak_bytes"]
     width, hidden = config.intermediate_size, config.hidden_size
-    gram_factor_and_cross = 8 * (3 * width * width + 3 * width * hidden)
+    gram_factor_and_cross = 8 * max(4 * width * width + 2 * width * hidden, 3 * width * (width + hidden))
     states = SAMPLES * SEQ_LEN * hidden * 4
     assert peak["refit_bytes"] == gram_factor_and_cross + states and peak_without["refit_bytes"] == 0
     assert peak["phase_layer"] == peak_without["phase_layer"] + peak["refit_bytes"]
@@ -318,7 +335,7 @@ def test_cli_flags(tmp_path, capsys):
     assert cli_main(args) == 0
     plan = json.loads((tmp_path / "out" / "pruning_plan.json").read_text())
     saved = json.loads((tmp_path / "out" / "pruner_config.json").read_text())
-    assert plan["reconstruction"] == {"damping": 0.05}
+    assert plan["reconstruction"] == {"damping": 0.05, "selection": "error"}  # units chosen by refit error by default
     assert saved["reconstruction"] is True and saved["reconstruction_damping"] == 0.05
     capsys.readouterr()
     bad = [*common, "--reconstruction", "--reconstruction-damping", "-1", "--output", str(tmp_path / "bad")]
@@ -351,20 +368,19 @@ def test_reconstruction_improves_tiny_llama_perplexity():
 
 def test_unset_reconstruction_refits_where_it_applies():
     """The default (`reconstruction` unset) refits a LLaMA pruned with a data criterion, and records it in the plan;
-    with a weight-only criterion, or layers that read different masks, it prunes by slicing alone."""
+    with a weight-only criterion it prunes by slicing alone; layers that read different masks (Gemma) are refit too."""
     small = dict(pruning_ratio=0.3, num_calibration_samples=4, calibration_seq_len=16)
     refit = AutoPruner.from_model(tiny_llama(), PrunerConfig(importance="wanda_sp", **small))
     refit.prune(calibration_data=DATA)
     sliced = AutoPruner.from_model(tiny_llama(), PrunerConfig(importance="wanda_sp", reconstruction=False, **small))
     sliced.prune(calibration_data=DATA)
-    assert refit.config.reconstruction is True and refit.plan.reconstruction == {"damping": 0.01}
-    assert refit.plan.kept == sliced.plan.kept and sliced.plan.reconstruction == {}
+    assert refit.config.reconstruction is True
+    assert refit.plan.reconstruction == {"damping": 0.01, "selection": "error"} and sliced.plan.reconstruction == {}
+    assert {k: len(v) for k, v in refit.plan.kept.items()} == {k: len(v) for k, v in sliced.plan.kept.items()}
     o_proj = [layer.self_attn.o_proj.weight for layer in (refit.model.model.layers[0], sliced.model.model.layers[0])]
     assert not torch.equal(*o_proj)
     weights_only = AutoPruner.from_model(tiny_llama(), PrunerConfig(importance="magnitude", **small))
     weights_only.prune()
     assert weights_only.plan.reconstruction == {}
-    sliding = tiny_llama()
-    sliding.config.layer_types = ["sliding_attention", "full_attention"] * (sliding.config.num_hidden_layers // 2)
-    mixed = AutoPruner.from_model(sliding, PrunerConfig(importance="wanda_sp", **small))
-    assert mixed.config.reconstruction is False
+    mixed = AutoPruner.from_model(tiny_gemma(), PrunerConfig(importance="wanda_sp", **small))  # sliding + global
+    assert mixed.config.reconstruction is True

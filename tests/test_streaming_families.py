@@ -43,7 +43,7 @@ BUILD = {
     for family in ("opt", "bloom", "glm", "glm4", "qwen3", "phi3", "gemma2", "gemma3_text")
 }
 # What the pruned checkpoint's config.json says (OPT and BLOOM heads need the registered types).
-# Sliding-window and global layers: streaming runs them with weight criteria only (see `check_shared_layer_inputs`).
+# Sliding-window and global layers: each layer is replayed with its own kind's mask (`LayerInputs.by_type`).
 MIXED_LAYER_TYPES = ("gemma2", "gemma3_text")
 PRUNED_TYPE = {
     "opt": "pruned_opt",
@@ -123,7 +123,6 @@ FAST_CASES = {("bloom", "bip"), ("opt", "mini_llm")}
 DATA_CASES = [
     pytest.param(family, importance, marks=[] if fast else pytest.mark.slow)
     for family in BUILD
-    if family not in MIXED_LAYER_TYPES
     for importance in ("wanda_sp", "bip", "mini_llm")
     for fast in [(importance == "wanda_sp" and family != "glm4") or (family, importance) in FAST_CASES]
 ]
@@ -230,11 +229,17 @@ def test_checkpoints_saved_from_the_base_model(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", MIXED_LAYER_TYPES)
-def test_calibration_data_is_refused_where_layers_read_different_inputs(checkpoints, tmp_path, family):
-    """One captured mask and one set of position embeddings cannot serve sliding-window and global layers alike."""
-    with pytest.raises(ValueError, match="mixes layer types .*importance='magnitude'"):
-        prune_streaming(checkpoints[family], _config("wanda_sp"), DATA, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+def test_sliding_and_global_layers_are_refit_as_in_memory(checkpoints, tmp_path, family):
+    """Streaming with reconstruction replays each layer with its own kind's mask and position embeddings, as the
+    in-memory refit does: the same units and the same weights."""
+    config = _config("wanda_sp", global_ranking=True, reconstruction=True)
+    pruner = AutoPruner.from_model(_load(checkpoints[family]), config)
+    pruner.prune(calibration_data=DATA)
+    report = prune_streaming(checkpoints[family], config, DATA, tmp_path / "out")
+    assert report["plan"].kept == pruner.plan.kept and report["plan"].reconstruction
+    streamed = _load(tmp_path / "out").state_dict()
+    for name, tensor in pruner.model.state_dict().items():
+        torch.testing.assert_close(streamed[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_mismatched_tensor_names_are_refused(tmp_path):

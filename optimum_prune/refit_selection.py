@@ -1,0 +1,92 @@
+"""Choosing a layer's units by the error left after the refit (structured OBS, as SlimGPT and ZipLM do).
+
+With reconstruction, what a consumer's kept columns lose is not their contribution to the output but only the part the
+refit of the other columns cannot make up. For the ridge problem of one consumer (`reconstruction.RefitStatistics`:
+Gram matrix `G = Xs^T Xs + lambda I` over *all* its input columns, cross term `C = Xs^T Y`) whose solution over a set
+A of columns is `B = G_AA^-1 C_A`, removing the columns S of one unit raises the least-squares residual by exactly
+
+    delta(S) = tr(B_S^T [(G_AA^-1)_SS]^-1 B_S),
+
+and after the removal `G^-1` and `B` over A \\ S follow from the same blocks (the block-inverse update). Backward
+elimination removes, step by step, the units with the smallest `delta` and updates both; the kept units are refit
+afterwards exactly as with any other choice, so the weights are `ridge_refit` of the kept columns' statistics. The
+criterion still sets how many units each layer keeps (the allocation); this chooses which.
+
+Each step removes up to `ceil(alive / STEP_FRACTION)` units at once (one at a time for heads; a few percent of the
+channels for MLPs), so a layer costs O(log) steps of matrix products instead of one rank-1 update per channel: about
+2 n^2 (n - k) multiply-adds in float64 for n columns of which k stay (8.7 s for n = 4096, k = 3000 on one CPU thread).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+RECONSTRUCTION_SELECTIONS = ("criterion", "error")  # `PrunerConfig.reconstruction_selection`
+STEP_FRACTION = 32  # at most 1/32 of the remaining units are removed per elimination step
+
+
+@dataclass
+class UnitChoice:
+    """The units of one plan entry (`key`) that a consumer chooses among: `columns[u]` are unit u's input columns of
+    the consumer [units, per unit]; `keep` units stay. `kept` holds the choice once made (ascending)."""
+
+    key: str
+    columns: torch.Tensor  # LongTensor [units, per unit]
+    keep: int
+    kept: list[int] = field(default_factory=list)
+
+
+def damped_gram(gram: torch.Tensor, columns: int, damping: float) -> torch.Tensor:
+    """`gram` with `damping x mean diagonal` added to its first `columns` diagonal entries (an intercept, last, is
+    not damped), as `reconstruction.ridge_refit` damps it."""
+    gram = gram.clone()
+    if damping > 0 and columns:
+        diag = torch.arange(columns, device=gram.device)
+        gram[diag, diag] += damping * gram.diagonal()[:columns].mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    return gram
+
+
+def _inverse(gram: torch.Tensor) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return torch.cholesky_inverse(factor)
+    return torch.linalg.pinv(gram, hermitian=True)
+
+
+def removal_costs(inverse: torch.Tensor, solution: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """`delta(S)` of every unit (rows of `columns`): the residual increase if that unit alone were removed now."""
+    blocks = inverse[columns.unsqueeze(-1), columns.unsqueeze(-2)]  # [U, d, d]
+    rows = solution[columns]  # [U, d, out]
+    if columns.shape[1] == 1:
+        return rows.squeeze(1).square().sum(-1) / blocks.flatten().clamp_min(torch.finfo(blocks.dtype).tiny)
+    return (rows * torch.linalg.solve(blocks, rows)).sum((-2, -1))
+
+
+def _remove(inverse: torch.Tensor, solution: torch.Tensor, removed: torch.Tensor) -> None:
+    """Update the inverse and the solution in place to the columns without `removed` (whose rows become 0). Updating
+    in place beats dropping the removed rows and columns, whose copies cost more than the products they save."""
+    block = inverse[removed][:, removed]
+    columns = inverse[:, removed]  # a copy [n, s]: the in-place products below read no aliased memory
+    solution.addmm_(columns, torch.linalg.solve(block, solution[removed]), alpha=-1)
+    inverse.addmm_(columns, torch.linalg.solve(block, inverse[removed]), alpha=-1)
+
+
+def choose_units(gram: torch.Tensor, cross: torch.Tensor, choice: UnitChoice, damping: float, intercept: bool) -> list:
+    """The `choice.keep` units whose removal of the others leaves the least refit residual, by backward elimination
+    (`gram` [n(+1), n(+1)] and `cross` [n(+1), out] over every input column, an intercept last)."""
+    inverse = _inverse(damped_gram(gram, gram.shape[0] - int(intercept), damping))
+    solution = inverse @ cross
+    alive = list(range(choice.columns.shape[0]))
+    unit_columns = choice.columns.to(gram.device)
+    while len(alive) > choice.keep:
+        costs = removal_costs(inverse, solution, unit_columns[alive])
+        count = min(len(alive) - choice.keep, math.ceil(len(alive) / STEP_FRACTION))
+        order = sorted(range(len(alive)), key=lambda i: (float(costs[i]), alive[i]))[:count]
+        removed = [alive[i] for i in order]
+        _remove(inverse, solution, unit_columns[removed].flatten())
+        alive = [u for u in alive if u not in set(removed)]
+    return alive
