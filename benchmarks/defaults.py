@@ -26,6 +26,7 @@ from quality import METHODS, RESULTS, model_path, subprocess_row  # noqa: E402
 
 MODELS = ("tiny-llama", "tiny-opt", "tiny-bloom", "tiny-glm", "tiny-llama-mha", "tiny-qwen3", "tiny-gemma3")
 CANDIDATES = (  # in the order they run
+    "obs-global-recon-error",
     "taylor-global-recon-error",
     "taylor-global-recon",
     "flap-adaptive-recon",

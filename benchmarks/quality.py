@@ -47,6 +47,7 @@ METHODS: dict[str, dict] = {
     "wanda_sp": {"importance": "wanda_sp"},
     "flap": {"importance": "flap"},
     "bip": {"importance": "bip"},
+    "obs": {"importance": "obs"},
     "mini_llm": {"importance": "mini_llm"},
     # MINI-LLM with each decoder layer's own loss (forwards of one layer only; it streams), 8 and 32 perturbations.
     "mini_llm-block": {"importance": "mini_llm", "importance_kwargs": {"loss": "block"}},
@@ -73,6 +74,7 @@ METHODS: dict[str, dict] = {
     # Global ranking: raw scores where they are in comparable units (loss change, block-output change).
     "taylor-global": {"importance": "taylor", "global_ranking": True, "global_normalization": "none"},
     "bip-global": {"importance": "bip", "global_ranking": True, "global_normalization": "none"},
+    "obs-global": {"importance": "obs", "global_ranking": True, "global_normalization": "none"},
     "wanda_sp-global": {"importance": "wanda_sp", "global_ranking": True},
     "magnitude-global": {"importance": "magnitude", "global_ranking": True},
     # FLAP's adaptive structure (one threshold over heads and channels of every layer), with its bias compensation.
@@ -120,7 +122,7 @@ METHODS.update({f"{name}-recon": {**METHODS[name], "reconstruction": True} for n
 METHODS.update(
     {
         f"{name}-recon-error": {**METHODS[name], "reconstruction": True, "reconstruction_selection": "error"}
-        for name in ("taylor-global", "wanda_sp", "flap-adaptive-nobias", "bip-global")
+        for name in ("taylor-global", "wanda_sp", "flap-adaptive-nobias", "bip-global", "obs-global")
     }
 )
 # Calibration size under reconstruction: 128 windows of 128 tokens instead of 32.

@@ -27,6 +27,7 @@ from .importance.base import (
     FISHER,
     FORWARD_LOSS,
     GRADIENTS,
+    INPUT_GRAM,
     ROUTING,
     SPSA_DISTRIBUTIONS,
     SPSA_ESTIMATORS,
@@ -156,6 +157,15 @@ class ActivationStatistics:
         self.windows = 0
         self.window_mean = torch.zeros_like(self.sum)
         self.online_fluctuation = torch.zeros_like(self.sum)
+        self.gram: torch.Tensor | None = None  # X^T X [C, C] in float64, kept for consumers under `input_gram`
+
+    @torch.no_grad()
+    def add_gram(self, x: torch.Tensor) -> None:
+        """Add every token of `x` ([..., C]) to the Gram matrix."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.device, torch.float64)
+        if self.gram is None:
+            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        self.gram.addmm_(x.T, x)
 
     @staticmethod
     @torch.no_grad()
@@ -629,9 +639,16 @@ def _device_of(model: nn.Module) -> torch.device:
     return input_device(model)
 
 
-def hook_linear_inputs(stats: Statistics, linears) -> list:
+def consumer_weight_names(spec, names) -> set[str]:
+    """The weights among `names` of the Linears that read pruned units (each spec's `consumer=True` members)."""
+    suffixes = tuple(m.name for st in spec.structures.values() for m in st.members if m.consumer and m.dim == 1)
+    return {n for n in names if suffixes and n.endswith(suffixes)}
+
+
+def hook_linear_inputs(stats: Statistics, linears, grams=frozenset()) -> list:
     """Forward pre-hooks that accumulate each Linear's per-input-channel statistics into `stats.activations` (keyed by
-    the weight's name), for `linears` = [(weight name, module)]. Returns the handles; remove them when done.
+    the weight's name), for `linears` = [(weight name, module)], and for the weights named in `grams` the Gram matrix
+    of their inputs too (`input_gram`). Returns the handles; remove them when done.
 
     Projections that read the same tensor (q/k/v, gate/up) share one reduction: the last input is held, by reference,
     until the next hook call (and released with the hooks). Each record lives on the device its module computes on
@@ -642,18 +659,21 @@ def hook_linear_inputs(stats: Statistics, linears) -> list:
         record = ActivationStatistics(module.in_features, execution_device(module) or module.weight.device)
         stats.activations[weight_name] = record
 
-        def linear_hook(mod, args, record=record):
+        def linear_hook(mod, args, record=record, gram=weight_name in grams):
             if args[0] is not last["input"]:
                 last["input"], last["sums"] = args[0], ActivationStatistics.batch_sums(args[0])
             record.add(last["sums"])
+            if gram:
+                record.add_gram(args[0])
 
         handles.append(module.register_forward_pre_hook(linear_hook))
     return handles
 
 
 @torch.no_grad()
-def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: int) -> None:
-    """One forward pass over the calibration batches with hooks: Linear input statistics and block influence."""
+def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: int, grams: bool = False) -> None:
+    """One forward pass over the calibration batches with hooks: Linear input statistics (with `grams`, the consumers'
+    input Gram matrices) and block influence."""
     model = stats.model
     wanted = set(stats.param_names)
     wanted_ids = {id(p) for n, p in model.named_parameters() if n in wanted}  # tied weights under another name
@@ -663,7 +683,7 @@ def _collect_activations(stats: Statistics, batches: torch.Tensor, batch_size: i
         if isinstance(module, nn.Linear)
         and ((f"{name}.weight" if name else "weight") in wanted or id(module.weight) in wanted_ids)
     ]
-    handles = hook_linear_inputs(stats, linears)
+    handles = hook_linear_inputs(stats, linears, consumer_weight_names(stats.spec, wanted) if grams else ())
     try:
         layers = decoder_layers(model, stats.spec)
     except ValueError:
@@ -740,7 +760,7 @@ def collect_statistics(
     needs = set(needs)
     stats = Statistics(model, batches, param_names, batch_size)
     stats.num_samples = 0 if batches is None else len(batches)
-    if needs & {ACTIVATIONS, FORWARD_LOSS, BLOCK_LOSS, GRADIENTS, FISHER, ROUTING} and batches is None:
+    if needs & {ACTIVATIONS, INPUT_GRAM, FORWARD_LOSS, BLOCK_LOSS, GRADIENTS, FISHER, ROUTING} and batches is None:
         raise ValueError(f"This criterion needs calibration data (it uses {sorted(needs - {WEIGHTS})}).")
     if ROUTING in needs:
         was_training = model.training
@@ -749,11 +769,11 @@ def collect_statistics(
             _collect_routing(stats, batches, batch_size)
         finally:
             model.train(was_training)
-    if ACTIVATIONS in needs:
+    if needs & {ACTIVATIONS, INPUT_GRAM}:
         was_training = model.training
         model.eval()
         try:
-            _collect_activations(stats, batches, batch_size)
+            _collect_activations(stats, batches, batch_size, grams=INPUT_GRAM in needs)
         finally:
             model.train(was_training)
     if not ({GRADIENTS, FISHER} & needs):

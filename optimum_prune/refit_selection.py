@@ -90,3 +90,29 @@ def choose_units(gram: torch.Tensor, cross: torch.Tensor, choice: UnitChoice, da
         _remove(inverse, solution, unit_columns[removed].flatten())
         alive = [u for u in alive if u not in set(removed)]
     return alive
+
+
+def elimination_costs(gram: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, damping: float) -> torch.Tensor:
+    """Each unit's cost along the backward elimination of a Linear's inputs down to nothing, as one score per unit
+    (higher: removed later, more important): the residual increase when it is removed, made non-decreasing along the
+    path (a unit removed later never scores below one removed before it). The targets are the Linear's own outputs,
+    `C = G W^T` (the unpruned model, whose refit with every column kept returns `W`). `gram` [n, n], `weight`
+    [out, n], `columns` [units, per unit]; float64 [units]."""
+    cross = gram @ weight.detach().T.to(gram.dtype)
+    inverse = _inverse(damped_gram(gram, gram.shape[0], damping))
+    solution = inverse @ cross
+    costs_along_path = torch.zeros(columns.shape[0], dtype=torch.float64)
+    alive, highest = list(range(columns.shape[0])), 0.0
+    columns = columns.to(gram.device)
+    while alive:
+        costs = removal_costs(inverse, solution, columns[alive])
+        count = math.ceil(len(alive) / STEP_FRACTION)
+        order = sorted(range(len(alive)), key=lambda i: (float(costs[i]), alive[i]))[:count]
+        for i in order:
+            highest = max(highest, float(costs[i]))
+            costs_along_path[alive[i]] = highest
+        removed = [alive[i] for i in order]
+        if len(removed) < len(alive):
+            _remove(inverse, solution, columns[removed].flatten())
+        alive = [u for u in alive if u not in set(removed)]
+    return costs_along_path

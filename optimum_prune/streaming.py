@@ -68,13 +68,20 @@ from .architectures.base import (
     get_architecture,
     streaming_model_types,
 )
-from .calibration import Statistics, hook_expert_routing, hook_linear_inputs, layer_output, prepare_calibration
+from .calibration import (
+    Statistics,
+    consumer_weight_names,
+    hook_expert_routing,
+    hook_linear_inputs,
+    layer_output,
+    prepare_calibration,
+)
 from .checkpoint_conversion import StoredNames, saved_tensors
 from .compute_dtype import cast_floating, compute_in, resolve_compute_dtype, upcast
 from .configuration import PrunerConfig
 from .groups import GroupSet, decoder_layers, layer_prefix
 from .hub import count_macs_per_token
-from .importance.base import BLOCK_LOSS, ROUTING
+from .importance.base import BLOCK_LOSS, INPUT_GRAM, ROUTING
 from .inputs import (
     check_model_config,
     check_model_source,
@@ -568,7 +575,7 @@ def layer_statistics(
         for name, module in layer.named_modules()
         if isinstance(module, nn.Linear) and f"{prefix}{name}.weight" in names
     ]
-    handles = hook_linear_inputs(stats, linears)
+    handles = hook_linear_inputs(stats, linears, consumer_weight_names(spec, names) if INPUT_GRAM in needs else ())
     if ROUTING in needs:
         handles += hook_expert_routing(stats, [(layer_index, layer)])
     try:

@@ -15,14 +15,14 @@ from .architectures.base import (
     streaming_model_types,
 )
 from .importance import IMPORTANCE_REGISTRY
-from .importance.base import ACTIVATIONS, BLOCK_LOSS, ROUTING, WEIGHTS
+from .importance.base import ACTIVATIONS, BLOCK_LOSS, INPUT_GRAM, ROUTING, WEIGHTS
 
 
 # Structures a single layer can be scored and pruned for on its own (a MoE layer's experts and expert channels too).
 STREAMING_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, EXPERTS)
 # What a layer-local criterion may need: its layer's weights, the activations of its layer's inputs, forward passes
 # of its layer alone (mini_llm's block-local loss), and what its router does on its inputs (frequency, REAP).
-LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS, BLOCK_LOSS, ROUTING})
+LAYER_LOCAL_NEEDS = frozenset({WEIGHTS, ACTIVATIONS, BLOCK_LOSS, ROUTING, INPUT_GRAM})
 
 
 def layer_local_criteria() -> list[str]:

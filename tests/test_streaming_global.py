@@ -61,6 +61,7 @@ def _assert_same_as_in_memory(report, out, pruner):
         ("magnitude", {"global_ranking": True, "global_normalization": "none"}),
         ("flap", {"allocation": "flap"}),  # bias compensation on by default, as in memory
         ("mini_llm", {"global_ranking": True, "importance_kwargs": {"loss": "block", "num_perturbations": 4}}),
+        ("obs", {}),  # ranked globally and refit by default: the consumers' Gram matrices, one layer at a time
         pytest.param("wanda_sp", {"allocation": "flap", "bias_compensation": False}, marks=pytest.mark.slow),
     ],
 )

@@ -1,6 +1,6 @@
 """Importance criteria, one file each; importing this package registers them."""
 
-from . import bip, block_influence, flap, magnitude, mini_llm, random_, routing, taylor, wanda_sp
+from . import bip, block_influence, flap, magnitude, mini_llm, obs, random_, routing, taylor, wanda_sp
 from .base import (
     ACTIVATIONS,
     BLOCK_LOSS,
@@ -9,6 +9,7 @@ from .base import (
     GRADIENTS,
     GROUP_REDUCTIONS,
     IMPORTANCE_REGISTRY,
+    INPUT_GRAM,
     NEEDS,
     ROUTING,
     WEIGHTS,
@@ -22,6 +23,7 @@ from .block_influence import BlockInfluenceImportance
 from .flap import FlapImportance, standardize_scores
 from .magnitude import MagnitudeImportance
 from .mini_llm import MiniLLMImportance
+from .obs import OBSImportance
 from .random_ import RandomImportance
 from .routing import FrequencyImportance, ReapImportance
 from .taylor import TaylorImportance
@@ -36,6 +38,7 @@ __all__ = [
     "GRADIENTS",
     "GROUP_REDUCTIONS",
     "IMPORTANCE_REGISTRY",
+    "INPUT_GRAM",
     "NEEDS",
     "ROUTING",
     "WEIGHTS",
@@ -46,6 +49,7 @@ __all__ = [
     "Importance",
     "MagnitudeImportance",
     "MiniLLMImportance",
+    "OBSImportance",
     "RandomImportance",
     "ReapImportance",
     "TaylorImportance",
@@ -57,6 +61,7 @@ __all__ = [
     "get_importance",
     "magnitude",
     "mini_llm",
+    "obs",
     "random_",
     "register_importance",
     "routing",

@@ -17,7 +17,8 @@ FISHER = "fisher"
 FORWARD_LOSS = "forward_loss"  # forward-only evaluations of the model's LM loss
 BLOCK_LOSS = "block_loss"  # forward-only evaluations of each decoder layer's own loss (layer-local)
 ROUTING = "routing"  # per expert of every MoE layer: how often the router picks it, and REAP's weighted output norms
-NEEDS = (WEIGHTS, ACTIVATIONS, GRADIENTS, FISHER, FORWARD_LOSS, BLOCK_LOSS, ROUTING)
+INPUT_GRAM = "input_gram"  # the Gram matrix X^T X of each consumer Linear's inputs (float64 [in, in])
+NEEDS = (WEIGHTS, ACTIVATIONS, GRADIENTS, FISHER, FORWARD_LOSS, BLOCK_LOSS, ROUTING, INPUT_GRAM)
 # How the forward-only loss differences (FORWARD_LOSS, BLOCK_LOSS) are drawn and turned into gradient estimates: the
 # criterion validates its arguments against them, calibration runs them.
 SPSA_DISTRIBUTIONS = ("gaussian", "rademacher")
