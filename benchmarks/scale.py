@@ -18,8 +18,9 @@ Prints a Markdown table and appends JSON lines to `benchmarks/results/scale.json
 bfloat16): on CPUs without native bfloat16, `float32` against `bfloat16` shows what computing layer by layer in float32
 saves. The table is headed by `torch.backends.cpu.get_cpu_capability()` and the native half types.
 
-`--reconstruction off on` runs each configuration without and with layer-wise reconstruction
-(`PrunerConfig.reconstruction`), so its time and memory are a ratio within one run. Streaming refits only with the
+`--reconstruction off on error` runs each configuration without and with layer-wise reconstruction
+(`PrunerConfig.reconstruction`) of the criterion's units, and with units chosen by refit error
+(`reconstruction_selection="error"`), so its time and memory are a ratio within one run. Streaming refits only with the
 two-pass allocations (`--allocation global` or `flap`); uniform streaming with reconstruction is reported as refused.
 """
 
@@ -127,7 +128,8 @@ def child(args) -> None:
     mode = args.mode if args.allocation == "uniform" or args.mode == "baseline" else f"{args.mode}, {args.allocation}"
     result = {"size": args.size, "mode": mode, "criterion": args.criterion, "allocation": args.allocation}
     result["compute_dtype"] = args.compute_dtype
-    result["reconstruction"] = args.reconstruction == "on"
+    result["reconstruction"] = args.reconstruction != "off"
+    result["selection"] = "error" if args.reconstruction == "error" else "criterion"
     if args.mode != "baseline":
         calibration = torch.randint(0, 32000, (args.samples * args.seq_len * 2,), generator=torch.Generator())
         importance, importance_kwargs = VARIANTS.get(args.criterion, (args.criterion, {}))
@@ -139,7 +141,8 @@ def child(args) -> None:
             calibration_seq_len=args.seq_len,
             streaming=args.mode == "streaming",
             compute_dtype=args.compute_dtype,
-            reconstruction=args.reconstruction == "on",
+            reconstruction=args.reconstruction != "off",
+            reconstruction_selection=result["selection"],
             **ALLOCATIONS[args.allocation],
         )
         with tempfile.TemporaryDirectory(dir=CHECKPOINTS) as out:
@@ -169,7 +172,7 @@ def _run_child(size, mode, criterion, model, args, compute_dtype: str = "auto", 
     last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
     if done.returncode != 0 and last.startswith("ValueError: "):  # refused (e.g. a criterion that cannot stream)
         refused = last[len("ValueError: ") :][:160]
-        return {"size": size, "mode": mode, "criterion": criterion, "reconstruction": reconstruction == "on",
+        return {"size": size, "mode": mode, "criterion": criterion, "reconstruction": reconstruction != "off",
                 "refused": refused}  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{size} {mode} {criterion} failed:\n{done.stderr[-3000:]}")
@@ -198,8 +201,9 @@ def main() -> None:
         "--reconstruction",
         nargs="+",
         default=["off"],
-        choices=["off", "on"],
-        help="Run each configuration without (off) and/or with (on) layer-wise reconstruction.",
+        choices=["off", "on", "error"],
+        help="Run each configuration without (off) and/or with layer-wise reconstruction of the criterion's units (on) "
+        "or of units chosen by refit error (error, `reconstruction_selection='error'`).",
     )
     parser.add_argument("--keep-checkpoints", action="store_true", help="Keep the random checkpoints on disk.")
     # Internal: one run in a child process.
@@ -266,6 +270,7 @@ def _cpu_capability() -> str:
 def _table_row(r: dict) -> str:
     head = f"| {r['size']} | {r['checkpoint_gib']:.2f} |" if "checkpoint_gib" in r else f"| {r['size']} | - |"
     recon = {True: "on", False: "off"}.get(r.get("reconstruction"), "-")
+    recon += ", units by refit error" if r.get("reconstruction") and r.get("selection") == "error" else ""
     head += f" {r['mode']} | {r['criterion']} | {r.get('compute_dtype', '-')} | {recon} |"
     if "refused" in r:
         return f"{head} refused: {r['refused']} |"

@@ -47,7 +47,7 @@ from torch import nn
 from .architectures.base import EXPERTS
 from .calibration import expert_hidden, layer_output
 from .groups import GroupSet, decoder_layers, get_submodule_or_none, layer_prefix
-from .refit_selection import UnitChoice, choose_units
+from .refit_selection import UnitChoice, choose_units, damped_gram
 from .surgery import add_missing_biases, check_plan, consumer_modules, removed_channels
 
 
@@ -96,10 +96,7 @@ def ridge_refit(stats: RefitStatistics, damping: float = DEFAULT_DAMPING) -> tup
     """Solve the ridge problem of `stats`: returns the weight [out, k] and, with an intercept, the bias [out]
     (float64). `damping=0` is ordinary least squares (the minimum-norm solution when the Gram matrix is singular)."""
     k = stats.gram.shape[0] - int(stats.intercept)
-    gram = stats.gram.clone()
-    if damping > 0 and k:
-        diag = torch.arange(k, device=gram.device)
-        gram[diag, diag] += damping * gram.diagonal()[:k].mean().clamp_min(torch.finfo(torch.float64).tiny)
+    gram = damped_gram(stats.gram, k, damping)
     # Undamped, the Gram matrix may be singular (dependent or silent inputs) while Cholesky still succeeds on its
     # rounding errors: take the minimum-norm least-squares solution from the pseudo-inverse instead.
     factor, info = torch.linalg.cholesky_ex(gram) if damping > 0 else (None, 1)

@@ -52,7 +52,8 @@ def test_save_writes_every_file(tmp_path):
     assert json.loads((tmp_path / "out" / "pruner_config.json").read_text())["importance"] == "magnitude"
 
 
-@pytest.mark.parametrize("ratio", [pytest.param(0.3, marks=pytest.mark.slow), 0.1])
+@pytest.mark.slow  # tests/test_families.py reloads every LLaMA structure in the same two kinds of interpreter
+@pytest.mark.parametrize("ratio", [0.3, 0.1])
 def test_reload_in_fresh_process_identical(tmp_path, ratio):
     """6 of 8 heads (registered type, trust_remote_code without the package) and a stock-expressible shape."""
     pruner = _pruned(ratio=ratio)
