@@ -185,9 +185,8 @@ class PrunerConfig(PushToHubMixin):
             may be removed too, which refits nothing itself), in one step; streaming reconstructs with the two-pass
             allocations or a given plan. Unset: on where it applies, i.e. when the criterion reads calibration data
             anyway (not `magnitude` or `random`), the structures are heads and MLP channels, `iterative_steps=1`, the
-            model is not offloaded, it is not an MoE model (not measured there yet) and streaming (if asked) runs two
-            passes; off otherwise. Measured, it lowers perplexity in every
-            pair on every dense family (README, "Layer-wise reconstruction").
+            model is not offloaded and streaming (if asked) runs two passes; off otherwise. Measured, it lowers
+            perplexity in every pair on every family, MoE included (README, "Layer-wise reconstruction").
         reconstruction_damping (`float`, *optional*, defaults to `0.01`):
             Ridge damping of the refit, relative to the mean diagonal of the inputs' Gram matrix.
         reconstruction_selection (`str`, *optional*, defaults to `"error"`):

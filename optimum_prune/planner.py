@@ -148,12 +148,12 @@ class Planner:
         )
 
     def _resolve_reconstruction(self) -> None:
-        """`reconstruction=None` left by `PrunerConfig` (where the config allows it) becomes `True` unless the model is
-        an MoE model (not measured on a trained one yet) or offloaded (`device_map` to CPU or disk), which
-        reconstruction refuses."""
+        """`reconstruction=None` left by `PrunerConfig` (which leaves it only for heads and MLP channels scored from
+        calibration data, MoE models included) becomes `True` unless the model is offloaded (`device_map` to CPU or
+        disk), which reconstruction refuses."""
         if self.config.reconstruction is None:
             offloaded = is_offloaded(self.model)
-            self.config.reconstruction = EXPERTS not in self.spec.structures and not offloaded
+            self.config.reconstruction = not offloaded
             if offloaded:
                 logger.info("Pruning without reconstruction: offloaded model.")
 

@@ -189,3 +189,14 @@ def test_streaming_gives_the_in_memory_weights(family, tmp_path):
         assert sorted(streamed) == sorted(expected)
         for name, tensor in expected.items():
             torch.testing.assert_close(streamed[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_unset_reconstruction_refits_moe_attention_and_leaves_experts_alone():
+    """Unset, reconstruction is on for an MoE model whose heads a data criterion scores (its o_proj is refit), and off
+    when only whole experts go (nothing reads an expert's output but the residual stream) or no data is read."""
+    heads = AutoPruner.from_model(BUILDERS["mixtral"](), _config(["attention_heads"], 0.1, "wanda_sp"))
+    heads.prune(calibration_data=DATA)
+    assert heads.config.reconstruction is True and heads.plan.reconstruction["damping"] == 0.01
+    experts = _config(["experts"], experts_ratio(BUILDERS["mixtral"](), 2), "frequency")
+    assert experts.reconstruction is False
+    assert _config(["attention_heads", "mlp_channels"], 0.2).reconstruction is False  # magnitude reads no data
