@@ -626,6 +626,22 @@ def prune_layer(
     return kept
 
 
+def _write_unit_records(model: nn.Module, spec: ArchitectureSpec, shape_model: nn.Module, kept) -> None:
+    """The kept units recorded in the config fields that `spec.config_writers` keep (BLOOM's original ALiBi heads) of
+    `shape_model.config`, as the in-memory path writes them: from the unpruned config and the plan entries `kept`."""
+    if not spec.config_writers:
+        return
+    source = SimpleNamespace(config=copy.deepcopy(model.config))
+    counts = {key: max(units) + 1 for key, units in kept.items()}  # `write_unit_records` reads `kept` only
+    plan = PruningPlan(model.config.model_type, len(decoder_layers(model, spec)), unit_counts=counts, kept=kept)
+    write_unit_records(source, spec, plan)
+    for writer in spec.config_writers:
+        records = getattr(source.config, writer.field, None)
+        if records is not None:
+            setattr(shape_model.config, writer.count_field, getattr(source.config, writer.count_field))
+            setattr(shape_model.config, writer.field, records)
+
+
 def _sync_layer_attrs(
     model: nn.Module, spec: ArchitectureSpec, layer_index: int, shape_model: nn.Module, kept: dict[str, list[int]]
 ) -> None:
@@ -640,17 +656,7 @@ def _sync_layer_attrs(
 
     `model` keeps its unpruned config; `kept` holds the plan entries of every layer pruned so far.
     """
-    if spec.config_writers:
-        # The records as the in-memory path writes them: from the unpruned config and the plan so far.
-        source = SimpleNamespace(config=copy.deepcopy(model.config))
-        counts = {key: max(units) + 1 for key, units in kept.items()}  # `write_unit_records` reads `kept` only
-        plan = PruningPlan(model.config.model_type, len(decoder_layers(model, spec)), unit_counts=counts, kept=kept)
-        write_unit_records(source, spec, plan)
-        for writer in spec.config_writers:
-            records = getattr(source.config, writer.field, None)
-            if records is not None:
-                setattr(shape_model.config, writer.count_field, getattr(source.config, writer.count_field))
-                setattr(shape_model.config, writer.field, records)
+    _write_unit_records(model, spec, shape_model, kept)
     sync_module_attrs(model, spec, _layer_config(shape_model.config, layer_index), [layer_index])
     adopt = getattr(shape_model, "adopt_pruned_layer", None)
     if adopt is not None:
@@ -1139,9 +1145,12 @@ def _check_reconstruction_inputs(run: _Run, offload_hidden_states) -> None:
 @torch.no_grad()
 def _reconstruct_layer(run: _Run, layer_index: int, inputs: LayerInputs, pruned: LayerInputs) -> None:
     """Refit the consumers the plan prunes in the (unpruned-shaped, materialised) layer and advance both streams;
-    the same function the in-memory engine runs on every layer (`reconstruction.reconstruct_layer`)."""
+    the same function the in-memory engine runs on every layer (`reconstruction.reconstruct_layer`). Units chosen by
+    refit error may differ from the plan's: the config's unit records (BLOOM's ALiBi heads) follow the new plan."""
     layer = run.layers[layer_index]
     reconstruct_planned_layer(layer, run.spec, run.plan, run.all_group_sets, layer_index, inputs, pruned)
+    if run.plan.reconstruction.get("selection") == "error":
+        _write_unit_records(run.model, run.spec, run.shape_model, run.plan.kept)
 
 
 def _set_shape_model(run: _Run) -> None:
