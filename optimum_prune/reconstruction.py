@@ -136,9 +136,7 @@ class Consumer:
     path: str
     kept_columns: torch.Tensor  # LongTensor [k], ascending
     intercept: bool
-    choice: UnitChoice | None = (
-        None  # with selection by refit error: the units to choose among (see `refit_selection`)
-    )
+    choice: UnitChoice | None = None  # with selection by refit error: the units to choose among
 
 
 @dataclass

@@ -75,21 +75,29 @@ def _remove(inverse: torch.Tensor, solution: torch.Tensor, removed: torch.Tensor
     inverse.addmm_(columns, torch.linalg.solve(block, inverse[removed]), alpha=-1)
 
 
+def _eliminate(inverse: torch.Tensor, solution: torch.Tensor, columns: torch.Tensor, keep: int):
+    """Backward elimination down to `keep` units: yields each step's removed units with their costs then, and updates
+    `inverse` and `solution` in place while another step follows (`columns` [units, per unit])."""
+    alive = list(range(columns.shape[0]))
+    while len(alive) > keep:
+        costs = removal_costs(inverse, solution, columns[alive])
+        count = min(len(alive) - keep, math.ceil(len(alive) / STEP_FRACTION))
+        order = sorted(range(len(alive)), key=lambda i: (float(costs[i]), alive[i]))[:count]
+        removed = [alive[i] for i in order]
+        yield removed, [float(costs[i]) for i in order]
+        alive = [u for u in alive if u not in set(removed)]
+        if len(alive) > keep:
+            _remove(inverse, solution, columns[removed].flatten())
+
+
 def choose_units(gram: torch.Tensor, cross: torch.Tensor, choice: UnitChoice, damping: float, intercept: bool) -> list:
     """The `choice.keep` units whose removal of the others leaves the least refit residual, by backward elimination
     (`gram` [n(+1), n(+1)] and `cross` [n(+1), out] over every input column, an intercept last)."""
     inverse = _inverse(damped_gram(gram, gram.shape[0] - int(intercept), damping))
-    solution = inverse @ cross
-    alive = list(range(choice.columns.shape[0]))
-    unit_columns = choice.columns.to(gram.device)
-    while len(alive) > choice.keep:
-        costs = removal_costs(inverse, solution, unit_columns[alive])
-        count = min(len(alive) - choice.keep, math.ceil(len(alive) / STEP_FRACTION))
-        order = sorted(range(len(alive)), key=lambda i: (float(costs[i]), alive[i]))[:count]
-        removed = [alive[i] for i in order]
-        _remove(inverse, solution, unit_columns[removed].flatten())
-        alive = [u for u in alive if u not in set(removed)]
-    return alive
+    removed = set()
+    for units, _ in _eliminate(inverse, inverse @ cross, choice.columns.to(gram.device), choice.keep):
+        removed.update(units)
+    return [u for u in range(choice.columns.shape[0]) if u not in removed]
 
 
 def elimination_costs(gram: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, damping: float) -> torch.Tensor:
@@ -98,21 +106,12 @@ def elimination_costs(gram: torch.Tensor, weight: torch.Tensor, columns: torch.T
     path (a unit removed later never scores below one removed before it). The targets are the Linear's own outputs,
     `C = G W^T` (the unpruned model, whose refit with every column kept returns `W`). `gram` [n, n], `weight`
     [out, n], `columns` [units, per unit]; float64 [units]."""
-    cross = gram @ weight.detach().T.to(gram.dtype)
     inverse = _inverse(damped_gram(gram, gram.shape[0], damping))
-    solution = inverse @ cross
+    solution = inverse @ (gram @ weight.detach().T.to(gram.dtype))
     costs_along_path = torch.zeros(columns.shape[0], dtype=torch.float64)
-    alive, highest = list(range(columns.shape[0])), 0.0
-    columns = columns.to(gram.device)
-    while alive:
-        costs = removal_costs(inverse, solution, columns[alive])
-        count = math.ceil(len(alive) / STEP_FRACTION)
-        order = sorted(range(len(alive)), key=lambda i: (float(costs[i]), alive[i]))[:count]
-        for i in order:
-            highest = max(highest, float(costs[i]))
-            costs_along_path[alive[i]] = highest
-        removed = [alive[i] for i in order]
-        if len(removed) < len(alive):
-            _remove(inverse, solution, columns[removed].flatten())
-        alive = [u for u in alive if u not in set(removed)]
+    highest = 0.0
+    for units, costs in _eliminate(inverse, solution, columns.to(gram.device), keep=0):
+        for unit, cost in zip(units, costs):
+            highest = max(highest, cost)
+            costs_along_path[unit] = highest
     return costs_along_path
