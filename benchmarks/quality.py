@@ -128,6 +128,20 @@ METHODS.update(
 # Calibration size under reconstruction: 128 windows of 128 tokens instead of 32.
 METHODS["taylor-global-recon-cal128"] = {**METHODS["taylor-global-recon"], "num_calibration_samples": 128}
 METHODS["wanda_sp-recon-cal128"] = {**METHODS["wanda_sp-recon"], "num_calibration_samples": 128}
+# The refit fit to the unpruned residual stream (`reconstruction_target="residual"`, the default since it was measured
+# here); the other `*-recon*` rows fit each consumer to its own outputs, as they did before.
+METHODS.update(
+    {
+        f"{name}-res": {**METHODS[name], "reconstruction_target": "residual"}
+        for name in (
+            "taylor-global-recon-error",
+            "obs-global-recon-error",
+            "flap-adaptive-recon",
+            "wanda_sp-recon",
+            "taylor-global-recon",
+        )
+    }
+)
 # Whatever `PrunerConfig(pruning_ratio=...)` does with no other argument (not pinned, see `method_kwargs`).
 METHODS["default"] = {}
 PEERS = ("torch-pruning",)
@@ -137,10 +151,11 @@ LLM_PRUNER_PEERS = {"llm-pruner": None, "llm-pruner-layers1-4": (1, 5)}
 
 def method_kwargs(method: str) -> dict:
     """A method's `PrunerConfig` arguments. Every method but `default` is pinned to uniform allocation without
-    reconstruction unless it names them, so that its rows mean what they did before those became defaults."""
+    reconstruction (refit to each consumer's own outputs) unless it names them, so that its rows mean what they did
+    before those became defaults."""
     if method == "default":
         return {}
-    return {"global_ranking": False, "reconstruction": False, **METHODS[method]}
+    return {"global_ranking": False, "reconstruction": False, "reconstruction_target": "output", **METHODS[method]}
 
 
 def peak_rss_mib() -> float:

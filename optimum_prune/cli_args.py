@@ -18,7 +18,7 @@ from .architectures.base import STRUCTURES
 from .compute_dtype import COMPUTE_DTYPE_CHOICES
 from .configuration import PrunerConfig
 from .inputs import parse_size
-from .refit_selection import RECONSTRUCTION_SELECTIONS
+from .refit_selection import RECONSTRUCTION_SELECTIONS, RECONSTRUCTION_TARGETS
 
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,14 @@ def _add_reconstruction_args(parser: argparse.ArgumentParser) -> None:
         "the least error after the refit (structured OBS). The criterion sets the widths either way (default: "
         "error).",
     )
+    group.add_argument(
+        "--reconstruction-target",
+        choices=RECONSTRUCTION_TARGETS,
+        default=None,
+        help="What the refit matches: the unpruned residual stream where each consumer's output joins it (correcting "
+        "the drift earlier layers left; families with post-sublayer norms fall back to output), or each consumer's "
+        "own unpruned outputs (default: residual).",
+    )
 
 
 def _add_streaming_args(parser: argparse.ArgumentParser) -> None:
@@ -241,6 +249,7 @@ ALLOCATION_ARGS = (
     "reconstruction",
     "reconstruction_damping",
     "reconstruction_selection",
+    "reconstruction_target",
 )
 
 

@@ -15,7 +15,7 @@ from .compute_dtype import COMPUTE_DTYPE_CHOICES, check_compute_dtype
 from .errors import PruneInputError
 from .importance import IMPORTANCE_REGISTRY, get_importance
 from .inputs import read_json_object
-from .refit_selection import RECONSTRUCTION_SELECTIONS
+from .refit_selection import RECONSTRUCTION_SELECTIONS, RECONSTRUCTION_TARGETS
 from .streaming_checks import check_streaming_config, needs_global_scores
 
 
@@ -197,6 +197,15 @@ class PrunerConfig(PushToHubMixin):
             with bias compensation or tied query heads keep the criterion's choice. `"criterion"`: the importance
             scores' top units. Measured, `"error"` is better or within 2% on every dense model and target of
             `benchmarks/defaults.py` (README, "Layer-wise reconstruction").
+        reconstruction_target (`str`, *optional*, defaults to `"residual"`):
+            What each refit consumer's outputs are fit to. `"residual"`: the unpruned model's residual stream where
+            the consumer's output joins it, i.e. its unpruned outputs plus the drift between the unpruned and the
+            pruned stream there, so each layer also corrects the error the earlier pruned layers left (attention's
+            consumer matches the unpruned stream after attention, the MLP's the unpruned layer output). Only where
+            sublayers add straight into the stream (LLaMA, Mistral, Qwen2/3, Phi-3, GLM, MoE attention, pre-LN
+            OPT, BLOOM); families with a norm after each sublayer (Gemma 2/3, GLM-4) fit `"output"` instead.
+            `"output"`: the unpruned consumer's own outputs (the layer-local problem). Measured, `"residual"` is
+            better on every model of the quality benchmark (README, "Layer-wise reconstruction").
 
     Example:
 
@@ -268,6 +277,10 @@ class PrunerConfig(PushToHubMixin):
     reconstruction_selection: str = field(
         default="error",
         metadata={"help": "Units each layer keeps under reconstruction: the criterion's or the least refit error."},
+    )
+    reconstruction_target: str = field(
+        default="residual",
+        metadata={"help": "Fit refit consumers to the unpruned residual stream or to their own unpruned outputs."},
     )
 
     def __post_init__(self):
@@ -397,6 +410,11 @@ class PrunerConfig(PushToHubMixin):
             raise ValueError(
                 f"`reconstruction_selection` must be one of {list(RECONSTRUCTION_SELECTIONS)}, got "
                 f"{self.reconstruction_selection!r}."
+            )
+        if self.reconstruction_target not in RECONSTRUCTION_TARGETS:
+            raise ValueError(
+                f"`reconstruction_target` must be one of {list(RECONSTRUCTION_TARGETS)}, got "
+                f"{self.reconstruction_target!r}."
             )
         if self.reconstruction is None:
             self._resolve_reconstruction()

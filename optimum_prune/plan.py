@@ -8,12 +8,12 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from .architectures.base import ATTENTION_HEADS, EXPERTS, HIDDEN_CHANNELS, MLP_CHANNELS, QUERY_HEADS
-from .refit_selection import RECONSTRUCTION_SELECTIONS
+from .refit_selection import RECONSTRUCTION_SELECTIONS, RECONSTRUCTION_TARGETS
 from .surgery import apply_plan
 
 
 PLAN_NAME = "pruning_plan.json"
-PLAN_FORMAT_VERSION = 4  # the newest format this version reads
+PLAN_FORMAT_VERSION = 5  # the newest format this version reads
 # Plans without bias compensation are written as format 1, so older optimum-prune versions still read them; a plan
 # with `bias_means` is format 2: an older reader would otherwise drop the compensation silently. A plan with
 # `reconstruction` is format 3, for the same reason (an older reader would slice un-refit weights).
@@ -21,6 +21,9 @@ _BIAS_FORMAT_VERSION = 2
 _RECONSTRUCTION_FORMAT_VERSION = 3
 # Units chosen by refit error (`reconstruction["selection"]`) are format 4: the kept units then depend on the data.
 _SELECTION_FORMAT_VERSION = 4
+# Consumers fit to the unpruned residual stream (`reconstruction["target"] == "residual"`) are format 5: an older reader
+# would refit them to their own outputs instead.
+_TARGET_FORMAT_VERSION = 5
 RECONSTRUCTION_KEYS = ("damping",)
 # Structures with one plan entry per decoder layer (`"<structure>.<layer>"`); hidden channels have one model-wide entry.
 LAYER_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, EXPERTS)
@@ -94,11 +97,15 @@ class PruningPlan:
         _check_reconstruction(self.reconstruction)
         if self.reconstruction:
             selection = self.reconstruction.get("selection", "criterion")
+            target = self.reconstruction.get("target", "output")
             self.reconstruction = {"damping": float(self.reconstruction["damping"])}
             self.format_version = max(self.format_version, _RECONSTRUCTION_FORMAT_VERSION)
             if selection == "error":
                 self.reconstruction["selection"] = selection
                 self.format_version = max(self.format_version, _SELECTION_FORMAT_VERSION)
+            if target == "residual":
+                self.reconstruction["target"] = target
+                self.format_version = max(self.format_version, _TARGET_FORMAT_VERSION)
 
     def to_dict(self) -> dict:
         """The plan as JSON data; `reconstruction` only when set, so plans without it stay what older versions wrote."""
@@ -220,14 +227,19 @@ def _check_indices(name: str, value, bound: int) -> None:
 
 
 def _check_reconstruction(value) -> None:
-    """Empty, or `{"damping": finite number >= 0}` with, optionally, `"selection"`: 'criterion' or 'error'."""
+    """Empty, or `{"damping": finite number >= 0}` with, optionally, `"selection"`: 'criterion' or 'error', and
+    `"target"`: 'residual' or 'output'."""
     _check_dict("reconstruction", value)
     if not value:
         return
-    if sorted(set(value) - {"selection"}) != sorted(RECONSTRUCTION_KEYS):
+    if sorted(set(value) - {"selection", "target"}) != sorted(RECONSTRUCTION_KEYS):
         raise ValueError(
-            f"`reconstruction` must hold exactly {list(RECONSTRUCTION_KEYS)} (and optionally 'selection'), got "
-            f"{sorted(value)}."
+            f"`reconstruction` must hold exactly {list(RECONSTRUCTION_KEYS)} (and optionally 'selection' and "
+            f"'target'), got {sorted(value)}."
+        )
+    if value.get("target", "output") not in RECONSTRUCTION_TARGETS:
+        raise ValueError(
+            f"`reconstruction['target']` must be one of {list(RECONSTRUCTION_TARGETS)}, got {_kind(value['target'])}."
         )
     if value.get("selection", "criterion") not in RECONSTRUCTION_SELECTIONS:
         raise ValueError(

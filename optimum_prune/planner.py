@@ -22,7 +22,15 @@ from .allocation import (
     select_top,
     uniform_allocation,
 )
-from .architectures.base import ATTENTION_HEADS, EXPERTS, HEAD_STRUCTURES, LAYERS, MLP_CHANNELS, ArchitectureSpec
+from .architectures.base import (
+    ATTENTION_HEADS,
+    EXPERTS,
+    HEAD_STRUCTURES,
+    LAYERS,
+    MLP_CHANNELS,
+    ArchitectureSpec,
+    adds_to_residual,
+)
 from .configuration import PrunerConfig
 from .errors import PruneInputError
 from .groups import (
@@ -45,15 +53,17 @@ from .utils.compat import fails_transformers_5_validation
 logger = logging.getLogger(__name__)
 
 
-def reconstruction_settings(pruner_config) -> dict:
-    """The plan's `reconstruction` entry for a [`PrunerConfig`]: its damping (and a selection by refit error) when it
-    reconstructs, else empty."""
+def reconstruction_settings(pruner_config, spec, model_config) -> dict:
+    """The plan's `reconstruction` entry for a [`PrunerConfig`]: its damping (with a selection by refit error, and a
+    fit to the residual stream where `model_config`'s layers add into it straight) when it reconstructs, else empty."""
     if not pruner_config.reconstruction:
         return {}
-    selection = pruner_config.reconstruction_selection
-    return {"damping": pruner_config.reconstruction_damping} | (
-        {"selection": selection} if selection == "error" else {}
-    )
+    settings = {"damping": pruner_config.reconstruction_damping}
+    if pruner_config.reconstruction_selection == "error":
+        settings["selection"] = "error"
+    if pruner_config.reconstruction_target == "residual" and adds_to_residual(spec, model_config):
+        settings["target"] = "residual"
+    return settings
 
 
 # Criteria that score the fused 3-D expert tensors of MoE families (`experts`, and `mlp_channels` inside experts):
@@ -144,7 +154,7 @@ class Planner:
             kept=kept,
             removed_layers=list(removed),
             bias_means=self.bias_means(group_sets, kept, means) if means is not None else {},
-            reconstruction=reconstruction_settings(self.config),
+            reconstruction=reconstruction_settings(self.config, self.spec, self.model.config),
         )
 
     def _resolve_reconstruction(self) -> None:

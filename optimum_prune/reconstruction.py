@@ -11,6 +11,14 @@ the same layer the consumers before it, as SparseGPT proceeds), `Y` the *unprune
 model's inputs, and `lambda = damping * mean(diag(Xs^T Xs))`. Only the Gram matrix `Xs^T Xs` [kept, kept] and the
 cross term `Xs^T Y` [kept, out] are accumulated, in float64, batch by batch; never the activations.
 
+The residual target (`reconstruction_target="residual"`, the default; plan `reconstruction["target"]`): where each
+sublayer adds its consumer's output straight into the residual stream (`ArchitectureSpec.residual_adds`), `Y` also
+makes up the drift between the unpruned and the pruned stream at that point, so the refit corrects what earlier
+layers left as well as its own layer's error: attention's consumer is fit to `Y + h_full - h_pruned` (the layer
+inputs' difference: the pruned stream after attention then matches the unpruned one as closely as the kept columns
+allow), the MLP's to the unpruned layer output less the rest of the pruned layer's output (`_inputs_and_targets`).
+Families with a norm after each sublayer (Gemma, GLM-4) keep the layer-local target.
+
 Biases: a consumer that has a bias (OPT, BLOOM) or that bias compensation gives one (the plan has `bias_means` for it)
 is fit with an intercept: a ones column is appended to `Xs` and left undamped, which is ridge regression on centred
 inputs with the bias fit exactly. FLAP's bias compensation (the removed channels' mean contribution folded into the
@@ -44,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architectures.base import EXPERTS
+from .architectures.base import EXPERTS, RESIDUAL_SIDES
 from .calibration import expert_hidden, layer_output
 from .groups import GroupSet, decoder_layers, get_submodule_or_none, layer_prefix
 from .refit_selection import UnitChoice, choose_units, damped_gram
@@ -137,6 +145,9 @@ class Consumer:
     kept_columns: torch.Tensor  # LongTensor [k], ascending
     intercept: bool
     choice: UnitChoice | None = None  # with selection by refit error: the units to choose among
+    # With `plan.reconstruction["target"] == "residual"`, where the consumer's output joins the residual stream
+    # (`RESIDUAL_SIDES`): "input" (added to the layer's input) or "output" (the last sum, the layer's output).
+    residual: str | None = None
 
 
 @dataclass
@@ -190,6 +201,7 @@ def layer_consumers(layer: nn.Module, spec, plan, group_sets: dict[str, GroupSet
     prefix = layer_prefix(spec, layer_index)
     kept_experts = {r.path: r.kept for r in layer_routers(spec, plan, group_sets, layer_index)}
     selecting = plan.reconstruction.get("selection") == "error"
+    residual = plan.reconstruction.get("target") == "residual"
     for key, group_set, kept in _layer_group_sets(spec, plan, group_sets, layer_index):
         linears = consumer_modules(spec, group_set)
         for s, path in linears:
@@ -199,6 +211,7 @@ def layer_consumers(layer: nn.Module, spec, plan, group_sets: dict[str, GroupSet
             mask[removed] = False
             compensated = s.name in plan.bias_means.get(key, {})
             consumer = Consumer(path, mask.nonzero().flatten(), module.bias is not None or compensated)
+            consumer.residual = RESIDUAL_SIDES.get(group_set.structure) if residual else None
             if selecting and len(linears) == 1 and group_set.num_groups == 1 and not plan.bias_means.get(key):
                 columns = s.unit_indices(module.in_features, group_set.num_units).reshape(group_set.num_units, -1)
                 consumer.choice = UnitChoice(key, columns, len(kept))
@@ -324,10 +337,7 @@ def _refit_linear(layer, consumer: Consumer, full, pruned, original, current, ro
     columns = torch.arange(width) if choosing else consumer.kept_columns
     columns = columns.to(module.weight.device)
     for batch_full, batch_pruned in zip(_batches(full), _batches(pruned)):
-        with _weights(layer, original):
-            targets = _run_until(layer, module, "output", *batch_full)
-        with _weights(layer, current, routers):
-            inputs = _run_until(layer, module, "input", *batch_pruned)
+        inputs, targets = _inputs_and_targets(layer, consumer, batch_full, batch_pruned, original, current, routers)
         stats.add(inputs.index_select(-1, columns), targets)
     if choosing:
         consumer.choice.kept = choose_units(stats.gram, stats.cross, consumer.choice, damping, stats.intercept)
@@ -337,6 +347,42 @@ def _refit_linear(layer, consumer: Consumer, full, pruned, original, current, ro
     new_weight = torch.zeros_like(module.weight.data)
     new_weight[:, columns] = weight.to(new_weight.dtype)
     return {f"{consumer.path}.weight": new_weight} | ({} if bias is None else {f"{consumer.path}.bias": bias})
+
+
+def _inputs_and_targets(layer, consumer: Consumer, batch_full, batch_pruned, original, current, routers):
+    """One batch of a Linear's ridge problem: its pruned-stream inputs and what its outputs are fit to.
+
+    The target is the unpruned Linear's output on the unpruned stream; with `consumer.residual` it also makes up the
+    drift between the two streams where the output joins the residual stream, so that the pruned stream there equals
+    the unpruned one as closely as the kept columns allow: on the "input" side (attention) the layers' input hidden
+    states differ by `h_full - h_pruned`; on the "output" side (the MLP, the layer's last sum) the pruned layer's
+    output less the Linear's own is the rest `r_pruned` of the stream (independent of the Linear's weights), and the
+    target is the unpruned layer's output less `r_pruned`."""
+    module = layer.get_submodule(consumer.path)
+    if consumer.residual != "output":
+        with _weights(layer, original):
+            targets = _run_until(layer, module, "output", *batch_full)
+        with _weights(layer, current, routers):
+            inputs = _run_until(layer, module, "input", *batch_pruned)
+        if consumer.residual == "input":
+            targets = targets + (batch_full[0] - batch_pruned[0]).reshape(targets.shape)
+        return inputs, targets
+    with _weights(layer, original):
+        unpruned_output = _forward(layer, *batch_full)
+    store: dict = {}
+    handle = module.register_forward_hook(lambda mod, args, output: store.update(input=args[0], output=output))
+    try:
+        with _weights(layer, current, routers):
+            pruned_output = _forward(layer, *batch_pruned)
+    finally:
+        handle.remove()
+    own = store["output"]
+    rest = pruned_output - own.reshape(pruned_output.shape)  # OPT's MLP runs on flattened tokens
+    return store["input"], (unpruned_output - rest).reshape(own.shape)
+
+
+def _forward(layer: nn.Module, hidden, args, kwargs) -> torch.Tensor:
+    return layer_output(layer(hidden, *args, **kwargs))
 
 
 def _refit_experts(layer, consumer: ExpertConsumer, full, pruned, original, current, routers, damping: float) -> dict:
@@ -412,7 +458,7 @@ def _batches(inputs):
 def _advance(layer: nn.Module, inputs) -> None:
     """Replace each batch's hidden states by `layer`'s output (the next layer's inputs)."""
     for hidden, args, kwargs in _batches(inputs):
-        hidden.copy_(layer_output(layer(hidden, *args, **kwargs)))
+        hidden.copy_(_forward(layer, hidden, args, kwargs))
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import torch
 
 
 RECONSTRUCTION_SELECTIONS = ("criterion", "error")  # `PrunerConfig.reconstruction_selection`
+RECONSTRUCTION_TARGETS = ("residual", "output")  # `PrunerConfig.reconstruction_target`
 STEP_FRACTION = 32  # at most 1/32 of the remaining units are removed per elimination step
 
 

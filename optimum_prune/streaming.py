@@ -1116,7 +1116,9 @@ def _plan_shapes(run: _Run) -> None:
     run.compensate = bool(run.pruner_config.bias_compensation)
     run.all_group_sets, run.group_sets = _prunable_group_sets(run.planner)
     run.two_pass = needs_global_scores(run.pruner_config)
-    run.reconstruction = reconstruction_settings(run.pruner_config)  # two-pass only (`check_streaming_config`)
+    run.reconstruction = reconstruction_settings(
+        run.pruner_config, spec, model.config
+    )  # two-pass only (`check_streaming_config`)
     if run.two_pass:
         run.kept_counts = _uniform_estimate(run.planner, run.group_sets)
         return
@@ -1127,7 +1129,7 @@ def _plan_shapes(run: _Run) -> None:
 def _given_plan_reconstruction(run: _Run) -> None:
     """A given plan is refit when it was made with reconstruction (its damping) or when the config asks for it (the
     config's damping, then recorded in the written plan)."""
-    run.reconstruction = run.plan.reconstruction or reconstruction_settings(run.pruner_config)
+    run.reconstruction = run.plan.reconstruction or reconstruction_settings(run.pruner_config, run.spec, run.config)
     if run.reconstruction and not run.plan.reconstruction:
         run.plan = dataclasses.replace(run.plan, reconstruction=run.reconstruction)
 

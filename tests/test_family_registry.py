@@ -143,7 +143,8 @@ def test_old_registries_are_views_of_the_families(monkeypatch, unregister_toy):
 
 
 def test_variants_are_their_base_spec_with_declared_differences():
-    assert _differing_fields(GLM4_SPEC, GLM_SPEC) == {"model_types", "norm", "pruned_model_type"}
+    assert _differing_fields(GLM4_SPEC, GLM_SPEC) == {"model_types", "norm", "pruned_model_type", "residual_adds"}
+    assert GLM4_SPEC.residual_adds is None  # its post-sublayer norms: refit to the layer-local target
     assert _differing_fields(GLM4_SPEC.norm, GLM_SPEC.norm) == {"layer_modules"}
     assert set(GLM4_SPEC.norm.layer_modules) - set(GLM_SPEC.norm.layer_modules) == {
         "post_self_attn_layernorm",

@@ -74,7 +74,11 @@ ROUND_TRIP_CONFIGS = [
     dict(importance="wanda_sp", streaming=True),
     dict(importance="magnitude", compute_dtype="bfloat16"),
     dict(
-        importance="wanda_sp", reconstruction=True, reconstruction_damping=0.05, reconstruction_selection="criterion"
+        importance="wanda_sp",
+        reconstruction=True,
+        reconstruction_damping=0.05,
+        reconstruction_selection="criterion",
+        reconstruction_target="output",
     ),
 ]
 

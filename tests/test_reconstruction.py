@@ -25,6 +25,7 @@ from testing_utils import (
 
 from optimum_prune import AutoPruner, PrunerConfig, PruningPlan
 from optimum_prune.architectures import get_architecture
+from optimum_prune.architectures.base import RESIDUAL_SIDES
 from optimum_prune.calibration import prepare_calibration
 from optimum_prune.commands.cli import main as cli_main
 from optimum_prune.groups import build_group_sets, layer_prefix
@@ -42,6 +43,7 @@ from optimum_prune.surgery import consumer_modules
 SAMPLES, SEQ_LEN = 6, 16
 DATA = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(5))
 ROOT = Path(__file__).resolve().parents[1]
+RESIDUAL = {"damping": 0.01, "target": "residual"}  # the plan entry of `_config()` on a pre-norm family
 
 
 def _config(importance="wanda_sp", **kwargs):
@@ -127,17 +129,18 @@ def test_no_units_removed_gives_the_original_weights():
 
 
 def _activations(model, paths, batches):
-    """Inputs and outputs of the Linears at `paths` on the calibration batches: {path: (X [tokens, in], Y)}."""
+    """Inputs and outputs of the modules at `paths` (Linears, decoder layers) on the calibration batches, as
+    {path: (X [tokens, in], Y [tokens, out])}; a layer's X is its input hidden states."""
     found = {path: ([], []) for path in paths}
 
     def record(path):
-        def hook(module, args, output):
-            found[path][0].append(args[0])
-            found[path][1].append(output)
+        def hook(module, args, kwargs, output):
+            found[path][0].append(args[0] if args else kwargs["hidden_states"])
+            found[path][1].append(output[0] if isinstance(output, tuple) else output)
 
         return hook
 
-    handles = [model.get_submodule(path).register_forward_hook(record(path)) for path in paths]
+    handles = [model.get_submodule(p).register_forward_hook(record(p), with_kwargs=True) for p in paths]
     with torch.no_grad():
         model(input_ids=batches)
     for handle in handles:
@@ -145,22 +148,37 @@ def _activations(model, paths, batches):
     return {p: (torch.cat(x).flatten(0, -2), torch.cat(y).flatten(0, -2)) for p, (x, y) in found.items()}
 
 
+def _targets(plan, spec, key, path, original, final):
+    """What a consumer is fit to, from activations alone: the unpruned outputs, and with the residual target the
+    drift between the unpruned and the final model's stream where the output joins it (attention: the layer inputs
+    differ; MLP: the layer outputs differ by the drift plus the consumer's own error)."""
+    layer = layer_prefix(spec, int(key.split(".")[1])).rstrip(".")
+    side = RESIDUAL_SIDES[key.split(".")[0]] if plan.reconstruction.get("target") == "residual" else None
+    if side == "input":
+        return original[path][1] + original[layer][0] - final[layer][0]
+    if side == "output":
+        return original[layer][1] - final[layer][1] + final[path][1]
+    return original[path][1]
+
+
 @pytest.mark.parametrize(
     ("build", "kwargs"),
     [
         (tiny_llama, {}),
+        (tiny_llama, {"reconstruction_target": "output"}),  # each consumer fit to its own unpruned outputs
         (tiny_llama, {"importance": "flap", "allocation": "flap"}),  # bias compensation: a fit intercept
         (tiny_opt, {}),  # consumers with biases
         (tiny_bloom, {"structures": ["attention_heads", "mlp_channels"]}),
         (tiny_llama, {"structures": ["query_heads", "mlp_channels"], "reconstruction_damping": 0.1}),
         (tiny_opt, {"reconstruction_selection": "error"}),  # units chosen by the refit error, then refit the same way
-        (tiny_gemma, {}),  # sliding-window and global layers: each layer replayed with its own mask
+        (tiny_gemma, {}),  # sliding-window and global layers, each replayed with its own mask; post-norms: "output"
         (functools.partial(tiny_gemma, gemma3=True), {"reconstruction_selection": "error"}),  # and rotary bases
     ],
 )
 def test_every_refit_consumer_solves_its_least_squares_problem(build, kwargs):
     """The final model's consumer weights are the ridge solution on the final model's *own* inputs to them (every
-    earlier layer and consumer refit: the sequential problem) against the unpruned model's outputs."""
+    earlier layer and consumer refit: the sequential problem) against the unpruned model's outputs, plus, with the
+    residual target, the drift of the stream where they join it."""
     original = build()
     spec = _spec(original)
     config = _config(**kwargs)
@@ -168,21 +186,23 @@ def test_every_refit_consumer_solves_its_least_squares_problem(build, kwargs):
     pruner.prune(calibration_data=DATA)
     plan = pruner.plan
     assert plan.reconstruction["damping"] == config.reconstruction_damping
+    residual = config.reconstruction_target == "residual" and "gemma" not in original.config.model_type
+    assert (plan.reconstruction.get("target") == "residual") == residual  # Gemma's post-norms fall back to "output"
     groups = build_group_sets(original, spec, sorted({k.split(".")[0] for k in plan.unit_counts}))
-    paths = [
-        layer_prefix(spec, groups[key].layer) + path
+    paths = {
+        layer_prefix(spec, groups[key].layer) + path: key
         for key in plan.kept
         for _, path in consumer_modules(spec, groups[key])
-    ]
+    }
     assert paths
+    modules = [*paths, *(layer_prefix(spec, i).rstrip(".") for i in range(plan.num_layers))]
     batches = prepare_calibration(DATA, None, SAMPLES, SEQ_LEN, seed=0)
-    targets = _activations(original, paths, batches)
-    inputs = _activations(pruner.model, paths, batches)
-    for path in paths:
+    targets = _activations(original, modules, batches)
+    inputs = _activations(pruner.model, modules, batches)
+    for path, key in paths.items():
         module = pruner.model.get_submodule(path)
-        weight, bias = _ridge(
-            inputs[path][0], targets[path][1], config.reconstruction_damping, module.bias is not None
-        )
+        y = _targets(plan, spec, key, path, targets, inputs)
+        weight, bias = _ridge(inputs[path][0], y, config.reconstruction_damping, module.bias is not None)
         torch.testing.assert_close(module.weight.double(), weight, atol=2e-4, rtol=1e-3)
         if bias is not None:
             torch.testing.assert_close(module.bias.double(), bias, atol=2e-4, rtol=1e-3)
@@ -222,13 +242,13 @@ def test_streaming_gives_the_in_memory_weights(llama_dir, tmp_path, importance, 
     pruner = AutoPruner.from_model(load_eval(llama_dir), _config(importance, **kwargs))
     pruner.prune(calibration_data=DATA)
     report = prune_streaming(llama_dir, _config(importance, **kwargs), DATA, tmp_path / "two-pass")
-    assert report["plan"].kept == pruner.plan.kept and report["plan"].reconstruction == {"damping": 0.01}
+    assert report["plan"].kept == pruner.plan.kept and report["plan"].reconstruction == RESIDUAL
     _assert_same_weights(tmp_path / "two-pass", pruner.model)
     # A given plan (any engine, any criterion made it) is refit the same way, from the same data.
     prune_streaming(llama_dir, _config(importance, **kwargs), DATA, tmp_path / "given", plan=pruner.plan)
     _assert_same_weights(tmp_path / "given", pruner.model)
     saved = json.loads((tmp_path / "given" / "pruning_plan.json").read_text())
-    assert saved["reconstruction"] == {"damping": 0.01} and saved["format_version"] == 3
+    assert saved["reconstruction"] == RESIDUAL and saved["format_version"] == 5
 
 
 def test_bfloat16_model_is_refit_in_the_compute_dtype_as_streaming_does(tmp_path):
@@ -251,7 +271,7 @@ def test_plan_says_it_was_refit_and_apply_refuses(tmp_path):
     pruner.prune(calibration_data=DATA)
     pruner.save_pretrained(tmp_path / "out")
     plan = PruningPlan.from_pretrained(tmp_path / "out")
-    assert plan.reconstruction == {"damping": 0.01} and plan.format_version == 3
+    assert plan.reconstruction == RESIDUAL and plan.format_version == 5
     with pytest.raises(ValueError, match="made with reconstruction .* un-refit weights"):
         plan.apply(tiny_llama())
     with pytest.raises(ValueError, match="needs the calibration data"):
@@ -263,12 +283,32 @@ def test_plan_says_it_was_refit_and_apply_refuses(tmp_path):
     assert "reconstruction" not in without.to_dict() and without.format_version == 1
 
 
+def test_plans_fit_to_consumer_outputs_keep_format_3_and_reproduce(tmp_path):
+    """`reconstruction_target="output"` is what format-3 plans (before the residual target) mean: such a plan says
+    nothing about a target and reproduces its checkpoint."""
+    pruner = AutoPruner.from_model(tiny_llama(), _config(reconstruction_target="output"))
+    pruner.prune(calibration_data=DATA)
+    assert pruner.plan.reconstruction == {"damping": 0.01} and pruner.plan.format_version == 3
+    residual = AutoPruner.from_model(tiny_llama(), _config())
+    residual.prune(calibration_data=DATA)
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    assert not torch.allclose(pruner.model.get_parameter(o_proj), residual.model.get_parameter(o_proj))
+    pruner.save_pretrained(tmp_path / "out")
+    again = AutoPruner.from_model(tiny_llama(), _config())  # the plan's target wins over the config's
+    again.apply_plan(PruningPlan.from_pretrained(tmp_path / "out"), calibration_data=DATA)
+    _assert_same_weights(tmp_path / "out", again.model)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
         ({"damping": -1.0}, r"`reconstruction\['damping'\]` must be a finite number >= 0"),
         ({"damping": "0.1"}, r"`reconstruction\['damping'\]` must be a finite number >= 0"),
         ({"lambda": 0.1}, r"`reconstruction` must hold exactly \['damping'\]"),
+        (
+            {"damping": 0.1, "target": "stream"},
+            r"`reconstruction\['target'\]` must be one of \['residual', 'output'\]",
+        ),
         ([0.1], r"`reconstruction` must be an object"),
     ],
 )
@@ -284,6 +324,7 @@ def test_plan_refuses_bad_reconstruction_entries(value, message):
         ({"structures": ["layers"], "importance": "block_influence"}, "cannot run with \\['layers'\\]"),
         ({"iterative_steps": 2, "bias_compensation": False}, "set `iterative_steps=1`"),
         ({"reconstruction_damping": -0.5}, "`reconstruction_damping` must be a finite number >= 0"),
+        ({"reconstruction_target": "layer"}, r"`reconstruction_target` must be one of \['residual', 'output'\]"),
         ({"streaming": True}, "Streaming reconstructs only when the plan is known"),
     ],
 )
@@ -335,7 +376,7 @@ def test_cli_flags(tmp_path, capsys):
     assert cli_main(args) == 0
     plan = json.loads((tmp_path / "out" / "pruning_plan.json").read_text())
     saved = json.loads((tmp_path / "out" / "pruner_config.json").read_text())
-    assert plan["reconstruction"] == {"damping": 0.05, "selection": "error"}  # units chosen by refit error by default
+    assert plan["reconstruction"] == {"damping": 0.05, "selection": "error", "target": "residual"}  # the defaults
     assert saved["reconstruction"] is True and saved["reconstruction_damping"] == 0.05
     capsys.readouterr()
     bad = [*common, "--reconstruction", "--reconstruction-damping", "-1", "--output", str(tmp_path / "bad")]
@@ -375,7 +416,10 @@ def test_unset_reconstruction_refits_where_it_applies():
     sliced = AutoPruner.from_model(tiny_llama(), PrunerConfig(importance="wanda_sp", reconstruction=False, **small))
     sliced.prune(calibration_data=DATA)
     assert refit.config.reconstruction is True
-    assert refit.plan.reconstruction == {"damping": 0.01, "selection": "error"} and sliced.plan.reconstruction == {}
+    assert (
+        refit.plan.reconstruction == {"damping": 0.01, "selection": "error", "target": "residual"}
+        and sliced.plan.reconstruction == {}
+    )
     assert {k: len(v) for k, v in refit.plan.kept.items()} == {k: len(v) for k, v in sliced.plan.kept.items()}
     o_proj = [layer.self_attn.o_proj.weight for layer in (refit.model.model.layers[0], sliced.model.model.layers[0])]
     assert not torch.equal(*o_proj)

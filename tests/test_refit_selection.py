@@ -104,8 +104,8 @@ def test_error_selection_keeps_the_widths_and_refits_the_chosen_units(build, kwa
     criterion, chosen = by_criterion.plan.kept, by_error.plan.kept
     assert {k: len(v) for k, v in chosen.items()} == {k: len(v) for k, v in criterion.items()}
     assert chosen != criterion  # on random weights the refit error disagrees with the criterion somewhere
-    assert by_error.plan.reconstruction == {"damping": 0.01, "selection": "error"}
-    assert by_error.plan.format_version == 4
+    assert by_error.plan.reconstruction == {"damping": 0.01, "selection": "error", "target": "residual"}
+    assert by_error.plan.format_version == 5
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,8 @@ def test_every_engine_and_the_plan_give_the_same_units_and_weights(llama_dir, tm
     assert report["plan"].kept == pruner.plan.kept
     _assert_same_weights(tmp_path / "streamed", pruner.model)
     saved = json.loads((tmp_path / "streamed" / "pruning_plan.json").read_text())
-    assert saved["reconstruction"] == {"damping": 0.01, "selection": "error"} and saved["format_version"] == 4
+    assert saved["reconstruction"] == {"damping": 0.01, "selection": "error", "target": "residual"}
+    assert saved["format_version"] == 5
     # The written plan (its kept units already chosen) reproduces the checkpoint from the calibration data.
     plan = PruningPlan.from_pretrained(tmp_path / "memory")
     again = AutoPruner.from_model(load_eval(llama_dir), config)

@@ -26,6 +26,9 @@ STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS, MLP_CHANNELS, HIDDEN_CHANNELS, LAYER
 # (`"query_heads.3": [query head indices]`), unit counts and scores are per query head, so a saved plan says which
 # mode made it and applies unambiguously.
 HEAD_STRUCTURES = (ATTENTION_HEADS, QUERY_HEADS)
+# Where a structure's consumer output joins the residual stream in a decoder layer whose sublayers add straight into it
+# (`ArchitectureSpec.residual_adds`): attention's is added to the layer's input, the MLP's sum is the layer's output.
+RESIDUAL_SIDES = {ATTENTION_HEADS: "input", QUERY_HEADS: "input", MLP_CHANNELS: "output"}
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,11 @@ class ArchitectureSpec:
             consumers that already have a bias (OPT, BLOOM) need no entry.
         bias_compensation_default (`bool`): whether `importance="flap"` compensates by default (`bias_compensation=
             None`) when it can. An explicit `bias_compensation=True` works either way.
+        residual_adds (`tuple[tuple[str, Any], ...] | None`): when each sublayer's consumer output is added straight
+            into the residual stream (no norm after the sublayer, residual taken before the norm): `()` always
+            (pre-norm LLaMA), `None` never (Gemma's and GLM-4's norms after each sublayer), else the `(config field,
+            value)` pairs a config must have (a missing field counts as having it). Reconstruction then fits each
+            consumer to the unpruned *stream* there, correcting the drift earlier layers left (`RESIDUAL_SIDES`).
     """
 
     model_types: tuple[str, ...]
@@ -216,6 +224,7 @@ class ArchitectureSpec:
     layer_config_modules: tuple[str, ...] = ()
     bias_fields: dict[str, str] = field(default_factory=dict)
     bias_compensation_default: bool = True
+    residual_adds: tuple[tuple[str, Any], ...] | None = ()
     extra: dict = field(default_factory=dict)
 
     @property
@@ -372,3 +381,11 @@ def register_checkpoint_converter(model_type: str, converter: Callable[..., Any]
     if key in CHECKPOINT_CONVERTERS and not exist_ok:
         raise ValueError(f"A checkpoint converter for {key!r} is already registered.")
     CHECKPOINT_CONVERTERS[key] = converter
+
+
+def adds_to_residual(spec: ArchitectureSpec, config) -> bool:
+    """Whether `config`'s layers add each sublayer's consumer output straight into the residual stream (see
+    `ArchitectureSpec.residual_adds`)."""
+    if spec.residual_adds is None:
+        return False
+    return all(getattr(config, name, value) == value for name, value in spec.residual_adds)

@@ -85,6 +85,7 @@ BLOOM_SPEC = ArchitectureSpec(
         layer_modules=("input_layernorm", "post_attention_layernorm"),
     ),
     num_layers_field="n_layer",
+    residual_adds=(("apply_residual_connection_post_layernorm", False),),  # else the residual is the normed input
     layer_index_attrs=("self_attention.layer_idx",),
     pruned_model_type="pruned_bloom",
     lora_target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),

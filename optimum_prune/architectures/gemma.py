@@ -60,6 +60,7 @@ GEMMA2_SPEC = ArchitectureSpec(
     pruned_model_type="pruned_gemma2",
     bias_fields={"self_attn.o_proj": "o_proj_bias", "mlp.down_proj": "down_proj_bias"},
     lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    residual_adds=None,  # post_attention_layernorm / post_feedforward_layernorm norm each sublayer's output
 )
 
 GEMMA3_TEXT_SPEC = dataclasses.replace(

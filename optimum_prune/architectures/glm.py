@@ -91,6 +91,7 @@ GLM4_SPEC = dataclasses.replace(
         ),
     ),
     pruned_model_type="pruned_glm4",
+    residual_adds=None,  # post_self_attn_layernorm / post_mlp_layernorm norm each sublayer's output
 )
 
 register_family("glm", GLM_SPEC, streaming=True)

@@ -103,6 +103,7 @@ OPT_SPEC = ArchitectureSpec(
     ),
     derived_fields={"head_dim": ("hidden_size", "num_attention_heads")},
     structure_requirements={HIDDEN_CHANNELS: (("word_embed_proj_dim", "hidden_size"),)},
+    residual_adds=(("do_layer_norm_before", True),),  # post-LN OPT (350m) norms each sum
 )
 
 register_family("opt", OPT_SPEC, streaming=True)
