@@ -5,7 +5,8 @@ ratio to the best row of its (model, target), and the candidate with the best wo
     python benchmarks/defaults.py --models tiny-llama tiny-qwen3 --candidates taylor-global-recon default
     python benchmarks/defaults.py --report-only                         # the table from the rows already measured
 
-Each run goes through `benchmarks/quality.py` (its own subprocess, 32 x 128 calibration tokens from `calibration.txt`,
+Each run goes through `benchmarks/quality.py` (its own subprocess, 32 x 128 calibration tokens from `calibration.txt`
+unless a method says otherwise; `default`: the library default, 128 x 128),
 perplexity on `eval.txt`, float32 on CPU). Rows are appended to `benchmarks/results/defaults.jsonl` and a run that is
 already there is not repeated (delete the file to measure afresh). Models are the shared ones, then
 `benchmarks/checkpoints/` (`train_multihead.py`, `train_families.py`); a model that is missing is skipped with a line.

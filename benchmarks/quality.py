@@ -36,7 +36,8 @@ CALIBRATION = SHARED / "data" / "corpus" / "calibration.txt"
 EVAL = SHARED / "data" / "corpus" / "eval.txt"
 RESULTS = ROOT / "benchmarks" / "results"
 
-# Method name -> PrunerConfig keyword arguments. Defaults: 32 calibration windows of 128 tokens.
+# Method name -> PrunerConfig keyword arguments. Every method but `default` calibrates on 32 windows of 128 tokens
+# unless it names another count (`method_kwargs`); `default` on the library's default (128 windows).
 METHODS: dict[str, dict] = {
     "random": {"importance": "random"},
     "magnitude": {"importance": "magnitude"},
@@ -142,6 +143,13 @@ METHODS.update(
         )
     }
 )
+# The same with 128 calibration windows of 128 tokens.
+METHODS.update(
+    {
+        f"{name}-res-cal128": {**METHODS[f"{name}-res"], "num_calibration_samples": 128}
+        for name in ("taylor-global-recon-error", "obs-global-recon-error")
+    }
+)
 # Whatever `PrunerConfig(pruning_ratio=...)` does with no other argument (not pinned, see `method_kwargs`).
 METHODS["default"] = {}
 PEERS = ("torch-pruning",)
@@ -151,11 +159,12 @@ LLM_PRUNER_PEERS = {"llm-pruner": None, "llm-pruner-layers1-4": (1, 5)}
 
 def method_kwargs(method: str) -> dict:
     """A method's `PrunerConfig` arguments. Every method but `default` is pinned to uniform allocation without
-    reconstruction (refit to each consumer's own outputs) unless it names them, so that its rows mean what they did
-    before those became defaults."""
+    reconstruction (refit to each consumer's own outputs) and to 32 calibration windows unless it names them, so that
+    its rows mean what they did before those became defaults."""
     if method == "default":
         return {}
-    return {"global_ranking": False, "reconstruction": False, "reconstruction_target": "output", **METHODS[method]}
+    pinned = {"global_ranking": False, "reconstruction": False, "reconstruction_target": "output"}
+    return {**pinned, "num_calibration_samples": 32, **METHODS[method]}
 
 
 def peak_rss_mib() -> float:

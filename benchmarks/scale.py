@@ -20,7 +20,8 @@ saves. The table is headed by `torch.backends.cpu.get_cpu_capability()` and the 
 
 `--reconstruction off on error` runs each configuration without and with layer-wise reconstruction
 (`PrunerConfig.reconstruction`) of the criterion's units, and with units chosen by refit error
-(`reconstruction_selection="error"`), so its time and memory are a ratio within one run. Streaming refits only with the
+(`reconstruction_selection="error"`), so its time and memory are a ratio within one run; `error-output` fits that
+refit to each consumer's own outputs instead of the residual stream (`reconstruction_target="output"`). Streaming refits only with the
 two-pass allocations (`--allocation global` or `flap`); uniform streaming with reconstruction is reported as refused.
 """
 
@@ -129,7 +130,8 @@ def child(args) -> None:
     result = {"size": args.size, "mode": mode, "criterion": args.criterion, "allocation": args.allocation}
     result["compute_dtype"] = args.compute_dtype
     result["reconstruction"] = args.reconstruction != "off"
-    result["selection"] = "error" if args.reconstruction == "error" else "criterion"
+    result["selection"] = "error" if args.reconstruction.startswith("error") else "criterion"
+    result["target"] = "output" if args.reconstruction.endswith("output") else "residual"
     if args.mode != "baseline":
         calibration = torch.randint(0, 32000, (args.samples * args.seq_len * 2,), generator=torch.Generator())
         importance, importance_kwargs = VARIANTS.get(args.criterion, (args.criterion, {}))
@@ -143,6 +145,7 @@ def child(args) -> None:
             compute_dtype=args.compute_dtype,
             reconstruction=args.reconstruction != "off",
             reconstruction_selection=result["selection"],
+            reconstruction_target=result["target"],
             **ALLOCATIONS[args.allocation],
         )
         with tempfile.TemporaryDirectory(dir=CHECKPOINTS) as out:
@@ -201,9 +204,10 @@ def main() -> None:
         "--reconstruction",
         nargs="+",
         default=["off"],
-        choices=["off", "on", "error"],
+        choices=["off", "on", "error", "error-output"],
         help="Run each configuration without (off) and/or with layer-wise reconstruction of the criterion's units (on) "
-        "or of units chosen by refit error (error, `reconstruction_selection='error'`).",
+        "or of units chosen by refit error (error, `reconstruction_selection='error'`), fit to the unpruned residual "
+        "stream (the default) or, with error-output, to each consumer's own outputs.",
     )
     parser.add_argument("--keep-checkpoints", action="store_true", help="Keep the random checkpoints on disk.")
     # Internal: one run in a child process.
@@ -271,6 +275,7 @@ def _table_row(r: dict) -> str:
     head = f"| {r['size']} | {r['checkpoint_gib']:.2f} |" if "checkpoint_gib" in r else f"| {r['size']} | - |"
     recon = {True: "on", False: "off"}.get(r.get("reconstruction"), "-")
     recon += ", units by refit error" if r.get("reconstruction") and r.get("selection") == "error" else ""
+    recon += ", own outputs" if r.get("reconstruction") and r.get("target") == "output" else ""
     head += f" {r['mode']} | {r['criterion']} | {r.get('compute_dtype', '-')} | {recon} |"
     if "refused" in r:
         return f"{head} refused: {r['refused']} |"

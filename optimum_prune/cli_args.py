@@ -225,7 +225,7 @@ DEFAULTS = {
     "importance": "taylor",
     "importance_kwargs": {},
     "structures": ["attention_heads", "mlp_channels"],
-    "num_calibration_samples": 32,
+    "num_calibration_samples": 128,
     "calibration_seq_len": 128,
     "round_to": 1,
     "seed": 0,

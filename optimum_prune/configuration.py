@@ -91,8 +91,10 @@ class PrunerConfig(PushToHubMixin):
             `num_key_value_heads < num_attention_heads`, GLM) removes query heads *inside* every KV group, the same
             number in each, and keeps every key/value head: a finer step where KV heads are few. Choose one of the
             two.
-        num_calibration_samples (`int`, *optional*, defaults to `32`):
-            Calibration windows for data-driven criteria.
+        num_calibration_samples (`int`, *optional*, defaults to `128`):
+            Calibration windows for data-driven criteria and the refit (128 x 128 tokens by default, as SparseGPT and
+            Wanda calibrate on 128 samples). Measured with the residual-stream refit, 128 windows instead of 32 lower
+            perplexity in 29 of 30 settings for 3-4x the pruning time (README, "Defaults").
         calibration_seq_len (`int`, *optional*, defaults to `128`):
             Tokens per calibration window.
         round_to (`int`, *optional*, defaults to `1`):
@@ -224,7 +226,7 @@ class PrunerConfig(PushToHubMixin):
         default_factory=lambda: ["attention_heads", "mlp_channels"],
         metadata={"help": f"Structures to prune, any of {list(STRUCTURES)}."},
     )
-    num_calibration_samples: int = field(default=32, metadata={"help": "Number of calibration windows."})
+    num_calibration_samples: int = field(default=128, metadata={"help": "Number of calibration windows."})
     calibration_seq_len: int = field(default=128, metadata={"help": "Tokens per calibration window."})
     round_to: int = field(default=1, metadata={"help": "Keep channel widths multiples of this."})
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and random scores."})

@@ -32,7 +32,7 @@ def test_default_is_the_configuration_benchmarks_defaults_chose():
     default = PrunerConfig(pruning_ratio=0.3)
     assert default.reconstruction_selection == "error" and default.reconstruction_target == "residual"
     assert (default.importance, default.global_ranking, default.global_normalization) == ("taylor", True, "none")
-    assert default.structures == ["attention_heads", "mlp_channels"] and default.num_calibration_samples == 32
+    assert default.structures == ["attention_heads", "mlp_channels"] and default.num_calibration_samples == 128
     assert default.reconstruction is None  # on, once the planner has seen the family (tests/test_reconstruction.py)
     assert PrunerConfig(uniform=True).global_ranking is False
     assert PrunerConfig(importance="wanda_sp").global_ranking is False
