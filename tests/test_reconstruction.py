@@ -162,20 +162,22 @@ def _targets(plan, spec, key, path, original, final):
 
 
 @pytest.mark.parametrize(
-    ("build", "kwargs"),
+    ("build", "kwargs", "residual"),
     [
-        (tiny_llama, {}),
-        (tiny_llama, {"reconstruction_target": "output"}),  # each consumer fit to its own unpruned outputs
-        (tiny_llama, {"importance": "flap", "allocation": "flap"}),  # bias compensation: a fit intercept
-        (tiny_opt, {}),  # consumers with biases
-        (tiny_bloom, {"structures": ["attention_heads", "mlp_channels"]}),
-        (tiny_llama, {"structures": ["query_heads", "mlp_channels"], "reconstruction_damping": 0.1}),
-        (tiny_opt, {"reconstruction_selection": "error"}),  # units chosen by the refit error, then refit the same way
-        (tiny_gemma, {}),  # sliding-window and global layers, each replayed with its own mask; post-norms: "output"
-        (functools.partial(tiny_gemma, gemma3=True), {"reconstruction_selection": "error"}),  # and rotary bases
+        (tiny_llama, {}, True),
+        (tiny_llama, {"reconstruction_target": "output"}, False),  # each consumer fit to its own unpruned outputs
+        (tiny_llama, {"importance": "flap", "allocation": "flap"}, True),  # bias compensation: a fit intercept
+        (tiny_opt, {}, True),  # consumers with biases
+        (functools.partial(tiny_opt, do_layer_norm_before=False), {}, False),  # post-LN: a norm after each sum
+        (tiny_bloom, {"structures": ["attention_heads", "mlp_channels"]}, True),
+        (functools.partial(tiny_bloom, apply_residual_connection_post_layernorm=True), {}, False),  # normed residual
+        (tiny_llama, {"structures": ["query_heads", "mlp_channels"], "reconstruction_damping": 0.1}, True),
+        (tiny_opt, {"reconstruction_selection": "error"}, True),  # units chosen by the refit error, then refit so
+        (tiny_gemma, {}, False),  # sliding-window and global layers, each replayed with its own mask; post-norms
+        (functools.partial(tiny_gemma, gemma3=True), {"reconstruction_selection": "error"}, False),  # rotary bases
     ],
 )
-def test_every_refit_consumer_solves_its_least_squares_problem(build, kwargs):
+def test_every_refit_consumer_solves_its_least_squares_problem(build, kwargs, residual):
     """The final model's consumer weights are the ridge solution on the final model's *own* inputs to them (every
     earlier layer and consumer refit: the sequential problem) against the unpruned model's outputs, plus, with the
     residual target, the drift of the stream where they join it."""
@@ -186,8 +188,7 @@ def test_every_refit_consumer_solves_its_least_squares_problem(build, kwargs):
     pruner.prune(calibration_data=DATA)
     plan = pruner.plan
     assert plan.reconstruction["damping"] == config.reconstruction_damping
-    residual = config.reconstruction_target == "residual" and "gemma" not in original.config.model_type
-    assert (plan.reconstruction.get("target") == "residual") == residual  # Gemma's post-norms fall back to "output"
+    assert (plan.reconstruction.get("target") == "residual") == residual  # where sums are normed: "output"
     groups = build_group_sets(original, spec, sorted({k.split(".")[0] for k in plan.unit_counts}))
     paths = {
         layer_prefix(spec, groups[key].layer) + path: key
