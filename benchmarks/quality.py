@@ -140,6 +140,8 @@ METHODS.update(
             "flap-adaptive-recon",
             "wanda_sp-recon",
             "taylor-global-recon",
+            "magnitude-recon",
+            "magnitude-global-recon",
         )
     }
 )

@@ -204,7 +204,7 @@ class PrunerConfig(PushToHubMixin):
             the consumer's output joins it, i.e. its unpruned outputs plus the drift between the unpruned and the
             pruned stream there, so each layer also corrects the error the earlier pruned layers left (attention's
             consumer matches the unpruned stream after attention, the MLP's the unpruned layer output). Only where
-            sublayers add straight into the stream (LLaMA, Mistral, Qwen2/3, Phi-3, GLM, MoE attention, pre-LN
+            sublayers add straight into the stream (LLaMA, Mistral, Qwen2/3, Phi-3, GLM, the MoE families, pre-LN
             OPT, BLOOM); families with a norm after each sublayer (Gemma 2/3, GLM-4) fit `"output"` instead.
             `"output"`: the unpruned consumer's own outputs (the layer-local problem). Measured, `"residual"` is
             better on every model of the quality benchmark (README, "Layer-wise reconstruction").

@@ -33,7 +33,10 @@ output, exactly the layer's under top-1 routing and the block-diagonal part of t
 (`_refit_experts`). `Y` is the unpruned expert's output on the unpruned model's input at that token. Removed experts
 have no consumer (their output goes straight into the residual stream): they are refit nothing, and the pruned stream
 routes around them (router logits at -inf, `RoutedAround`) so that later consumers and layers see the pruned layer.
-Qwen2-MoE's shared expert is never pruned, so it is not refit.
+Qwen2-MoE's shared expert is never pruned, so it is not refit. Under the residual target the experts' sum ends the
+layer, and each routed expert's target also takes a share of the drift, `(T - S) / sum(g)` per token (`T` the
+unpruned layer output less the rest of the pruned one, `S` the gate-weighted sum of the routed experts' unpruned
+outputs): were every expert fit exactly, the layer would give `T` (`_experts_drift`).
 
 The pass runs on the *unpruned-shaped* layer: the pruned layer computes exactly what the unpruned one computes with
 the removed units' consumer columns zeroed (the project's exactness property), so the removed columns are zeroed, the
@@ -158,6 +161,7 @@ class ExpertConsumer:
     path: str
     kept_columns: torch.Tensor  # LongTensor [k], ascending: channels kept in every expert (tied across experts)
     experts: torch.Tensor  # LongTensor: the experts the plan keeps; the removed ones are routed around, not refit
+    residual: str | None = None  # "output" with the residual target: the experts' sum ends the layer
 
 
 @dataclass
@@ -224,7 +228,8 @@ def layer_consumers(layer: nn.Module, spec, plan, group_sets: dict[str, GroupSet
                 mask[removed_channels(group_set, s, group_set.num_units, kept, width)] = False
                 router = next(iter(kept_experts), None)
                 experts = kept_experts[router] if router is not None else torch.arange(num_experts)
-                consumers.append(ExpertConsumer(path, mask.nonzero().flatten(), experts))
+                side = RESIDUAL_SIDES.get(group_set.structure) if residual else None
+                consumers.append(ExpertConsumer(path, mask.nonzero().flatten(), experts, side))
     return consumers
 
 
@@ -407,17 +412,47 @@ def _refit_experts(layer, consumer: ExpertConsumer, full, pruned, original, curr
             hidden_full = _run_until(layer, experts, "inputs", *batch_full)[0]  # [T, H]
         with _weights(layer, current, routers):
             hidden, index, gates = _run_until(layer, experts, "inputs", *batch_pruned)[:3]  # [T, H], [T, k], [T, k]
-        for expert, record in stats.items():
+        routed = {}  # expert -> (its tokens, their gates [n, 1], the unpruned expert's outputs [n, H])
+        for expert in stats:
             token, slot = torch.where(index == expert)
-            gate = gates[token, slot].unsqueeze(-1)
-            inputs = expert_hidden(experts, expert, hidden[token]).index_select(-1, columns)
             targets = nn.functional.linear(expert_hidden(experts, expert, hidden_full[token]), down[expert])
-            record.add(inputs * gate, targets * gate)
+            routed[expert] = (token, gates[token, slot].unsqueeze(-1), targets)
+        if consumer.residual == "output":
+            share = _experts_drift(
+                layer, experts, batch_full, batch_pruned, (original, current, routers), routed, gates
+            )
+            routed = {e: (token, gate, y + share[token]) for e, (token, gate, y) in routed.items()}
+        for expert, (token, gate, targets) in routed.items():
+            inputs = expert_hidden(experts, expert, hidden[token]).index_select(-1, columns)
+            stats[expert].add(inputs * gate, targets * gate)
     new = current[f"{consumer.path}.down_proj"].clone()
     for expert, record in stats.items():
         if record.tokens:
             new[expert][:, columns] = ridge_refit(record, damping)[0].to(new.dtype)
     return {f"{consumer.path}.down_proj": new}
+
+
+def _experts_drift(layer, experts, batch_full, batch_pruned, weights, routed, gates) -> torch.Tensor:
+    """Under the residual target, what each expert routed to a token makes up beside its unpruned output, per unit of
+    its gate [T, H]: `(T - S) / sum(g)`, with `T` the unpruned layer's output less the rest of the pruned layer's (its
+    experts' sum taken out) and `S` the gate-weighted sum of the routed experts' unpruned outputs. Were every expert
+    fit exactly, `sum_e g_e (y_e + share)` would be `T`: the block-diagonal problem shares the drift out by gates."""
+    original, current, routers = weights
+    with _weights(layer, original):
+        unpruned_output = _forward(layer, *batch_full)
+    store: dict = {}
+    handle = experts.register_forward_hook(lambda mod, args, output: store.update(output=output))
+    try:
+        with _weights(layer, current, routers):
+            pruned_output = _forward(layer, *batch_pruned)
+    finally:
+        handle.remove()
+    own = store["output"]  # [T, H], the experts' gate-weighted sum in the pruned layer
+    target = unpruned_output.reshape(own.shape) - (pruned_output.reshape(own.shape) - own)
+    weighted = torch.zeros_like(target)
+    for token, gate, outputs in routed.values():
+        weighted.index_add_(0, token, (gate * outputs).to(weighted.dtype))
+    return (target - weighted) / gates.sum(-1, keepdim=True).to(target.dtype)
 
 
 @torch.no_grad()

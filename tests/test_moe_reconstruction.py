@@ -39,23 +39,32 @@ def _recon_config(structures, ratio, **kwargs):
     return config
 
 
-def _experts_io(model):
-    """Per layer, what `mlp.experts` receives on DATA: hidden states [T, H], top-k indices and gate weights."""
-    found = {}
+def _experts_io(model, outputs: bool = False):
+    """Per layer, what `mlp.experts` receives on DATA: hidden states [T, H], top-k indices and gate weights; with
+    `outputs`, also `(experts' output [T, H], the layer's output [T, H])`."""
+    found, produced = {}, {}
 
     def record(index):
-        def hook(module, args):
+        def hook(module, args, output):
             found[index] = args[:3]
+            produced[index] = [output]
+
+        return hook
+
+    def record_layer(index):
+        def hook(module, args, output):
+            produced[index].append((output[0] if isinstance(output, tuple) else output).flatten(0, -2))
 
         return hook
 
     layers = model.model.layers
-    handles = [layer.mlp.experts.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
+    handles = [layer.mlp.experts.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(record_layer(i)) for i, layer in enumerate(layers)]
     with torch.no_grad():
         model(input_ids=DATA)
     for handle in handles:
         handle.remove()
-    return found
+    return (found, produced) if outputs else found
 
 
 def _expert_hidden(experts, expert, hidden):
@@ -65,6 +74,7 @@ def _expert_hidden(experts, expert, hidden):
 
 CASES = {
     "channels": (["mlp_channels"], 0.371, {}),
+    "channels-own-outputs": (["mlp_channels"], 0.371, {"reconstruction_target": "output"}),
     "heads-channels-experts": (["attention_heads", "mlp_channels", "experts"], 0.4, {"global_ranking": True}),
 }
 
@@ -83,7 +93,8 @@ GRID = [
 def test_every_refit_expert_solves_its_gate_weighted_least_squares_problem(family, case, damping):
     """On the final model's own activations (every earlier layer and the attention refit, removed experts routed
     around): each kept expert's down_proj is the (ridge) solution of min sum_t ||g_t (W a_t - y_t)||^2 over the tokens
-    routed to it, `a_t` its kept channels' activations, `y_t` the unpruned expert's output on the unpruned input."""
+    routed to it, `a_t` its kept channels' activations, `y_t` the unpruned expert's output on the unpruned input, plus
+    under the residual target its share of the stream's drift, `(T - S) / sum(g)` (built here from activations)."""
     structures, ratio, options = CASES[case]
     original = BUILDERS[family]()
     pruner = AutoPruner.from_model(
@@ -92,7 +103,8 @@ def test_every_refit_expert_solves_its_gate_weighted_least_squares_problem(famil
     pruned = pruner.prune(calibration_data=DATA)
     plan = pruner.plan
     assert plan.reconstruction["damping"] == damping
-    targets, inputs = _experts_io(original), _experts_io(pruned)
+    (targets, unpruned_out), (inputs, final_out) = _experts_io(original, True), _experts_io(pruned, True)
+    assert (plan.reconstruction.get("target") == "residual") == ("reconstruction_target" not in options)
     checked = 0
     for i, layer in enumerate(pruned.model.layers):
         channels = plan.kept.get(f"mlp_channels.{i}")
@@ -102,16 +114,23 @@ def test_every_refit_expert_solves_its_gate_weighted_least_squares_problem(famil
         hidden_full = targets[i][0]
         hidden, index, gates = inputs[i]
         experts, unpruned = layer.mlp.experts, original.model.layers[i].mlp.experts
+        routed = {}
         for new, old in enumerate(kept_experts):
             token, slot = torch.where(index == new)
-            gate = gates[token, slot].unsqueeze(-1).double()
-            x = _expert_hidden(experts, new, hidden[token]).double() * gate
             y = torch.nn.functional.linear(_expert_hidden(unpruned, old, hidden_full[token]), unpruned.down_proj[old])
-            y = y.double() * gate
+            routed[new] = (token, gates[token, slot].unsqueeze(-1).double(), y.double())
+        if plan.reconstruction.get("target") == "residual":  # the drift of the stream, shared out by gates
+            experts_out, layer_out = (t.double() for t in final_out[i])
+            target = unpruned_out[i][1].double() - (layer_out - experts_out)
+            weighted = sum(torch.zeros_like(target).index_add(0, t, g * y) for t, g, y in routed.values())
+            share = (target - weighted) / gates.double().sum(-1, keepdim=True)
+            routed = {e: (t, g, y + share[t]) for e, (t, g, y) in routed.items()}
+        for new, (token, gate, y) in routed.items():
+            x = _expert_hidden(experts, new, hidden[token]).double() * gate
             if damping == 0:
-                expected = torch.linalg.lstsq(x, y).solution.T
+                expected = torch.linalg.lstsq(x, y * gate).solution.T
             else:
-                expected, _ = _ridge(x, y, damping, intercept=False)
+                expected, _ = _ridge(x, y * gate, damping, intercept=False)
             torch.testing.assert_close(experts.down_proj[new].double(), expected, atol=2e-4, rtol=1e-3)
             checked += 1
     assert checked >= 3 * 4
