@@ -372,6 +372,14 @@ def _inputs_and_targets(layer, consumer: Consumer, batch_full, batch_pruned, ori
         if consumer.residual == "input":
             targets = targets + (batch_full[0] - batch_pruned[0]).reshape(targets.shape)
         return inputs, targets
+    return _stream_target(layer, module, batch_full, batch_pruned, (original, current, routers))
+
+
+def _stream_target(layer, module, batch_full, batch_pruned, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """`module`'s input in the pruned layer and what its output must be for the pruned layer's output to equal the
+    unpruned one's: the unpruned output less the rest `r_pruned` of the pruned layer's output (less `module`'s own,
+    which the layer adds last). Shaped as `module`'s output (OPT's MLP and MoE experts run on flattened tokens)."""
+    original, current, routers = weights
     with _weights(layer, original):
         unpruned_output = _forward(layer, *batch_full)
     store: dict = {}
@@ -382,8 +390,7 @@ def _inputs_and_targets(layer, consumer: Consumer, batch_full, batch_pruned, ori
     finally:
         handle.remove()
     own = store["output"]
-    rest = pruned_output - own.reshape(pruned_output.shape)  # OPT's MLP runs on flattened tokens
-    return store["input"], (unpruned_output - rest).reshape(own.shape)
+    return store["input"], unpruned_output.reshape(own.shape) - (pruned_output.reshape(own.shape) - own)
 
 
 def _forward(layer: nn.Module, hidden, args, kwargs) -> torch.Tensor:
@@ -437,18 +444,7 @@ def _experts_drift(layer, experts, batch_full, batch_pruned, weights, routed, ga
     its gate [T, H]: `(T - S) / sum(g)`, with `T` the unpruned layer's output less the rest of the pruned layer's (its
     experts' sum taken out) and `S` the gate-weighted sum of the routed experts' unpruned outputs. Were every expert
     fit exactly, `sum_e g_e (y_e + share)` would be `T`: the block-diagonal problem shares the drift out by gates."""
-    original, current, routers = weights
-    with _weights(layer, original):
-        unpruned_output = _forward(layer, *batch_full)
-    store: dict = {}
-    handle = experts.register_forward_hook(lambda mod, args, output: store.update(output=output))
-    try:
-        with _weights(layer, current, routers):
-            pruned_output = _forward(layer, *batch_pruned)
-    finally:
-        handle.remove()
-    own = store["output"]  # [T, H], the experts' gate-weighted sum in the pruned layer
-    target = unpruned_output.reshape(own.shape) - (pruned_output.reshape(own.shape) - own)
+    target = _stream_target(layer, experts, batch_full, batch_pruned, weights)[1]  # [T, H]
     weighted = torch.zeros_like(target)
     for token, gate, outputs in routed.values():
         weighted.index_add_(0, token, (gate * outputs).to(weighted.dtype))
