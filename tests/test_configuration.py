@@ -27,8 +27,8 @@ def test_json_sorted():
 
 def test_default_is_the_configuration_benchmarks_defaults_chose():
     """`benchmarks/defaults.py` picked Taylor scores ranked across layers on their raw values, then reconstruction with
-    units chosen by refit error (README, "Defaults"): the unset fields resolve to exactly that, and step back where
-    another option decides."""
+    units chosen by refit error, fit to the residual stream, on 128 calibration windows (README, "Defaults"): the
+    unset fields resolve to exactly that, and step back where another option decides."""
     default = PrunerConfig(pruning_ratio=0.3)
     assert default.reconstruction_selection == "error" and default.reconstruction_target == "residual"
     assert (default.importance, default.global_ranking, default.global_normalization) == ("taylor", True, "none")
