@@ -21,8 +21,9 @@ saves. The table is headed by `torch.backends.cpu.get_cpu_capability()` and the 
 `--reconstruction off on error` runs each configuration without and with layer-wise reconstruction
 (`PrunerConfig.reconstruction`) of the criterion's units, and with units chosen by refit error
 (`reconstruction_selection="error"`), so its time and memory are a ratio within one run; `error-output` fits that
-refit to each consumer's own outputs instead of the residual stream (`reconstruction_target="output"`). Streaming refits only with the
-two-pass allocations (`--allocation global` or `flap`); uniform streaming with reconstruction is reported as refused.
+refit to each consumer's own outputs instead of the residual stream (`reconstruction_target="output"`). Streaming
+refits only with the two-pass allocations (`--allocation global` or `flap`); uniform streaming with reconstruction is
+reported as refused.
 """
 
 from __future__ import annotations

@@ -208,14 +208,14 @@ def layer_consumers(layer: nn.Module, spec, plan, group_sets: dict[str, GroupSet
     residual = plan.reconstruction.get("target") == "residual"
     for key, group_set, kept in _layer_group_sets(spec, plan, group_sets, layer_index):
         linears = consumer_modules(spec, group_set)
+        side = RESIDUAL_SIDES.get(group_set.structure) if residual else None
         for s, path in linears:
             module = layer.get_submodule(path)
             removed = removed_channels(group_set, s, group_set.num_units, kept, module.in_features)
             mask = torch.ones(module.in_features, dtype=torch.bool)
             mask[removed] = False
             compensated = s.name in plan.bias_means.get(key, {})
-            consumer = Consumer(path, mask.nonzero().flatten(), module.bias is not None or compensated)
-            consumer.residual = RESIDUAL_SIDES.get(group_set.structure) if residual else None
+            consumer = Consumer(path, mask.nonzero().flatten(), module.bias is not None or compensated, residual=side)
             if selecting and len(linears) == 1 and group_set.num_groups == 1 and not plan.bias_means.get(key):
                 columns = s.unit_indices(module.in_features, group_set.num_units).reshape(group_set.num_units, -1)
                 consumer.choice = UnitChoice(key, columns, len(kept))
@@ -228,7 +228,6 @@ def layer_consumers(layer: nn.Module, spec, plan, group_sets: dict[str, GroupSet
                 mask[removed_channels(group_set, s, group_set.num_units, kept, width)] = False
                 router = next(iter(kept_experts), None)
                 experts = kept_experts[router] if router is not None else torch.arange(num_experts)
-                side = RESIDUAL_SIDES.get(group_set.structure) if residual else None
                 consumers.append(ExpertConsumer(path, mask.nonzero().flatten(), experts, side))
     return consumers
 

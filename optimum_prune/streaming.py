@@ -1116,9 +1116,8 @@ def _plan_shapes(run: _Run) -> None:
     run.compensate = bool(run.pruner_config.bias_compensation)
     run.all_group_sets, run.group_sets = _prunable_group_sets(run.planner)
     run.two_pass = needs_global_scores(run.pruner_config)
-    run.reconstruction = reconstruction_settings(
-        run.pruner_config, spec, model.config
-    )  # two-pass only (`check_streaming_config`)
+    # Two-pass only (`check_streaming_config`).
+    run.reconstruction = reconstruction_settings(run.pruner_config, spec, model.config)
     if run.two_pass:
         run.kept_counts = _uniform_estimate(run.planner, run.group_sets)
         return
